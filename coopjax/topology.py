@@ -1,0 +1,455 @@
+r"""Mixing matrices W for the Cooperative SGD framework A(τ, W, v).
+
+A mixing matrix acts on the stacked models ``X = [x_1, ..., x_m, z_1, ..., z_v]``
+(one row per worker or auxiliary variable in coopjax's layout) by
+
+.. math::
+
+   x_i^{\text{new}} = \sum_j W_{ji}\, x_j ,
+
+i.e. ``X ← X·W`` in the paper's column layout (Wang & Joshi, JMLR 2021, eq. 10),
+so ``W[j, i]`` is node ``j``'s weight in node ``i``'s new model. The convergence
+theory needs W symmetric and doubly stochastic, ``W 1 = 1``, ``Wᵀ = W``, with
+
+.. math::
+
+   \zeta = \max\{|\lambda_2(W)|, |\lambda_{m+v}(W)|\} < 1 .
+
+ζ = 0 for full averaging ``J = 11ᵀ/m``, 0 < ζ < 1 for a connected sparse
+graph, ζ = 1 for independent workers ``I``.
+
+Every constructor returns a ``float64`` NumPy array; they are cheap, run on the
+host at construction time and raise :class:`ValueError` for bad arguments.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+
+__all__ = [
+  "complete",
+  "ring",
+  "torus",
+  "hypercube",
+  "exponential",
+  "erdos_renyi",
+  "from_adjacency",
+  "metropolis_hastings",
+  "independent",
+  "easgd",
+  "elastic",
+  "elastic_hierarchical",
+  "circulant",
+  "circulant_offsets",
+  "validate",
+  "zeta",
+  "is_complete",
+]
+
+_ATOL = 1e-6
+
+
+def _check_count(name: str, value, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}.")
+  value = int(value)
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+  return value
+
+
+def _check_real(name: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
+  value = float(value)
+  if not np.isfinite(value):
+    raise ValueError(f"{name} must be finite, got {value}.")
+  return value
+
+
+def complete(m: int) -> np.ndarray:
+  r"""Full averaging ``J = 11ᵀ/m`` (ζ = 0): every mix is an all-reduce mean.
+
+  >>> complete(2)
+  array([[0.5, 0.5],
+         [0.5, 0.5]])
+  """
+  m = _check_count("m", m)
+  return np.full((m, m), 1.0 / m)
+
+
+def independent(m: int) -> np.ndarray:
+  """The identity ``I`` (ζ = 1): workers never communicate."""
+  m = _check_count("m", m)
+  return np.eye(m)
+
+
+def circulant(m: int, weights: dict[int, float]) -> np.ndarray:
+  r"""Circulant matrix ``W[(i + s) mod m, i] = weights[s]``.
+
+  Node ``i`` takes weight ``weights[s]`` from node ``i + s``. Offsets that
+  coincide modulo ``m`` add up. Symmetric when ``weights[s] == weights[-s]``.
+  """
+  m = _check_count("m", m)
+  W = np.zeros((m, m))
+  for s, w in weights.items():
+    for i in range(m):
+      W[(i + s) % m, i] += w
+  return W
+
+
+def circulant_offsets(W: np.ndarray, atol: float = 1e-12) -> dict[int, float] | None:
+  """If ``W`` is circulant, the map ``offset -> weight`` (offsets in [0, m)); else None.
+
+  Used to lower mixing to one collective-permute per non-zero offset.
+  """
+  W = np.asarray(W, dtype=np.float64)
+  m = W.shape[0]
+  col = W[:, 0]
+  offsets = {s: float(col[s]) for s in range(m) if abs(col[s]) > atol}
+  if not np.allclose(W, circulant(m, offsets), atol=atol, rtol=0.0):
+    return None
+  return offsets
+
+
+def ring(m: int) -> np.ndarray:
+  r"""Ring: each node averages itself and its two neighbours with weight 1/3.
+
+  Eigenvalues are ``(1 + 2 cos(2πk/m))/3``; for ``m = 2`` the two neighbours
+  coincide (weights 1/3 self, 2/3 other) and for ``m = 1`` it is ``[[1]]``.
+  """
+  m = _check_count("m", m)
+  if m == 1:
+    return np.ones((1, 1))
+  return circulant(m, {0: 1.0 / 3.0, 1: 1.0 / 3.0, -1: 1.0 / 3.0})
+
+
+def metropolis_hastings(adjacency: np.ndarray) -> np.ndarray:
+  r"""Metropolis–Hastings weights of an undirected graph.
+
+  .. math::
+
+     W_{ij} = \frac{1}{1 + \max(d_i, d_j)} \text{ for an edge } (i, j),\qquad
+     W_{ii} = 1 - \sum_{j \ne i} W_{ij}.
+
+  The result is symmetric, doubly stochastic and non-negative.
+  """
+  A = np.asarray(adjacency)
+  if A.ndim != 2 or A.shape[0] != A.shape[1]:
+    raise ValueError(f"adjacency must be a square matrix, got shape {A.shape}.")
+  if not np.all(np.isfinite(A.astype(np.float64))):
+    raise ValueError("adjacency has non-finite entries; pass a 0/1 matrix.")
+  A = A.astype(bool)
+  np.fill_diagonal(A, False)
+  if not np.array_equal(A, A.T):
+    raise ValueError(
+      "adjacency must be symmetric (an undirected graph); symmetrise it with A | A.T."
+    )
+  deg = A.sum(axis=1)
+  n = A.shape[0]
+  W = np.zeros((n, n))
+  ii, jj = np.nonzero(A)
+  W[ii, jj] = 1.0 / (1.0 + np.maximum(deg[ii], deg[jj]))
+  W[np.arange(n), np.arange(n)] = 1.0 - W.sum(axis=1)
+  return W
+
+
+def from_adjacency(adjacency: np.ndarray) -> np.ndarray:
+  """Mixing matrix of a connected undirected graph, with Metropolis–Hastings weights.
+
+  Raises ValueError when the graph is not connected (ζ would be 1).
+  """
+  W = metropolis_hastings(adjacency)
+  if W.shape[0] > 1 and zeta(W) > 1.0 - 1e-9:
+    raise ValueError(
+      "the graph given by adjacency is not connected, so its workers can never reach "
+      "consensus (zeta = 1); add edges that connect every component."
+    )
+  return W
+
+
+def torus(rows: int, cols: int) -> np.ndarray:
+  r"""2-D torus (grid with wrap-around) of ``rows × cols`` nodes, node ``(r, c)`` at ``r·cols + c``.
+
+  Metropolis–Hastings weights: 1/5 to self and each of the four neighbours
+  when ``rows, cols ≥ 3``.
+  """
+  rows = _check_count("rows", rows)
+  cols = _check_count("cols", cols)
+  n = rows * cols
+  A = np.zeros((n, n), dtype=bool)
+  for r in range(rows):
+    for c in range(cols):
+      i = r * cols + c
+      for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        j = ((r + dr) % rows) * cols + (c + dc) % cols
+        if j != i:
+          A[i, j] = A[j, i] = True
+  return metropolis_hastings(A)
+
+
+def hypercube(m: int) -> np.ndarray:
+  r"""Hypercube on ``m = 2^d`` nodes: ``i`` links to ``i XOR 2^b``; weights ``1/(d + 1)``."""
+  m = _check_count("m", m)
+  if m & (m - 1):
+    raise ValueError(f"hypercube needs m to be a power of two, got m={m}; try ring or exponential.")
+  d = m.bit_length() - 1
+  W = np.eye(m) / (d + 1)
+  for i in range(m):
+    for b in range(d):
+      W[i ^ (1 << b), i] = 1.0 / (d + 1)
+  return W
+
+
+def exponential(m: int) -> np.ndarray:
+  r"""Static (undirected) exponential graph: ``i`` links to ``i ± 2^j mod m`` for ``2^j < m``.
+
+  The graph is circulant and regular, so Metropolis–Hastings gives uniform
+  weights ``1/(deg + 1)``; the result is symmetric and doubly stochastic.
+  (Ying et al., NeurIPS 2021, use the directed version ``i → i + 2^j``; see
+  ``one_peer_exponential`` for its time-varying one-peer form.)
+  """
+  m = _check_count("m", m)
+  if m == 1:
+    return np.ones((1, 1))
+  offs = set()
+  j = 0
+  while (1 << j) < m:
+    offs.add((1 << j) % m)
+    offs.add((-(1 << j)) % m)
+    j += 1
+  offs.discard(0)
+  w = 1.0 / (len(offs) + 1)
+  return circulant(m, {0: w, **{s: w for s in offs}})
+
+
+def erdos_renyi(m: int, p: float, seed: int = 0) -> np.ndarray:
+  r"""Erdős–Rényi graph G(m, p) with Metropolis–Hastings weights.
+
+  Deterministic in ``seed``. Raises ValueError if the drawn graph is
+  disconnected (use a larger ``p`` or another seed).
+  """
+  m = _check_count("m", m)
+  p = _check_real("p", p)
+  if not 0.0 < p <= 1.0:
+    raise ValueError(f"p must be in (0, 1], got {p}.")
+  seed = _check_count("seed", seed, minimum=0)
+  rng = np.random.default_rng(seed)
+  upper = np.triu(rng.random((m, m)) < p, k=1)
+  A = upper | upper.T
+  try:
+    return from_adjacency(A)
+  except ValueError:
+    raise ValueError(
+      f"erdos_renyi(m={m}, p={p}, seed={seed}) drew a disconnected graph; "
+      "increase p (p > ln(m)/m connects with high probability) or change seed."
+    ) from None
+
+
+def _check_alpha(alpha, m: int, name: str = "alpha") -> float:
+  alpha = _check_real(name, alpha)
+  upper = 2.0 / (m + 1)
+  if not 0.0 < alpha < upper:
+    raise ValueError(
+      f"{name}={alpha} is outside (0, 2/(m+1)) = (0, {upper:.6g}) for m={m}: there the "
+      "elastic matrix has zeta >= 1 and the models never reach consensus. "
+      f"The error-floor-minimising value is 2/(m+2) = {2.0 / (m + 2):.6g}."
+    )
+  if alpha > 1.0 / m:
+    warnings.warn(
+      f"{name}={alpha} > 1/m = {1.0 / m:.6g}: the anchor keeps weight 1 - m*alpha = "
+      f"{1.0 - m * alpha:.6g} < 0. The matrix is still symmetric and doubly stochastic "
+      "with zeta < 1 (the paper's conditions) but not non-negative.",
+      stacklevel=3,
+    )
+  return alpha
+
+
+def easgd(m: int, alpha: float) -> np.ndarray:
+  r"""The EASGD matrix ``W_α`` of size (m+1)×(m+1) (paper eq. 11), anchor last.
+
+  .. math::
+
+     W_\alpha = \begin{bmatrix} (1-\alpha) I_m & \alpha \mathbf 1 \\
+                                \alpha \mathbf 1^\top & 1 - m\alpha \end{bmatrix},
+     \qquad \zeta(W_\alpha) = \max\{|1-\alpha|, |1-(m+1)\alpha|\}.
+
+  Valid for ``0 < α < 2/(m+1)``; non-negative only for ``α ≤ 1/m`` (a warning
+  is issued above that). The bound's error floor is smallest at ``α = 2/(m+2)``.
+  """
+  m = _check_count("m", m)
+  return elastic(np.eye(m), alpha)
+
+
+def elastic(W: np.ndarray, alpha: float) -> np.ndarray:
+  r"""Generalised elastic averaging matrix ``W′`` (paper §6.2), anchor last.
+
+  .. math::
+
+     W' = \begin{bmatrix} (1-\alpha) W & \alpha \mathbf 1 \\
+                          \alpha \mathbf 1^\top & 1 - m\alpha \end{bmatrix}.
+
+  ``W = I`` gives EASGD's ``W_α``. ``ζ(W′) = max{(1−α)ζ(W), |1−(m+1)α|}``.
+  """
+  W = validate(W, allow_disconnected=True)
+  m = W.shape[0]
+  alpha = _check_alpha(alpha, m)
+  out = np.zeros((m + 1, m + 1))
+  out[:m, :m] = (1.0 - alpha) * W
+  out[:m, m] = alpha
+  out[m, :m] = alpha
+  out[m, m] = 1.0 - m * alpha
+  return out
+
+
+def elastic_hierarchical(groups, alpha: float, W_aux: np.ndarray | None = None) -> np.ndarray:
+  r"""Elastic hierarchical averaging (paper §6.3): one auxiliary variable per group.
+
+  ``groups`` is a list of lists of worker indices that partition ``0..m-1``.
+  Worker ``i`` in group ``g`` (size ``n_g``) pulls toward its auxiliary ``z_g``;
+  each ``z_g`` mixes with the other auxiliaries through ``W_aux`` (g×g,
+  symmetric doubly stochastic, default ``J``) and pulls toward its workers:
+
+  .. math::
+
+     x_i \leftarrow (1-\alpha) x_i + \alpha z_{g(i)}, \qquad
+     z_g \leftarrow \sum_l (W_{aux})_{lg} z_l + \alpha \sum_{i \in g} (x_i - z_g),
+
+     W = \begin{bmatrix} (1 - \alpha) I_m & \alpha B \\ \alpha B^\top & W_{aux} - \alpha N
+     \end{bmatrix}
+
+  with ``B[i, g] = 1`` iff worker ``i`` is in group ``g`` and ``N = diag(n_g)``.
+  Rows are ordered ``[x_1..x_m, z_1..z_g]``. W is symmetric and doubly
+  stochastic for any group sizes; it is validated (ζ < 1) on construction.
+  """
+  groups = [list(map(int, g)) for g in groups]
+  members = sorted(i for g in groups for i in g)
+  m = len(members)
+  if m == 0 or members != list(range(m)) or any(len(g) == 0 for g in groups):
+    raise ValueError(
+      "groups must be non-empty lists of worker indices that partition 0..m-1, "
+      f"got {groups}."
+    )
+  g = len(groups)
+  sizes = np.array([len(gr) for gr in groups], dtype=np.float64)
+  alpha = _check_real("alpha", alpha)
+  upper = 2.0 / (sizes.max() + 1)
+  if not 0.0 < alpha < upper:
+    raise ValueError(
+      f"alpha={alpha} is outside (0, 2/(n_max+1)) = (0, {upper:.6g}) for the largest group "
+      f"of size {int(sizes.max())}; there the group mixing diverges."
+    )
+  W_aux = complete(g) if W_aux is None else validate(W_aux, allow_disconnected=True)
+  if W_aux.shape != (g, g):
+    raise ValueError(f"W_aux must be {g}x{g} (one row per group), got {W_aux.shape}.")
+  B = np.zeros((m, g))
+  for k, gr in enumerate(groups):
+    B[gr, k] = 1.0
+  out = np.zeros((m + g, m + g))
+  out[:m, :m] = (1.0 - alpha) * np.eye(m)
+  out[:m, m:] = alpha * B
+  out[m:, :m] = alpha * B.T
+  out[m:, m:] = W_aux - np.diag(alpha * sizes)
+  return validate(out, allow_negative=True)
+
+
+def zeta(W: np.ndarray) -> float:
+  r"""ζ = max{|λ₂(W)|, |λ_n(W)|}: the second-largest eigenvalue modulus.
+
+  For symmetric W this is computed from the real spectrum; for a
+  non-symmetric W it is the second-largest eigenvalue modulus.
+  """
+  W = np.asarray(W, dtype=np.float64)
+  if W.ndim != 2 or W.shape[0] != W.shape[1]:
+    raise ValueError(f"W must be a square matrix, got shape {W.shape}.")
+  n = W.shape[0]
+  if n == 1:
+    return 0.0
+  if np.allclose(W, W.T, atol=1e-12):
+    lam = np.sort(np.linalg.eigvalsh(W))[::-1]
+    return float(max(abs(lam[1]), abs(lam[-1])))
+  mods = np.sort(np.abs(np.linalg.eigvals(W)))[::-1]
+  return float(mods[1])
+
+
+def is_complete(W: np.ndarray, atol: float = 1e-12) -> bool:
+  """Whether W is full averaging ``J = 11ᵀ/n``."""
+  W = np.asarray(W)
+  return bool(np.allclose(W, 1.0 / W.shape[0], atol=atol, rtol=0.0))
+
+
+def validate(
+  W,
+  size: int | None = None,
+  *,
+  symmetric: bool = True,
+  allow_negative: bool = False,
+  allow_disconnected: bool = False,
+  atol: float = _ATOL,
+) -> np.ndarray:
+  r"""Check that W is a valid mixing matrix and return it as a float64 array.
+
+  Checks, each with an error that names the problem and a fix: square, of
+  ``size`` rows when given (``m + v``), finite, non-negative (unless
+  ``allow_negative``), symmetric (unless ``symmetric=False``), rows and
+  columns summing to 1, and ζ < 1 (unless ``allow_disconnected``; the identity
+  only warns, since independent workers are a legitimate baseline).
+  """
+  try:
+    W = np.array(W, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"W must be a numeric matrix (array-like), got {type(W).__name__}.") from e
+  if W.ndim != 2 or W.shape[0] != W.shape[1]:
+    raise ValueError(f"W must be a square (n, n) matrix, got shape {W.shape}.")
+  n = W.shape[0]
+  if n == 0:
+    raise ValueError("W is empty; it needs one row per worker and auxiliary variable.")
+  if size is not None and n != size:
+    raise ValueError(
+      f"W is {n}x{n} but there are {size} nodes (num_workers + num_aux); "
+      f"pass a {size}x{size} matrix or change num_workers/num_aux."
+    )
+  if not np.all(np.isfinite(W)):
+    raise ValueError("W has NaN or infinite entries; every weight must be a finite number.")
+  if not allow_negative and np.any(W < -atol):
+    i, j = np.argwhere(W < -atol)[0]
+    raise ValueError(
+      f"W has a negative entry W[{i}, {j}] = {W[i, j]:.6g}; mixing weights must be >= 0 "
+      "(pass allow_negative=True if this is intended)."
+    )
+  if symmetric and not np.allclose(W, W.T, atol=atol, rtol=0.0):
+    i, j = np.unravel_index(np.argmax(np.abs(W - W.T)), W.shape)
+    raise ValueError(
+      f"W is not symmetric: W[{i}, {j}] = {W[i, j]:.6g} but W[{j}, {i}] = {W[j, i]:.6g}; "
+      "the theory needs W = W^T (use metropolis_hastings for an undirected graph, or "
+      "symmetric=False for a column-stochastic matrix)."
+    )
+  cols = W.sum(axis=0)
+  if not np.allclose(cols, 1.0, atol=atol, rtol=0.0):
+    j = int(np.argmax(np.abs(cols - 1.0)))
+    raise ValueError(
+      f"column {j} of W sums to {cols[j]:.6g}, not 1: every node's new model must be a "
+      "weighted average (normalise the columns)."
+    )
+  rows = W.sum(axis=1)
+  if symmetric and not np.allclose(rows, 1.0, atol=atol, rtol=0.0):
+    i = int(np.argmax(np.abs(rows - 1.0)))
+    raise ValueError(
+      f"row {i} of W sums to {rows[i]:.6g}, not 1: W must be doubly stochastic."
+    )
+  if n > 1 and not allow_disconnected:
+    if np.allclose(W, np.eye(n), atol=atol, rtol=0.0):
+      warnings.warn(
+        "W is the identity: workers never communicate (zeta = 1), the models never reach "
+        "consensus; this is A(tau, I, v), independent training.",
+        stacklevel=2,
+      )
+    elif zeta(W) >= 1.0 - 1e-9:
+      raise ValueError(
+        f"W has zeta = {zeta(W):.6g} >= 1: its graph is disconnected (or periodic), so "
+        "mixing can never reach consensus; connect the graph or add self-weights."
+      )
+  return W
