@@ -330,8 +330,7 @@ def elastic_hierarchical(groups, alpha: float, W_aux: np.ndarray | None = None) 
   m = len(members)
   if m == 0 or members != list(range(m)) or any(len(g) == 0 for g in groups):
     raise ValueError(
-      "groups must be non-empty lists of worker indices that partition 0..m-1, "
-      f"got {groups}."
+      f"groups must be non-empty lists of worker indices that partition 0..m-1, got {groups}."
     )
   g = len(groups)
   sizes = np.array([len(gr) for gr in groups], dtype=np.float64)
@@ -437,9 +436,7 @@ def validate(
   rows = W.sum(axis=1)
   if symmetric and not np.allclose(rows, 1.0, atol=atol, rtol=0.0):
     i = int(np.argmax(np.abs(rows - 1.0)))
-    raise ValueError(
-      f"row {i} of W sums to {rows[i]:.6g}, not 1: W must be doubly stochastic."
-    )
+    raise ValueError(f"row {i} of W sums to {rows[i]:.6g}, not 1: W must be doubly stochastic.")
   if n > 1 and not allow_disconnected:
     if np.allclose(W, np.eye(n), atol=atol, rtol=0.0):
       warnings.warn(
