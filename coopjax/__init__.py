@@ -4,10 +4,40 @@ Communication-efficient distributed SGD, A(τ, W, v) of Wang & Joshi (JMLR 2021)
 as optax gradient transformations over a stacked worker axis.
 """
 
+from coopjax import mixing
 from coopjax import topology
+from coopjax.algorithms import CooperativeState
+from coopjax.algorithms import cooperative
+from coopjax.algorithms import dpsgd
+from coopjax.algorithms import easgd
+from coopjax.algorithms import local_sgd
+from coopjax.algorithms import step_count
+from coopjax.algorithms import sync_sgd
+from coopjax.step import make_step
+from coopjax.workers import WORKER_AXIS
+from coopjax.workers import average
+from coopjax.workers import consensus_distance
+from coopjax.workers import replicate
+from coopjax.workers import stack
+from coopjax.workers import worker
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "WORKER_AXIS",
+  "CooperativeState",
+  "average",
+  "consensus_distance",
+  "cooperative",
+  "dpsgd",
+  "easgd",
+  "local_sgd",
+  "make_step",
+  "mixing",
+  "replicate",
+  "stack",
+  "step_count",
+  "sync_sgd",
   "topology",
+  "worker",
 ]

@@ -1,0 +1,327 @@
+r"""Cooperative SGD algorithms as optax gradient transformations.
+
+The framework A(τ, W, v) of Wang & Joshi (JMLR 2021, eq. 10): m workers and v
+auxiliary variables stacked as ``X = [x_1..x_m, z_1..z_v]`` evolve by
+
+.. math::
+
+   X_{k+1} = (X_k - \eta G_k)\, S_k, \qquad
+   S_k = \begin{cases} W & k \bmod \tau = 0 \\ I & \text{otherwise,} \end{cases}
+
+where ``G_k`` holds the workers' stochastic gradients (zero for auxiliaries).
+Steps are counted from 1, so the first mix happens after local step τ. The
+other order of Remark 1, ``X_{k+1} = X_k S_k − η G_k`` with ``G_k`` taken at
+``X_k`` ("mix then step"), is how classic EASGD (Zhang et al., 2015) and D-PSGD
+(Lian et al., 2017) are written; pass ``order="mix_then_step"`` for it.
+
+``−ηG`` generalises to any optax optimizer ``local`` applied to each worker
+separately (``jax.vmap`` over the worker axis, so ``clip_by_global_norm`` clips
+each worker's gradient by its own norm); auxiliary rows receive no local
+update.
+
+Usage: ``update(grads, state, X)`` takes ``grads`` with a leading axis of
+``m`` (or ``m + v``, whose auxiliary rows are ignored) and ``X`` with a leading
+axis of ``m + v``, and returns ``updates`` such that
+``optax.apply_updates(X, updates)`` is ``X_{k+1}`` (up to float rounding of
+``X + (X_{k+1} − X)``).
+
+  >>> import jax.numpy as jnp, optax, coopjax
+  >>> tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=2)
+  >>> X = {"w": jnp.array([[0.0], [1.0]])}
+  >>> state = tx.init(X)
+  >>> grads = {"w": jnp.array([[1.0], [1.0]])}
+  >>> updates, state = tx.update(grads, state, X)    # k = 1: local step only
+  >>> X = optax.apply_updates(X, updates); [round(x, 4) for x in X["w"].ravel().tolist()]
+  [-0.1, 0.9]
+  >>> updates, state = tx.update(grads, state, X)    # k = 2: local step, then average
+  >>> X = optax.apply_updates(X, updates); [round(x, 4) for x in X["w"].ravel().tolist()]
+  [0.3, 0.3]
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+from typing import Literal
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from coopjax import mixing
+from coopjax import topology
+from coopjax.workers import num_rows
+
+PyTree = Any
+Order = Literal["step_then_mix", "mix_then_step"]
+ORDERS = ("step_then_mix", "mix_then_step")
+
+__all__ = [
+  "CooperativeState",
+  "cooperative",
+  "sync_sgd",
+  "local_sgd",
+  "easgd",
+  "dpsgd",
+  "step_count",
+  "find_state",
+]
+
+
+class CooperativeState(NamedTuple):
+  """State of :func:`cooperative`.
+
+  Attributes:
+    count: number of local steps taken so far (k − 1 before step k), int32.
+    local_state: the local optimizer's state, stacked over the m workers.
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+
+
+def check_tau(tau) -> int:
+  """τ must be an integer >= 1."""
+  if isinstance(tau, bool) or not isinstance(tau, numbers.Integral):
+    raise TypeError(
+      f"tau must be an integer number of local steps (>= 1), got {tau!r} of type "
+      f"{type(tau).__name__}."
+    )
+  if tau < 1:
+    raise ValueError(f"tau must be >= 1 (mix every tau local steps), got {tau}.")
+  return int(tau)
+
+
+def check_count(name: str, value, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}.")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+  return int(value)
+
+
+def check_local(local) -> optax.GradientTransformation:
+  if not (hasattr(local, "init") and hasattr(local, "update")):
+    raise TypeError(
+      f"local must be an optax GradientTransformation (e.g. optax.sgd(0.1)), got "
+      f"{type(local).__name__}."
+    )
+  return local
+
+
+def check_order(order) -> str:
+  if order not in ORDERS:
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
+  return order
+
+
+def _pad_rows(tree: PyTree, rows: int) -> PyTree:
+  """Appends zero rows so that every leaf has ``rows`` rows."""
+
+  def pad(x):
+    extra = rows - x.shape[0]
+    if extra == 0:
+      return x
+    return jnp.concatenate([x, jnp.zeros((extra, *x.shape[1:]), x.dtype)], axis=0)
+
+  return jax.tree.map(pad, tree)
+
+
+def _worker_rows(tree: PyTree, m: int) -> PyTree:
+  return jax.tree.map(lambda x: x[:m], tree)
+
+
+def _check_grads(grads: PyTree, m: int, n: int) -> PyTree:
+  rows = num_rows(grads, "grads")
+  if rows not in (m, n):
+    raise ValueError(
+      f"grads have leading axis {rows} but there are {m} workers"
+      + (f" and {n - m} auxiliary variables" if n > m else "")
+      + f"; pass one gradient per worker (leading axis {m})."
+    )
+  return _worker_rows(grads, m) if rows != m else grads
+
+
+def _local_update(local, grads, local_state, params_w, extra_args):
+  def one(g, s, p, extra):
+    return local.update(g, s, p, **extra)
+
+  local = optax.with_extra_args_support(local)
+  return jax.vmap(one)(grads, local_state, params_w, extra_args)
+
+
+def cooperative(
+  local: optax.GradientTransformation,
+  tau: int,
+  W,
+  num_aux: int = 0,
+  *,
+  order: Order = "step_then_mix",
+  mixer: mixing.Mixer | None = None,
+  symmetric: bool = True,
+  allow_negative: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Cooperative SGD A(τ, W, v) with any optax optimizer as the local update.
+
+  .. math::
+
+     \text{step\_then\_mix:}\quad X_{k+1} = (X_k + U_k)\,S_k, \qquad
+     \text{mix\_then\_step:}\quad X_{k+1} = X_k S_k + U_k,
+
+  where ``U_k`` stacks ``local``'s update for each worker (``−ηg_i`` for SGD)
+  and zeros for the auxiliaries, and ``S_k = W`` if ``k mod τ = 0`` else ``I``
+  (``lax.cond`` on the step counter k = 1, 2, …).
+
+  Args:
+    local: optax optimizer applied to each worker separately (vmapped); its
+      state is stacked over the m workers.
+    tau: communication period τ ≥ 1.
+    W: mixing matrix of size ``(m + v) × (m + v)``, auxiliaries last; validated
+      with :func:`coopjax.topology.validate`.
+    num_aux: v, the number of auxiliary variables.
+    order: ``"step_then_mix"`` (paper eq. 10, default) or ``"mix_then_step"``
+      (Remark 1; classic EASGD and D-PSGD).
+    mixer: how to apply W; defaults to the dense einsum reference.
+    symmetric: require W symmetric (the theory's condition).
+    allow_negative: accept negative weights (EASGD with α > 1/m).
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs``; extra keyword arguments of
+    ``update`` are split over the workers (leading axis m) and passed to
+    ``local``.
+
+  References:
+    Wang & Joshi, Cooperative SGD, JMLR 22(213), 2021, eqs. 7 and 10, Remark 1.
+  """
+  local = check_local(local)
+  tau = check_tau(tau)
+  v = check_count("num_aux", num_aux, 0)
+  order = check_order(order)
+  W = topology.validate(W, symmetric=symmetric, allow_negative=allow_negative)
+  n = W.shape[0]
+  m = n - v
+  if m < 1:
+    raise ValueError(f"W is {n}x{n} but num_aux={v}: no rows are left for workers.")
+  mix = mixer if mixer is not None else mixing.dense_mixer(W)
+
+  def init_fn(params):
+    rows = num_rows(params, "params")
+    if rows != n:
+      raise ValueError(
+        f"params have leading axis {rows} but W is {n}x{n} ({m} workers + {v} auxiliary); "
+        f"build X with coopjax.replicate(params, num_workers={m}, num_aux={v})."
+      )
+    return CooperativeState(
+      count=jnp.zeros([], jnp.int32),
+      local_state=jax.vmap(local.init)(_worker_rows(params, m)),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+        "cooperative transformations need the stacked models: call "
+        "tx.update(grads, state, X) with params=X."
+      )
+    rows = num_rows(params, "params")
+    if rows != n:
+      raise ValueError(
+        f"params have leading axis {rows} but W is {n}x{n} ({m} workers + {v} auxiliary)."
+      )
+    grads = _check_grads(updates, m, n)
+    local_updates, local_state = _local_update(
+      local, grads, state.local_state, _worker_rows(params, m), extra_args
+    )
+    local_updates = _pad_rows(local_updates, n)
+    k = optax.safe_int32_increment(state.count)
+    should_mix = k % tau == 0
+    if order == "step_then_mix":
+      stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
+      new = jax.lax.cond(should_mix, mix, lambda X: X, stepped)
+    else:
+      mixed = jax.lax.cond(should_mix, mix, lambda X: X, params)
+      new = jax.tree.map(lambda x, u: x + u.astype(x.dtype), mixed, local_updates)
+    out = jax.tree.map(lambda a, x: a - x, new, params)
+    return out, CooperativeState(count=k, local_state=local_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sync_sgd(local: optax.GradientTransformation, num_workers: int, **kwargs):
+  r"""Fully synchronous SGD, A(1, J, 0): average the models after every step.
+
+  With SGD as ``local`` this equals large-batch SGD on the averaged gradient:
+  :math:`x_{k+1} = x_k - \eta \frac1m \sum_i g_i(x_k)`.
+  """
+  m = check_count("num_workers", num_workers, 1)
+  return cooperative(local, 1, topology.complete(m), **kwargs)
+
+
+def local_sgd(local: optax.GradientTransformation, tau: int, num_workers: int, **kwargs):
+  r"""Periodic averaging / local SGD, A(τ, J, 0) (Stich, ICLR 2019).
+
+  Workers take τ local steps, then all models are averaged.
+  """
+  m = check_count("num_workers", num_workers, 1)
+  return cooperative(local, tau, topology.complete(m), **kwargs)
+
+
+def easgd(local: optax.GradientTransformation, tau: int, alpha: float, num_workers: int, **kwargs):
+  r"""Elastic averaging SGD, A(τ, W_α, 1) (Zhang et al., NeurIPS 2015; paper eq. 11).
+
+  At every mixing step each worker and the anchor z (the last row of X) pull
+  toward each other:
+
+  .. math::
+
+     x_i \leftarrow (1-\alpha) x_i + \alpha z, \qquad
+     z \leftarrow (1 - m\alpha) z + \alpha \sum_i x_i .
+
+  Valid for ``0 < α < 2/(m+1)``; ``α = 2/(m+2)`` minimises the bound's floor.
+  X must be built with ``num_aux=1``. With ``order="mix_then_step"`` this is
+  Zhang et al.'s update, where the gradient is taken before the pull.
+  """
+  m = check_count("num_workers", num_workers, 1)
+  W = topology.easgd(m, alpha)
+  return cooperative(local, tau, W, num_aux=1, allow_negative=True, **kwargs)
+
+
+def dpsgd(local: optax.GradientTransformation, W, **kwargs):
+  r"""Decentralized parallel SGD, A(1, W, 0) (Lian et al., NeurIPS 2017).
+
+  Every step each worker averages its neighbours' models with weights W.
+  ``order="mix_then_step"`` gives Lian et al.'s
+  :math:`x_i \leftarrow \sum_j W_{ji} x_j - \eta g_i(x_i)`.
+  """
+  return cooperative(local, 1, W, **kwargs)
+
+
+def find_state(opt_state: PyTree, cls: type = CooperativeState):
+  """The first state of type ``cls`` inside ``opt_state`` (e.g. inside ``optax.chain``)."""
+  found = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
+    if isinstance(s, cls)
+  ]
+  if not found:
+    raise ValueError(f"opt_state holds no {cls.__name__}; was it made by a coopjax algorithm?")
+  return found[0]
+
+
+def _is_cooperative_state(x) -> bool:
+  return isinstance(x, tuple) and hasattr(x, "count") and hasattr(x, "local_state")
+
+
+def step_count(opt_state: PyTree) -> jax.Array:
+  """The number of local steps taken so far (k of the last step).
+
+  Finds the first coopjax algorithm state (a NamedTuple with ``count`` and
+  ``local_state``) inside ``opt_state``, so it works through ``optax.chain``.
+  """
+  for s in jax.tree.leaves(opt_state, is_leaf=_is_cooperative_state):
+    if _is_cooperative_state(s):
+      return s.count
+  raise ValueError(
+    "opt_state holds no coopjax algorithm state; was it made by a coopjax algorithm?"
+  )

@@ -1,0 +1,129 @@
+r"""The jitted cooperative step: local gradients, the transformation, metrics.
+
+``make_step(loss_fn, tx)`` returns the card's pure function ``step(X, batch, k)``
+in optax form, ``step(X, opt_state, batch) -> (X, opt_state, metrics)``: the
+step counter k travels in ``opt_state`` (see :func:`coopjax.step_count`).
+One step computes every worker's stochastic gradient on its own batch,
+
+.. math::
+
+   g_i = \nabla_x \ell(x_i; \xi_i), \qquad i = 1..m,
+
+then applies the cooperative transformation (local update and, when
+``k mod τ = 0``, the mix) and reports metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from coopjax.workers import consensus_distance
+from coopjax.workers import num_rows
+
+PyTree = Any
+
+__all__ = ["make_step"]
+
+
+def _batch_rows(batch: PyTree, num_workers: int | None) -> int:
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError("batch has no array leaves; pass per-worker data with leading axis m.")
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(
+      f"every batch leaf needs the same leading worker axis m, got leading sizes "
+      f"{sorted(s for s in sizes if s is not None)}"
+      + (" and a scalar leaf" if None in sizes else "")
+      + "; reshape the batch to [m, per_worker_batch, ...]."
+    )
+  m = sizes.pop()
+  if num_workers is not None and m != num_workers:
+    raise ValueError(
+      f"batch has leading axis {m} but num_workers={num_workers}; give each worker its own "
+      f"batch: shape [{num_workers}, per_worker_batch, ...]."
+    )
+  return m
+
+
+def make_step(
+  loss_fn: Callable[..., Any],
+  tx: optax.GradientTransformation,
+  *,
+  num_workers: int | None = None,
+  has_aux: bool = False,
+  with_consensus: bool = True,
+  with_grad_norm: bool = True,
+  donate: bool = False,
+  jit: bool = True,
+):
+  r"""Builds the cooperative step ``step(X, opt_state, batch) -> (X, opt_state, metrics)``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` for ONE worker (or
+      ``(scalar, aux)`` with ``has_aux=True``).
+    tx: a coopjax transformation (e.g. :func:`coopjax.local_sgd`), possibly
+      inside ``optax.chain``.
+    num_workers: m; when given, the batch's leading axis is checked against it.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is reported per
+      worker in ``metrics["aux"]``.
+    with_consensus: report ``‖X_{k+1}(I − J)‖²_F`` (a reduction over workers).
+    with_grad_norm: report ``‖(1/m)Σ_i g_i‖``, the norm of the averaged
+      gradient that moves u_k (eq. 14); when the models agree it is the
+      averaged model's stochastic gradient norm.
+    donate: donate X and opt_state buffers to the step (saves memory; the
+      inputs cannot be reused after the call).
+    jit: wrap in ``jax.jit`` (False gives the raw function, e.g. for
+      ``chex.assert_max_traces``).
+
+  Returns:
+    ``step``; ``metrics`` holds ``loss`` (mean over workers), ``worker_loss``
+    (shape [m]), ``step`` (k), and the optional ``consensus_distance``,
+    ``avg_grad_norm`` and ``aux``.
+  """
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}.")
+  if not (hasattr(tx, "init") and hasattr(tx, "update")):
+    raise TypeError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}.")
+  if num_workers is not None and (
+    isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
+  ):
+    raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
+  grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=has_aux))
+
+  def step(X, opt_state, batch):
+    from coopjax.algorithms import step_count
+
+    n = num_rows(X, "X")
+    m = _batch_rows(batch, num_workers)
+    if m > n:
+      raise ValueError(
+        f"batch has {m} worker rows but X has only {n} rows; X must stack m + v models "
+        "(coopjax.replicate(params, m, num_aux))."
+      )
+    X_workers = jax.tree.map(lambda x: x[:m], X)
+    value, grads = grad_fn(X_workers, batch)
+    losses, aux = value if has_aux else (value, None)
+    if jnp.shape(losses) != (m,):
+      raise ValueError(
+        f"loss_fn must return a scalar per worker, got shape {jnp.shape(losses)[1:]}."
+      )
+    updates, opt_state = tx.update(grads, opt_state, X)
+    X = optax.apply_updates(X, updates)
+    metrics = {"loss": jnp.mean(losses), "worker_loss": losses, "step": step_count(opt_state)}
+    if with_consensus:
+      metrics["consensus_distance"] = consensus_distance(X)
+    if with_grad_norm:
+      metrics["avg_grad_norm"] = optax.tree.norm(jax.tree.map(lambda g: jnp.mean(g, 0), grads))
+    if has_aux:
+      metrics["aux"] = aux
+    return X, opt_state, metrics
+
+  if not jit:
+    return step
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())

@@ -1,0 +1,60 @@
+"""Independent NumPy references shared by the tests.
+
+The model is linear regression with a bias, loss(x, (A, b)) = ½ mean((A w + c − b)²),
+whose gradient is written out by hand here, so the references never call JAX.
+"""
+
+import numpy as np
+
+D = 3  # features
+
+
+def make_batches(steps, m, batch=5, seed=0):
+  rng = np.random.default_rng(seed)
+  A = rng.normal(size=(steps, m, batch, D)).astype(np.float32)
+  b = rng.normal(size=(steps, m, batch)).astype(np.float32)
+  return A, b
+
+
+def loss_fn(params, batch):
+  import jax.numpy as jnp
+
+  A, b = batch
+  r = A @ params["w"] + params["c"] - b
+  return 0.5 * jnp.mean(r**2)
+
+
+def np_grad(x, A, b):
+  """Gradient of the loss at flat x = [w (D), c] for one worker."""
+  w, c = x[:D], x[D]
+  r = A @ w + c - b
+  return np.concatenate([A.T @ r / len(b), [r.mean()]])
+
+
+def flat(X):
+  """Stacked params pytree -> [rows, D + 1] float64 array."""
+  return np.concatenate(
+    [np.asarray(X["w"], np.float64), np.asarray(X["c"], np.float64)[:, None]], 1
+  )
+
+
+def init_params(seed=1):
+  rng = np.random.default_rng(seed)
+  return {"w": rng.normal(size=D).astype(np.float32), "c": np.float32(rng.normal())}
+
+
+def cooperative_reference(x0, W, tau, lr, A, b, num_aux=0, order="step_then_mix"):
+  """X <- (X - lr G) W_k (or X W_k - lr G) in NumPy, rows = nodes, x_i' = sum_j W[j,i] x_j."""
+  W = np.asarray(W, np.float64)
+  n = W.shape[0]
+  m = n - num_aux
+  X = np.tile(np.asarray(x0, np.float64), (n, 1))
+  history = [X.copy()]
+  for k in range(1, A.shape[0] + 1):
+    G = np.zeros_like(X)
+    for i in range(m):
+      G[i] = np_grad(X[i], A[k - 1, i], b[k - 1, i])
+    S = W if k % tau == 0 else np.eye(n)
+    X = S.T @ (X - lr * G) if order == "step_then_mix" else S.T @ X - lr * G
+    history.append(X.copy())
+  return X, history

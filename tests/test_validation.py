@@ -1,0 +1,141 @@
+"""Bad input is refused early with an error that names the problem."""
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference as ref
+
+import coopjax
+from coopjax import topology
+
+SGD = optax.sgd(0.1)
+
+
+@pytest.mark.parametrize(
+  "W, match",
+  [
+    (np.ones((2, 3)) / 3, "square"),
+    (np.full((3, 3), np.nan), "NaN or infinite"),
+    (np.array([[1.5, -0.5], [-0.5, 1.5]]), "negative entry"),
+    (np.array([[0.6, 0.5], [0.4, 0.5]]), "not symmetric"),
+    (np.array([[0.5, 0.3], [0.3, 0.5]]), "sums to"),
+    (np.kron(np.eye(2), np.full((2, 2), 0.5)), "zeta"),
+    ("ring", "numeric matrix"),
+  ],
+)
+def test_bad_mixing_matrix(W, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    coopjax.cooperative(SGD, 1, W)
+
+
+def test_identity_warns_but_is_allowed():
+  with pytest.warns(UserWarning, match="never communicate"):
+    coopjax.cooperative(SGD, 2, topology.independent(3))
+
+
+def test_wrong_size_for_workers_and_aux():
+  tx = coopjax.cooperative(SGD, 1, topology.ring(4), num_aux=1)  # 3 workers + 1 aux
+  with pytest.raises(ValueError, match="leading axis 4 .* W is 4x4|leading axis 5"):
+    tx.init(coopjax.replicate(ref.init_params(), 4, 1))
+  with pytest.raises(ValueError, match="num_aux"):
+    coopjax.cooperative(SGD, 1, topology.complete(2), num_aux=2)
+
+
+@pytest.mark.parametrize(
+  "tau, exc",
+  [(0, ValueError), (-3, ValueError), (2.5, TypeError), ("4", TypeError), (True, TypeError)],
+)
+def test_bad_tau(tau, exc):
+  with pytest.raises(exc, match="tau"):
+    coopjax.local_sgd(SGD, tau, 4)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.1, 2 / 9, 0.5, float("nan")])
+def test_bad_easgd_alpha(alpha):
+  with pytest.raises(ValueError, match="alpha"):
+    coopjax.easgd(SGD, 1, alpha, 8)
+
+
+def test_easgd_alpha_above_one_over_m_warns():
+  with pytest.warns(UserWarning, match="1 - m\\*alpha"):
+    coopjax.easgd(SGD, 1, 0.2, 8)  # the best alpha 2/(m+2) has a negative anchor weight
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    coopjax.easgd(SGD, 1, 0.1, 8)
+
+
+def test_local_must_be_an_optax_transformation():
+  with pytest.raises(TypeError, match="GradientTransformation"):
+    coopjax.sync_sgd(lambda g: g, 4)
+
+
+def test_bad_replicate_arguments():
+  with pytest.raises(ValueError, match="num_workers"):
+    coopjax.replicate(ref.init_params(), 0)
+  with pytest.raises(TypeError, match="num_workers"):
+    coopjax.replicate(ref.init_params(), 2.0)
+  with pytest.raises(ValueError, match="num_aux"):
+    coopjax.replicate(ref.init_params(), 2, -1)
+  with pytest.raises(TypeError, match="floating point"):
+    coopjax.replicate({"w": jnp.arange(3)}, 2)
+  with pytest.raises(ValueError, match="no array leaves"):
+    coopjax.replicate({}, 2)
+
+
+def _setup(m=4, v=0):
+  tx = coopjax.local_sgd(SGD, 2, m) if v == 0 else coopjax.easgd(SGD, 2, 0.1, m)
+  X = coopjax.replicate(ref.init_params(), m, v)
+  return tx, X, tx.init(X)
+
+
+def test_batch_leading_axis_must_be_m():
+  tx, X, state = _setup(4)
+  A, b = ref.make_batches(1, 3)
+  step = coopjax.make_step(ref.loss_fn, tx, num_workers=4)
+  with pytest.raises(ValueError, match="batch has leading axis 3 but num_workers=4"):
+    step(X, state, (jnp.asarray(A[0]), jnp.asarray(b[0])))
+  step = coopjax.make_step(ref.loss_fn, tx)
+  with pytest.raises(ValueError, match="grads have leading axis 3 but there are 4 workers"):
+    step(X, state, (jnp.asarray(A[0]), jnp.asarray(b[0])))
+  A, b = ref.make_batches(1, 4)
+  with pytest.raises(ValueError, match="same leading worker axis"):
+    step(X, state, (jnp.asarray(A[0]), jnp.asarray(b[0, :3])))
+
+
+def test_X_without_the_worker_axis():
+  tx, X, state = _setup(4, v=1)
+  with pytest.raises(ValueError, match="leading axis 4 but W is 5x5"):
+    tx.init(coopjax.replicate(ref.init_params(), 4))
+  bad = dict(X, c=X["c"][:3])
+  step = coopjax.make_step(ref.loss_fn, tx)
+  A, b = ref.make_batches(1, 4)
+  with pytest.raises(ValueError, match="different leading-axis sizes"):
+    step(bad, state, (jnp.asarray(A[0]), jnp.asarray(b[0])))
+  with pytest.raises(ValueError, match="need the stacked models"):
+    tx.update(X, state)
+
+
+def test_topology_constructor_errors():
+  with pytest.raises(ValueError, match="power of two"):
+    topology.hypercube(6)
+  with pytest.raises(ValueError, match="disconnected"):
+    topology.erdos_renyi(12, 0.01, seed=0)
+  with pytest.raises(ValueError, match="not connected"):
+    topology.from_adjacency(np.zeros((3, 3)))
+  with pytest.raises(ValueError, match="symmetric"):
+    topology.from_adjacency(np.triu(np.ones((3, 3)), 1))
+  with pytest.raises(ValueError, match="3x3"):
+    topology.validate(topology.ring(3), size=4)
+
+
+def test_make_step_argument_errors():
+  tx, _, _ = _setup()
+  with pytest.raises(TypeError, match="loss_fn"):
+    coopjax.make_step("loss", tx)
+  with pytest.raises(TypeError, match="GradientTransformation"):
+    coopjax.make_step(ref.loss_fn, object())
+  with pytest.raises(ValueError, match="num_workers"):
+    coopjax.make_step(ref.loss_fn, tx, num_workers=0)
