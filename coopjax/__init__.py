@@ -10,6 +10,8 @@ from coopjax.algorithms import CooperativeState
 from coopjax.algorithms import cooperative
 from coopjax.algorithms import dpsgd
 from coopjax.algorithms import easgd
+from coopjax.algorithms import elastic_averaging
+from coopjax.algorithms import elastic_hierarchical
 from coopjax.algorithms import local_sgd
 from coopjax.algorithms import step_count
 from coopjax.algorithms import sync_sgd
@@ -31,6 +33,8 @@ __all__ = [
   "cooperative",
   "dpsgd",
   "easgd",
+  "elastic_averaging",
+  "elastic_hierarchical",
   "local_sgd",
   "make_step",
   "mixing",

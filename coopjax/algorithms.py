@@ -65,6 +65,8 @@ __all__ = [
   "local_sgd",
   "easgd",
   "dpsgd",
+  "elastic_averaging",
+  "elastic_hierarchical",
   "step_count",
   "find_state",
 ]
@@ -152,6 +154,54 @@ def _local_update(local, grads, local_state, params_w, extra_args):
   return jax.vmap(one)(grads, local_state, params_w, extra_args)
 
 
+STATE_POLICIES = ("keep", "mix", "reset")
+
+
+def check_state_policy(policy) -> str:
+  if policy not in STATE_POLICIES:
+    raise ValueError(
+      f"local_state_policy must be one of {STATE_POLICIES}, got {policy!r}: 'keep' leaves each "
+      "worker's optimizer state alone, 'mix' mixes it with the same matrix as the models, "
+      "'reset' zeroes its buffers at every mixing step."
+    )
+  return policy
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def mix_local_state(local_state, mix, n: int):
+  """Mixes the floating-point leaves of the stacked local state with the models' mixer.
+
+  Auxiliary rows have no optimizer state; they enter the mix as zeros and are
+  dropped afterwards. Integer leaves (step counts) are kept.
+  """
+  leaves, treedef = jax.tree.flatten(local_state)
+  float_idx = [i for i, x in enumerate(leaves) if _is_float(x) and x.ndim >= 1]
+  if not float_idx:
+    return local_state
+  m = leaves[float_idx[0]].shape[0]
+  mixed = mix(_pad_rows([leaves[i] for i in float_idx], n))
+  for i, x in zip(float_idx, mixed, strict=True):
+    leaves[i] = x[:m]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def reset_local_state(local_state, fresh_state):
+  """Floating-point buffers from ``fresh_state``; integer counters kept from ``local_state``."""
+  return jax.tree.map(lambda old, new: new if _is_float(old) else old, local_state, fresh_state)
+
+
+def _select(mask, a, b):
+  """Leaf-wise: ``a`` where ``mask`` is True, else ``b`` (mask: a pytree prefix of bools)."""
+  if mask is None:
+    return a
+  return jax.tree.map(
+    lambda keep, x, y: jax.tree.map(lambda u, w: u if keep else w, x, y), mask, a, b
+  )
+
+
 def cooperative(
   local: optax.GradientTransformation,
   tau: int,
@@ -159,6 +209,8 @@ def cooperative(
   num_aux: int = 0,
   *,
   order: Order = "step_then_mix",
+  local_state_policy: str = "keep",
+  mix_mask: PyTree | None = None,
   mixer: mixing.Mixer | None = None,
   symmetric: bool = True,
   allow_negative: bool = False,
@@ -167,12 +219,36 @@ def cooperative(
 
   .. math::
 
-     \text{step\_then\_mix:}\quad X_{k+1} = (X_k + U_k)\,S_k, \qquad
-     \text{mix\_then\_step:}\quad X_{k+1} = X_k S_k + U_k,
+     \text{step\_then\_mix (eq. 10):}\quad X_{k+1} = (X_k + U_k)\,S_k, \qquad
+     \text{mix\_then\_step (Remark 1):}\quad X_{k+1} = X_k S_k + U_k,
 
-  where ``U_k`` stacks ``local``'s update for each worker (``−ηg_i`` for SGD)
-  and zeros for the auxiliaries, and ``S_k = W`` if ``k mod τ = 0`` else ``I``
-  (``lax.cond`` on the step counter k = 1, 2, …).
+  where ``U_k`` stacks ``local``'s update for each worker (``−ηg_i(x_i^{(k)})``
+  for SGD, the gradient always taken at ``X_k``) and zeros for the
+  auxiliaries, and ``S_k = W`` if ``k mod τ = 0`` else ``I``
+  (``lax.cond`` on the step counter k = 1, 2, …). Under both orders the
+  averaged model moves by ``u_{k+1} = u_k − η m/(m+v)·mean_i g_i`` (eq. 14).
+
+  What is mixed. The models' rows are mixed (all leaves, or those selected by
+  ``mix_mask``). The local optimizer's state at a mixing step (momentum
+  buffers, Adam moments) follows ``local_state_policy``:
+
+  * ``"keep"`` (default): each worker keeps its own state, as PyTorch's
+    ``PeriodicModelAverager`` / post-local SGD does and as the local SGD and
+    EASGD papers do (their workers keep their momentum).
+  * ``"mix"``: the floating-point leaves are mixed with the same ``S_k`` as the
+    models (auxiliary rows, which hold no state, enter as zeros); integer
+    counters are kept. D-PSGD-with-momentum variants and SlowMo's "average
+    buffers" option do this.
+  * ``"reset"``: floating-point buffers are re-initialised (zeroed) at every
+    mixing step, counters (and so learning-rate schedules) continue; SlowMo's
+    "reset buffers" option.
+
+  The policy is applied at step k after the local update, in both orders.
+  Non-trainable state kept inside X (e.g. BatchNorm statistics stored as
+  leaves of the worker's pytree) is mixed like the parameters by default; set
+  ``mix_mask`` (a pytree prefix of X with booleans, False = keep local) to keep
+  such leaves per worker. A leaf excluded by the mask is neither mixed nor,
+  for auxiliary rows, meaningful.
 
   Args:
     local: optax optimizer applied to each worker separately (vmapped); its
@@ -183,6 +259,8 @@ def cooperative(
     num_aux: v, the number of auxiliary variables.
     order: ``"step_then_mix"`` (paper eq. 10, default) or ``"mix_then_step"``
       (Remark 1; classic EASGD and D-PSGD).
+    local_state_policy: ``"keep"``, ``"mix"`` or ``"reset"`` (see above).
+    mix_mask: optional pytree prefix of X of booleans selecting mixed leaves.
     mixer: how to apply W; defaults to the dense einsum reference.
     symmetric: require W symmetric (the theory's condition).
     allow_negative: accept negative weights (EASGD with α > 1/m).
@@ -199,6 +277,7 @@ def cooperative(
   tau = check_tau(tau)
   v = check_count("num_aux", num_aux, 0)
   order = check_order(order)
+  policy = check_state_policy(local_state_policy)
   W = topology.validate(W, symmetric=symmetric, allow_negative=allow_negative)
   n = W.shape[0]
   m = n - v
@@ -206,13 +285,19 @@ def cooperative(
     raise ValueError(f"W is {n}x{n} but num_aux={v}: no rows are left for workers.")
   mix = mixer if mixer is not None else mixing.dense_mixer(W)
 
-  def init_fn(params):
-    rows = num_rows(params, "params")
+  def mix_models(X):
+    return _select(mix_mask, mix(X), X)
+
+  def check_params(params, name):
+    rows = num_rows(params, name)
     if rows != n:
       raise ValueError(
-        f"params have leading axis {rows} but W is {n}x{n} ({m} workers + {v} auxiliary); "
+        f"{name} have leading axis {rows} but W is {n}x{n} ({m} workers + {v} auxiliary); "
         f"build X with coopjax.replicate(params, num_workers={m}, num_aux={v})."
       )
+
+  def init_fn(params):
+    check_params(params, "params")
     return CooperativeState(
       count=jnp.zeros([], jnp.int32),
       local_state=jax.vmap(local.init)(_worker_rows(params, m)),
@@ -224,24 +309,32 @@ def cooperative(
         "cooperative transformations need the stacked models: call "
         "tx.update(grads, state, X) with params=X."
       )
-    rows = num_rows(params, "params")
-    if rows != n:
-      raise ValueError(
-        f"params have leading axis {rows} but W is {n}x{n} ({m} workers + {v} auxiliary)."
-      )
+    check_params(params, "params")
     grads = _check_grads(updates, m, n)
     local_updates, local_state = _local_update(
       local, grads, state.local_state, _worker_rows(params, m), extra_args
     )
     local_updates = _pad_rows(local_updates, n)
     k = optax.safe_int32_increment(state.count)
-    should_mix = k % tau == 0
+    add = lambda X, U: jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
+
+    def on_mix(X, opt_state):
+      if policy == "mix":
+        opt_state = mix_local_state(opt_state, mix, n)
+      elif policy == "reset":
+        fresh = jax.vmap(local.init)(_worker_rows(params, m))
+        opt_state = reset_local_state(opt_state, fresh)
+      return mix_models(X), opt_state
+
     if order == "step_then_mix":
-      stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
-      new = jax.lax.cond(should_mix, mix, lambda X: X, stepped)
+      new, local_state = jax.lax.cond(
+        k % tau == 0, on_mix, lambda X, s: (X, s), add(params, local_updates), local_state
+      )
     else:
-      mixed = jax.lax.cond(should_mix, mix, lambda X: X, params)
-      new = jax.tree.map(lambda x, u: x + u.astype(x.dtype), mixed, local_updates)
+      mixed, local_state = jax.lax.cond(
+        k % tau == 0, on_mix, lambda X, s: (X, s), params, local_state
+      )
+      new = add(mixed, local_updates)
     out = jax.tree.map(lambda a, x: a - x, new, params)
     return out, CooperativeState(count=k, local_state=local_state)
 
@@ -295,6 +388,49 @@ def dpsgd(local: optax.GradientTransformation, W, **kwargs):
   :math:`x_i \leftarrow \sum_j W_{ji} x_j - \eta g_i(x_i)`.
   """
   return cooperative(local, 1, W, **kwargs)
+
+
+def elastic_averaging(local: optax.GradientTransformation, W, alpha: float, tau: int = 1, **kwargs):
+  r"""Generalised elastic averaging A(τ, W′, 1) (paper §6.2, Theorem 4).
+
+  Workers mix among themselves through W and pull toward one anchor:
+
+  .. math::
+
+     W' = \begin{bmatrix} (1-\alpha) W & \alpha \mathbf 1 \\
+                          \alpha \mathbf 1^\top & 1 - m\alpha \end{bmatrix},
+     \qquad \zeta(W') = \max\{(1-\alpha)\zeta(W), |1-(m+1)\alpha|\}.
+
+  ``W = I`` gives EASGD's ``W_α``; ``W = J`` adds full averaging among the workers. The
+  bound is smallest at ``α = (1+ζ)/(m+1+ζ)`` (:func:`coopjax.theory.elastic_best_alpha`).
+  X must be built with ``num_aux=1``.
+  """
+  return cooperative(
+    local, tau, topology.elastic(W, alpha), num_aux=1, allow_negative=True, **kwargs
+  )
+
+
+def elastic_hierarchical(
+  local: optax.GradientTransformation,
+  tau: int,
+  groups,
+  alpha: float,
+  W_aux=None,
+  **kwargs,
+):
+  r"""Elastic hierarchical averaging (paper §6.3): one auxiliary variable per group.
+
+  With ``g`` groups, X has ``m + g`` rows (``num_aux = g``); at a mixing step
+  (:func:`coopjax.topology.elastic_hierarchical`)
+
+  .. math::
+
+     x_i \leftarrow (1-\alpha) x_i + \alpha z_{g(i)}, \qquad
+     z_g \leftarrow \sum_l (W_{aux})_{lg} z_l + \alpha \sum_{i \in g}(x_i - z_g).
+  """
+  W = topology.elastic_hierarchical(groups, alpha, W_aux)
+  num_groups = len(groups)
+  return cooperative(local, tau, W, num_aux=num_groups, allow_negative=True, **kwargs)
 
 
 def find_state(opt_state: PyTree, cls: type = CooperativeState):
