@@ -119,18 +119,6 @@ def check_order(order) -> str:
   return order
 
 
-def _pad_rows(tree: PyTree, rows: int) -> PyTree:
-  """Appends zero rows so that every leaf has ``rows`` rows."""
-
-  def pad(x):
-    extra = rows - x.shape[0]
-    if extra == 0:
-      return x
-    return jnp.concatenate([x, jnp.zeros((extra, *x.shape[1:]), x.dtype)], axis=0)
-
-  return jax.tree.map(pad, tree)
-
-
 def _worker_rows(tree: PyTree, m: int) -> PyTree:
   return jax.tree.map(lambda x: x[:m], tree)
 
@@ -171,7 +159,7 @@ def _is_float(x) -> bool:
   return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def mix_local_state(local_state, mix, n: int):
+def mix_local_state(local_state, mix, num_workers: int, num_aux: int):
   """Mixes the floating-point leaves of the stacked local state with the models' mixer.
 
   Auxiliary rows have no optimizer state; they enter the mix as zeros and are
@@ -181,10 +169,12 @@ def mix_local_state(local_state, mix, n: int):
   float_idx = [i for i, x in enumerate(leaves) if _is_float(x) and x.ndim >= 1]
   if not float_idx:
     return local_state
-  m = leaves[float_idx[0]].shape[0]
-  mixed = mix(_pad_rows([leaves[i] for i in float_idx], n))
+  workers = [leaves[i] for i in float_idx]
+  aux = jax.tree.map(lambda x: jnp.zeros((num_aux, *x.shape[1:]), x.dtype), workers)
+  stacked = mixing.join_rows(workers, aux)
+  mixed, _ = mixing.split_rows(mix(stacked), num_workers)
   for i, x in zip(float_idx, mixed, strict=True):
-    leaves[i] = x[:m]
+    leaves[i] = x
   return jax.tree.unflatten(treedef, leaves)
 
 
@@ -300,7 +290,7 @@ def cooperative(
     check_params(params, "params")
     return CooperativeState(
       count=jnp.zeros([], jnp.int32),
-      local_state=jax.vmap(local.init)(_worker_rows(params, m)),
+      local_state=jax.vmap(local.init)(mixing.split_rows(params, m)[0]),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -311,30 +301,28 @@ def cooperative(
       )
     check_params(params, "params")
     grads = _check_grads(updates, m, n)
-    local_updates, local_state = _local_update(
-      local, grads, state.local_state, _worker_rows(params, m), extra_args
-    )
-    local_updates = _pad_rows(local_updates, n)
+    workers, aux = mixing.split_rows(params, m)
+    local_updates, local_state = _local_update(local, grads, state.local_state, workers, extra_args)
     k = optax.safe_int32_increment(state.count)
     add = lambda X, U: jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
 
     def on_mix(X, opt_state):
       if policy == "mix":
-        opt_state = mix_local_state(opt_state, mix, n)
+        opt_state = mix_local_state(opt_state, mix, m, v)
       elif policy == "reset":
-        fresh = jax.vmap(local.init)(_worker_rows(params, m))
-        opt_state = reset_local_state(opt_state, fresh)
+        opt_state = reset_local_state(opt_state, jax.vmap(local.init)(workers))
       return mix_models(X), opt_state
 
+    def no_mix(X, opt_state):
+      return X, opt_state
+
     if order == "step_then_mix":
-      new, local_state = jax.lax.cond(
-        k % tau == 0, on_mix, lambda X, s: (X, s), add(params, local_updates), local_state
-      )
+      stepped = mixing.join_rows(add(workers, local_updates), aux)
+      new, local_state = jax.lax.cond(k % tau == 0, on_mix, no_mix, stepped, local_state)
     else:
-      mixed, local_state = jax.lax.cond(
-        k % tau == 0, on_mix, lambda X, s: (X, s), params, local_state
-      )
-      new = add(mixed, local_updates)
+      mixed, local_state = jax.lax.cond(k % tau == 0, on_mix, no_mix, params, local_state)
+      mixed_workers, mixed_aux = mixing.split_rows(mixed, m)
+      new = mixing.join_rows(add(mixed_workers, local_updates), mixed_aux)
     out = jax.tree.map(lambda a, x: a - x, new, params)
     return out, CooperativeState(count=k, local_state=local_state)
 

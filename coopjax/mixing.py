@@ -25,7 +25,15 @@ import numpy as np
 PyTree = Any
 Mixer = Callable[[PyTree], PyTree]
 
-__all__ = ["Mixer", "mix_dense", "dense_mixer"]
+__all__ = [
+  "Mixer",
+  "mix_dense",
+  "dense_mixer",
+  "split_rows",
+  "join_rows",
+  "worker_mean",
+  "worker_sum",
+]
 
 
 def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
@@ -42,3 +50,31 @@ def dense_mixer(W: np.ndarray) -> Mixer:
   """A mixer that applies ``W`` with the dense einsum."""
   W = np.asarray(W)
   return lambda X: mix_dense(X, W)
+
+
+def split_rows(X: PyTree, num_workers: int) -> tuple[PyTree, PyTree]:
+  """Splits X into ``(workers, aux)``: rows ``[:m]`` and ``[m:]`` of every leaf.
+
+  Algorithms address rows only through :func:`split_rows`, :func:`join_rows`,
+  :func:`worker_mean` and :func:`worker_sum` (and the mixers), so that the
+  sharded execution path can give these a per-device meaning.
+  """
+  return (
+    jax.tree.map(lambda x: x[:num_workers], X),
+    jax.tree.map(lambda x: x[num_workers:], X),
+  )
+
+
+def join_rows(workers: PyTree, aux: PyTree) -> PyTree:
+  """Inverse of :func:`split_rows`: stacks worker rows then auxiliary rows."""
+  return jax.tree.map(lambda w, a: jnp.concatenate([w, a.astype(w.dtype)], axis=0), workers, aux)
+
+
+def worker_mean(workers: PyTree) -> PyTree:
+  """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``."""
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), workers)
+
+
+def worker_sum(workers: PyTree) -> PyTree:
+  """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``."""
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), workers)
