@@ -10,7 +10,10 @@ One step computes every worker's stochastic gradient on its own batch,
    g_i = \nabla_x \ell(x_i; \xi_i), \qquad i = 1..m,
 
 then applies the cooperative transformation (local update and, when
-``k mod τ = 0``, the mix) and reports metrics.
+``k mod τ = 0``, the mix) and reports metrics. The per-worker losses reach the
+transformation as the extra argument ``value`` (shape [m]), as optax passes
+losses to e.g. ``reduce_on_plateau``; transformations that take no extra
+arguments ignore it.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ def make_step(
     isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
   ):
     raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
+  tx = optax.with_extra_args_support(tx)
   grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=has_aux))
 
   def step(X, opt_state, batch):
@@ -113,7 +117,7 @@ def make_step(
       raise ValueError(
         f"loss_fn must return a scalar per worker, got shape {jnp.shape(losses)[1:]}."
       )
-    updates, opt_state = tx.update(grads, opt_state, X)
+    updates, opt_state = tx.update(grads, opt_state, X, value=losses)
     X = optax.apply_updates(X, updates)
     metrics = {"loss": jnp.mean(losses), "worker_loss": losses, "step": step_count(opt_state)}
     if with_consensus:
