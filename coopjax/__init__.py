@@ -5,6 +5,7 @@ as optax gradient transformations over a stacked worker axis.
 """
 
 from coopjax import mixing
+from coopjax import netmodel
 from coopjax import topology
 from coopjax.algorithms import CooperativeState
 from coopjax.algorithms import cooperative
@@ -38,6 +39,7 @@ __all__ = [
   "local_sgd",
   "make_step",
   "mixing",
+  "netmodel",
   "replicate",
   "stack",
   "step_count",

@@ -1,0 +1,168 @@
+r"""An α–β model of communication time, for modelled wall-clock on one machine.
+
+On a single CPU machine the workers' communication is not real, so coopjax
+reports *modelled* wall-clock: the measured compute time of each step plus
+the time the mixing collective would take on a network with per-message
+latency α (seconds) and per-byte time β = 1/bandwidth (Hockney's model):
+
+.. math::
+
+   T(\text{message of } B \text{ bytes}) = \alpha + \beta B .
+
+Collective algorithms (Thakur, Rabenseifner & Gropp, 2005; Patarasuk & Yuan,
+2009), for m nodes each holding a model of B bytes:
+
+* all-reduce (ring: reduce-scatter + all-gather), used for ``W = J`` and for
+  EASGD's anchor reduction: :math:`2(m-1)\alpha + 2\frac{m-1}{m} \beta B`;
+* neighbour exchange for a sparse W with Δ peers per node (one
+  collective-permute per peer, sends serialised on one link):
+  :math:`\Delta(\alpha + \beta B)`;
+* all-gather (the dense fallback for an unstructured W):
+  :math:`(m-1)(\alpha + \beta B)`;
+* parameter server (push and pull through one server link):
+  :math:`2\alpha + 2 m \beta B`.
+
+A *blocking* mix adds its time to the step that mixes. A *non-blocking* mix
+(non-blocking EASGD, Overlap Local-SGD) runs during the next period's local
+steps, so a period costs :math:`\max(\tau t_c, T_{mix})` instead of
+:math:`\tau t_c + T_{mix}`. This is a model, not a measurement: it ignores
+contention, stragglers and compute slowed by concurrent communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from coopjax import topology
+
+__all__ = [
+  "NetworkModel",
+  "allreduce_time",
+  "allgather_time",
+  "neighbor_exchange_time",
+  "parameter_server_time",
+  "mix_time",
+  "mix_degree",
+  "modelled_wallclock",
+]
+
+
+class NetworkModel(NamedTuple):
+  """Network parameters of the α–β model.
+
+  Attributes:
+    latency: α, seconds per message (default 50 µs, commodity Ethernet + MPI).
+    bandwidth: bytes per second per link (default 1.25e9 = 10 Gbit/s).
+  """
+
+  latency: float = 50e-6
+  bandwidth: float = 1.25e9
+
+  def check(self) -> NetworkModel:
+    for name in ("latency", "bandwidth"):
+      value = getattr(self, name)
+      if not np.isfinite(value) or value < 0 or (name == "bandwidth" and value == 0):
+        raise ValueError(f"NetworkModel.{name} must be a finite positive number, got {value}.")
+    return self
+
+
+def allreduce_time(nbytes: float, m: int, net: NetworkModel = NetworkModel()) -> float:
+  """Ring all-reduce of ``nbytes`` over ``m`` nodes."""
+  net.check()
+  if m <= 1:
+    return 0.0
+  return 2 * (m - 1) * net.latency + 2 * (m - 1) / m * nbytes / net.bandwidth
+
+
+def allgather_time(nbytes: float, m: int, net: NetworkModel = NetworkModel()) -> float:
+  """Ring all-gather of one ``nbytes`` block per node."""
+  net.check()
+  return (m - 1) * (net.latency + nbytes / net.bandwidth)
+
+
+def neighbor_exchange_time(nbytes: float, degree: int, net: NetworkModel = NetworkModel()) -> float:
+  """Each node sends its model to ``degree`` peers (one message each)."""
+  net.check()
+  return degree * (net.latency + nbytes / net.bandwidth)
+
+
+def parameter_server_time(nbytes: float, m: int, net: NetworkModel = NetworkModel()) -> float:
+  """Push to and pull from one parameter server over its single link."""
+  net.check()
+  return 2 * net.latency + 2 * m * nbytes / net.bandwidth
+
+
+def mix_degree(W: np.ndarray) -> int:
+  """Largest number of other nodes any node receives from (non-zero off-diagonal entries)."""
+  W = np.asarray(W)
+  off = np.abs(W - np.diag(np.diag(W))) > 1e-12
+  return int(off.sum(axis=0).max()) if W.size else 0
+
+
+def mix_time(
+  W: np.ndarray, nbytes: float, net: NetworkModel = NetworkModel(), num_aux: int = 0
+) -> float:
+  r"""Modelled time of one mix with W, with the collective coopjax lowers it to.
+
+  ``W = J``: an all-reduce. EASGD-like matrices (``num_aux ≥ 1``): an
+  all-reduce over the workers (the anchor's sum), the pull being local. A
+  sparse W: neighbour exchange with the maximum in-degree. The identity: 0.
+  """
+  W = np.asarray(W, dtype=np.float64)
+  n = W.shape[0]
+  m = n - num_aux
+  if np.allclose(W, np.eye(n)):
+    return 0.0
+  if num_aux == 0 and topology.is_complete(W):
+    return allreduce_time(nbytes, m, net)
+  if num_aux >= 1:
+    return allreduce_time(nbytes, m, net)
+  return neighbor_exchange_time(nbytes, mix_degree(W), net)
+
+
+def modelled_wallclock(
+  compute_times: Sequence[float],
+  mixed: Sequence[bool],
+  comm_time: float,
+  *,
+  overlap: bool = False,
+) -> np.ndarray:
+  r"""Cumulative modelled wall-clock after each step.
+
+  Args:
+    compute_times: measured compute seconds of each step.
+    mixed: whether each step ends with a mix.
+    comm_time: modelled seconds of one mix (:func:`mix_time`).
+    overlap: non-blocking execution: a mix runs in the background while the
+      following steps compute; a step that must consume a mix still in flight
+      (the next mix) waits for it.
+
+  Returns:
+    Array of the same length as ``compute_times``: wall-clock at the end of
+    each step.
+  """
+  compute_times = np.asarray(compute_times, dtype=np.float64)
+  mixed = np.asarray(mixed, dtype=bool)
+  if compute_times.shape != mixed.shape:
+    raise ValueError(
+      f"compute_times and mixed must have the same length, got {compute_times.shape} and "
+      f"{mixed.shape}."
+    )
+  if comm_time < 0 or not np.isfinite(comm_time):
+    raise ValueError(f"comm_time must be a finite non-negative number, got {comm_time}.")
+  clock = 0.0
+  pending_until = 0.0  # when the in-flight non-blocking mix completes
+  out = np.empty_like(compute_times)
+  for k, (t, mix) in enumerate(zip(compute_times, mixed, strict=True)):
+    clock += t
+    if mix:
+      if overlap:
+        clock = max(clock, pending_until)  # the previous mix must have arrived
+        pending_until = clock + comm_time
+      else:
+        clock += comm_time
+    out[k] = clock
+  return out
