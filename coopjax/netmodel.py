@@ -40,6 +40,7 @@ from coopjax import topology
 
 __all__ = [
   "NetworkModel",
+  "DEFAULT_NETWORK",
   "allreduce_time",
   "allgather_time",
   "neighbor_exchange_time",
@@ -69,7 +70,10 @@ class NetworkModel(NamedTuple):
     return self
 
 
-def allreduce_time(nbytes: float, m: int, net: NetworkModel = NetworkModel()) -> float:
+DEFAULT_NETWORK = NetworkModel()
+
+
+def allreduce_time(nbytes: float, m: int, net: NetworkModel = DEFAULT_NETWORK) -> float:
   """Ring all-reduce of ``nbytes`` over ``m`` nodes."""
   net.check()
   if m <= 1:
@@ -77,19 +81,21 @@ def allreduce_time(nbytes: float, m: int, net: NetworkModel = NetworkModel()) ->
   return 2 * (m - 1) * net.latency + 2 * (m - 1) / m * nbytes / net.bandwidth
 
 
-def allgather_time(nbytes: float, m: int, net: NetworkModel = NetworkModel()) -> float:
+def allgather_time(nbytes: float, m: int, net: NetworkModel = DEFAULT_NETWORK) -> float:
   """Ring all-gather of one ``nbytes`` block per node."""
   net.check()
   return (m - 1) * (net.latency + nbytes / net.bandwidth)
 
 
-def neighbor_exchange_time(nbytes: float, degree: int, net: NetworkModel = NetworkModel()) -> float:
+def neighbor_exchange_time(
+  nbytes: float, degree: int, net: NetworkModel = DEFAULT_NETWORK
+) -> float:
   """Each node sends its model to ``degree`` peers (one message each)."""
   net.check()
   return degree * (net.latency + nbytes / net.bandwidth)
 
 
-def parameter_server_time(nbytes: float, m: int, net: NetworkModel = NetworkModel()) -> float:
+def parameter_server_time(nbytes: float, m: int, net: NetworkModel = DEFAULT_NETWORK) -> float:
   """Push to and pull from one parameter server over its single link."""
   net.check()
   return 2 * net.latency + 2 * m * nbytes / net.bandwidth
@@ -103,7 +109,7 @@ def mix_degree(W: np.ndarray) -> int:
 
 
 def mix_time(
-  W: np.ndarray, nbytes: float, net: NetworkModel = NetworkModel(), num_aux: int = 0
+  W: np.ndarray, nbytes: float, net: NetworkModel = DEFAULT_NETWORK, num_aux: int = 0
 ) -> float:
   r"""Modelled time of one mix with W, with the collective coopjax lowers it to.
 
