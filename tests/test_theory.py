@@ -6,7 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from coopjax import theory, topology
+from coopjax import theory
+from coopjax import topology
 
 MS = [4, 8, 16]
 
