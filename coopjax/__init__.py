@@ -6,6 +6,7 @@ as optax gradient transformations over a stacked worker axis.
 
 from coopjax import mixing
 from coopjax import netmodel
+from coopjax import theory
 from coopjax import topology
 from coopjax.algorithms import CooperativeState
 from coopjax.algorithms import cooperative
@@ -44,6 +45,7 @@ __all__ = [
   "stack",
   "step_count",
   "sync_sgd",
+  "theory",
   "topology",
   "worker",
 ]
