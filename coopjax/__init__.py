@@ -4,7 +4,9 @@ Communication-efficient distributed SGD, A(τ, W, v) of Wang & Joshi (JMLR 2021)
 as optax gradient transformations over a stacked worker axis.
 """
 
+from coopjax import data
 from coopjax import mixing
+from coopjax import models
 from coopjax import netmodel
 from coopjax import theory
 from coopjax import topology
@@ -33,6 +35,7 @@ __all__ = [
   "average",
   "consensus_distance",
   "cooperative",
+  "data",
   "dpsgd",
   "easgd",
   "elastic_averaging",
@@ -40,6 +43,7 @@ __all__ = [
   "local_sgd",
   "make_step",
   "mixing",
+  "models",
   "netmodel",
   "replicate",
   "stack",
