@@ -62,6 +62,7 @@ loss (see :mod:`coopjax.workers`).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -374,6 +375,15 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 
+def _mode(model: nn.Module, train: bool) -> dict:
+  """``{"train": train}`` when the module's ``__call__`` takes ``train``, else ``{}``."""
+  try:
+    takes_train = "train" in inspect.signature(type(model).__call__).parameters
+  except (TypeError, ValueError):
+    takes_train = False
+  return {"train": train} if takes_train else {}
+
+
 def _l2(params: PyTree) -> jax.Array:
   return sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
 
@@ -399,7 +409,8 @@ def make_loss_fn(
        + \frac{\lambda}{2}\lVert\theta\rVert^2 .
 
   Args:
-    model: a flax linen module without ``batch_stats``.
+    model: a flax linen module without ``batch_stats``; it is called with
+      ``train=True`` when its ``__call__`` takes a ``train`` argument.
     num_classes: if given, checked against the logits' width at trace time.
     weight_decay: λ (L2 on every parameter).
     image_key: batch entry holding inputs.
@@ -420,7 +431,7 @@ def make_loss_fn(
 
   def loss_fn(params, batch):
     variables = _as_variables(params)
-    logits = model.apply(variables, batch[image_key], train=True)
+    logits = model.apply(variables, batch[image_key], **_mode(model, True))
     _check_logits(logits, num_classes)
     loss = cross_entropy(logits, batch[label_key])
     if weight_decay:
@@ -461,7 +472,9 @@ def make_bn_loss_fn(
   def loss_fn(variables, batch):
     if not (isinstance(variables, dict) and "batch_stats" in variables):
       raise ValueError("variables must be {'params': ..., 'batch_stats': ...} from model.init.")
-    logits, updates = model.apply(variables, batch[image_key], train=True, mutable=["batch_stats"])
+    logits, updates = model.apply(
+      variables, batch[image_key], mutable=["batch_stats"], **_mode(model, True)
+    )
     _check_logits(logits, num_classes)
     loss = cross_entropy(logits, batch[label_key])
     if weight_decay:
@@ -517,7 +530,7 @@ def evaluate(
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_batch(model, variables, xb, yb, mask):
-  logits = model.apply(variables, xb, train=False)
+  logits = model.apply(variables, xb, **_mode(model, False))
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
   correct = jnp.argmax(logits, axis=-1) == yb
   return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(jnp.where(mask, correct, False))
