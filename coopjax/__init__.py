@@ -20,6 +20,11 @@ from coopjax.algorithms import local_sgd
 from coopjax.algorithms import step_count
 from coopjax.algorithms import sync_sgd
 from coopjax.step import make_step
+from coopjax.time_varying import MatchaDesign
+from coopjax.time_varying import TimeVaryingState
+from coopjax.time_varying import matcha
+from coopjax.time_varying import matcha_design
+from coopjax.time_varying import time_varying
 from coopjax.workers import WORKER_AXIS
 from coopjax.workers import average
 from coopjax.workers import consensus_distance
@@ -32,6 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
   "WORKER_AXIS",
   "CooperativeState",
+  "MatchaDesign",
+  "TimeVaryingState",
   "average",
   "consensus_distance",
   "cooperative",
@@ -42,6 +49,8 @@ __all__ = [
   "elastic_hierarchical",
   "local_sgd",
   "make_step",
+  "matcha",
+  "matcha_design",
   "mixing",
   "models",
   "netmodel",
@@ -50,6 +59,7 @@ __all__ = [
   "step_count",
   "sync_sgd",
   "theory",
+  "time_varying",
   "topology",
   "worker",
 ]

@@ -33,6 +33,8 @@ __all__ = [
   "join_rows",
   "worker_mean",
   "worker_sum",
+  "permute",
+  "group_mean",
 ]
 
 
@@ -78,3 +80,52 @@ def worker_mean(workers: PyTree) -> PyTree:
 def worker_sum(workers: PyTree) -> PyTree:
   """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``."""
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), workers)
+
+
+def permute(workers: PyTree, source) -> PyTree:
+  """Row ``i`` becomes row ``source[i]``: ``x_i ← x_{source[i]}`` on every leaf.
+
+  ``source`` is a static sequence of m row indices (a permutation, e.g. a
+  shift ``source[i] = (i − s) mod m`` or a matching's involution). The plain
+  implementation gathers rows; a sharded path lowers it to one
+  collective-permute with pairs ``(source[i], i)``.
+  """
+  src = np.asarray(source, dtype=np.int64)
+  if src.ndim != 1 or sorted(src.tolist()) != list(range(len(src))):
+    raise ValueError(f"source must be a permutation of 0..m-1, got {list(src)}.")
+
+  def leaf(x):
+    if x.shape[0] != len(src):
+      raise ValueError(f"permute got {x.shape[0]} rows but source has {len(src)} entries.")
+    return x[src]
+
+  return jax.tree.map(leaf, workers)
+
+
+def group_mean(workers: PyTree, groups) -> PyTree:
+  r"""Every row becomes the mean of its group: ``x_i ← (1/|g|) Σ_{j ∈ g(i)} x_j``.
+
+  ``groups`` is a static list of lists of row indices partitioning ``0..m-1``.
+  The plain implementation is a segment sum. Contiguous equal groups
+  ``[[0..s-1], [s..2s-1], …]`` map onto a 2-D mesh of shape
+  ``(num_groups, s)`` (across hosts × within a host) on which the group mean is
+  an all-reduce over the within-host axis only.
+  """
+  groups = [[int(i) for i in g] for g in groups]
+  members = sorted(i for g in groups for i in g)
+  m = len(members)
+  if members != list(range(m)) or any(len(g) == 0 for g in groups):
+    raise ValueError(f"groups must be non-empty lists partitioning 0..m-1, got {groups}.")
+  ids = np.zeros(m, dtype=np.int32)
+  for gi, g in enumerate(groups):
+    ids[g] = gi
+  sizes = np.array([len(g) for g in groups])
+
+  def leaf(x):
+    if x.shape[0] != m:
+      raise ValueError(f"group_mean got {x.shape[0]} rows but the groups cover {m} workers.")
+    sums = jax.ops.segment_sum(x, ids, num_segments=len(groups))
+    inv = jnp.asarray(1.0 / sizes, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return (sums * inv)[ids]
+
+  return jax.tree.map(leaf, workers)

@@ -47,6 +47,11 @@ __all__ = [
   "validate",
   "zeta",
   "is_complete",
+  "one_peer_exponential",
+  "one_peer_exponential_period",
+  "matching_decomposition",
+  "matching_laplacian",
+  "matching_permutation",
 ]
 
 _ATOL = 1e-6
@@ -450,3 +455,213 @@ def validate(
         "mixing can never reach consensus; connect the graph or add self-weights."
       )
   return W
+
+
+def one_peer_exponential(m: int, r: int) -> np.ndarray:
+  r"""The r-th matrix of the one-peer exponential graph (Ying et al., NeurIPS 2021).
+
+  At the r-th mix (r = 0, 1, …) every worker averages with the single peer at
+  distance ``s`` behind it:
+
+  .. math::
+
+     s = 2^{\,r \bmod \lceil \log_2 m \rceil}, \qquad
+     x_i \leftarrow \tfrac12\bigl(x_i + x_{(i - s) \bmod m}\bigr),
+
+  so ``W[i, i] = W[(i − s) mod m, i] = 1/2`` (``W[j, i]`` is worker j's weight in
+  worker i's new model; each worker receives from ``i − s`` as BlueFog does).
+  W is doubly stochastic but not symmetric: check it with
+  ``validate(W, symmetric=False, allow_disconnected=True)``. For ``m = 2^t``
+  any t consecutive matrices multiply to ``J`` exactly. Use the sequence with
+  :func:`coopjax.time_varying`.
+
+  Args:
+    m: number of workers.
+    r: index of the mix, ``r ≥ 0``.
+
+  Returns:
+    The ``m × m`` float64 matrix (``[[1]]`` for ``m = 1``).
+
+  Examples:
+    >>> one_peer_exponential(4, 1)
+    array([[0.5, 0. , 0.5, 0. ],
+           [0. , 0.5, 0. , 0.5],
+           [0.5, 0. , 0.5, 0. ],
+           [0. , 0.5, 0. , 0.5]])
+  """
+  m = _check_count("m", m)
+  r = _check_count("r", r, minimum=0)
+  if m == 1:
+    return np.ones((1, 1))
+  period = one_peer_exponential_period(m)
+  s = 1 << (r % period)
+  return circulant(m, {0: 0.5, -s: 0.5})
+
+
+def one_peer_exponential_period(m: int) -> int:
+  r"""Number of distinct one-peer exponential matrices, ``⌈log₂ m⌉`` (1 for ``m ≤ 2``)."""
+  m = _check_count("m", m)
+  return max(1, (m - 1).bit_length())
+
+
+def _edges(graph) -> tuple[int, list[tuple[int, int]]]:
+  """Undirected edges ``(i, j)``, ``i < j``, of a square matrix's off-diagonal non-zeros."""
+  A = np.asarray(graph, dtype=np.float64)
+  if A.ndim != 2 or A.shape[0] != A.shape[1]:
+    raise ValueError(f"the graph must be a square matrix, got shape {A.shape}.")
+  if not np.all(np.isfinite(A)):
+    raise ValueError("the graph matrix has NaN or infinite entries.")
+  B = A != 0
+  np.fill_diagonal(B, False)
+  if not np.array_equal(B, B.T):
+    raise ValueError(
+      "the graph must be undirected: its off-diagonal non-zero pattern is not symmetric "
+      "(symmetrise an adjacency with A | A.T)."
+    )
+  ii, jj = np.nonzero(np.triu(B, 1))
+  return A.shape[0], [(int(i), int(j)) for i, j in zip(ii, jj, strict=True)]
+
+
+def matching_decomposition(graph) -> list[list[tuple[int, int]]]:
+  r"""Splits an undirected graph into disjoint matchings by Misra–Gries edge colouring.
+
+  The edges are the off-diagonal non-zeros of ``graph`` (an adjacency matrix or
+  a mixing matrix W of the same graph). A proper edge colouring assigns each
+  edge a colour so that edges sharing a node differ; each colour class is a
+  matching. Misra & Gries (1992) colour any simple graph with at most
+  ``Δ + 1`` colours (Δ the maximum degree; Vizing's bound), against ``2Δ − 1``
+  for greedy colouring. MATCHA (Wang et al., 2019) activates these matchings
+  independently.
+
+  Args:
+    graph: square matrix whose off-diagonal non-zeros are the (undirected) edges.
+
+  Returns:
+    A list of matchings, each a list of edges ``(i, j)`` with ``i < j``; the
+    matchings are non-empty, pairwise disjoint and cover every edge.
+
+  References:
+    J. Misra and D. Gries, "A constructive proof of Vizing's theorem",
+    Information Processing Letters 41(3), 1992.
+  """
+  n, edges = _edges(graph)
+  if not edges:
+    return []
+  deg = np.zeros(n, dtype=int)
+  for i, j in edges:
+    deg[i] += 1
+    deg[j] += 1
+  colours = range(int(deg.max()) + 1)
+  # at[u][c] = the neighbour joined to u by the edge of colour c.
+  at: list[dict[int, int]] = [{} for _ in range(n)]
+  nbrs: list[list[int]] = [[] for _ in range(n)]
+  for i, j in edges:
+    nbrs[i].append(j)
+    nbrs[j].append(i)
+
+  def colour_of(u, w):
+    for c, x in at[u].items():
+      if x == w:
+        return c
+    return None
+
+  def free(u, c):
+    return c not in at[u]
+
+  def first_free(u):
+    return next(c for c in colours if free(u, c))
+
+  def set_colour(u, w, c):
+    at[u][c] = w
+    at[w][c] = u
+
+  def clear(u, w):
+    c = colour_of(u, w)
+    if c is not None:
+      del at[u][c]
+      del at[w][c]
+
+  for u, v in edges:
+    # A maximal fan of u starting at v: colour(u, fan[i+1]) is free on fan[i].
+    fan = [v]
+    while True:
+      nxt = next(
+        (
+          w
+          for w in nbrs[u]
+          if w not in fan and (c := colour_of(u, w)) is not None and free(fan[-1], c)
+        ),
+        None,
+      )
+      if nxt is None:
+        break
+      fan.append(nxt)
+    c = first_free(u)
+    d = first_free(fan[-1])
+    # Invert the cd_u path (edges coloured d, c, d, ... starting at u).
+    path, x, want = [], u, d
+    while want in at[x]:
+      y = at[x][want]
+      path.append((x, y, want))
+      x, want = y, (c if want == d else d)
+    for x, y, _ in path:
+      clear(x, y)
+    for x, y, col in path:
+      set_colour(x, y, c if col == d else d)
+    # The longest prefix of the fan that is still a fan, cut at a node where d is free.
+    k = None
+    for i, w in enumerate(fan):
+      if i > 0:
+        cw = colour_of(u, w)
+        if cw is None or not free(fan[i - 1], cw):
+          break
+      if free(w, d):
+        k = i
+        break
+    if k is None:
+      raise RuntimeError(f"edge colouring found no fan end at edge ({u}, {v}); please report.")
+    shifted = [colour_of(u, fan[i + 1]) for i in range(k)]
+    for i in range(1, k + 1):
+      clear(u, fan[i])
+    for i in range(k):
+      set_colour(u, fan[i], shifted[i])
+    set_colour(u, fan[k], d)
+
+  classes: dict[int, list[tuple[int, int]]] = {}
+  for i, j in edges:
+    classes.setdefault(colour_of(i, j), []).append((i, j))
+  matchings = [sorted(classes[c]) for c in sorted(classes)]
+  seen = [0] * n
+  for matching in matchings:
+    for i, j in matching:
+      seen[i] += 1
+      seen[j] += 1
+    if max(seen) > 1 or any(c is None for c in classes):
+      raise RuntimeError("edge colouring failed to produce matchings; please report this graph.")
+    seen = [0] * n
+  return matchings
+
+
+def matching_laplacian(matching, m: int) -> np.ndarray:
+  r"""Laplacian of a matching on m nodes: ``L = Σ_{(i,j)} (e_i − e_j)(e_i − e_j)ᵀ``.
+
+  Its edges are disjoint, so ``L² = 2L`` and ``L x`` at node i is
+  ``x_i − x_{π(i)}`` with π the matching's involution (π(i) = i off the matching).
+  """
+  m = _check_count("m", m)
+  L = np.zeros((m, m))
+  for i, j in matching:
+    L[i, i] += 1.0
+    L[j, j] += 1.0
+    L[i, j] -= 1.0
+    L[j, i] -= 1.0
+  return L
+
+
+def matching_permutation(matching, m: int) -> list[int]:
+  """The involution π of a matching: ``π(i) = j`` for each edge ``(i, j)``, else ``π(i) = i``."""
+  m = _check_count("m", m)
+  perm = list(range(m))
+  for i, j in matching:
+    perm[i], perm[j] = j, i
+  return perm

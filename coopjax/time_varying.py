@@ -1,0 +1,639 @@
+r"""Time-varying mixing: a schedule of matrices, and MATCHA's random matchings.
+
+Cooperative SGD with a mixing matrix that changes from one mix to the next,
+
+.. math::
+
+   X_{k+1} = (X_k - \eta G_k)\, S_k, \qquad
+   S_k = \begin{cases} W_{r} & k \bmod \tau = 0,\ r = k/\tau - 1 \\
+                       I & \text{otherwise,} \end{cases}
+
+with steps counted from 1, so the r-th mix (r = 0, 1, …) follows step
+``(r + 1)τ``. :func:`time_varying` cycles through a fixed schedule (e.g. the
+one-peer exponential graph, :func:`coopjax.topology.one_peer_exponential`);
+:func:`matcha` draws ``W_k = I − α Σ_j B_j(k) L_j`` at random every step
+(Wang et al., 2019).
+
+Both are optax transformations with the same calling convention as
+:func:`coopjax.cooperative`; their states are :class:`TimeVaryingState`
+``(count, local_state)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.linalg
+import scipy.optimize
+
+from coopjax import mixing
+from coopjax import topology
+from coopjax.algorithms import _check_grads
+from coopjax.algorithms import _local_update
+from coopjax.algorithms import _select
+from coopjax.algorithms import check_count
+from coopjax.algorithms import check_local
+from coopjax.algorithms import check_order
+from coopjax.algorithms import check_state_policy
+from coopjax.algorithms import check_tau
+from coopjax.algorithms import mix_local_state
+from coopjax.algorithms import reset_local_state
+from coopjax.workers import num_rows
+
+PyTree = Any
+
+__all__ = [
+  "TimeVaryingState",
+  "time_varying",
+  "MatchaDesign",
+  "matcha_design",
+  "matcha_flags",
+  "matcha",
+]
+
+
+class TimeVaryingState(NamedTuple):
+  """State of :func:`time_varying` and :func:`matcha`.
+
+  Attributes:
+    count: number of local steps taken so far (k − 1 before step k), int32.
+    local_state: the local optimizer's state, stacked over the m workers.
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+
+
+def local_step_and_mix(
+  local,
+  policy,
+  order,
+  mix_mask,
+  num_workers,
+  num_aux,
+  grads,
+  local_state,
+  params,
+  extra_args,
+  should_mix,
+  mix,
+):
+  """One local step on every worker and, if ``should_mix``, one mix.
+
+  ``mix(X) -> X`` runs inside the taken branch of a ``lax.cond`` only, so its
+  communication happens on mixing steps alone. The local optimizer state
+  follows ``policy`` (``"keep"``, ``"mix"``, ``"reset"``) as in
+  :func:`coopjax.cooperative`. Returns ``(updates, local_state)``.
+  """
+  m, v = num_workers, num_aux
+  workers, aux = mixing.split_rows(params, m)
+  local_updates, local_state = _local_update(local, grads, local_state, workers, extra_args)
+  add = lambda X, U: jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
+
+  def on_mix(X, opt_state):
+    if policy == "mix":
+      opt_state = mix_local_state(opt_state, mix, m, v)
+    elif policy == "reset":
+      opt_state = reset_local_state(opt_state, jax.vmap(local.init)(workers))
+    return _select(mix_mask, mix(X), X), opt_state
+
+  def no_mix(X, opt_state):
+    return X, opt_state
+
+  if order == "step_then_mix":
+    stepped = mixing.join_rows(add(workers, local_updates), aux)
+    new, local_state = jax.lax.cond(should_mix, on_mix, no_mix, stepped, local_state)
+  else:
+    mixed, local_state = jax.lax.cond(should_mix, on_mix, no_mix, params, local_state)
+    mixed_workers, mixed_aux = mixing.split_rows(mixed, m)
+    new = mixing.join_rows(add(mixed_workers, local_updates), mixed_aux)
+  return jax.tree.map(lambda a, x: a - x, new, params), local_state
+
+
+def _require_params(params):
+  if params is None:
+    raise ValueError(
+      "cooperative transformations need the stacked models: call "
+      "tx.update(grads, state, X) with params=X."
+    )
+
+
+def _check_rows(params, n, m, v, name="params"):
+  rows = num_rows(params, name)
+  if rows != n:
+    raise ValueError(
+      f"{name} have leading axis {rows} but the mixing matrices are {n}x{n} ({m} workers + "
+      f"{v} auxiliary); build X with coopjax.replicate(params, num_workers={m}, num_aux={v})."
+    )
+
+
+def _schedule_matrices(schedule, period) -> list:
+  if callable(schedule):
+    if period is None:
+      raise ValueError(
+        "a schedule given as a function of the mix index r needs period=P: it is evaluated "
+        "for r in range(P) at construction and cycled."
+      )
+    period = check_count("period", period, 1)
+    return [schedule(r) for r in range(period)]
+  if period is not None:
+    raise ValueError(
+      "period is only used with a schedule given as a function; a sequence of matrices "
+      "is cycled with period len(schedule)."
+    )
+  if isinstance(schedule, np.ndarray | jax.Array) and np.ndim(schedule) == 2:
+    raise TypeError(
+      "schedule must be a sequence of matrices (or a function of r); for one fixed matrix "
+      "use coopjax.cooperative."
+    )
+  try:
+    mats = list(schedule)
+  except TypeError as e:
+    raise TypeError(
+      f"schedule must be a sequence of matrices or a function r -> matrix, got "
+      f"{type(schedule).__name__}."
+    ) from e
+  if not mats:
+    raise ValueError("schedule is empty; give at least one mixing matrix.")
+  return mats
+
+
+def time_varying(
+  local: optax.GradientTransformation,
+  tau: int,
+  schedule: Sequence[Any] | Callable[[int], Any],
+  num_aux: int = 0,
+  *,
+  period: int | None = None,
+  mixers: Sequence[mixing.Mixer] | None = None,
+  order: str = "step_then_mix",
+  local_state_policy: str = "keep",
+  mix_mask: PyTree | None = None,
+  symmetric: bool = False,
+  allow_negative: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Cooperative SGD with a cycled schedule of mixing matrices.
+
+  .. math::
+
+     X_{k+1} = (X_k + U_k)\, S_k, \qquad
+     S_k = W_{(k/\tau - 1) \bmod P} \text{ if } k \bmod \tau = 0, \text{ else } I,
+
+  with ``U_k`` the local optimizer's updates (``−ηG_k`` for SGD), steps k
+  counted from 1 and ``P`` the schedule's period: the r-th mix (r = 0, 1, …,
+  after step ``(r + 1)τ``) uses ``W_{r mod P}``. ``order="mix_then_step"``
+  gives ``X_{k+1} = X_k S_k + U_k``.
+
+  The P matrices are fixed at construction and the mix selects one with
+  ``lax.switch`` on ``r mod P`` inside a ``lax.cond`` taken on mixing steps
+  only, so one trace serves every step. The schedule is either a sequence of
+  matrices (cycled) or a function ``r -> W_r`` evaluated for
+  ``r in range(period)`` at construction.
+
+  Each matrix is validated with :func:`coopjax.topology.validate`
+  (column-stochastic; ``symmetric=False`` by default since e.g. the one-peer
+  exponential graph is directed; a single matrix may be disconnected), and the
+  product of one period must reach consensus (ζ < 1).
+
+  Args:
+    local: optax optimizer applied to each worker separately (vmapped).
+    tau: communication period τ ≥ 1.
+    schedule: sequence of ``(m + v) × (m + v)`` matrices, or a function of the
+      mix index r returning one (then ``period`` is required). ``W[j, i]`` is
+      node j's weight in node i's new model.
+    num_aux: v, the number of auxiliary variables (last rows).
+    period: the number of matrices P when ``schedule`` is a function.
+    mixers: optional mixers ``X -> X``, one per matrix, replacing the dense
+      einsum (e.g. collective-permutes on a sharded worker axis); they must
+      apply the same matrices.
+    order: ``"step_then_mix"`` (default) or ``"mix_then_step"``.
+    local_state_policy: ``"keep"``, ``"mix"`` or ``"reset"``, as in
+      :func:`coopjax.cooperative`.
+    mix_mask: optional pytree prefix of X of booleans selecting mixed leaves.
+    symmetric: require each matrix symmetric.
+    allow_negative: accept negative weights.
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs`` with state
+    :class:`TimeVaryingState`.
+
+  Examples:
+    One-peer exponential graph on 4 workers, mixing every step:
+
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> m = 4
+    >>> tx = coopjax.time_varying(optax.sgd(0.1), 1,
+    ...                           lambda r: topology.one_peer_exponential(m, r),
+    ...                           period=topology.one_peer_exponential_period(m))
+    >>> X = {"w": jnp.arange(4.0)[:, None]}
+    >>> state = tx.init(X)
+    >>> zero = {"w": jnp.zeros((4, 1))}
+    >>> for _ in range(2):
+    ...   updates, state = tx.update(zero, state, X)
+    ...   X = optax.apply_updates(X, updates)
+    >>> X["w"].ravel().tolist()   # two consecutive matrices multiply to J for m = 4
+    [1.5, 1.5, 1.5, 1.5]
+
+  References:
+    Wang & Joshi, Cooperative SGD, JMLR 22(213), 2021, eq. 10 (with W_k varying);
+    Ying et al., "Exponential graph is provably efficient for decentralized deep
+    training", NeurIPS 2021.
+  """
+  local = check_local(local)
+  tau = check_tau(tau)
+  v = check_count("num_aux", num_aux, 0)
+  order = check_order(order)
+  policy = check_state_policy(local_state_policy)
+  mats = _schedule_matrices(schedule, period)
+  Ws = []
+  for r, W in enumerate(mats):
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Ws.append(
+          topology.validate(
+            W, symmetric=symmetric, allow_negative=allow_negative, allow_disconnected=True
+          )
+        )
+    except ValueError as e:
+      raise ValueError(f"schedule matrix r={r}: {e}") from e
+  n = Ws[0].shape[0]
+  if any(W.shape != (n, n) for W in Ws):
+    raise ValueError(
+      f"schedule matrices differ in shape: {[W.shape for W in Ws]}; all must be {n}x{n}."
+    )
+  m = n - v
+  if m < 1:
+    raise ValueError(f"the matrices are {n}x{n} but num_aux={v}: no rows are left for workers.")
+  product = np.linalg.multi_dot([*Ws, np.eye(n)]) if len(Ws) > 1 else Ws[0]
+  if n > 1 and topology.zeta(product) >= 1.0 - 1e-9:
+    raise ValueError(
+      "the product of one period of the schedule has zeta >= 1: the workers never reach "
+      "consensus; make the union of the schedule's graphs connected."
+    )
+  P = len(Ws)
+  if mixers is None:
+    mixers = [mixing.dense_mixer(W) for W in Ws]
+  else:
+    mixers = list(mixers)
+    if len(mixers) != P or not all(callable(f) for f in mixers):
+      raise ValueError(f"mixers must be {P} callables X -> X, one per matrix of the schedule.")
+
+  def init_fn(params):
+    _check_rows(params, n, m, v)
+    return TimeVaryingState(
+      count=jnp.zeros([], jnp.int32),
+      local_state=jax.vmap(local.init)(mixing.split_rows(params, m)[0]),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _require_params(params)
+    _check_rows(params, n, m, v)
+    grads = _check_grads(updates, m, n)
+    k = optax.safe_int32_increment(state.count)
+    index = (k // tau - 1) % P
+
+    def mix(X):
+      if P == 1:
+        return mixers[0](X)
+      return jax.lax.switch(index, mixers, X)
+
+    out, local_state = local_step_and_mix(
+      local,
+      policy,
+      order,
+      mix_mask,
+      m,
+      v,
+      grads,
+      state.local_state,
+      params,
+      extra_args,
+      k % tau == 0,
+      mix,
+    )
+    return out, TimeVaryingState(count=k, local_state=local_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# MATCHA
+
+
+class MatchaDesign(NamedTuple):
+  """MATCHA's construction-time design (all NumPy, float64).
+
+  Attributes:
+    matchings: the base graph's matchings, lists of edges ``(i, j)``.
+    laplacians: ``[M, m, m]``, the matchings' Laplacians ``L_j``.
+    probabilities: ``[M]``, activation probabilities ``p_j``.
+    alpha: the mixing weight α.
+    lambda2: ``λ₂(Σ_j p_j L_j)``, the algebraic connectivity of the expected graph.
+    rho: ``‖E[W_kᵀ W_k] − J‖₂`` at α, the expected contraction factor.
+  """
+
+  matchings: list
+  laplacians: np.ndarray
+  probabilities: np.ndarray
+  alpha: float
+  lambda2: float
+  rho: float
+
+
+def _complement_basis(m: int) -> np.ndarray:
+  """An orthonormal basis Q (m × (m−1)) of the subspace orthogonal to the ones vector."""
+  return scipy.linalg.null_space(np.ones((1, m)))
+
+
+def _lambda2(L: np.ndarray, Q: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+  """λ₂ of a Laplacian as ``min eig(QᵀLQ)``, with eigenvalues and vectors in 1⊥."""
+  lam, U = scipy.linalg.eigh(Q.T @ L @ Q)
+  return float(lam[0]), lam, Q @ U
+
+
+def _probabilities(Ls: np.ndarray, budget: float, tol: float = 1e-6, max_iter: int = 500):
+  r"""Maximise ``λ₂(Σ p_j L_j)`` s.t. ``Σ p_j ≤ C_b M``, ``0 ≤ p_j ≤ 1`` (Kelley's cutting planes).
+
+  λ₂ restricted to 1⊥ is ``min_{‖u‖=1, u⊥1} Σ_j p_j uᵀL_j u``, a minimum of
+  linear functions of p, hence concave. Each iteration solves the linear
+  program ``max t s.t. t ≤ Σ_j p_j u_sᵀ L_j u_s`` over the cuts ``u_s`` found
+  so far (an upper bound on the optimum) with HiGHS (``scipy.optimize.linprog``),
+  evaluates λ₂ at its p (a lower bound) and adds the eigenvectors of λ₂ as new
+  cuts, until the bounds agree within ``tol``.
+  """
+  M, m, _ = Ls.shape
+  if budget >= 1.0:
+    return np.ones(M)
+  Q = _complement_basis(m)
+  best_p = np.full(M, budget)
+  best, lam, U = _lambda2(np.tensordot(best_p, Ls, 1), Q)
+  cuts = []
+
+  def add_cuts(lam, U):
+    for s in np.nonzero(lam <= lam[0] + 1e-9 * max(1.0, abs(lam[0])))[0]:
+      u = U[:, s]
+      cuts.append([u @ L @ u for L in Ls])
+
+  add_cuts(lam, U)
+  for e in np.eye(M):  # corners bound t from the start
+    _, lam_e, U_e = _lambda2(np.tensordot(e, Ls, 1), Q)
+    add_cuts(lam_e, U_e)
+  c = np.zeros(M + 1)
+  c[-1] = -1.0
+  bounds = [(0.0, 1.0)] * M + [(None, None)]
+  for _ in range(max_iter):
+    A = np.array(cuts)
+    A_ub = np.vstack([np.hstack([-A, np.ones((len(A), 1))]), np.r_[np.ones(M), 0.0][None]])
+    b_ub = np.r_[np.zeros(len(A)), budget * M]
+    res = scipy.optimize.linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs")
+    if res.status != 0:
+      raise RuntimeError(f"MATCHA's probability LP failed: {res.message}")
+    p, upper = np.clip(res.x[:M], 0.0, 1.0), res.x[-1]
+    value, lam, U = _lambda2(np.tensordot(p, Ls, 1), Q)
+    if value > best:
+      best, best_p = value, p
+    if upper - best <= tol * max(1.0, abs(upper)):
+      break
+    add_cuts(lam, U)
+  return best_p
+
+
+def _expected_gram(Ls: np.ndarray, p: np.ndarray, alpha: float) -> np.ndarray:
+  r"""``E[W_kᵀW_k]`` for ``W_k = I − α Σ_j B_j L_j`` with independent ``B_j ~ Bernoulli(p_j)``.
+
+  .. math::
+
+     E[W^\top W] = I - 2\alpha \bar L + \alpha^2\bigl(\bar L^2 + 2 \textstyle\sum_j p_j(1-p_j) L_j\bigr),
+     \qquad \bar L = \sum_j p_j L_j,
+
+  using ``L_j² = 2 L_j`` for a matching.
+  """
+  m = Ls.shape[1]
+  Lbar = np.tensordot(p, Ls, 1)
+  Lvar = np.tensordot(p * (1.0 - p), Ls, 1)
+  return np.eye(m) - 2 * alpha * Lbar + alpha**2 * (Lbar @ Lbar + 2 * Lvar)
+
+
+def _rho(Ls, p, alpha) -> float:
+  m = Ls.shape[1]
+  return float(np.linalg.norm(_expected_gram(Ls, p, alpha) - np.full((m, m), 1.0 / m), 2))
+
+
+def _alpha(Ls: np.ndarray, p: np.ndarray) -> float:
+  r"""α minimising ``‖E[W_kᵀW_k] − J‖₂``, a convex function of α.
+
+  On 1⊥ the matrix is ``E[W_kᵀW_k]`` itself (PSD, a matrix-convex quadratic in
+  α), so its largest eigenvalue is convex; it is ≥ 1 = its value at 0 once
+  ``α ≥ 2/λ_max(L̄)``, so the minimiser lies in ``[0, 2/λ_max(L̄)]``.
+  """
+  lam_max = float(np.linalg.eigvalsh(np.tensordot(p, Ls, 1))[-1])
+  res = scipy.optimize.minimize_scalar(
+    lambda a: _rho(Ls, p, a),
+    bounds=(0.0, 2.0 / lam_max),
+    method="bounded",
+    options={"xatol": 1e-12},
+  )
+  return float(res.x)
+
+
+def matcha_design(graph, budget: float) -> MatchaDesign:
+  r"""MATCHA's matchings, activation probabilities and mixing weight (Wang et al., 2019).
+
+  1. Split the base graph into matchings ``M_1..M_M`` by Misra–Gries edge
+     colouring (:func:`coopjax.topology.matching_decomposition`, at most
+     ``Δ + 1`` matchings) with Laplacians ``L_j``.
+  2. Choose activation probabilities
+
+     .. math::
+
+        p = \arg\max_p \lambda_2\Bigl(\sum_j p_j L_j\Bigr)
+        \quad\text{s.t.}\quad \sum_j p_j \le C_b M,\ 0 \le p_j \le 1
+
+     (concave; solved by Kelley's cutting planes with scipy's HiGHS LP solver
+     to a relative gap of 1e-6; ``C_b ≥ 1`` gives ``p = 1``).
+  3. Choose one α for all matchings minimising
+     ``ρ = ‖E[W_kᵀW_k] − J‖₂`` for ``W_k = I − α Σ_j B_j L_j`` (bounded Brent
+     search; with all ``p_j = 1`` this is ``2/(λ₂ + λ_max)`` of the base
+     Laplacian).
+
+  Args:
+    graph: square matrix whose off-diagonal non-zeros are the undirected edges
+      of the base graph (an adjacency matrix or a mixing matrix W).
+    budget: communication budget ``C_b ∈ (0, 1]``, the expected fraction of
+      matchings active per step.
+
+  Returns:
+    A :class:`MatchaDesign`.
+
+  References:
+    J. Wang, A. K. Sahu, Z. Yang, G. Joshi, S. Kar, "MATCHA: Speeding up
+    decentralized SGD via matching decomposition sampling", 2019 (arXiv 1905.09435).
+  """
+  budget = float(budget)
+  if not (0.0 < budget <= 1.0) or not np.isfinite(budget):
+    raise ValueError(
+      f"budget C_b must be in (0, 1] (the expected fraction of matchings active), got {budget}."
+    )
+  matchings = topology.matching_decomposition(graph)
+  m = np.asarray(graph).shape[0]
+  if not matchings:
+    raise ValueError("the base graph has no edges; MATCHA needs a connected graph.")
+  Ls = np.stack([topology.matching_laplacian(M, m) for M in matchings])
+  Q = _complement_basis(m)
+  if _lambda2(Ls.sum(0), Q)[0] <= 1e-9:
+    raise ValueError("the base graph is not connected; connect it so the workers can agree.")
+  p = _probabilities(Ls, budget)
+  alpha = _alpha(Ls, p)
+  return MatchaDesign(
+    matchings=matchings,
+    laplacians=Ls,
+    probabilities=p,
+    alpha=alpha,
+    lambda2=_lambda2(np.tensordot(p, Ls, 1), Q)[0],
+    rho=_rho(Ls, p, alpha),
+  )
+
+
+def matcha_flags(key: jax.Array, k, probabilities) -> jax.Array:
+  r"""The matchings active at step k: ``B_j(k) ~ Bernoulli(p_j)`` from ``fold_in(key, k)``.
+
+  Every worker draws the same flags from the same key, so no communication
+  is needed to agree on them.
+  """
+  p = jnp.asarray(probabilities, jnp.float32)
+  return jax.random.bernoulli(jax.random.fold_in(key, k), p)
+
+
+def matcha(
+  local: optax.GradientTransformation,
+  graph,
+  budget: float,
+  num_workers: int,
+  key: jax.Array,
+  *,
+  alpha: float | None = None,
+  probabilities: Sequence[float] | None = None,
+  order: str = "step_then_mix",
+  local_state_policy: str = "keep",
+  mix_mask: PyTree | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""MATCHA: decentralized SGD over randomly activated matchings (Wang et al., 2019).
+
+  After every local step,
+
+  .. math::
+
+     X_{k+1} = W_k (X_k + U_k), \qquad
+     W_k = I - \alpha \sum_j B_j(k) L_j, \qquad B_j(k) \sim \text{Bernoulli}(p_j),
+
+  i.e. ``x_i ← x_i − α Σ_{j active, (i,l) ∈ M_j} (x_i − x_l)``, with the
+  matchings, ``p`` and α from :func:`matcha_design` (or given). The flags are
+  drawn from ``jax.random.fold_in(key, k)`` (:func:`matcha_flags`), identical on
+  every worker. Each matching's term ``α (X − P_j X)`` (``P_j`` swapping the
+  matched pairs, :func:`coopjax.mixing.permute`) sits in its own ``lax.cond``
+  on ``B_j(k)``: an inactive matching costs no communication, and a step with
+  no active matching does not mix. With ``budget = 1`` every matching is
+  always active and this is D-PSGD with ``W = I − αL``,
+  ``α = 2/(λ₂ + λ_max)`` of the base Laplacian L.
+
+  Args:
+    local: optax optimizer applied to each worker separately (vmapped).
+    graph: base graph, a square matrix whose off-diagonal non-zeros are its
+      undirected edges (adjacency or mixing matrix), ``m × m``.
+    budget: communication budget ``C_b ∈ (0, 1]``.
+    num_workers: m (checked against ``graph``).
+    key: a JAX PRNG key for the activation flags.
+    alpha: override the designed α.
+    probabilities: override the designed ``p`` (one per matching, in
+      :func:`coopjax.topology.matching_decomposition` order).
+    order: ``"step_then_mix"`` (default, as MATCHA's code) or ``"mix_then_step"``.
+    local_state_policy: ``"keep"``, ``"mix"`` or ``"reset"``.
+    mix_mask: optional pytree prefix of X of booleans selecting mixed leaves.
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs`` with state
+    :class:`TimeVaryingState`.
+
+  References:
+    J. Wang, A. K. Sahu, Z. Yang, G. Joshi, S. Kar, "MATCHA: Speeding up
+    decentralized SGD via matching decomposition sampling", 2019 (arXiv 1905.09435).
+  """
+  local = check_local(local)
+  m = check_count("num_workers", num_workers, 1)
+  order = check_order(order)
+  policy = check_state_policy(local_state_policy)
+  if np.shape(graph) != (m, m):
+    raise ValueError(f"graph must be {m}x{m} for num_workers={m}, got shape {np.shape(graph)}.")
+  design = matcha_design(graph, budget)
+  p = design.probabilities
+  if probabilities is not None:
+    p = np.asarray(probabilities, np.float64)
+    if p.shape != design.probabilities.shape or np.any((p < 0) | (p > 1)):
+      raise ValueError(
+        f"probabilities must be {len(design.matchings)} values in [0, 1] (one per matching), "
+        f"got {probabilities!r}."
+      )
+  if alpha is not None:
+    a = float(alpha)
+  elif probabilities is not None:
+    a = _alpha(design.laplacians, p)
+  else:
+    a = design.alpha
+  perms = [topology.matching_permutation(M, m) for M in design.matchings]
+  if not isinstance(key, jax.Array):
+    raise TypeError(
+      f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}."
+    )
+
+  def init_fn(params):
+    _check_rows(params, m, m, 0)
+    return TimeVaryingState(
+      count=jnp.zeros([], jnp.int32), local_state=jax.vmap(local.init)(params)
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _require_params(params)
+    _check_rows(params, m, m, 0)
+    grads = _check_grads(updates, m, m)
+    k = optax.safe_int32_increment(state.count)
+    flags = matcha_flags(key, k, p)
+
+    def mix(X):
+      out = X
+      for j, perm in enumerate(perms):
+
+        def term(acc, perm=perm):
+          diff = jax.tree.map(jnp.subtract, X, mixing.permute(X, perm))
+          return jax.tree.map(lambda o, d: o - jnp.asarray(a, d.dtype) * d, acc, diff)
+
+        out = jax.lax.cond(flags[j], term, lambda acc: acc, out)
+      return out
+
+    out, local_state = local_step_and_mix(
+      local,
+      policy,
+      order,
+      mix_mask,
+      m,
+      0,
+      grads,
+      state.local_state,
+      params,
+      extra_args,
+      jnp.any(flags),
+      mix,
+    )
+    return out, TimeVaryingState(count=k, local_state=local_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
