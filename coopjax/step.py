@@ -60,6 +60,7 @@ def make_step(
   *,
   num_workers: int | None = None,
   has_aux: bool = False,
+  merge_aux: Callable[[Any, Any], Any] | None = None,
   with_consensus: bool = True,
   with_grad_norm: bool = True,
   donate: bool = False,
@@ -75,6 +76,10 @@ def make_step(
     num_workers: m; when given, the batch's leading axis is checked against it.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is reported per
       worker in ``metrics["aux"]``.
+    merge_aux: optional ``merge_aux(X, aux) -> X`` applied before the
+      transformation, e.g. :func:`coopjax.models.merge_batch_stats` to write
+      fresh BatchNorm statistics into X, so that a mixing step mixes (or, with
+      a ``mix_mask``, keeps local) the current statistics.
     with_consensus: report ``‖X_{k+1}(I − J)‖²_F`` (a reduction over workers).
     with_grad_norm: report ``‖(1/m)Σ_i g_i‖``, the norm of the averaged
       gradient that moves u_k (eq. 14); when the models agree it is the
@@ -117,6 +122,10 @@ def make_step(
       raise ValueError(
         f"loss_fn must return a scalar per worker, got shape {jnp.shape(losses)[1:]}."
       )
+    if merge_aux is not None:
+      if not has_aux:
+        raise ValueError("merge_aux needs has_aux=True: loss_fn must return (loss, aux).")
+      X = merge_aux(X, aux)
     updates, opt_state = tx.update(grads, opt_state, X, value=losses)
     X = optax.apply_updates(X, updates)
     metrics = {"loss": jnp.mean(losses), "worker_loss": losses, "step": step_count(opt_state)}

@@ -278,3 +278,26 @@ def test_doctests():
   for mod in (algorithms, topology, workers):
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0, (mod.__name__, result)
+
+
+def test_merge_aux_mixes_fresh_non_trainable_state():
+  """Statistics returned as aux are written into X before the mix (BatchNorm-style)."""
+  m, tau = 4, 2
+  A, b = ref.make_batches(2, m, seed=13)
+
+  def loss_with_stats(params, batch):
+    A_, b_ = batch
+    return ref.loss_fn(params, batch), {"stat": jnp.mean(b_) + 0.0 * params["stat"]}
+
+  def merge(X, aux):
+    return {**X, "stat": aux["stat"]}
+
+  params = {**ref.init_params(), "stat": np.float32(0.0)}
+  tx = coopjax.local_sgd(optax.sgd(LR), tau, m)
+  X = coopjax.replicate(params, m)
+  state = tx.init(X)
+  step = coopjax.make_step(loss_with_stats, tx, has_aux=True, merge_aux=merge)
+  X, state, _ = step(X, state, (jnp.asarray(A[0]), jnp.asarray(b[0])))
+  np.testing.assert_allclose(X["stat"], b[0].mean(axis=1), rtol=1e-6)  # k = 1: kept local
+  X, state, _ = step(X, state, (jnp.asarray(A[1]), jnp.asarray(b[1])))
+  np.testing.assert_allclose(X["stat"], np.full(m, b[1].mean()), rtol=1e-5)  # k = 2: mixed
