@@ -19,12 +19,9 @@ from coopjax.algorithms import elastic_hierarchical
 from coopjax.algorithms import local_sgd
 from coopjax.algorithms import step_count
 from coopjax.algorithms import sync_sgd
+from coopjax.hierarchical import HierarchicalState
+from coopjax.hierarchical import hierarchical
 from coopjax.step import make_step
-from coopjax.time_varying import MatchaDesign
-from coopjax.time_varying import TimeVaryingState
-from coopjax.time_varying import matcha
-from coopjax.time_varying import matcha_design
-from coopjax.time_varying import time_varying
 from coopjax.workers import WORKER_AXIS
 from coopjax.workers import average
 from coopjax.workers import consensus_distance
@@ -37,8 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
   "WORKER_AXIS",
   "CooperativeState",
-  "MatchaDesign",
-  "TimeVaryingState",
+  "HierarchicalState",
   "average",
   "consensus_distance",
   "cooperative",
@@ -47,10 +43,9 @@ __all__ = [
   "easgd",
   "elastic_averaging",
   "elastic_hierarchical",
+  "hierarchical",
   "local_sgd",
   "make_step",
-  "matcha",
-  "matcha_design",
   "mixing",
   "models",
   "netmodel",
@@ -59,7 +54,6 @@ __all__ = [
   "step_count",
   "sync_sgd",
   "theory",
-  "time_varying",
   "topology",
   "worker",
 ]

@@ -1,0 +1,176 @@
+r"""Hierarchical local SGD: frequent averaging within groups, rarer global averaging.
+
+Lin et al. (ICLR 2020, "Don't use large mini-batches, use local SGD") average
+the models of a group of workers (e.g. the GPUs of one host) every τ₁ steps
+and all workers every τ₂ steps; PyTorch's ``HierarchicalModelAverager`` does
+the same with one step counter. In Cooperative SGD terms it is
+``A(τ₁, W_k, 0)`` with ``W_k = J`` when ``k mod τ₂ = 0`` and the block-diagonal
+group-averaging matrix otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from coopjax import mixing
+from coopjax.algorithms import _check_grads
+from coopjax.algorithms import check_local
+from coopjax.algorithms import check_order
+from coopjax.algorithms import check_state_policy
+from coopjax.algorithms import check_tau
+from coopjax.time_varying import _check_rows
+from coopjax.time_varying import _require_params
+from coopjax.time_varying import local_step_and_mix
+
+PyTree = Any
+
+__all__ = ["HierarchicalState", "hierarchical", "global_mean"]
+
+
+class HierarchicalState(NamedTuple):
+  """State of :func:`hierarchical`.
+
+  Attributes:
+    count: number of local steps taken so far (k − 1 before step k), int32.
+    local_state: the local optimizer's state, stacked over the m workers.
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+
+
+def global_mean(workers: PyTree) -> PyTree:
+  """Every row becomes the mean of all rows (:func:`coopjax.mixing.worker_mean`, broadcast)."""
+  mean = mixing.worker_mean(workers)
+  return jax.tree.map(lambda x, u: jnp.broadcast_to(u, x.shape), workers, mean)
+
+
+def _check_groups(groups) -> list[list[int]]:
+  try:
+    groups = [[int(i) for i in g] for g in groups]
+  except TypeError as e:
+    raise TypeError(f"groups must be a list of lists of worker indices, got {groups!r}.") from e
+  members = sorted(i for g in groups for i in g)
+  m = len(members)
+  if m == 0 or members != list(range(m)) or any(len(g) == 0 for g in groups):
+    raise ValueError(
+      f"groups must be non-empty lists of worker indices that partition 0..m-1 (each worker "
+      f"in exactly one group), got {groups}."
+    )
+  return groups
+
+
+def hierarchical(
+  local: optax.GradientTransformation,
+  tau1: int,
+  tau2: int,
+  groups,
+  *,
+  order: str = "step_then_mix",
+  local_state_policy: str = "keep",
+  mix_mask: PyTree | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Hierarchical local SGD (Lin et al., 2020): group averaging every τ₁, global every τ₂.
+
+  With steps k counted from 1 and ``g(i)`` worker i's group,
+
+  .. math::
+
+     x_i \leftarrow \begin{cases}
+       \frac1m \sum_{j=1}^m x_j & k \bmod \tau_2 = 0, \\
+       \frac1{|g(i)|} \sum_{j \in g(i)} x_j & k \bmod \tau_1 = 0 \text{ otherwise}, \\
+       x_i & \text{otherwise,}
+     \end{cases}
+
+  applied after the local step (``order="mix_then_step"``: before it, to
+  ``X_k``). τ₁ must divide τ₂. One group is periodic averaging with τ₁
+  (:func:`coopjax.local_sgd`); groups of size 1 are periodic averaging with
+  τ₂. The group mean is :func:`coopjax.mixing.group_mean`: with contiguous
+  equal groups (e.g. the workers of one host) on a 2-D device mesh
+  (across hosts × within a host) it is an all-reduce over the within-host
+  axis, and the global mean an all-reduce over both.
+
+  Args:
+    local: optax optimizer applied to each worker separately (vmapped).
+    tau1: group averaging period τ₁ ≥ 1.
+    tau2: global averaging period τ₂, a multiple of τ₁.
+    groups: list of lists of worker indices partitioning ``0..m-1``.
+    order: ``"step_then_mix"`` (default) or ``"mix_then_step"``.
+    local_state_policy: ``"keep"``, ``"mix"`` or ``"reset"``, as in
+      :func:`coopjax.cooperative` (``"mix"`` averages the buffers with the same
+      groups).
+    mix_mask: optional pytree prefix of X of booleans selecting mixed leaves.
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs`` with state
+    :class:`HierarchicalState`; X has ``m`` rows (no auxiliaries).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.hierarchical(optax.sgd(0.1), 1, 2, [[0, 1], [2, 3]])
+    >>> X = {"w": jnp.arange(4.0)[:, None]}
+    >>> state = tx.init(X)
+    >>> zero = {"w": jnp.zeros((4, 1))}
+    >>> updates, state = tx.update(zero, state, X)      # k = 1: group means
+    >>> X = optax.apply_updates(X, updates); X["w"].ravel().tolist()
+    [0.5, 0.5, 2.5, 2.5]
+    >>> updates, state = tx.update(zero, state, X)      # k = 2: global mean
+    >>> X = optax.apply_updates(X, updates); X["w"].ravel().tolist()
+    [1.5, 1.5, 1.5, 1.5]
+
+  References:
+    T. Lin, S. U. Stich, K. K. Patel, M. Jaggi, "Don't use large mini-batches, use
+    local SGD", ICLR 2020; PyTorch ``torch.distributed.algorithms.model_averaging.
+    hierarchical_model_averager.HierarchicalModelAverager``.
+  """
+  local = check_local(local)
+  tau1 = check_tau(tau1)
+  tau2 = check_tau(tau2)
+  if tau2 % tau1:
+    raise ValueError(
+      f"tau1={tau1} must divide tau2={tau2} (global averaging happens on a group-averaging "
+      f"step); e.g. tau2={tau1 * max(1, round(tau2 / tau1))}."
+    )
+  groups = _check_groups(groups)
+  order = check_order(order)
+  policy = check_state_policy(local_state_policy)
+  m = sum(len(g) for g in groups)
+
+  def init_fn(params):
+    _check_rows(params, m, m, 0)
+    return HierarchicalState(
+      count=jnp.zeros([], jnp.int32), local_state=jax.vmap(local.init)(params)
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _require_params(params)
+    _check_rows(params, m, m, 0)
+    grads = _check_grads(updates, m, m)
+    k = optax.safe_int32_increment(state.count)
+
+    def mix(X):
+      return jax.lax.cond(k % tau2 == 0, global_mean, lambda Y: mixing.group_mean(Y, groups), X)
+
+    out, local_state = local_step_and_mix(
+      local,
+      policy,
+      order,
+      mix_mask,
+      m,
+      0,
+      grads,
+      state.local_state,
+      params,
+      extra_args,
+      k % tau1 == 0,
+      mix,
+    )
+    return out, HierarchicalState(count=k, local_state=local_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,492 @@
+r"""Mixes whose communication overlaps the next period's local steps.
+
+Each algorithm here fixes the operand of its reduction at a mixing step and
+first needs the result at the next one, so the reduction can run while the
+workers take their next τ local steps (paper §3.3). The state carries the
+pending operand, and the reduction is computed inside the *next* mixing
+branch: in the program of one period (:func:`coopjax.make_period_step`) the
+collective's operand is an input of the program and only the closing mix
+reads its result, so nothing in the period's local steps waits for it.
+
+* :func:`nonblocking_easgd`: EASGD whose anchor update lags by one period in
+  the state but whose worker models are exactly blocking EASGD's.
+* :func:`overlap_local_sgd`: Overlap Local-SGD (Wang, Liang & Joshi, 2020),
+  an anchor with momentum.
+* :func:`delayed`: the mix acts on a snapshot taken when the period starts
+  (CoCoD-SGD, Shen et al., 2019, for ``W = J``).
+
+State layout (all three): ``count`` (int32 steps taken), ``local_state``
+(the local optimizer's state stacked over the m workers) and ``pending`` (m
+worker rows: the operand of the reduction in flight). EASGD and Overlap keep
+their anchor ``z`` as the auxiliary row of X (``num_aux=1``,
+``X = [x_1..x_m, z]``); Overlap adds the anchor momentum ``momentum``
+(one model, replicated). Worker-row leaves (``local_state``, ``pending``) are
+sharded like X's workers on the sharded path; the rest is replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from coopjax import mixing
+from coopjax import topology
+from coopjax.algorithms import _check_grads
+from coopjax.algorithms import _local_update
+from coopjax.algorithms import check_count
+from coopjax.algorithms import check_local
+from coopjax.algorithms import check_tau
+from coopjax.workers import num_rows
+
+PyTree = Any
+LearningRate = float | Callable[[chex.Numeric], chex.Numeric]
+
+__all__ = [
+  "NonBlockingEASGDState",
+  "OverlapState",
+  "DelayedState",
+  "nonblocking_easgd",
+  "overlap_local_sgd",
+  "delayed",
+  "settle_easgd",
+  "settle_overlap",
+]
+
+
+class NonBlockingEASGDState(NamedTuple):
+  """State of :func:`nonblocking_easgd`.
+
+  Attributes:
+    count: local steps taken so far, int32.
+    local_state: the local optimizer's state, stacked over the m workers.
+    pending: the workers' models just before the pull of the last mix
+      (``[m, ...]``, the anchor itself before the first mix): the operand of
+      the reduction ``Σ_i x_i`` that the next mix consumes.
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+  pending: PyTree
+
+
+class OverlapState(NamedTuple):
+  """State of :func:`overlap_local_sgd`.
+
+  Attributes:
+    count: local steps taken so far, int32.
+    local_state: the local optimizer's state, stacked over the m workers.
+    pending: the workers' models just after the pull of the last mix
+      (``[m, ...]``; the anchor before the first mix): the operand of the
+      reduction ``mean_i x_i`` that the next mix consumes.
+    momentum: the anchor momentum ``u`` (one model, replicated), as of the
+      mix before the last one.
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+  pending: PyTree
+  momentum: PyTree
+
+
+class DelayedState(NamedTuple):
+  """State of :func:`delayed`.
+
+  Attributes:
+    count: local steps taken so far, int32.
+    local_state: the local optimizer's state, stacked over the m workers.
+    pending: the snapshot ``s`` of the workers' models taken when the period
+      started (``[m, ...]``), which the period's mix mixes.
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+  pending: PyTree
+
+
+def _check_alpha(alpha, name: str = "alpha") -> float:
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+    raise TypeError(f"{name} must be a real number, got {alpha!r} of type {type(alpha).__name__}.")
+  alpha = float(alpha)
+  if not np.isfinite(alpha):
+    raise ValueError(f"{name} must be finite, got {alpha}.")
+  return alpha
+
+
+def as_schedule(lr, name: str = "lr") -> Callable[[chex.Numeric], chex.Numeric]:
+  """A float or an optax schedule ``count -> lr`` as a schedule; floats must be > 0."""
+  if callable(lr):
+    return lr
+  lr = _check_alpha(lr, name)
+  if lr <= 0:
+    raise ValueError(f"{name} must be > 0 (it divides the displacement), got {lr}.")
+  return lambda count: lr
+
+
+def _lr_at(schedule, k):
+  """η_k: the learning rate of step k (counted from 1), i.e. ``schedule(k − 1)`` as optax does."""
+  return jnp.asarray(schedule(jnp.maximum(k - 1, 0)), jnp.float32)
+
+
+def _add(X, U):
+  return jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
+
+
+def _broadcast_rows(rows: PyTree, like: PyTree) -> PyTree:
+  """Each leaf of ``rows`` (shape ``[1, ...]`` or ``[...]``) broadcast to ``like``'s rows."""
+  return jax.tree.map(
+    lambda r, w: jnp.broadcast_to(jnp.reshape(r, (1, *w.shape[1:])), w.shape).astype(w.dtype),
+    rows,
+    like,
+  )
+
+
+def _expand(tree: PyTree) -> PyTree:
+  """A replicated model (no worker axis) as one auxiliary row ``[1, ...]``."""
+  return jax.tree.map(lambda x: jnp.expand_dims(x, 0), tree)
+
+
+def _squeeze(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jnp.squeeze(x, 0), tree)
+
+
+def _anchored(
+  name: str, local, tau, num_workers, init_extra, on_mix
+) -> optax.GradientTransformation:
+  """Shared skeleton: local step on the workers, then ``on_mix`` at ``k mod τ = 0``.
+
+  ``on_mix(k, workers, anchor, state) -> (workers, anchor, pending, extra)``
+  where ``anchor`` is X's auxiliary row (``[1, ...]``) and ``extra`` are the
+  state fields after ``pending``.
+  """
+  local = check_local(local)
+  tau = check_tau(tau)
+  m = check_count("num_workers", num_workers, 1)
+  n = m + 1
+
+  def check_params(params, what):
+    rows = num_rows(params, what)
+    if rows != n:
+      raise ValueError(
+        f"{what} have leading axis {rows} but {name} needs {m} workers + 1 anchor row; build X "
+        f"with coopjax.replicate(params, num_workers={m}, num_aux=1)."
+      )
+
+  def init_fn(params):
+    check_params(params, "params")
+    workers, anchor = mixing.split_rows(params, m)
+    return (
+      jnp.zeros([], jnp.int32),
+      jax.vmap(local.init)(workers),
+      _broadcast_rows(anchor, workers),
+      *init_extra(anchor),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(f"{name} needs the stacked models: call tx.update(grads, state, X).")
+    check_params(params, "params")
+    grads = _check_grads(updates, m, n)
+    workers, anchor = mixing.split_rows(params, m)
+    local_updates, local_state = _local_update(local, grads, state.local_state, workers, extra_args)
+    k = optax.safe_int32_increment(state.count)
+    stepped = _add(workers, local_updates)
+    rest = tuple(state)[3:]
+
+    def mix(workers, anchor, pending, rest):
+      return on_mix(k, workers, anchor, pending, rest)
+
+    def skip(workers, anchor, pending, rest):
+      return workers, anchor, pending, rest
+
+    workers, anchor, pending, rest = jax.lax.cond(
+      k % tau == 0, mix, skip, stepped, anchor, state.pending, rest
+    )
+    new = mixing.join_rows(workers, anchor)
+    out = jax.tree.map(lambda a, x: a - x, new, params)
+    return out, type(state)(k, local_state, pending, *rest)
+
+  return init_fn, update_fn
+
+
+def nonblocking_easgd(
+  local: optax.GradientTransformation, tau: int, alpha: float, num_workers: int
+) -> optax.GradientTransformationExtraArgs:
+  r"""Non-blocking EASGD (paper §3.3): blocking EASGD's models, the reduction overlapped.
+
+  Blocking EASGD (:func:`coopjax.easgd`, step then mix) at its p-th mix pulls
+  the workers toward the replicated anchor ``z_p`` and moves the anchor with
+  the pre-pull models:
+
+  .. math::
+
+     x_i \leftarrow (1-\alpha)\, x_i + \alpha z_p, \qquad
+     z_{p+1} = (1 - m\alpha)\, z_p + \alpha \textstyle\sum_i x_i .
+
+  ``z_{p+1}`` is first needed at mix p + 1, so here the reduction
+  ``Σ_i x_i`` is issued at mix p (its operand, the pre-pull models, goes to
+  ``state.pending``) and completed at mix p + 1, which computes ``z_{p+1}``
+  and then pulls. The workers' models, and so the losses, equal blocking
+  EASGD's exactly; X's anchor row holds ``z_p``, the anchor of the last pull
+  (blocking EASGD's row holds ``z_{p+1}``): :func:`settle_easgd` completes
+  the pending reduction to give blocking EASGD's X, whose averaged model
+  obeys the paper's eq. 14.
+
+  Args:
+    local: optax optimizer applied to each worker separately.
+    tau: communication period τ.
+    alpha: elastic coefficient α (``0 < α < 2/(m+1)`` for convergence).
+    num_workers: m; X has m + 1 rows (``coopjax.replicate(p, m, num_aux=1)``).
+
+  Returns:
+    An optax transformation with state :class:`NonBlockingEASGDState`.
+
+  References:
+    Wang & Joshi, Cooperative SGD, JMLR 22(213), 2021, §3.3 and Fig. 4c;
+    Zhang, Choromanska & LeCun, Deep learning with Elastic Averaging SGD,
+    NeurIPS 2015.
+  """
+  alpha = _check_alpha(alpha)
+  m = check_count("num_workers", num_workers, 1)
+
+  def on_mix(k, workers, anchor, pending, rest):
+    total = mixing.worker_sum(pending)  # the reduction issued at the previous mix
+    anchor = jax.tree.map(
+      lambda z, s: (1 - m * alpha) * z + alpha * jnp.expand_dims(s, 0).astype(z.dtype),
+      anchor,
+      total,
+    )
+    pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, anchor)
+    return pulled, anchor, workers, rest
+
+  init_fn, update_fn = _anchored("nonblocking_easgd", local, tau, m, lambda anchor: (), on_mix)
+  return optax.GradientTransformationExtraArgs(
+    lambda params: NonBlockingEASGDState(*init_fn(params)), update_fn
+  )
+
+
+def settle_easgd(X: PyTree, opt_state: NonBlockingEASGDState, alpha: float) -> PyTree:
+  r"""Completes non-blocking EASGD's pending reduction: blocking EASGD's X.
+
+  .. math::
+
+     z \leftarrow (1 - m\alpha)\, z + \alpha \textstyle\sum_i s_i, \qquad
+     s = \text{state.pending},
+
+  on the anchor row; the worker rows are unchanged. Use it to evaluate the
+  anchor model or to compare with :func:`coopjax.easgd`.
+  """
+  alpha = _check_alpha(alpha)
+  m = num_rows(opt_state.pending, "opt_state.pending")
+  workers, anchor = mixing.split_rows(X, m)
+  total = mixing.worker_sum(opt_state.pending)
+  anchor = jax.tree.map(
+    lambda z, s: (1 - m * alpha) * z + alpha * jnp.expand_dims(s, 0).astype(z.dtype), anchor, total
+  )
+  return mixing.join_rows(workers, anchor)
+
+
+def overlap_local_sgd(
+  local: optax.GradientTransformation,
+  tau: int,
+  alpha: float,
+  num_workers: int,
+  anchor_momentum: float = 0.0,
+  lr: LearningRate | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Overlap Local-SGD (Wang, Liang & Joshi, 2020): local SGD pulled toward a lagging anchor.
+
+  At the p-th mix (step ``k_p = pτ``) the workers are pulled toward the
+  anchor, and the anchor takes a momentum step toward the pulled models:
+
+  .. math::
+
+     x_i \leftarrow (1-\alpha)\, x_i + \alpha z_p, \qquad
+     u \leftarrow \beta u + \frac{z_p - \frac1m \sum_i x_i}{\eta_{k_p}}, \qquad
+     z_{p+1} = z_p - \eta_{k_p} u,
+
+  with ``u_0 = 0``, ``z_1`` the initial anchor row, and the mean over the
+  *pulled* models. With ``β = 0`` this is A(τ, W_ov, 1) with the
+  column-stochastic
+  ``W_ov = [[(1−α)I, (1−α)1/m], [α1ᵀ, α]]`` (the learning rate cancels).
+  The reduction ``mean_i x_i`` is issued at mix p (operand in
+  ``state.pending``) and completed at mix p + 1, before its pull, as the
+  authors' code waits on its asynchronous all-reduce; the worker models equal
+  the blocking rule's exactly, X's anchor row holds ``z_p`` (the anchor of
+  the last pull) and :func:`settle_overlap` gives ``z_{p+1}``.
+
+  The learning rate. ``η_k`` is ``lr`` evaluated as optax evaluates a
+  schedule at step k: ``lr(k − 1)`` (a float is constant), so passing the
+  local optimizer's schedule uses the learning rate of the mixing step. Only
+  its variation matters: with a constant ``η`` the anchor moves by
+  ``t ← βt + (z − x̄), z ← z − t`` whatever its value, which is what
+  ``lr=None`` (default) computes.
+
+  Args:
+    local: optax optimizer applied to each worker separately.
+    tau: communication period τ.
+    alpha: pull coefficient α ∈ [0, 1]; α = 0 never communicates with effect.
+    num_workers: m; X has m + 1 rows (``coopjax.replicate(p, m, num_aux=1)``).
+    anchor_momentum: β, the anchor's momentum.
+    lr: η_k, a float or an optax schedule of the step count; None for
+      constant.
+
+  Returns:
+    An optax transformation with state :class:`OverlapState`.
+
+  References:
+    Wang, Liang & Joshi, Overlap Local-SGD: An algorithmic approach to hide
+    communication delays in distributed SGD, ICASSP 2020 (arXiv 2002.09539),
+    Algorithm 1; Wang & Joshi, Cooperative SGD, JMLR 2021, §3.3.
+  """
+  alpha = _check_alpha(alpha)
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must be in [0, 1] (a convex pull), got {alpha}.")
+  beta = _check_alpha(anchor_momentum, "anchor_momentum")
+  tau = check_tau(tau)
+  schedule = as_schedule(1.0 if lr is None else lr)
+
+  def on_mix(k, workers, anchor, pending, rest):
+    (u,) = rest
+    eta = _lr_at(schedule, k - tau)  # the learning rate of the mix that issued `pending`
+    mean = mixing.worker_mean(pending)
+    z = _squeeze(anchor)
+    u = jax.tree.map(lambda u, z, x: beta * u + (z - x.astype(z.dtype)) / eta, u, z, mean)
+    z = jax.tree.map(lambda z, u: z - (eta * u).astype(z.dtype), z, u)
+    anchor = _expand(z)
+    pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, anchor)
+    return pulled, anchor, pulled, (u,)
+
+  def init_extra(anchor):
+    return (
+      jax.tree.map(lambda z: jnp.zeros(z.shape[1:], jnp.result_type(z, jnp.float32)), anchor),
+    )
+
+  init_fn, update_fn = _anchored("overlap_local_sgd", local, tau, num_workers, init_extra, on_mix)
+  return optax.GradientTransformationExtraArgs(
+    lambda params: OverlapState(*init_fn(params)), update_fn
+  )
+
+
+def settle_overlap(
+  X: PyTree,
+  opt_state: OverlapState,
+  tau: int,
+  anchor_momentum: float = 0.0,
+  lr: LearningRate | None = None,
+) -> PyTree:
+  r"""Completes Overlap Local-SGD's pending anchor step: the anchor ``z_{p+1}`` after mix p.
+
+  .. math::
+
+     z \leftarrow z - \eta_{k_p}\Big(\beta u + \frac{z - \frac1m\sum_i s_i}{\eta_{k_p}}\Big),
+     \qquad s = \text{state.pending},\ k_p = \lfloor k/\tau \rfloor \tau,
+
+  on the anchor row (worker rows unchanged); the arguments are those given to
+  :func:`overlap_local_sgd`.
+  """
+  tau = check_tau(tau)
+  beta = _check_alpha(anchor_momentum, "anchor_momentum")
+  schedule = as_schedule(1.0 if lr is None else lr)
+  m = num_rows(opt_state.pending, "opt_state.pending")
+  workers, anchor = mixing.split_rows(X, m)
+  eta = _lr_at(schedule, opt_state.count // tau * tau)
+  mean = mixing.worker_mean(opt_state.pending)
+  z = _squeeze(anchor)
+  u = jax.tree.map(
+    lambda u, z, x: beta * u + (z - x.astype(z.dtype)) / eta, opt_state.momentum, z, mean
+  )
+  z = jax.tree.map(lambda z, u: z - (eta * u).astype(z.dtype), z, u)
+  return mixing.join_rows(workers, _expand(z))
+
+
+def delayed(
+  local: optax.GradientTransformation,
+  tau: int,
+  W,
+  *,
+  mixer: mixing.Mixer | None = None,
+  symmetric: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Delayed mixing: the period's mix acts on the snapshot taken when the period started.
+
+  With ``s_i`` worker i's model at the start of the period (just after the
+  previous mix; ``x_0`` for the first), the mix at ``k mod τ = 0`` keeps the
+  period's local progress ``x_i − s_i`` and replaces the snapshot by its
+  mixed version:
+
+  .. math::
+
+     x_i \leftarrow x_i - s_i + \textstyle\sum_j W_{ji}\, s_j ,
+     \qquad s_i \leftarrow x_i \text{ (the new snapshot).}
+
+  The mix of ``s`` can run during all τ local steps of the period. With
+  ``W = J`` this is CoCoD-SGD: ``x_i ← s̄ + (x_i − s_i)``. For a doubly
+  stochastic W the averaged model moves as in eq. 14,
+  ``u_{k+1} = u_k − η·mean_i g_i``. X has m rows (no auxiliary variables).
+
+  Args:
+    local: optax optimizer applied to each worker separately.
+    tau: communication period τ.
+    W: m × m mixing matrix (validated like :func:`coopjax.cooperative`'s).
+    mixer: how to apply W to the snapshot; defaults to the dense einsum.
+    symmetric: require W symmetric.
+
+  Returns:
+    An optax transformation with state :class:`DelayedState`.
+
+  References:
+    Shen, Xu, Liu & Wang, Faster distributed deep net training: computation
+    and communication decoupled stochastic gradient descent (CoCoD-SGD),
+    IJCAI 2019; Wang, Liang & Joshi, Overlap Local-SGD, ICASSP 2020.
+  """
+  local = check_local(local)
+  tau = check_tau(tau)
+  W = topology.validate(W, symmetric=symmetric)
+  m = W.shape[0]
+  mix = mixer if mixer is not None else mixing.dense_mixer(W)
+
+  def check_params(params, what):
+    rows = num_rows(params, what)
+    if rows != m:
+      raise ValueError(
+        f"{what} have leading axis {rows} but W is {m}x{m}; build X with "
+        f"coopjax.replicate(params, num_workers={m})."
+      )
+
+  def init_fn(params):
+    check_params(params, "params")
+    return DelayedState(
+      count=jnp.zeros([], jnp.int32),
+      local_state=jax.vmap(local.init)(params),
+      pending=jax.tree.map(jnp.asarray, params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("delayed needs the stacked models: call tx.update(grads, state, X).")
+    check_params(params, "params")
+    grads = _check_grads(updates, m, m)
+    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
+    k = optax.safe_int32_increment(state.count)
+    stepped = _add(params, local_updates)
+
+    def on_mix(X, snapshot):
+      mixed = mix(snapshot)  # the communication: operand fixed when the period started
+      X = jax.tree.map(lambda x, s, r: x - s + r.astype(x.dtype), X, snapshot, mixed)
+      return X, X
+
+    def skip(X, snapshot):
+      return X, snapshot
+
+    new, snapshot = jax.lax.cond(k % tau == 0, on_mix, skip, stepped, state.pending)
+    out = jax.tree.map(lambda a, x: a - x, new, params)
+    return out, DelayedState(count=k, local_state=local_state, pending=snapshot)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,285 @@
+r"""Outer optimizers on the period's average displacement: SlowMo and DiLoCo.
+
+Both run τ local steps from a common start ``x_start``, then treat the
+workers' average displacement
+
+.. math::
+
+   \Delta = x_{\text{start}} - \frac1m \sum_i x_i
+
+as a (pseudo-)gradient of an outer optimizer that moves ``x_start``, and
+restart every worker from the new ``x_start``. With the identity outer step
+(``x_start ← x_start − Δ``) both are periodic averaging,
+:func:`coopjax.local_sgd`.
+
+State layout: ``count`` (int32 steps taken), ``local_state`` (the inner
+optimizer's state stacked over the m workers), ``x_start`` (one model,
+replicated: not a row of X) and the outer optimizer's state (one model,
+replicated). X has the m worker rows only (v = 0). The averaged model
+``mean_i x_i`` moves as eq. 14, ``u_{k+1} = u_k − η mean_i g_i``, at every
+step without a mix, and equals ``x_start`` right after each mix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from coopjax import mixing
+from coopjax.algorithms import _check_grads
+from coopjax.algorithms import _local_update
+from coopjax.algorithms import check_count
+from coopjax.algorithms import check_local
+from coopjax.algorithms import check_tau
+from coopjax.algorithms import mix_local_state
+from coopjax.algorithms import reset_local_state
+from coopjax.nonblocking import LearningRate
+from coopjax.nonblocking import _check_alpha
+from coopjax.nonblocking import _lr_at
+from coopjax.nonblocking import as_schedule
+from coopjax.workers import num_rows
+
+PyTree = Any
+
+__all__ = [
+  "SlowMoState",
+  "DiLoCoState",
+  "slowmo",
+  "diloco",
+  "BASE_BUFFERS",
+]
+
+BASE_BUFFERS = ("maintain", "reset", "average")
+
+
+class SlowMoState(NamedTuple):
+  """State of :func:`slowmo`.
+
+  Attributes:
+    count: local steps taken so far, int32.
+    local_state: the base optimizer's state, stacked over the m workers.
+    x_start: the model every worker started the current period from
+      (replicated, no worker axis).
+    momentum: the slow momentum buffer ``u`` (replicated).
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+  x_start: PyTree
+  momentum: PyTree
+
+
+class DiLoCoState(NamedTuple):
+  """State of :func:`diloco`.
+
+  Attributes:
+    count: local (inner) steps taken so far, int32.
+    local_state: the inner optimizer's state, stacked over the m workers.
+    x_start: the model every worker started the current period from
+      (replicated, no worker axis).
+    outer_state: the outer optimizer's state for ``x_start`` (replicated).
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+  x_start: PyTree
+  outer_state: optax.OptState
+
+
+def _mean_mixer(S: PyTree) -> PyTree:
+  """Every worker row replaced by the mean over workers."""
+  return _broadcast(mixing.worker_mean(S), S)
+
+
+def _broadcast(model: PyTree, like: PyTree) -> PyTree:
+  """One model (no worker axis) as every worker row of ``like``."""
+  return jax.tree.map(lambda s, w: jnp.broadcast_to(s.astype(w.dtype), w.shape), model, like)
+
+
+def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, base_buffers):
+  """Shared skeleton: inner steps; at ``k mod τ = 0``, Δ, ``outer_step``, restart from x_start.
+
+  ``outer_step(k, delta, x_start, outer) -> (x_start, outer)``.
+  """
+  local = check_local(local)
+  tau = check_tau(tau)
+  m = check_count("num_workers", num_workers, 1)
+  if base_buffers not in BASE_BUFFERS:
+    raise ValueError(
+      f"base_buffers must be one of {BASE_BUFFERS}, got {base_buffers!r}: 'maintain' keeps each "
+      "worker's optimizer buffers, 'reset' zeroes them and 'average' averages them at every mix."
+    )
+
+  def check_params(params, what):
+    rows = num_rows(params, what)
+    if rows != m:
+      raise ValueError(
+        f"{what} have leading axis {rows} but {name} has {m} workers and no auxiliary rows; "
+        f"build X with coopjax.replicate(params, num_workers={m})."
+      )
+
+  def init_fn(params):
+    check_params(params, "params")
+    x_start = mixing.worker_mean(params)  # x_0 when X is replicated
+    return (
+      jnp.zeros([], jnp.int32),
+      jax.vmap(local.init)(params),
+      x_start,
+      init_outer(x_start),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(f"{name} needs the stacked models: call tx.update(grads, state, X).")
+    check_params(params, "params")
+    grads = _check_grads(updates, m, m)
+    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
+    k = optax.safe_int32_increment(state.count)
+    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
+
+    def on_mix(X, local_state, x_start, outer):
+      mean = mixing.worker_mean(X)  # the all-reduce
+      delta = jax.tree.map(lambda s, x: s - x.astype(s.dtype), x_start, mean)
+      x_start, outer = outer_step(k, delta, x_start, outer)
+      if base_buffers == "reset":
+        local_state = reset_local_state(local_state, jax.vmap(local.init)(X))
+      elif base_buffers == "average":
+        local_state = mix_local_state(local_state, _mean_mixer, m, 0)
+      return _broadcast(x_start, X), local_state, x_start, outer
+
+    def skip(X, local_state, x_start, outer):
+      return X, local_state, x_start, outer
+
+    new, local_state, x_start, outer = jax.lax.cond(
+      k % tau == 0, on_mix, skip, stepped, local_state, state.x_start, state[3]
+    )
+    out = jax.tree.map(lambda a, x: a - x, new, params)
+    return out, type(state)(k, local_state, x_start, outer)
+
+  return init_fn, update_fn
+
+
+def slowmo(
+  local: optax.GradientTransformation,
+  tau: int,
+  num_workers: int,
+  alpha: float,
+  beta: float,
+  lr: LearningRate,
+  base_buffers: str = "maintain",
+) -> optax.GradientTransformationExtraArgs:
+  r"""SlowMo (Wang, Tantia, Ballas & Rabbat, ICLR 2020) over local SGD.
+
+  Every τ steps (after the local step k = pτ):
+
+  .. math::
+
+     \bar x = \frac1m \sum_i x_i, \qquad
+     u \leftarrow \beta u + \frac{x_{\text{start}} - \bar x}{\gamma_k}, \qquad
+     x_{\text{start}} \leftarrow x_{\text{start}} - \alpha \gamma_k u, \qquad
+     x_i \leftarrow x_{\text{start}},
+
+  with ``u_0 = 0`` and ``x_start = x_0`` before the first local step.
+  ``γ_k`` is ``lr`` at step k as optax evaluates schedules, ``lr(k − 1)``:
+  pass the base optimizer's schedule to use its learning rate of the mixing
+  step (fairscale's SlowMo reads the base optimizer's current lr). α = 1,
+  β = 0 is periodic averaging. With a constant γ the rule is DiLoCo with the
+  outer optimizer ``optax.sgd(α, momentum=β)`` on Δ (``t = γu`` is its
+  momentum trace), whatever γ.
+
+  Args:
+    local: the base optimizer, applied to each worker separately.
+    tau: communication period τ.
+    num_workers: m; X has m rows.
+    alpha: slow learning rate α.
+    beta: slow momentum β.
+    lr: γ, a float or an optax schedule of the step count.
+    base_buffers: the base optimizer's buffers at a mix: ``"maintain"``
+      (default, fairscale's behaviour), ``"reset"`` (zeroed; counters kept)
+      or ``"average"`` (averaged over workers; counters kept).
+
+  Returns:
+    An optax transformation with state :class:`SlowMoState`.
+
+  References:
+    Wang, Tantia, Ballas & Rabbat, SlowMo: Improving communication-efficient
+    distributed SGD with slow momentum, ICLR 2020, Algorithm 1.
+  """
+  alpha = _check_alpha(alpha)
+  beta = _check_alpha(beta, "beta")
+  schedule = as_schedule(lr)
+
+  def init_outer(x_start):
+    return jax.tree.map(jnp.zeros_like, x_start)
+
+  def outer_step(k, delta, x_start, u):
+    gamma = _lr_at(schedule, k)
+    u = jax.tree.map(lambda u, d: beta * u + d / gamma.astype(d.dtype), u, delta)
+    x_start = jax.tree.map(lambda x, u: x - (alpha * gamma * u).astype(x.dtype), x_start, u)
+    return x_start, u
+
+  init_fn, update_fn = _outer_algorithm(
+    "slowmo", local, tau, num_workers, init_outer, outer_step, base_buffers
+  )
+  return optax.GradientTransformationExtraArgs(
+    lambda params: SlowMoState(*init_fn(params)), update_fn
+  )
+
+
+def diloco(
+  local: optax.GradientTransformation,
+  outer: optax.GradientTransformation,
+  tau: int,
+  num_workers: int,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DiLoCo (Douillard et al., 2023): an outer optimizer on the period's displacement.
+
+  Every τ inner steps (after the inner step k = pτ):
+
+  .. math::
+
+     \Delta = x_{\text{start}} - \frac1m \sum_i x_i, \qquad
+     x_{\text{start}} \leftarrow x_{\text{start}}
+       + \mathrm{outer}(\Delta;\ \text{outer state}), \qquad
+     x_i \leftarrow x_{\text{start}},
+
+  where ``outer`` is any optax optimizer fed Δ as its gradient (the paper:
+  ``optax.sgd(0.7, momentum=0.9, nesterov=True)``), and the inner optimizer
+  state (e.g. AdamW's moments) is kept per worker. ``optax.sgd(1.0)`` as
+  ``outer`` is periodic averaging; ``optax.sgd(α, momentum=β)`` is
+  :func:`slowmo` with a constant learning rate.
+
+  Args:
+    local: the inner optimizer, applied to each worker separately.
+    outer: the outer optax optimizer for ``x_start``.
+    tau: communication period τ (H inner steps in the paper).
+    num_workers: m; X has m rows.
+
+  Returns:
+    An optax transformation with state :class:`DiLoCoState`.
+
+  References:
+    Douillard et al., DiLoCo: Distributed low-communication training of
+    language models, arXiv 2311.08455, 2023, Algorithm 1.
+  """
+  if not (hasattr(outer, "init") and hasattr(outer, "update")):
+    raise TypeError(
+      f"outer must be an optax GradientTransformation (e.g. optax.sgd(0.7, momentum=0.9, "
+      f"nesterov=True)), got {type(outer).__name__}."
+    )
+
+  def outer_step(k, delta, x_start, outer_state):
+    updates, outer_state = outer.update(delta, outer_state, x_start)
+    return optax.apply_updates(x_start, updates), outer_state
+
+  init_fn, update_fn = _outer_algorithm(
+    "diloco", local, tau, num_workers, outer.init, outer_step, "maintain"
+  )
+  return optax.GradientTransformationExtraArgs(
+    lambda params: DiLoCoState(*init_fn(params)), update_fn
+  )
