@@ -22,6 +22,11 @@ from coopjax.algorithms import sync_sgd
 from coopjax.hierarchical import HierarchicalState
 from coopjax.hierarchical import hierarchical
 from coopjax.step import make_step
+from coopjax.time_varying import MatchaDesign
+from coopjax.time_varying import TimeVaryingState
+from coopjax.time_varying import matcha
+from coopjax.time_varying import matcha_design
+from coopjax.time_varying import time_varying
 from coopjax.workers import WORKER_AXIS
 from coopjax.workers import average
 from coopjax.workers import consensus_distance
@@ -35,6 +40,8 @@ __all__ = [
   "WORKER_AXIS",
   "CooperativeState",
   "HierarchicalState",
+  "MatchaDesign",
+  "TimeVaryingState",
   "average",
   "consensus_distance",
   "cooperative",
@@ -46,6 +53,8 @@ __all__ = [
   "hierarchical",
   "local_sgd",
   "make_step",
+  "matcha",
+  "matcha_design",
   "mixing",
   "models",
   "netmodel",
@@ -54,6 +63,7 @@ __all__ = [
   "step_count",
   "sync_sgd",
   "theory",
+  "time_varying",
   "topology",
   "worker",
 ]
