@@ -21,6 +21,21 @@ from coopjax.algorithms import step_count
 from coopjax.algorithms import sync_sgd
 from coopjax.hierarchical import HierarchicalState
 from coopjax.hierarchical import hierarchical
+from coopjax.nonblocking import DelayedState
+from coopjax.nonblocking import NonBlockingEASGDState
+from coopjax.nonblocking import OverlapState
+from coopjax.nonblocking import delayed
+from coopjax.nonblocking import nonblocking_easgd
+from coopjax.nonblocking import overlap_local_sgd
+from coopjax.nonblocking import settle_easgd
+from coopjax.nonblocking import settle_overlap
+from coopjax.outer import DiLoCoState
+from coopjax.outer import SlowMoState
+from coopjax.outer import diloco
+from coopjax.outer import slowmo
+from coopjax.period import CommPattern
+from coopjax.period import comm_pattern
+from coopjax.period import make_period_step
 from coopjax.step import make_step
 from coopjax.time_varying import MatchaDesign
 from coopjax.time_varying import TimeVaryingState
@@ -66,4 +81,19 @@ __all__ = [
   "time_varying",
   "topology",
   "worker",
+  "CommPattern",
+  "DelayedState",
+  "DiLoCoState",
+  "NonBlockingEASGDState",
+  "OverlapState",
+  "SlowMoState",
+  "comm_pattern",
+  "delayed",
+  "diloco",
+  "make_period_step",
+  "nonblocking_easgd",
+  "overlap_local_sgd",
+  "settle_easgd",
+  "settle_overlap",
+  "slowmo",
 ]
