@@ -10,6 +10,8 @@ from coopjax import models
 from coopjax import netmodel
 from coopjax import theory
 from coopjax import topology
+from coopjax.adacomm import AdaCommState
+from coopjax.adacomm import adacomm
 from coopjax.algorithms import CooperativeState
 from coopjax.algorithms import cooperative
 from coopjax.algorithms import dpsgd
@@ -53,10 +55,12 @@ __version__ = "0.1.0"
 
 __all__ = [
   "WORKER_AXIS",
+  "AdaCommState",
   "CooperativeState",
   "HierarchicalState",
   "MatchaDesign",
   "TimeVaryingState",
+  "adacomm",
   "average",
   "consensus_distance",
   "cooperative",

@@ -1,0 +1,201 @@
+r"""AdaComm: periodic averaging whose period adapts to the training loss.
+
+Wang & Joshi (SysML 2019, "Adaptive communication strategies to achieve the
+best error-runtime trade-off in local-update SGD") start with a large
+communication period τ₀, which trains fast in wall-clock time, and shrink it
+as the loss falls, which lowers the error floor of periodic averaging
+(paper eq. 24: the floor grows with τ).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from coopjax import mixing
+from coopjax.algorithms import _check_grads
+from coopjax.algorithms import _local_update
+from coopjax.algorithms import check_count
+from coopjax.algorithms import check_local
+from coopjax.algorithms import check_state_policy
+from coopjax.algorithms import check_tau
+from coopjax.algorithms import mix_local_state
+from coopjax.algorithms import reset_local_state
+from coopjax.hierarchical import global_mean
+from coopjax.time_varying import _check_rows
+from coopjax.time_varying import _require_params
+
+PyTree = Any
+
+__all__ = ["AdaCommState", "adacomm"]
+
+
+class AdaCommState(NamedTuple):
+  """State of :func:`adacomm`.
+
+  Attributes:
+    count: number of local steps taken so far (k − 1 before step k), int32.
+    local_state: the local optimizer's state, stacked over the m workers.
+    tau: the current communication period τ_l, int32.
+    last_mix: the step of the last averaging (0 before the first), int32; the
+      next averaging is at step ``last_mix + tau``.
+    loss0: F(x_0), the mean worker loss at step 1, float32 (0 before step 1).
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+  tau: chex.Array
+  last_mix: chex.Array
+  loss0: chex.Array
+
+
+def _check_real(name, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    raise TypeError(f"{name} must be a finite real number, got {value!r}.")
+  return float(value)
+
+
+def adacomm(
+  local: optax.GradientTransformation,
+  tau0: int,
+  num_workers: int,
+  lr0: float | None = None,
+  *,
+  lr_schedule: Callable[[Any], Any] | None = None,
+  max_tau: int | None = None,
+  local_state_policy: str = "keep",
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaComm (Wang & Joshi, 2019): periodic averaging with an adaptive period.
+
+  Workers take local steps and average all models (``x_i ← (1/m) Σ_j x_j``)
+  when the current period τ_l has elapsed since the last averaging. τ changes
+  only at an averaging step, never cutting a period short; after the l-th
+  averaging
+
+  .. math::
+
+     \tau_l = \Bigl\lceil \sqrt{\tfrac{F(x_l)}{F(x_0)}}\; \tau_0 \Bigr\rceil
+     \ \text{(fixed lr)}, \qquad
+     \tau_l = \Bigl\lceil \sqrt{\tfrac{\eta_0}{\eta_l}\,\tfrac{F(x_l)}{F(x_0)}}\;
+     \tau_0 \Bigr\rceil \ \text{(decaying lr)},
+
+  clipped to ``[1, max_tau]``. Steps k are counted from 1; the first
+  averaging is after step τ₀.
+
+  The loss reaches the transformation as the extra argument ``value``, the
+  per-worker losses of shape ``[m]`` (:func:`coopjax.make_step` passes them):
+  ``tx.update(grads, state, X, value=losses)``. F(x_0) is the mean worker
+  loss at step 1 (all workers at x_0). F(x_l), the loss of the averaged model,
+  is approximated by the mean worker loss at the step that averages, i.e. at
+  the local models just before that step's update and averaging (no extra
+  forward pass). With a decaying lr, ``η_l = lr_schedule(k)`` is the lr of the
+  next local step (optax schedules see the number of updates taken so far,
+  k after step k) and ``η_0 = lr0`` (default ``lr_schedule(0)``).
+
+  Args:
+    local: optax optimizer applied to each worker separately (vmapped); extra
+      arguments of ``update``, ``value`` included, are split over the workers
+      and passed to it.
+    tau0: the initial period τ₀ ≥ 1.
+    num_workers: m.
+    lr0: η₀ for the decaying-lr rule (requires ``lr_schedule``).
+    lr_schedule: the local optimizer's learning-rate schedule ``count -> η``;
+      when given, the decaying-lr rule is used.
+    max_tau: optional upper bound on τ_l.
+    local_state_policy: ``"keep"``, ``"mix"`` (average the buffers too) or
+      ``"reset"``, as in :func:`coopjax.cooperative`.
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs`` with state :class:`AdaCommState`.
+
+  References:
+    J. Wang and G. Joshi, "Adaptive communication strategies to achieve the best
+    error-runtime trade-off in local-update SGD", SysML 2019 (arXiv 1810.08313).
+  """
+  local = check_local(local)
+  tau0 = check_tau(tau0)
+  m = check_count("num_workers", num_workers, 1)
+  policy = check_state_policy(local_state_policy)
+  if lr_schedule is not None and not callable(lr_schedule):
+    raise TypeError(
+      f"lr_schedule must be a function count -> learning rate (an optax schedule), got "
+      f"{type(lr_schedule).__name__}."
+    )
+  if lr0 is not None:
+    if lr_schedule is None:
+      raise ValueError(
+        "lr0 is only used by the decaying-lr rule; pass lr_schedule (the local optimizer's "
+        "schedule) too, or drop lr0 for a fixed learning rate."
+      )
+    lr0 = _check_real("lr0", lr0)
+    if lr0 <= 0:
+      raise ValueError(f"lr0 must be > 0, got {lr0}.")
+  if max_tau is not None:
+    max_tau = check_count("max_tau", max_tau, 1)
+
+  def init_fn(params):
+    _check_rows(params, m, m, 0)
+    return AdaCommState(
+      count=jnp.zeros([], jnp.int32),
+      local_state=jax.vmap(local.init)(params),
+      tau=jnp.asarray(tau0, jnp.int32),
+      last_mix=jnp.zeros([], jnp.int32),
+      loss0=jnp.zeros([], jnp.float32),
+    )
+
+  def next_tau(k, loss, loss0):
+    ratio = jnp.where(loss0 > 0, loss / loss0, 1.0)
+    if lr_schedule is not None:
+      eta0 = lr_schedule(0) if lr0 is None else lr0
+      ratio = ratio * jnp.asarray(eta0, jnp.float32) / jnp.asarray(lr_schedule(k), jnp.float32)
+    tau = jnp.ceil(jnp.sqrt(jnp.maximum(ratio, 0.0)) * tau0)
+    tau = jnp.maximum(tau, 1.0)
+    if max_tau is not None:
+      tau = jnp.minimum(tau, float(max_tau))
+    return tau.astype(jnp.int32)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _require_params(params)
+    _check_rows(params, m, m, 0)
+    if extra_args.get("value") is None:
+      raise ValueError(
+        "adacomm needs the per-worker losses: call tx.update(grads, state, X, value=losses) "
+        "with losses of shape [m] (coopjax.make_step passes them)."
+      )
+    losses = jnp.asarray(extra_args["value"], jnp.float32)
+    if losses.shape != (m,):
+      raise ValueError(f"value must hold one loss per worker, shape ({m},), got {losses.shape}.")
+    grads = _check_grads(updates, m, m)
+    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
+    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
+    k = optax.safe_int32_increment(state.count)
+    loss0 = jax.lax.cond(k == 1, lambda: mixing.worker_mean(losses), lambda: state.loss0)
+
+    def on_mix(X, opt_state):
+      if policy == "mix":
+        opt_state = mix_local_state(opt_state, global_mean, m, 0)
+      elif policy == "reset":
+        opt_state = reset_local_state(opt_state, jax.vmap(local.init)(params))
+      tau = next_tau(k, mixing.worker_mean(losses), loss0)
+      return global_mean(X), opt_state, tau, k
+
+    def no_mix(X, opt_state):
+      return X, opt_state, state.tau, state.last_mix
+
+    new, local_state, tau, last_mix = jax.lax.cond(
+      k - state.last_mix == state.tau, on_mix, no_mix, stepped, local_state
+    )
+    out = jax.tree.map(lambda a, x: a - x, new, params)
+    return out, AdaCommState(
+      count=k, local_state=local_state, tau=tau, last_mix=last_mix, loss0=loss0
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
