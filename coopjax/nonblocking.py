@@ -161,9 +161,9 @@ def _anchored(
 ) -> optax.GradientTransformation:
   """Shared skeleton: local step on the workers, then ``on_mix`` at ``k mod τ = 0``.
 
-  ``on_mix(k, workers, anchor, state) -> (workers, anchor, pending, extra)``
-  where ``anchor`` is X's auxiliary row (``[1, ...]``) and ``extra`` are the
-  state fields after ``pending``.
+  ``on_mix(k, workers, anchor, pending, rest) -> (workers, anchor, pending, rest)``
+  where ``anchor`` is X's auxiliary row (``[1, ...]``) and ``rest`` is the
+  tuple of state fields after ``pending``; it runs inside the mixing branch.
   """
   local = check_local(local)
   tau = check_tau(tau)

@@ -1,0 +1,131 @@
+"""make_period_step equals τ calls of make_step; the communication patterns of a mix."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference as ref
+
+import coopjax
+from coopjax import topology
+
+LR = 0.05
+TAU = 3
+SCHEDULE = optax.exponential_decay(0.08, transition_steps=2, decay_rate=0.7)
+
+ALGORITHMS = {
+  "local_sgd": (lambda m: coopjax.local_sgd(optax.sgd(LR, momentum=0.9), TAU, m), 0),
+  "easgd": (lambda m: coopjax.easgd(optax.sgd(LR), TAU, 0.1, m), 1),
+  "dpsgd_ring": (lambda m: coopjax.dpsgd(optax.sgd(LR), topology.ring(m)), 0),
+  "nonblocking_easgd": (lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), TAU, 0.1, m), 1),
+  "overlap_local_sgd": (
+    lambda m: coopjax.overlap_local_sgd(
+      optax.sgd(SCHEDULE, momentum=0.9), TAU, 0.4, m, 0.5, lr=SCHEDULE
+    ),
+    1,
+  ),
+  "delayed": (lambda m: coopjax.delayed(optax.sgd(LR), TAU, topology.ring(m)), 0),
+  "slowmo": (lambda m: coopjax.slowmo(optax.adam(0.02), TAU, m, 0.8, 0.5, SCHEDULE), 0),
+  "diloco": (
+    lambda m: coopjax.diloco(optax.adam(0.02), optax.sgd(0.7, momentum=0.9, nesterov=True), TAU, m),
+    0,
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_period_step_equals_tau_steps(name):
+  m, periods = 4, 2
+  make, v = ALGORITHMS[name]
+  tx = make(m)
+  A, b = ref.make_batches(TAU * periods, m, seed=51)
+  X0 = coopjax.replicate(ref.init_params(), m, v)
+  step = coopjax.make_step(ref.loss_fn, tx)
+  X, state, metrics = X0, tx.init(X0), []
+  for k in range(TAU * periods):
+    X, state, met = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
+    metrics.append(met)
+  period = coopjax.make_period_step(ref.loss_fn, tx, tau=TAU)
+  Xp, sp = X0, tx.init(X0)
+  for p in range(periods):
+    sl = slice(p * TAU, (p + 1) * TAU)
+    Xp, sp, mp = period(Xp, sp, (jnp.asarray(A[sl]), jnp.asarray(b[sl])))
+    for key in ("loss", "worker_loss", "step", "consensus_distance"):
+      expect = np.stack([np.asarray(met[key]) for met in metrics[sl]])
+      np.testing.assert_allclose(mp[key], expect, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ref.flat(Xp), ref.flat(X), rtol=1e-5, atol=1e-6)
+  for a, c in zip(jax.tree.leaves(sp), jax.tree.leaves(state), strict=True):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+  assert int(coopjax.step_count(sp)) == TAU * periods
+  # Something happened: the models left x_0.
+  assert np.abs(ref.flat(Xp) - ref.flat(X0)).max() > 1e-3
+
+
+def test_period_step_checks_shapes():
+  m = 4
+  tx = coopjax.local_sgd(optax.sgd(LR), TAU, m)
+  X = coopjax.replicate(ref.init_params(), m)
+  period = coopjax.make_period_step(ref.loss_fn, tx, tau=TAU)
+  A, b = ref.make_batches(TAU + 1, m)
+  with pytest.raises(ValueError, match="tau=3"):
+    period(X, tx.init(X), (jnp.asarray(A), jnp.asarray(b)))
+  with pytest.raises(ValueError, match="leading period axis"):
+    period(X, tx.init(X), (jnp.asarray(A[:TAU]), jnp.asarray(b[0, 0])))
+  with pytest.raises(ValueError, match="tau"):
+    coopjax.make_period_step(ref.loss_fn, tx, tau=0)
+
+
+@pytest.mark.skipif(
+  "mesh" in inspect.signature(coopjax.make_step).parameters,
+  reason="make_step has a sharded path; make_period_step forwards the mesh to it",
+)
+def test_mesh_without_sharded_step_is_not_implemented():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("workers",))
+  with pytest.raises(NotImplementedError, match="mesh"):
+    coopjax.make_period_step(ref.loss_fn, coopjax.local_sgd(optax.sgd(LR), TAU, 4), mesh)
+
+
+def test_comm_patterns():
+  m = 8
+  ring_allreduce = (2 * (m - 1) / m, 2 * (m - 1))
+  for name in ("sync_sgd", "local_sgd", "slowmo", "diloco", "easgd"):
+    pat = coopjax.comm_pattern(name, m, tau=4)
+    assert pat.collective == "all_reduce" and not pat.overlappable
+    assert (pat.volume, pat.rounds) == ring_allreduce
+  assert coopjax.comm_pattern("sync_sgd", m, tau=4).period == 1
+  for name in ("nonblocking_easgd", "overlap_local_sgd"):
+    pat = coopjax.comm_pattern(name, m, tau=4)
+    assert pat == coopjax.CommPattern("all_reduce", *ring_allreduce, True, 4)
+  # Delayed mixing: the snapshot's mix overlaps; its kind follows W.
+  assert coopjax.comm_pattern("delayed", m, 2, topology.complete(m)).collective == "all_reduce"
+  ring = coopjax.comm_pattern("delayed", m, 2, topology.ring(m))
+  assert ring == coopjax.CommPattern("neighbor_exchange", 2.0, 2, True, 2)
+  # Neighbour counts from the graph: ring 2, 2-D torus 4, hypercube log2 m.
+  for W, degree in ((topology.ring(m), 2), (topology.torus(4, 4), 4), (topology.hypercube(m), 3)):
+    pat = coopjax.comm_pattern("dpsgd", W.shape[0], W=W)
+    assert (pat.collective, pat.volume, pat.rounds, pat.overlappable, pat.period) == (
+      "neighbor_exchange",
+      degree,
+      degree,
+      False,
+      1,
+    )
+  # EASGD as a cooperative matrix: workers pull only from the replicated anchor.
+  pat = coopjax.comm_pattern("cooperative", m, 2, topology.easgd(m, 0.1), num_aux=1)
+  assert (pat.collective, pat.volume) == ("all_reduce", ring_allreduce[0])
+  with pytest.raises(ValueError, match="algorithm"):
+    coopjax.comm_pattern("gossip", m)
+  with pytest.raises(ValueError, match="needs the mixing matrix"):
+    coopjax.comm_pattern("dpsgd", m)
+
+
+def test_doctest():
+  import doctest
+
+  from coopjax import period
+
+  result = doctest.testmod(period, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0
