@@ -32,6 +32,7 @@ from coopjax.algorithms import reset_local_state
 from coopjax.hierarchical import global_mean
 from coopjax.time_varying import _check_rows
 from coopjax.time_varying import _require_params
+from coopjax.workers import num_rows
 
 PyTree = Any
 
@@ -171,7 +172,7 @@ def adacomm(
         "with losses of shape [m] (coopjax.make_step passes them)."
       )
     losses = jnp.asarray(extra_args["value"], jnp.float32)
-    if losses.shape != (m,):
+    if losses.ndim != 1 or num_rows(losses, "value") != m:
       raise ValueError(f"value must hold one loss per worker, shape ({m},), got {losses.shape}.")
     grads = _check_grads(updates, m, m)
     local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
