@@ -17,11 +17,24 @@ reads its result, so nothing in the period's local steps waits for it.
 
 State layout (all three): ``count`` (int32 steps taken), ``local_state``
 (the local optimizer's state stacked over the m workers) and ``pending`` (m
-worker rows: the operand of the reduction in flight). EASGD and Overlap keep
-their anchor ``z`` as the auxiliary row of X (``num_aux=1``,
-``X = [x_1..x_m, z]``); Overlap adds the anchor momentum ``momentum``
-(one model, replicated). Worker-row leaves (``local_state``, ``pending``) are
-sharded like X's workers on the sharded path; the rest is replicated.
+worker rows: the operand of the reduction in flight), nothing else. EASGD and
+Overlap keep their anchor ``z`` as the auxiliary row of X (``num_aux=1``,
+``X = [x_1..x_m, z]``), holding the anchor of the last pull. On the sharded
+path ``local_state`` and ``pending`` are sharded like X's workers and
+``count`` is replicated; one all-reduce (or, for :func:`delayed`, one mix
+with W) per mixing step, inside the mixing branch.
+
+  >>> import jax.numpy as jnp, optax, coopjax
+  >>> tx = coopjax.nonblocking_easgd(optax.sgd(0.1), tau=1, alpha=0.25, num_workers=2)
+  >>> X = coopjax.replicate({"w": jnp.zeros(())}, 2, num_aux=1)
+  >>> state = tx.init(X)
+  >>> updates, state = tx.update({"w": jnp.array([1.0, 0.0])}, state, X)
+  >>> X = optax.apply_updates(X, updates)  # step to [-0.1, 0], pull toward z_1 = 0
+  >>> [round(x, 4) for x in X["w"].tolist()]
+  [-0.075, 0.0, 0.0]
+  >>> settled = coopjax.settle_easgd(X, state, alpha=0.25)  # z_2 = z_1 + α Σ_i (x_i − z_1)
+  >>> [round(x, 4) for x in settled["w"].tolist()]
+  [-0.075, 0.0, -0.025]
 """
 
 from __future__ import annotations
@@ -43,9 +56,11 @@ from coopjax.algorithms import _local_update
 from coopjax.algorithms import check_count
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_tau
-from coopjax.workers import num_rows
+from coopjax.workers import num_rows as _num_rows
 
 PyTree = Any
+# Rows of X counted globally (m or m + v), also inside a per-device sharded step.
+num_rows = getattr(mixing, "global_rows", _num_rows)
 LearningRate = float | Callable[[chex.Numeric], chex.Numeric]
 
 __all__ = [
@@ -82,17 +97,14 @@ class OverlapState(NamedTuple):
   Attributes:
     count: local steps taken so far, int32.
     local_state: the local optimizer's state, stacked over the m workers.
-    pending: the workers' models just after the pull of the last mix
-      (``[m, ...]``; the anchor before the first mix): the operand of the
-      reduction ``mean_i x_i`` that the next mix consumes.
-    momentum: the anchor momentum ``u`` (one model, replicated), as of the
-      mix before the last one.
+    pending: ``x_i − η_{k_q} β u_{q−1}`` for the models ``x_i`` just after
+      the pull of the last mix q (``[m, ...]``; the anchor before the first
+      mix): the operand of the reduction whose mean is the next anchor.
   """
 
   count: chex.Array
   local_state: optax.OptState
   pending: PyTree
-  momentum: PyTree
 
 
 class DelayedState(NamedTuple):
@@ -147,13 +159,14 @@ def _broadcast_rows(rows: PyTree, like: PyTree) -> PyTree:
   )
 
 
-def _expand(tree: PyTree) -> PyTree:
-  """A replicated model (no worker axis) as one auxiliary row ``[1, ...]``."""
-  return jax.tree.map(lambda x: jnp.expand_dims(x, 0), tree)
+def _like_rows(model: PyTree, rows: PyTree) -> PyTree:
+  """One model (no worker axis) broadcast to ``rows``' shape and dtype.
 
-
-def _squeeze(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: jnp.squeeze(x, 0), tree)
+  Written ``0·x + model``, which is exact for finite ``x``, so that on the
+  sharded path the result varies over devices exactly as ``rows`` does (as
+  both branches of the mixing ``lax.cond`` must).
+  """
+  return jax.tree.map(lambda s, x: 0 * x + jnp.expand_dims(s, 0).astype(x.dtype), model, rows)
 
 
 def _anchored(
@@ -302,36 +315,43 @@ def overlap_local_sgd(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Overlap Local-SGD (Wang, Liang & Joshi, 2020): local SGD pulled toward a lagging anchor.
 
-  At the p-th mix (step ``k_p = pτ``) the workers are pulled toward the
+  At the q-th mix (step ``k_q = qτ``) the workers are pulled toward the
   anchor, and the anchor takes a momentum step toward the pulled models:
 
   .. math::
 
-     x_i \leftarrow (1-\alpha)\, x_i + \alpha z_p, \qquad
-     u \leftarrow \beta u + \frac{z_p - \frac1m \sum_i x_i}{\eta_{k_p}}, \qquad
-     z_{p+1} = z_p - \eta_{k_p} u,
+     x_i \leftarrow (1-\alpha)\, x_i + \alpha z_q, \qquad
+     u_q = \beta u_{q-1} + \frac{z_q - \frac1m \sum_i x_i}{\eta_{k_q}}, \qquad
+     z_{q+1} = z_q - \eta_{k_q} u_q,
 
   with ``u_0 = 0``, ``z_1`` the initial anchor row, and the mean over the
   *pulled* models. With ``β = 0`` this is A(τ, W_ov, 1) with the
-  column-stochastic
-  ``W_ov = [[(1−α)I, (1−α)1/m], [α1ᵀ, α]]`` (the learning rate cancels).
-  The reduction ``mean_i x_i`` is issued at mix p (operand in
-  ``state.pending``) and completed at mix p + 1, before its pull, as the
-  authors' code waits on its asynchronous all-reduce; the worker models equal
-  the blocking rule's exactly, X's anchor row holds ``z_p`` (the anchor of
-  the last pull) and :func:`settle_overlap` gives ``z_{p+1}``.
+  column-stochastic ``W_ov = [[(1−α)I, (1−α)1/m], [α1ᵀ, α]]`` (the learning
+  rate cancels).
+
+  Execution. Substituting ``u_q`` gives
+  ``z_{q+1} = mean_i (x_i − η_{k_q} β u_{q−1})``, one all-reduce whose
+  operand is fixed at mix q; it runs during the next τ local steps and mix
+  q + 1 consumes it, as the authors' code waits on its asynchronous
+  all-reduce only at the next pull. ``state.pending`` holds that operand; the
+  momentum needs no buffer of its own, since
+  ``u_{q−1} = (z_{q−1} − z_q)/η_{k_{q−1}}`` follows from the anchors of two
+  consecutive mixes. The worker models equal the rule's exactly; X's anchor
+  row holds ``z_q`` (the anchor of the last pull) and :func:`settle_overlap`
+  gives ``z_{q+1}``.
 
   The learning rate. ``η_k`` is ``lr`` evaluated as optax evaluates a
   schedule at step k: ``lr(k − 1)`` (a float is constant), so passing the
   local optimizer's schedule uses the learning rate of the mixing step. Only
-  its variation matters: with a constant ``η`` the anchor moves by
-  ``t ← βt + (z − x̄), z ← z − t`` whatever its value, which is what
-  ``lr=None`` (default) computes.
+  its variation matters (the ratio ``η_{k_q}/η_{k_{q−1}}``): with a constant
+  learning rate the anchor moves by ``t ← βt + (z − x̄), z ← z − t``
+  whatever its value, which is what ``lr=None`` (default) computes.
 
   Args:
     local: optax optimizer applied to each worker separately.
     tau: communication period τ.
-    alpha: pull coefficient α ∈ [0, 1]; α = 0 never communicates with effect.
+    alpha: pull coefficient α ∈ [0, 1]; with α = 0 the workers never move
+      toward the anchor (no communication has any effect on them).
     num_workers: m; X has m + 1 rows (``coopjax.replicate(p, m, num_aux=1)``).
     anchor_momentum: β, the anchor's momentum.
     lr: η_k, a float or an optax schedule of the step count; None for
@@ -353,57 +373,33 @@ def overlap_local_sgd(
   schedule = as_schedule(1.0 if lr is None else lr)
 
   def on_mix(k, workers, anchor, pending, rest):
-    (u,) = rest
-    eta = _lr_at(schedule, k - tau)  # the learning rate of the mix that issued `pending`
-    mean = mixing.worker_mean(pending)
-    z = _squeeze(anchor)
-    u = jax.tree.map(lambda u, z, x: beta * u + (z - x.astype(z.dtype)) / eta, u, z, mean)
-    z = jax.tree.map(lambda z, u: z - (eta * u).astype(z.dtype), z, u)
-    anchor = _expand(z)
-    pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, anchor)
-    return pulled, anchor, pulled, (u,)
+    z = _like_rows(mixing.worker_mean(pending), anchor)  # z_q: the reduction issued at mix q-1
+    # η_q β u_{q-1} = β (η_q / η_{q-1}) (z_{q-1} − z_q); zero at the first mix (pending = z_1).
+    ratio = _lr_at(schedule, k) / _lr_at(schedule, jnp.maximum(k - tau, 1))
+    lead = jax.tree.map(lambda old, new: beta * ratio.astype(new.dtype) * (old - new), anchor, z)
+    pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, z)
+    pending = jax.tree.map(lambda x, d: x - d.astype(x.dtype), pulled, lead)
+    return pulled, z, pending, rest
 
-  def init_extra(anchor):
-    return (
-      jax.tree.map(lambda z: jnp.zeros(z.shape[1:], jnp.result_type(z, jnp.float32)), anchor),
-    )
-
-  init_fn, update_fn = _anchored("overlap_local_sgd", local, tau, num_workers, init_extra, on_mix)
+  init_fn, update_fn = _anchored("overlap_local_sgd", local, tau, num_workers, lambda a: (), on_mix)
   return optax.GradientTransformationExtraArgs(
     lambda params: OverlapState(*init_fn(params)), update_fn
   )
 
 
-def settle_overlap(
-  X: PyTree,
-  opt_state: OverlapState,
-  tau: int,
-  anchor_momentum: float = 0.0,
-  lr: LearningRate | None = None,
-) -> PyTree:
-  r"""Completes Overlap Local-SGD's pending anchor step: the anchor ``z_{p+1}`` after mix p.
+def settle_overlap(X: PyTree, opt_state: OverlapState) -> PyTree:
+  r"""Completes Overlap Local-SGD's pending reduction: the anchor ``z_{q+1}`` after mix q.
 
   .. math::
 
-     z \leftarrow z - \eta_{k_p}\Big(\beta u + \frac{z - \frac1m\sum_i s_i}{\eta_{k_p}}\Big),
-     \qquad s = \text{state.pending},\ k_p = \lfloor k/\tau \rfloor \tau,
+     z \leftarrow \frac1m \textstyle\sum_i s_i, \qquad s = \text{state.pending}
+       = x^{\text{pulled}} - \eta_{k_q} \beta u_{q-1},
 
-  on the anchor row (worker rows unchanged); the arguments are those given to
-  :func:`overlap_local_sgd`.
+  on the anchor row; the worker rows are unchanged.
   """
-  tau = check_tau(tau)
-  beta = _check_alpha(anchor_momentum, "anchor_momentum")
-  schedule = as_schedule(1.0 if lr is None else lr)
   m = num_rows(opt_state.pending, "opt_state.pending")
   workers, anchor = mixing.split_rows(X, m)
-  eta = _lr_at(schedule, opt_state.count // tau * tau)
-  mean = mixing.worker_mean(opt_state.pending)
-  z = _squeeze(anchor)
-  u = jax.tree.map(
-    lambda u, z, x: beta * u + (z - x.astype(z.dtype)) / eta, opt_state.momentum, z, mean
-  )
-  z = jax.tree.map(lambda z, u: z - (eta * u).astype(z.dtype), z, u)
-  return mixing.join_rows(workers, _expand(z))
+  return mixing.join_rows(workers, _like_rows(mixing.worker_mean(opt_state.pending), anchor))
 
 
 def delayed(

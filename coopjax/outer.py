@@ -18,6 +18,15 @@ replicated: not a row of X) and the outer optimizer's state (one model,
 replicated). X has the m worker rows only (v = 0). The averaged model
 ``mean_i x_i`` moves as eq. 14, ``u_{k+1} = u_k − η mean_i g_i``, at every
 step without a mix, and equals ``x_start`` right after each mix.
+
+  >>> import jax.numpy as jnp, optax, coopjax
+  >>> tx = coopjax.diloco(optax.sgd(0.1), optax.sgd(1.0), tau=1, num_workers=2)
+  >>> X = coopjax.replicate({"w": jnp.zeros(())}, 2)
+  >>> state = tx.init(X)
+  >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X)
+  >>> X = optax.apply_updates(X, updates)  # workers at -0.1, -0.3; Δ = 0.2; x_start − 1·Δ
+  >>> [round(x, 4) for x in X["w"].tolist()]
+  [-0.2, -0.2]
 """
 
 from __future__ import annotations
@@ -42,9 +51,11 @@ from coopjax.nonblocking import LearningRate
 from coopjax.nonblocking import _check_alpha
 from coopjax.nonblocking import _lr_at
 from coopjax.nonblocking import as_schedule
-from coopjax.workers import num_rows
+from coopjax.workers import num_rows as _num_rows
 
 PyTree = Any
+# Rows of X counted globally (m or m + v), also inside a per-device sharded step.
+num_rows = getattr(mixing, "global_rows", _num_rows)
 
 __all__ = [
   "SlowMoState",
@@ -98,7 +109,8 @@ def _mean_mixer(S: PyTree) -> PyTree:
 
 def _broadcast(model: PyTree, like: PyTree) -> PyTree:
   """One model (no worker axis) as every worker row of ``like``."""
-  return jax.tree.map(lambda s, w: jnp.broadcast_to(s.astype(w.dtype), w.shape), model, like)
+  # 0·w + s (exact for finite w) varies over devices as ``like`` does on the sharded path.
+  return jax.tree.map(lambda s, w: 0 * w + jnp.expand_dims(s, 0).astype(w.dtype), model, like)
 
 
 def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, base_buffers):

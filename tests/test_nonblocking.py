@@ -137,7 +137,7 @@ def test_overlap_local_sgd_matches_numpy_with_schedule(beta):
     Xf = ref.flat(X)
     np.testing.assert_allclose(Xf[:m], xs, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(Xf[m], z_lag, rtol=1e-4, atol=1e-5)
-    settled = coopjax.settle_overlap(X, state, tau, anchor_momentum=beta, lr=schedule)
+    settled = coopjax.settle_overlap(X, state)
     np.testing.assert_allclose(ref.flat(settled)[m], z, rtol=1e-4, atol=1e-5)
   # With momentum the schedule matters: a constant lr gives other models.
   if beta:
@@ -160,7 +160,7 @@ def test_overlap_beta0_is_cooperative_with_column_stochastic_W():
   ov = run(coopjax.overlap_local_sgd(local, tau, alpha, m), A, b, m, 1)
   coop = run(coopjax.cooperative(local, tau, W, num_aux=1, symmetric=False), A, b, m, 1)
   for (X, state, _), (Xc, _, _) in zip(ov, coop, strict=True):
-    settled = coopjax.settle_overlap(X, state, tau)
+    settled = coopjax.settle_overlap(X, state)
     np.testing.assert_allclose(ref.flat(settled), ref.flat(Xc), rtol=1e-5, atol=1e-6)
 
 
@@ -400,3 +400,12 @@ def test_blocking_easgd_reduction_waits_for_the_last_local_step():
   assert walk.reductions
   for t, labels in walk.reductions:
     assert t == tau - 1 and f"batch@{tau - 1}" in labels
+
+
+def test_doctest():
+  import doctest
+
+  from coopjax import nonblocking
+
+  result = doctest.testmod(nonblocking, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0

@@ -188,3 +188,12 @@ def test_validation_errors():
     coopjax.diloco(optax.sgd(LR), optax.sgd(1.0), 2, 4).init(
       coopjax.replicate(ref.init_params(), 4, 1)
     )
+
+
+def test_doctest():
+  import doctest
+
+  from coopjax import outer
+
+  result = doctest.testmod(outer, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0

@@ -1,0 +1,98 @@
+r"""Default training config: m = 8 workers, an MLP on scikit-learn's digits, CPU.
+
+Launch (from the repository root)::
+
+  python experiments/train.py --config experiments/configs/default.py \
+    --config.algorithm=local_sgd --config.tau=8 --workdir /tmp/coopjax_run
+
+``--config experiments/configs/default.py:runlocal`` shrinks the run to a few
+steps (m = 4, a tiny MLP) for tests and smoke runs. Any field can be
+overridden with ``--config.<field>=<value>`` (nested: ``--config.network.latency=1e-4``).
+
+Fields:
+  algorithm: a name from ``experiments/registry.py`` (``sync_sgd``, ``local_sgd``,
+    ``easgd``, ``dpsgd``, ``cooperative``, ``nonblocking_easgd``, …).
+  num_workers: m.
+  tau: communication period τ (τ₁ for ``hierarchical``, τ₀ for ``adacomm``).
+  alpha: elastic weight α (EASGD family, Overlap Local-SGD's pull).
+  topology: workers' graph for ``dpsgd``/``cooperative``/``delayed``/``matcha``/
+    ``elastic_averaging``: complete, ring, torus, hypercube, exponential, erdos_renyi.
+  optimizer: local optimizer: sgd, momentum, nesterov, adam, adamw.
+  schedule: constant, step (×``decay_factor`` at ``decay_epochs``) or cosine.
+  network: α–β model (``latency`` seconds, ``bandwidth`` bytes/s) of the
+    modelled communication time; ``bytes_per_param`` the wire size of a value.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The default config; ``arg="runlocal"`` gives a tiny, fast variant."""
+  c = ml_collections.ConfigDict()
+  # algorithm
+  c.algorithm = "local_sgd"
+  c.num_workers = 8
+  c.tau = 8
+  c.alpha = 0.1
+  c.topology = "ring"
+  c.erdos_renyi_p = 0.5
+  c.order = "step_then_mix"
+  c.local_state_policy = "keep"
+  c.tau2 = 16  # hierarchical: global period (multiple of tau)
+  c.num_groups = 2  # hierarchical, elastic_hierarchical
+  c.slow_lr = 1.0  # slowmo α, diloco outer lr
+  c.slow_momentum = 0.5  # slowmo β, diloco outer momentum
+  c.outer_optimizer = "nesterov"  # diloco: nesterov or sgd
+  c.matcha_budget = 0.5
+  c.anchor_momentum = 0.0  # overlap_local_sgd
+  c.max_tau = 0  # adacomm (0: no bound)
+  # local optimizer and schedule
+  c.optimizer = "sgd"
+  c.lr = 0.1
+  c.momentum = 0.9  # momentum / nesterov
+  c.weight_decay = 0.0
+  c.schedule = "constant"
+  c.decay_epochs = (100, 150)
+  c.decay_factor = 0.1
+  # data and model
+  c.dataset = "digits"
+  c.data_dir = ""
+  c.split = "iid"  # iid or dirichlet
+  c.concentration = 0.5  # dirichlet α
+  c.model = "mlp"  # mlp, cnn, resnet20, vgg16
+  c.hidden = (64,)  # mlp widths
+  c.norm = "batch"  # resnet20 / vgg16: batch, group, none
+  c.bn_policy = "local"  # BatchNorm statistics: local (per worker) or mixed
+  c.batch_size = 32  # per worker
+  c.num_steps = 600  # 0: use num_epochs
+  c.num_epochs = 0.0
+  # logging, evaluation, checkpoints
+  c.seed = 0
+  c.log_every = 10
+  c.eval_every = 50
+  c.eval_train_size = 2000  # fixed training subset for the averaged model's train loss
+  c.checkpoint_every = 0  # 0: only at exit
+  c.checkpoint_keep = 2
+  c.progress = True
+  # α–β network model for modelled communication time
+  c.network = ml_collections.ConfigDict({"latency": 50e-6, "bandwidth": 1.25e9})
+  c.bytes_per_param = 4
+  c.compute_time = 0.0  # > 0: model every step's compute as this many seconds
+
+  if arg == "runlocal":
+    c.num_workers = 4
+    c.tau = 2
+    c.tau2 = 4
+    c.hidden = (16,)
+    c.batch_size = 16
+    c.num_steps = 24
+    c.log_every = 4
+    c.eval_every = 12
+    c.eval_train_size = 256
+    c.lr = 0.2
+    c.progress = False
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown config argument {arg!r}; use 'runlocal' or nothing.")
+  return c
