@@ -387,7 +387,13 @@ def overlap_local_sgd(
   )
 
 
-def settle_overlap(X: PyTree, opt_state: OverlapState) -> PyTree:
+def settle_overlap(
+  X: PyTree,
+  opt_state: OverlapState,
+  tau: int | None = None,
+  anchor_momentum: float | None = None,
+  lr: LearningRate | None = None,
+) -> PyTree:
   r"""Completes Overlap Local-SGD's pending reduction: the anchor ``z_{q+1}`` after mix q.
 
   .. math::
@@ -395,8 +401,11 @@ def settle_overlap(X: PyTree, opt_state: OverlapState) -> PyTree:
      z \leftarrow \frac1m \textstyle\sum_i s_i, \qquad s = \text{state.pending}
        = x^{\text{pulled}} - \eta_{k_q} \beta u_{q-1},
 
-  on the anchor row; the worker rows are unchanged.
+  on the anchor row; the worker rows are unchanged. The pending operand
+  already holds the momentum term, so ``tau``, ``anchor_momentum`` and
+  ``lr`` (:func:`overlap_local_sgd`'s arguments) are accepted but not needed.
   """
+  del tau, anchor_momentum, lr
   m = num_rows(opt_state.pending, "opt_state.pending")
   workers, anchor = mixing.split_rows(X, m)
   return mixing.join_rows(workers, _like_rows(mixing.worker_mean(opt_state.pending), anchor))
