@@ -4,10 +4,13 @@ Communication-efficient distributed SGD, A(τ, W, v) of Wang & Joshi (JMLR 2021)
 as optax gradient transformations over a stacked worker axis.
 """
 
+from coopjax import collectives
 from coopjax import data
+from coopjax import distributed
 from coopjax import mixing
 from coopjax import models
 from coopjax import netmodel
+from coopjax import sharding
 from coopjax import theory
 from coopjax import topology
 from coopjax.adacomm import AdaCommState
@@ -21,6 +24,7 @@ from coopjax.algorithms import elastic_hierarchical
 from coopjax.algorithms import local_sgd
 from coopjax.algorithms import step_count
 from coopjax.algorithms import sync_sgd
+from coopjax.comm import comm_report
 from coopjax.hierarchical import HierarchicalState
 from coopjax.hierarchical import hierarchical
 from coopjax.nonblocking import DelayedState
@@ -38,6 +42,10 @@ from coopjax.outer import slowmo
 from coopjax.period import CommPattern
 from coopjax.period import comm_pattern
 from coopjax.period import make_period_step
+from coopjax.sharding import shard
+from coopjax.sharding import shard_batch
+from coopjax.sharding import unshard
+from coopjax.sharding import worker_mesh
 from coopjax.step import make_step
 from coopjax.time_varying import MatchaDesign
 from coopjax.time_varying import TimeVaryingState
@@ -100,4 +108,12 @@ __all__ = [
   "settle_easgd",
   "settle_overlap",
   "slowmo",
+  "collectives",
+  "comm_report",
+  "distributed",
+  "shard",
+  "shard_batch",
+  "sharding",
+  "unshard",
+  "worker_mesh",
 ]

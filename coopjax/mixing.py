@@ -11,12 +11,40 @@ The reference path is a dense einsum over the worker axis,
 written ``einsum("ji,j...->i...", W, x)`` on every leaf. Faster lowerings
 (an all-reduce for ``W = J``, one collective-permute per circulant offset)
 are tested against it.
+
+Sharded meaning. Algorithms address rows only through the primitives of this
+module (:func:`split_rows`, :func:`join_rows`, :func:`worker_mean`,
+:func:`worker_sum`, :func:`permute`, :func:`group_mean`, :func:`mix_dense`,
+the mixers from :func:`dense_mixer`, and :func:`global_rows` for shape
+checks). Under a sharded step (``coopjax.make_step(..., mesh=mesh)``) the
+transformation runs inside ``jax.shard_map`` and sees, on each device, its
+block of ``b = m / D`` worker rows followed by a replicated copy of the ``v``
+auxiliary rows; a :class:`ShardContext` is then active and every primitive
+takes its per-device meaning (:mod:`coopjax.collectives`):
+
+* ``split_rows(X, m)`` splits the local block at ``b``; ``join_rows`` is local;
+* ``worker_mean`` / ``worker_sum`` are one all-reduce (``lax.psum``) whose
+  result is replicated;
+* the mixer of ``W`` lowers to the cheapest collective: one all-reduce for
+  ``W = J`` (or ``aI + cJ``), collective-permutes of the boundary rows for
+  circulant and other sparse ``W`` (ring, torus, hypercube, exponential),
+  an all-reduce of the workers' rows into replicated auxiliaries (EASGD),
+  and an all-gather with the dense einsum for any other ``W``;
+* ``permute`` and ``group_mean`` are the same sparse lowering of their
+  matrices (no traffic when every group or pair lies within one device).
+
+Only call them inside the mixing branch of a ``lax.cond`` when they should
+cost nothing on off-steps: outside a branch a collective runs every step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +63,93 @@ __all__ = [
   "worker_sum",
   "permute",
   "group_mean",
+  "global_rows",
+  "ShardContext",
+  "shard_context",
+  "sharded",
 ]
 
 
+class ShardContext(NamedTuple):
+  """Where a sharded step runs: the worker axis and the per-device block.
+
+  Attributes:
+    axis_name: the mesh axis the workers are sharded over (``coopjax.WORKER_AXIS``).
+    num_devices: D, the size of that axis.
+    num_workers: m, the global number of workers (a multiple of D).
+    num_aux: v, the number of auxiliary rows, replicated on every device.
+  """
+
+  axis_name: str
+  num_devices: int
+  num_workers: int
+  num_aux: int
+
+  @property
+  def block(self) -> int:
+    """b = m / D, the number of workers on each device."""
+    return self.num_workers // self.num_devices
+
+
+_CONTEXT: contextvars.ContextVar[ShardContext | None] = contextvars.ContextVar(
+  "coopjax_shard_context", default=None
+)
+
+
+def shard_context() -> ShardContext | None:
+  """The active :class:`ShardContext`, or None outside a sharded step."""
+  return _CONTEXT.get()
+
+
+@contextlib.contextmanager
+def sharded(ctx: ShardContext) -> Iterator[ShardContext]:
+  """Activates ``ctx`` while tracing a per-device (``shard_map``) function."""
+  if ctx.num_workers % ctx.num_devices:
+    raise ValueError(
+      f"num_workers={ctx.num_workers} is not a multiple of the {ctx.num_devices} devices of "
+      f"mesh axis {ctx.axis_name!r}; use m = k * {ctx.num_devices} workers."
+    )
+  token = _CONTEXT.set(ctx)
+  try:
+    yield ctx
+  finally:
+    _CONTEXT.reset(token)
+
+
+def global_rows(tree: PyTree, name: str = "X") -> int:
+  """The global leading-axis size of ``tree`` (``m`` or ``m + v``), sharded or not.
+
+  Outside a sharded step this is the common leading-axis size of the leaves.
+  Inside, a local block of ``b`` rows counts as ``m`` and ``b + v`` as ``m + v``.
+  """
+  from coopjax.workers import num_rows
+
+  rows = num_rows(tree, name)
+  ctx = shard_context()
+  if ctx is None:
+    return rows
+  b, v = ctx.block, ctx.num_aux
+  if rows == b:
+    return ctx.num_workers
+  if rows == b + v:
+    return ctx.num_workers + v
+  raise ValueError(
+    f"{name} has {rows} rows on this device; a sharded step expects {b} worker rows "
+    f"(+ {v} auxiliary) per device for m={ctx.num_workers} on {ctx.num_devices} devices."
+  )
+
+
 def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
-  """Returns ``X·W``: row i becomes ``Σ_j W[j, i] X[j]`` on every leaf."""
+  """Returns ``X·W``: row i becomes ``Σ_j W[j, i] X[j]`` on every leaf.
+
+  In a sharded step: all-gather of the workers' rows, then the einsum for this
+  device's columns of W (the fallback for any W, also a traced one).
+  """
+  ctx = shard_context()
+  if ctx is not None:
+    from coopjax import collectives
+
+    return collectives.mix_gathered(X, W, ctx)
 
   def mix_leaf(x):
     w = jnp.asarray(W, dtype=x.dtype)
@@ -49,9 +159,22 @@ def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
 
 
 def dense_mixer(W: np.ndarray) -> Mixer:
-  """A mixer that applies ``W`` with the dense einsum."""
+  """A mixer that applies ``W`` with the dense einsum.
+
+  In a sharded step it applies ``W`` with the cheapest collective instead
+  (:func:`coopjax.collectives.lower`); the result is the same up to rounding.
+  """
   W = np.asarray(W)
-  return lambda X: mix_dense(X, W)
+
+  def mix(X):
+    ctx = shard_context()
+    if ctx is not None:
+      from coopjax import collectives
+
+      return collectives.lower(W, ctx)(X)
+    return mix_dense(X, W)
+
+  return mix
 
 
 def split_rows(X: PyTree, num_workers: int) -> tuple[PyTree, PyTree]:
@@ -61,6 +184,14 @@ def split_rows(X: PyTree, num_workers: int) -> tuple[PyTree, PyTree]:
   :func:`worker_mean` and :func:`worker_sum` (and the mixers), so that the
   sharded execution path can give these a per-device meaning.
   """
+  ctx = shard_context()
+  if ctx is not None:
+    if num_workers != ctx.num_workers:
+      raise ValueError(
+        f"split_rows got num_workers={num_workers} inside a sharded step over "
+        f"{ctx.num_workers} workers."
+      )
+    num_workers = ctx.block
   return (
     jax.tree.map(lambda x: x[:num_workers], X),
     jax.tree.map(lambda x: x[num_workers:], X),
@@ -74,11 +205,21 @@ def join_rows(workers: PyTree, aux: PyTree) -> PyTree:
 
 def worker_mean(workers: PyTree) -> PyTree:
   """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``."""
+  ctx = shard_context()
+  if ctx is not None:
+    from coopjax import collectives
+
+    return collectives.worker_mean(workers, ctx)
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), workers)
 
 
 def worker_sum(workers: PyTree) -> PyTree:
   """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``."""
+  ctx = shard_context()
+  if ctx is not None:
+    from coopjax import collectives
+
+    return collectives.worker_sum(workers, ctx)
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), workers)
 
 
@@ -93,6 +234,13 @@ def permute(workers: PyTree, source) -> PyTree:
   src = np.asarray(source, dtype=np.int64)
   if src.ndim != 1 or sorted(src.tolist()) != list(range(len(src))):
     raise ValueError(f"source must be a permutation of 0..m-1, got {list(src)}.")
+  ctx = shard_context()
+  if ctx is not None:
+    from coopjax import collectives
+
+    A = np.zeros((len(src), len(src)))
+    A[src, np.arange(len(src))] = 1.0
+    return collectives.apply_worker_matrix(workers, A, ctx)
 
   def leaf(x):
     if x.shape[0] != len(src):
@@ -120,6 +268,12 @@ def group_mean(workers: PyTree, groups) -> PyTree:
   for gi, g in enumerate(groups):
     ids[g] = gi
   sizes = np.array([len(g) for g in groups])
+  ctx = shard_context()
+  if ctx is not None:
+    from coopjax import collectives
+
+    A = (ids[:, None] == ids[None, :]) / sizes[ids][None, :]
+    return collectives.apply_worker_matrix(workers, A, ctx)
 
   def leaf(x):
     if x.shape[0] != m:

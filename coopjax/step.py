@@ -61,10 +61,12 @@ def make_step(
   num_workers: int | None = None,
   has_aux: bool = False,
   merge_aux: Callable[[Any, Any], Any] | None = None,
-  with_consensus: bool = True,
-  with_grad_norm: bool = True,
+  with_consensus: bool | None = None,
+  with_grad_norm: bool | None = None,
+  with_loss: bool | None = None,
   donate: bool = False,
   jit: bool = True,
+  mesh=None,
 ):
   r"""Builds the cooperative step ``step(X, opt_state, batch) -> (X, opt_state, metrics)``.
 
@@ -80,14 +82,23 @@ def make_step(
       transformation, e.g. :func:`coopjax.models.merge_batch_stats` to write
       fresh BatchNorm statistics into X, so that a mixing step mixes (or, with
       a ``mix_mask``, keeps local) the current statistics.
-    with_consensus: report ``‖X_{k+1}(I − J)‖²_F`` (a reduction over workers).
+    with_consensus: report ``‖X_{k+1}(I − J)‖²_F`` (a reduction over workers);
+      default True without a mesh, False with one (see ``mesh``).
     with_grad_norm: report ``‖(1/m)Σ_i g_i‖``, the norm of the averaged
       gradient that moves u_k (eq. 14); when the models agree it is the
-      averaged model's stochastic gradient norm.
+      averaged model's stochastic gradient norm. Default as ``with_consensus``.
+    with_loss: report ``loss``, the mean over workers. Default as
+      ``with_consensus``.
     donate: donate X and opt_state buffers to the step (saves memory; the
       inputs cannot be reused after the call).
     jit: wrap in ``jax.jit`` (False gives the raw function, e.g. for
       ``chex.assert_max_traces``).
+    mesh: a ``jax.sharding.Mesh`` with a ``"workers"`` axis: run the step
+      sharded (:func:`coopjax.sharding.make_sharded_step`): X in the sharded
+      representation (:func:`coopjax.shard`), opt_state from
+      :func:`coopjax.sharding.init`. There the metrics that reduce over
+      workers (``loss``, ``consensus_distance``, ``avg_grad_norm``) are off by
+      default, since each puts an all-reduce on every step.
 
   Returns:
     ``step``; ``metrics`` holds ``loss`` (mean over workers), ``worker_loss``
@@ -102,6 +113,26 @@ def make_step(
     isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
   ):
     raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
+  default = mesh is None
+  with_consensus = default if with_consensus is None else with_consensus
+  with_grad_norm = default if with_grad_norm is None else with_grad_norm
+  with_loss = default if with_loss is None else with_loss
+  if mesh is not None:
+    from coopjax.sharding import make_sharded_step
+
+    return make_sharded_step(
+      loss_fn,
+      tx,
+      mesh,
+      num_workers=num_workers,
+      has_aux=has_aux,
+      merge_aux=merge_aux,
+      with_consensus=with_consensus,
+      with_grad_norm=with_grad_norm,
+      with_loss=with_loss,
+      donate=donate,
+      jit=jit,
+    )
   tx = optax.with_extra_args_support(tx)
   grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=has_aux))
 
@@ -128,7 +159,9 @@ def make_step(
       X = merge_aux(X, aux)
     updates, opt_state = tx.update(grads, opt_state, X, value=losses)
     X = optax.apply_updates(X, updates)
-    metrics = {"loss": jnp.mean(losses), "worker_loss": losses, "step": step_count(opt_state)}
+    metrics = {"worker_loss": losses, "step": step_count(opt_state)}
+    if with_loss:
+      metrics["loss"] = jnp.mean(losses)
     if with_consensus:
       metrics["consensus_distance"] = consensus_distance(X)
     if with_grad_norm:

@@ -1,0 +1,377 @@
+r"""Structured mixers: lowering a mixing matrix W to the cheapest collective.
+
+Inside a sharded step (``jax.shard_map`` over ``coopjax.WORKER_AXIS``) each of
+the D devices holds a block of ``b = m / D`` consecutive workers' rows
+``x_{db}, …, x_{db+b-1}`` and a replicated copy of the v auxiliary rows
+(:mod:`coopjax.sharding`). Mixing ``x_i ← Σ_j W_{ji} x_j`` is split into the
+blocks of
+
+.. math::
+
+   W = \begin{bmatrix} A & B \\ C & E \end{bmatrix}
+   \quad (A: m \times m \text{ workers} \to \text{workers},\;
+          B: m \times v,\; C: v \times m,\; E: v \times v),
+
+   x_i \leftarrow \sum_{j < m} A_{ji} x_j + \sum_l C_{li} z_l, \qquad
+   z_l \leftarrow \sum_{j < m} B_{jl} x_j + \sum_{l'} E_{l'l} z_{l'} .
+
+The terms with ``C`` and ``E`` are local (the auxiliaries are replicated); the
+term with ``B`` is one all-reduce (``lax.psum`` of each device's partial sum),
+so every device updates its copy of the auxiliaries identically. The
+workers' block ``A`` is lowered by :func:`worker_plan` to the first that fits:
+
+* ``identity`` / ``diagonal``: no traffic;
+* ``allreduce``: ``A = aI + c\mathbf 1\mathbf 1^\top`` (full averaging
+  ``J``): one ``lax.psum`` of the local sum;
+* ``permute``: any sparse A (circulant ring and exponential graphs, the torus,
+  the hypercube, matchings, groups). Each device needs, from the device δ
+  places ahead, only the rows its workers read there (for a ring with
+  several workers per device: one boundary row each way). One
+  ``lax.ppermute`` per device offset δ moves them; the new rows are weighted
+  sums of static gathers from ``[local block, received rows]``. Chosen when
+  it moves fewer rows than an all-gather, or uses at most two offsets;
+* ``gather``: the fallback for any other W, ``lax.all_gather`` of the
+  workers' rows and the dense einsum for this device's columns.
+
+Every lowering equals the dense reference :func:`coopjax.mixing.mix_dense` up
+to float rounding (tests compare them for every kind).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from coopjax.mixing import ShardContext
+
+PyTree = Any
+
+__all__ = [
+  "WorkerPlan",
+  "worker_plan",
+  "plan_kind",
+  "lower",
+  "apply_worker_matrix",
+  "mix_gathered",
+  "worker_sum",
+  "worker_mean",
+]
+
+_ATOL = 1e-12
+
+
+class WorkerPlan(NamedTuple):
+  """How the workers' block A of W is applied on D devices of b rows each.
+
+  Attributes:
+    kind: ``"identity"``, ``"diagonal"``, ``"allreduce"``, ``"permute"`` or
+      ``"gather"``.
+    rows_sent: rows each device sends per mix (``permute``: Σ over offsets;
+      ``gather``: ``(D−1)·b``; 0 when no worker rows move).
+    offsets: device offsets δ with one collective-permute each (``permute``).
+    apply: ``apply(workers_local) -> workers_local`` inside ``shard_map``.
+  """
+
+  kind: str
+  rows_sent: int
+  offsets: tuple[int, ...]
+  apply: Callable[[PyTree], PyTree]
+
+
+def _device(ctx: ShardContext):
+  return lax.axis_index(ctx.axis_name)
+
+
+def _static_rows(x, idx: np.ndarray):
+  """Rows ``idx`` of x (static) as slices of contiguous runs, concatenated."""
+  runs, start = [], 0
+  for i in range(1, len(idx) + 1):
+    if i == len(idx) or idx[i] != idx[i - 1] + 1:
+      runs.append(x[int(idx[start]) : int(idx[i - 1]) + 1])
+      start = i
+  return runs[0] if len(runs) == 1 else jnp.concatenate(runs, axis=0)
+
+
+def _rows(x, table: np.ndarray, ctx: ShardContext):
+  """Rows ``table[d]`` of x on device d (static slices when all devices read the same rows)."""
+  if np.all(table == table[:1]):
+    return _static_rows(x, table[0])
+  return jnp.take(x, jnp.asarray(table, jnp.int32)[_device(ctx)], axis=0, mode="clip")
+
+
+def _per_device(values: np.ndarray, ctx: ShardContext, dtype, ndim: int):
+  """``values[d]`` (shape [D, b]) on device d, broadcastable against rows of rank ``ndim``."""
+  if np.allclose(values, values.flat[0], atol=0.0, rtol=0.0):
+    return jnp.asarray(values.flat[0], dtype)
+  if np.all(values == values[:1]):
+    w = jnp.asarray(values[0], dtype)
+  else:
+    w = jnp.asarray(values, dtype)[_device(ctx)]
+  return w.reshape(w.shape + (1,) * (ndim - 1))
+
+
+def _columns(M: np.ndarray, ctx: ShardContext, axis: int, dtype):
+  """This device's b-block of M along ``axis`` (static when all blocks are equal)."""
+  D = ctx.num_devices
+  blocks = np.stack(np.split(np.asarray(M), D, axis=axis))
+  if np.all(blocks == blocks[:1]):
+    return jnp.asarray(blocks[0], dtype)
+  return jnp.asarray(blocks, dtype)[_device(ctx)]
+
+
+def worker_sum(workers: PyTree, ctx: ShardContext) -> PyTree:
+  """``Σ_i x_i`` over all m workers: one all-reduce, replicated on every device."""
+  return jax.tree.map(lambda x: lax.psum(jnp.sum(x, axis=0), ctx.axis_name), workers)
+
+
+def worker_mean(workers: PyTree, ctx: ShardContext) -> PyTree:
+  """``(1/m) Σ_i x_i`` over all m workers: one all-reduce, replicated."""
+  m = ctx.num_workers
+  return jax.tree.map(lambda s: s / jnp.asarray(m, s.dtype), worker_sum(workers, ctx))
+
+
+def _identity_plan() -> WorkerPlan:
+  return WorkerPlan("identity", 0, (), lambda w: w)
+
+
+def _gather_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
+  D, b = ctx.num_devices, ctx.block
+
+  def apply(workers):
+    def leaf(x):
+      full = lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)
+      cols = _columns(A, ctx, axis=1, dtype=x.dtype)
+      return jnp.einsum("ji,j...->i...", cols, full)
+
+    return jax.tree.map(leaf, workers)
+
+  return WorkerPlan("gather", (D - 1) * b, (), apply)
+
+
+def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
+  """The sparse lowering of A, or None when an all-gather moves no more rows."""
+  D, b, m = ctx.num_devices, ctx.block, ctx.num_workers
+  src, dst = np.nonzero(np.abs(A) > _ATOL)  # A[src, dst]: row dst reads row src
+  offsets = sorted({int(s) for s in (src - dst) % m})
+  # Rows device d reads from device (d + delta) % D, as local positions there.
+  need: dict[tuple[int, int], set[int]] = {}
+  for j, i in zip(src.tolist(), dst.tolist(), strict=True):
+    d, e = i // b, j // b
+    if e != d:
+      need.setdefault((d, (e - d) % D), set()).add(j % b)
+  # Signed offsets: rows from devices behind come before the local block, rows from
+  # devices ahead after it, so circulant shifts read contiguous slices of the pool.
+  signed = lambda delta: delta - D if delta > D // 2 else delta
+  deltas = sorted({delta for _, delta in need}, key=signed)
+  k = {delta: max(len(need.get((d, delta), ())) for d in range(D)) for delta in deltas}
+  rows_sent = sum(k.values())
+  if D > 1 and rows_sent >= (D - 1) * b and len(deltas) > 2:
+    return None
+  # Device e sends to d = e - delta the rows d needs; candidates on d: [local, recv...].
+  send = {}
+  cand = [dict() for _ in range(D)]  # global row -> index in the pool, per device
+  behind = [delta for delta in deltas if signed(delta) < 0]
+  local_at = sum(k[delta] for delta in behind)
+  for d in range(D):
+    for p in range(b):
+      cand[d][d * b + p] = local_at + p
+  base = 0
+  for delta in deltas:
+    if delta not in behind and base == local_at:
+      base += b  # the local block sits between the rows from behind and from ahead
+    table = np.zeros((D, k[delta]), np.int64)
+    for d in range(D):
+      rows = sorted(need.get((d, delta), ()))
+      e = (d + delta) % D
+      table[e, : len(rows)] = rows
+      for slot, q in enumerate(rows):
+        cand[d][e * b + q] = base + slot
+    send[delta] = table
+    base += k[delta]
+  terms = []
+  for s in offsets:
+    idx = np.zeros((D, b), np.int64)
+    w = np.zeros((D, b))
+    for d in range(D):
+      for p in range(b):
+        i = d * b + p
+        j = (i + s) % m
+        idx[d, p] = cand[d][j] if abs(A[j, i]) > _ATOL else local_at + p
+        w[d, p] = A[j, i] if abs(A[j, i]) > _ATOL else 0.0
+    terms.append((idx, w))
+
+  def apply(workers):
+    def leaf(x):
+      received = {}
+      for delta in deltas:
+        pairs = [(e, (e - delta) % D) for e in range(D)]
+        received[delta] = lax.ppermute(_rows(x, send[delta], ctx), ctx.axis_name, pairs)
+      parts = [received[delta] for delta in behind] + [x]
+      parts += [received[delta] for delta in deltas if delta not in behind]
+      pool = jnp.concatenate(parts, axis=0) if len(parts) > 1 else x
+      total = None
+      for idx, w in terms:
+        term = _rows(pool, idx, ctx) * _per_device(w, ctx, x.dtype, x.ndim)
+        total = term if total is None else total + term
+      return total
+
+    return jax.tree.map(leaf, workers)
+
+  return WorkerPlan("permute", rows_sent, tuple(deltas), apply)
+
+
+def worker_plan(A, ctx: ShardContext) -> WorkerPlan:
+  """Chooses how to apply the workers' block ``A`` (m × m, static) on ``ctx``'s devices.
+
+  Args:
+    A: the m × m matrix, ``x_i ← Σ_j A[j, i] x_j``.
+    ctx: the sharded step's :class:`coopjax.mixing.ShardContext`.
+
+  Returns:
+    A :class:`WorkerPlan` (see the module docstring for the rules).
+  """
+  A = np.asarray(A, np.float64)
+  m = ctx.num_workers
+  if A.shape != (m, m):
+    raise ValueError(f"the workers' block of W must be {m}x{m} for m={m}, got {A.shape}.")
+  diag = np.diag(A).copy()
+  off = A - np.diag(diag)
+  if not np.any(np.abs(off) > _ATOL):
+    if np.allclose(diag, 1.0, atol=_ATOL, rtol=0.0):
+      return _identity_plan()
+
+    def scale(workers):
+      return jax.tree.map(
+        lambda x: x * _per_device(diag.reshape(ctx.num_devices, -1), ctx, x.dtype, x.ndim),
+        workers,
+      )
+
+    return WorkerPlan("diagonal", 0, (), scale)
+  c = off[0, 1] if m > 1 else 0.0
+  a = diag[0] - c
+  if m > 2 and np.allclose(A, a * np.eye(m) + c, atol=_ATOL, rtol=0.0):
+
+    def allreduce(workers):
+      total = worker_sum(workers, ctx)
+      return jax.tree.map(
+        lambda x, s: jnp.asarray(a, x.dtype) * x + jnp.asarray(c, x.dtype) * s[None], workers, total
+      )
+
+    return WorkerPlan("allreduce", 0, (), allreduce)
+  plan = _permute_plan(A, ctx)
+  return plan if plan is not None else _gather_plan(A, ctx)
+
+
+def plan_kind(W, ctx: ShardContext) -> str:
+  """The :class:`WorkerPlan` kind chosen for the workers' block of ``W``."""
+  W = np.asarray(W, np.float64)
+  m = ctx.num_workers
+  return worker_plan(W[:m, :m], ctx).kind
+
+
+def apply_worker_matrix(workers: PyTree, A, ctx: ShardContext) -> PyTree:
+  """``x_i ← Σ_j A[j, i] x_j`` on the local block of worker rows (A static, m × m)."""
+  return _cached_plan(np.asarray(A, np.float64), ctx).apply(workers)
+
+
+_PLANS: dict = {}
+
+
+def _cached_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
+  key = (A.shape, A.tobytes(), ctx)
+  if key not in _PLANS:
+    if len(_PLANS) > 256:
+      _PLANS.clear()
+    _PLANS[key] = worker_plan(A, ctx)
+  return _PLANS[key]
+
+
+def _split_local(X: PyTree, n: int, ctx: ShardContext):
+  m, b = ctx.num_workers, ctx.block
+  if n == m:
+    return X, None
+  if n != m + ctx.num_aux:
+    raise ValueError(
+      f"W is {n}x{n} but the sharded step has m={m} workers and v={ctx.num_aux} auxiliary "
+      "rows; W must be m x m (workers only) or (m+v) x (m+v)."
+    )
+  return jax.tree.map(lambda x: x[:b], X), jax.tree.map(lambda x: x[b:], X)
+
+
+def mix_gathered(X: PyTree, W, ctx: ShardContext) -> PyTree:
+  """The dense fallback: all-gather the workers' rows, einsum with this device's columns.
+
+  Works for any W, also a traced one (e.g. a matrix drawn at run time).
+  """
+  n = W.shape[0]
+  m, b = ctx.num_workers, ctx.block
+  workers, aux = _split_local(X, n, ctx)
+  W = jnp.asarray(W)
+
+  def leaf(x, z):
+    full = lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)
+    if z is not None:
+      full = jnp.concatenate([full, z.astype(full.dtype)], axis=0)
+    w = W.astype(x.dtype)
+    own = lax.dynamic_slice_in_dim(w, _device(ctx) * b, b, axis=1)
+    out = jnp.einsum("ji,j...->i...", own, full)
+    if z is None:
+      return out
+    return jnp.concatenate([out, jnp.einsum("ji,j...->i...", w[:, m:], full)], axis=0)
+
+  if aux is None:
+    return jax.tree.map(lambda x: leaf(x, None), workers)
+  return jax.tree.map(leaf, workers, aux)
+
+
+def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
+  r"""The per-device mixer of a static W on ``ctx``'s devices.
+
+  W is ``m × m`` (applied to the local workers' rows) or ``(m+v) × (m+v)``
+  (applied to the local block ``[workers, auxiliaries]``).
+
+  Args:
+    W: the static mixing matrix, ``x_i ← Σ_j W[j, i] x_j``.
+    ctx: the sharded step's :class:`coopjax.mixing.ShardContext`.
+
+  Returns:
+    ``mix(X_local) -> X_local``, equal to the dense einsum up to rounding.
+  """
+  W = np.asarray(W, np.float64)
+  n, m = W.shape[0], ctx.num_workers
+  plan = _cached_plan(np.ascontiguousarray(W[:m, :m]), ctx)
+  if n == m:
+    return plan.apply
+  if n != m + ctx.num_aux:
+    _split_local({}, n, ctx)
+  if plan.kind == "gather":
+    return lambda X: mix_gathered(X, W, ctx)
+  C, B, E = W[m:, :m], W[:m, m:], W[m:, m:]
+  has_C = bool(np.any(np.abs(C) > _ATOL))
+  has_B = bool(np.any(np.abs(B) > _ATOL))
+
+  def mix(X):
+    workers, aux = _split_local(X, n, ctx)
+    new_w = plan.apply(workers)
+    if has_C:
+      new_w = jax.tree.map(
+        lambda y, z: y + jnp.einsum("li,l...->i...", _columns(C, ctx, 1, z.dtype), z), new_w, aux
+      )
+
+    def new_aux(x, z):
+      out = jnp.einsum("kl,k...->l...", jnp.asarray(E, z.dtype), z)
+      if has_B:
+        part = jnp.einsum("il,i...->l...", _columns(B, ctx, 0, x.dtype), x)
+        out = out + lax.psum(part, ctx.axis_name).astype(z.dtype)
+      return out
+
+    new_z = jax.tree.map(new_aux, workers, aux)
+    return jax.tree.map(lambda y, z: jnp.concatenate([y, z.astype(y.dtype)], axis=0), new_w, new_z)
+
+  return mix

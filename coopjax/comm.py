@@ -1,0 +1,314 @@
+r"""What a compiled step communicates: collectives, bytes, and where they run.
+
+:func:`comm_report` compiles a step and reads the optimized HLO that XLA will
+execute (``jitted.lower(*args).compile().as_text()``). Each cross-device
+collective (all-reduce, collective-permute, all-gather, all-to-all,
+reduce-scatter, collective-broadcast; for asynchronous pairs the ``-start``
+half) becomes one :class:`Collective` with
+
+* ``kind`` (``-start`` removed) and the HLO instruction ``name``;
+* ``bytes``: the size of its operands on one device (from their shapes and
+  dtypes; for an all-gather the local piece, for an all-reduce the buffer
+  reduced), and ``result_bytes``;
+* ``in_branch``: whether its computation is reachable from the entry only
+  through a branch of a ``conditional`` (``lax.cond``), i.e. whether it runs
+  only on the steps that take that branch. For the cooperative step that is
+  the mixing branch, ``k mod τ = 0``: a collective with ``in_branch=False``
+  runs on every step, off-steps included.
+
+  >>> text = '''
+  ... %mix (p: f32[4]) -> f32[4] {
+  ...   %p = f32[4]{0} parameter(0)
+  ...   ROOT %cp = f32[4]{0} collective-permute(%p), source_target_pairs={{0,1},{1,0}}
+  ... }
+  ... %skip (q: f32[4]) -> f32[4] {
+  ...   ROOT %q = f32[4]{0} parameter(0)
+  ... }
+  ... ENTRY %main (x: f32[4], k: s32[]) -> f32[4] {
+  ...   %x = f32[4]{0} parameter(0)
+  ...   %k = s32[] parameter(1)
+  ...   ROOT %c = f32[4]{0} conditional(%k, %x, %x), branch_computations={%skip, %mix}
+  ... }'''
+  >>> [(c.kind, c.bytes, c.in_branch, c.branch) for c in parse_hlo(text)]
+  [('collective-permute', 16, True, 1)]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+
+__all__ = ["Collective", "CommReport", "comm_report", "parse_hlo", "COLLECTIVE_KINDS"]
+
+COLLECTIVE_KINDS = (
+  "all-reduce",
+  "all-gather",
+  "collective-permute",
+  "all-to-all",
+  "ragged-all-to-all",
+  "reduce-scatter",
+  "collective-broadcast",
+)
+
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
+
+_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_CALLS = re.compile(
+  r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+
+
+class Collective(NamedTuple):
+  """One collective of a compiled program.
+
+  Attributes:
+    kind: ``"all-reduce"``, ``"collective-permute"``, ``"all-gather"``, …
+    name: the HLO instruction name.
+    computation: the HLO computation that holds it.
+    shape: its result type, as printed in the HLO.
+    bytes: bytes of its operands on one device.
+    result_bytes: bytes of its result on one device.
+    in_branch: True when it runs only inside a branch of a conditional.
+    conditional: the conditional whose branch holds it (None if in_branch is False).
+    branch: that branch's index (for ``lax.cond(p, f, g)``: 1 is ``f``, 0 is ``g``).
+  """
+
+  kind: str
+  name: str
+  computation: str
+  shape: str
+  bytes: int
+  result_bytes: int
+  in_branch: bool
+  conditional: str | None
+  branch: int | None
+
+
+class CommReport(list):
+  """A list of :class:`Collective` with totals and a printable table."""
+
+  @property
+  def total_bytes(self) -> int:
+    """Bytes of all collectives' operands (one device, one execution of every branch)."""
+    return sum(c.bytes for c in self)
+
+  def kinds(self) -> list[str]:
+    """The kinds, in program order."""
+    return [c.kind for c in self]
+
+  def every_step(self) -> CommReport:
+    """The collectives outside any conditional branch: they run on every step."""
+    return CommReport(c for c in self if not c.in_branch)
+
+  def table(self) -> str:
+    """A fixed-width table, one row per collective."""
+    head = f"{'kind':<22}{'bytes':>12}  {'in branch':<10}{'result shape':<34}name"
+    rows = [head, "-" * len(head)]
+    for c in self:
+      where = f"yes ({c.branch})" if c.in_branch else "NO"
+      shape = c.shape if len(c.shape) <= 32 else c.shape[:29] + "..."
+      rows.append(f"{c.kind:<22}{c.bytes:>12}  {where:<10}{shape:<34}{c.name}")
+    rows.append(f"{len(self)} collectives, {self.total_bytes} bytes in operands")
+    return "\n".join(rows)
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+def type_bytes(type_text: str) -> int:
+  """Bytes of an HLO type such as ``f32[2,3]{1,0}`` or a tuple of them."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(type_text):
+    size = _DTYPE_BYTES.get(dtype)
+    if size is None:
+      if dtype.startswith(("f8", "s4", "u4", "f4")):
+        size = 1
+      else:
+        continue
+    count = 1
+    for d in dims.split(","):
+      if d:
+        count *= int(d)
+    total += size * count
+  return total
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+  """Splits ``"TYPE opcode(...)..."`` into the type and the remainder."""
+  rest = rest.strip()
+  if rest.startswith("("):
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += ch == "("
+      depth -= ch == ")"
+      if depth == 0:
+        return rest[: i + 1], rest[i + 1 :].strip()
+  head, _, tail = rest.partition(" ")
+  return head, tail
+
+
+def _operands(text: str) -> str:
+  """The text inside the opcode's parentheses."""
+  start = text.find("(")
+  if start < 0:
+    return ""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += text[i] == "("
+    depth -= text[i] == ")"
+    if depth == 0:
+      return text[start + 1 : i]
+  return text[start + 1 :]
+
+
+def _params(signature: str) -> dict[str, str]:
+  """``name -> type`` of a computation's parameters, from its header."""
+  out, depth, start = {}, 0, 0
+  parts = []
+  for i, ch in enumerate(signature):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      parts.append(signature[start:i])
+      start = i + 1
+  parts.append(signature[start:])
+  for part in parts:
+    name, _, typ = part.partition(":")
+    if typ:
+      out[name.strip().lstrip("%")] = typ.strip()
+  return out
+
+
+class _Instr(NamedTuple):
+  name: str
+  type: str
+  opcode: str
+  text: str
+
+
+def _parse(text: str):
+  comps: dict[str, list[_Instr]] = {}
+  types: dict[str, dict[str, str]] = {}
+  entry = None
+  current = None
+  for line in text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = header.group(2)
+      comps[current] = []
+      types[current] = _params(header.group(3))
+      if header.group(1):
+        entry = current
+      continue
+    if current is None:
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    instr = _INSTR.match(line)
+    if not instr:
+      continue
+    typ, rest = _split_type(instr.group(2))
+    opcode = rest.split("(", 1)[0].strip()
+    comps[current].append(_Instr(instr.group(1), typ, opcode, rest))
+    types[current][instr.group(1)] = typ
+  return comps, types, entry
+
+
+def parse_hlo(text: str) -> CommReport:
+  """The collectives of an HLO module's text (see the module docstring)."""
+  comps, types, entry = _parse(text)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text; pass compiled.as_text().")
+  plain: dict[str, set[str]] = {c: set() for c in comps}
+  branches: dict[str, list[tuple[str, int, str]]] = {c: [] for c in comps}
+  for comp, instrs in comps.items():
+    for ins in instrs:
+      for _, callee in _CALLS.findall(ins.text):
+        plain[comp].add(callee)
+      found = _BRANCHES.search(ins.text)
+      if found:
+        names = [n.strip().lstrip("%") for n in found.group(1).split(",") if n.strip()]
+        for i, callee in enumerate(names):
+          branches[comp].append((ins.name, i, callee))
+
+  def reach(start: str, with_branches: bool) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+      c = todo.pop()
+      if c in seen or c not in comps:
+        continue
+      seen.add(c)
+      todo.extend(plain[c])
+      if with_branches:
+        todo.extend(callee for _, _, callee in branches[c])
+    return seen
+
+  always = reach(entry, with_branches=False)
+  owner: dict[str, tuple[str, int]] = {}
+  for comp in reach(entry, with_branches=True):
+    for cond, i, callee in branches.get(comp, []):
+      for c in reach(callee, with_branches=True):
+        owner.setdefault(c, (cond, i))
+  report = CommReport()
+  for comp, instrs in comps.items():
+    for ins in instrs:
+      kind = ins.opcode[: -len("-start")] if ins.opcode.endswith("-start") else ins.opcode
+      if kind not in COLLECTIVE_KINDS:
+        continue
+      names = _OPERAND.findall(_operands(ins.text))
+      known = [types[comp][n] for n in names if n in types[comp]]
+      nbytes = sum(type_bytes(t) for t in known) if known else type_bytes(ins.type)
+      in_branch = comp not in always
+      cond, branch = owner.get(comp, (None, None)) if in_branch else (None, None)
+      report.append(
+        Collective(
+          kind, ins.name, comp, ins.type, nbytes, type_bytes(ins.type), in_branch, cond, branch
+        )
+      )
+  return report
+
+
+def comm_report(step: Callable[..., Any], *args, **kwargs) -> CommReport:
+  """Compiles ``step(*args, **kwargs)`` and lists its collectives.
+
+  Args:
+    step: a jitted function (e.g. from :func:`coopjax.make_step`); a plain
+      function is wrapped in ``jax.jit``.
+    *args: example arguments (arrays or ``jax.ShapeDtypeStruct`` with shardings).
+    **kwargs: keyword arguments for ``step``.
+
+  Returns:
+    A :class:`CommReport` (a list of :class:`Collective`); ``print`` it for a table.
+
+  Examples:
+    ``print(coopjax.comm_report(step, X, opt_state, batch))``
+  """
+  lower = getattr(step, "lower", None)
+  if lower is None:
+    lower = jax.jit(step).lower
+  return parse_hlo(lower(*args, **kwargs).compile().as_text())
