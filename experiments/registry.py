@@ -230,7 +230,7 @@ def _overlap_local_sgd(config, local, lr, mix_mask):
     1,
     _every(tau, _all_reduce(m)),
     overlap=True,
-    settle=lambda X, s: coopjax.settle_overlap(X, s, tau, beta, lr),
+    settle=lambda X, s: coopjax.settle_overlap(X, s),
   )
 
 

@@ -503,11 +503,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       num_workers=m,
       has_aux=True,
       merge_aux=cmodels.merge_batch_stats,
+      with_grad_norm=False,
       donate=True,
     )
   else:
     loss_fn = cmodels.make_loss_fn(model, ds.num_classes)
-    step_fn = coopjax.make_step(loss_fn, alg.tx, num_workers=m, donate=True)
+    step_fn = coopjax.make_step(loss_fn, alg.tx, num_workers=m, with_grad_norm=False, donate=True)
   mixed_tree = variables["params"] if mix_mask is not None else variables
   nbytes = _tree_bytes(mixed_tree, config.bytes_per_param)
   net = coopjax.netmodel.NetworkModel(
@@ -515,7 +516,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   ).check()
 
   X0 = coopjax.replicate(variables, m, alg.num_aux)
-  state = TrainState(jnp.zeros([], jnp.int32), X0, alg.tx.init(X0), jax.random.key(config.seed))
+  # jit: one compilation instead of many small ones, and fresh buffers (some states
+  # start as snapshots of X, and X and the state are both donated to the step)
+  opt_state = jax.jit(alg.tx.init)(X0)
+  state = TrainState(jnp.zeros([], jnp.int32), X0, opt_state, jax.random.key(config.seed))
 
   # resume
   manager = ckpt.CheckpointManager(

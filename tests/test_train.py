@@ -1,0 +1,179 @@
+"""End-to-end tests of experiments/train.py (tiny runs on digits) and its modelled clock."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import registry  # noqa: E402
+import train  # noqa: E402
+
+RUNLOCAL = os.path.join(ROOT, "experiments", "configs", "default.py") + ":runlocal"
+# runlocal: m = 4, MLP 64 -> 16 -> 10 on 8x8 digits.
+M, TAU, STEPS = 4, 2, 24
+NUM_PARAMS = 64 * 16 + 16 + 16 * 10 + 10
+
+
+def run(tmp_path, *overrides, name="run"):
+  workdir = str(tmp_path / name)
+  args = ["--config", RUNLOCAL, "--workdir", workdir]
+  args += [f"--config.{k}" for k in overrides]
+  summary = train.main(args)
+  return summary, workdir
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def read_csv(workdir):
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_algorithm_trains(tmp_path, name):
+  summary, workdir = run(tmp_path, f"algorithm={name}")
+  rows = read_jsonl(workdir)
+  table = read_csv(workdir)
+  assert [int(r["step"]) for r in table] == [r["step"] for r in rows]
+  assert rows[0]["step"] == 0 and rows[-1]["step"] == STEPS
+  assert summary["stopped"] is None
+  losses = [r["loss"] for r in rows[1:]]
+  assert all(math.isfinite(x) for x in losses)
+  evals = [r for r in rows if r["train_loss"] is not None]
+  assert [r["step"] for r in evals] == [0, 12, 24]
+  assert all(math.isfinite(r["train_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in evals)
+  # the averaged model improves on the initial one, which is near chance: ln(10)
+  assert abs(evals[0]["train_loss"] - math.log(10)) < 0.3
+  assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 0.1
+  # clocks are cumulative and the modelled clock covers at least the compute
+  for a, b in zip(rows[1:], rows[2:], strict=False):
+    assert b["modelled_time"] >= a["modelled_time"] and b["bytes_sent"] >= a["bytes_sent"]
+  assert rows[-1]["modelled_time"] >= rows[-1]["compute_time"] > 0
+
+
+def test_bytes_and_comm_count_for_local_sgd(tmp_path):
+  summary, workdir = run(tmp_path, "algorithm=local_sgd")
+  nbytes = 4 * NUM_PARAMS
+  assert summary["model_bytes"] == nbytes
+  last = read_jsonl(workdir)[-1]
+  mixes = STEPS // TAU
+  assert last["mixes"] == mixes
+  # ring all-reduce: each worker sends 2(m-1)/m model-sized payloads per mix
+  assert last["bytes_sent"] == pytest.approx(mixes * 2 * (M - 1) / M * nbytes)
+
+
+def test_modelled_wallclock_matches_alpha_beta_blocking(tmp_path):
+  t_c, lat, bw = 1e-3, 2e-4, 1e8
+  _, workdir = run(
+    tmp_path,
+    "algorithm=local_sgd",
+    f"compute_time={t_c}",
+    f"network.latency={lat}",
+    f"network.bandwidth={bw}",
+  )
+  nbytes = 4 * NUM_PARAMS
+  t_mix = 2 * (M - 1) * lat + 2 * (M - 1) / M * nbytes / bw
+  for row in read_jsonl(workdir)[1:]:
+    k = row["step"]
+    assert row["modelled_time"] == pytest.approx(k * t_c + (k // TAU) * t_mix, rel=1e-9)
+    assert row["comm_time"] == pytest.approx((k // TAU) * t_mix, rel=1e-9)
+
+
+def test_modelled_wallclock_non_blocking_overlaps(tmp_path):
+  # Communication-bound: T_mix > tau * t_c, so from the second mix on each
+  # period waits for the previous mix: clock at the p-th mix = tau*t_c + (p-1)*T.
+  t_c, lat, bw = 1e-4, 1e-3, 1e9
+  _, workdir = run(
+    tmp_path,
+    "algorithm=nonblocking_easgd",
+    f"compute_time={t_c}",
+    f"network.latency={lat}",
+    f"network.bandwidth={bw}",
+  )
+  nbytes = 4 * NUM_PARAMS  # X's rows are models of this size; the anchor all-reduce sends them
+  t_mix = 2 * (M - 1) * lat + 2 * (M - 1) / M * nbytes / bw
+  assert t_mix > TAU * t_c
+  for row in read_jsonl(workdir)[1:]:
+    k = row["step"]
+    if k % TAU == 0:
+      assert row["modelled_time"] == pytest.approx(TAU * t_c + (k // TAU - 1) * t_mix, rel=1e-9)
+
+
+def test_clock_matches_netmodel():
+  from coopjax import netmodel
+
+  rng = np.random.default_rng(0)
+  compute = rng.uniform(1e-3, 3e-3, 40)
+  mixed = np.arange(1, 41) % 3 == 0
+  for overlap in (False, True):
+    expected = netmodel.modelled_wallclock(compute, mixed, 4e-3, overlap=overlap)
+    clocks, got = train._Clocks(), []
+    for t, mix in zip(compute, mixed, strict=True):
+      clocks = train._advance(clocks, t, t, 4e-3 if mix else 0.0, 1.0 if mix else 0.0, overlap)
+      got.append(clocks.modelled_time)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_resume_continues_exactly(tmp_path):
+  full, full_dir = run(tmp_path, "algorithm=easgd", name="full")
+  run(tmp_path, "algorithm=easgd", "num_steps=12", name="split")
+  resumed = train.main(
+    [
+      "--config",
+      RUNLOCAL,
+      "--workdir",
+      str(tmp_path / "split"),
+      "--resume",
+      "--config.algorithm=easgd",
+    ]
+  )
+  a, b = read_jsonl(full_dir), read_jsonl(str(tmp_path / "split"))
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b, strict=True):
+    for key in ("loss", "consensus_distance", "train_loss", "test_accuracy", "bytes_sent"):
+      assert ra[key] == rb[key], (ra["step"], key)
+  assert resumed["final"]["train_loss"] == full["final"]["train_loss"]
+
+
+def test_non_finite_loss_stops_and_names_workers(tmp_path):
+  summary, workdir = run(tmp_path, "algorithm=local_sgd", "lr=1e30")
+  assert summary["stopped"] is not None
+  k, workers = summary["stopped"]["step"], summary["stopped"]["workers"]
+  assert 1 <= k < STEPS and workers and set(workers) <= set(range(M))
+  assert all(r["step"] < k for r in read_jsonl(workdir))
+
+
+def test_overrides_parse_and_type_check():
+  config, workdir, resume = train.parse_args(
+    ["--config", RUNLOCAL, "--config.tau=8", "--config.network.latency", "1e-3", "--resume"]
+  )
+  assert (config.tau, config.network.latency, resume) == (8, 1e-3, True)
+  config, _, _ = train.parse_args(["--config", RUNLOCAL, "--config.lr=1", "--config.hidden=32"])
+  assert config.lr == 1.0 and isinstance(config.lr, float) and tuple(config.hidden) == (32,)
+  with pytest.raises(TypeError, match="tau"):
+    train.parse_args(["--config", RUNLOCAL, "--config.tau=abc"])
+  with pytest.raises(ValueError, match="unknown field"):
+    train.parse_args(["--config", RUNLOCAL, "--config.nosuchfield=1"])
+  with pytest.raises(ValueError, match="unknown algorithm"):
+    registry.build(types.SimpleNamespace(algorithm="nope"), None, 0.1)
+
+
+def test_step_schedule_decays_at_epochs():
+  config = train.load_config(RUNLOCAL)
+  config.schedule, config.lr, config.decay_epochs = "step", 0.4, (2, 3)
+  lr = train.make_schedule(config, steps_per_epoch=10, num_steps=50)
+  got = [float(lr(k)) for k in (0, 19, 20, 29, 30, 49)]
+  np.testing.assert_allclose(got, [0.4, 0.4, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)
