@@ -52,7 +52,7 @@ import optax
 
 from coopjax import mixing
 from coopjax import topology
-from coopjax.mixing import global_rows as num_rows  # m or m + v, also per device
+from coopjax.workers import num_rows
 
 PyTree = Any
 Order = Literal["step_then_mix", "mix_then_step"]

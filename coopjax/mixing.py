@@ -15,8 +15,8 @@ are tested against it.
 Sharded meaning. Algorithms address rows only through the primitives of this
 module (:func:`split_rows`, :func:`join_rows`, :func:`worker_mean`,
 :func:`worker_sum`, :func:`permute`, :func:`group_mean`, :func:`mix_dense`,
-the mixers from :func:`dense_mixer`, and :func:`global_rows` for shape
-checks). Under a sharded step (``coopjax.make_step(..., mesh=mesh)``) the
+the mixers from :func:`dense_mixer`; shape checks through
+:func:`coopjax.workers.num_rows` count global rows). Under a sharded step (``coopjax.make_step(..., mesh=mesh)``) the
 transformation runs inside ``jax.shard_map`` and sees, on each device, its
 block of ``b = m / D`` worker rows followed by a replicated copy of the ``v``
 auxiliary rows; a :class:`ShardContext` is then active and every primitive
@@ -64,6 +64,7 @@ __all__ = [
   "permute",
   "group_mean",
   "global_rows",
+  "to_global_rows",
   "ShardContext",
   "shard_context",
   "sharded",
@@ -116,27 +117,34 @@ def sharded(ctx: ShardContext) -> Iterator[ShardContext]:
     _CONTEXT.reset(token)
 
 
-def global_rows(tree: PyTree, name: str = "X") -> int:
-  """The global leading-axis size of ``tree`` (``m`` or ``m + v``), sharded or not.
+def to_global_rows(rows: int) -> int:
+  """A leading-axis size seen on this device, as a global row count.
 
-  Outside a sharded step this is the common leading-axis size of the leaves.
-  Inside, a local block of ``b`` rows counts as ``m`` and ``b + v`` as ``m + v``.
+  Outside a sharded step it is returned unchanged. Inside, a local block of
+  ``b`` rows counts as ``m`` and ``b + v`` as ``m + v``; other sizes (e.g. the
+  ``v`` auxiliary rows alone, which are replicated) are unchanged.
+  :func:`coopjax.workers.num_rows` applies it, so the shape checks of every
+  algorithm hold per device.
   """
-  from coopjax.workers import num_rows
-
-  rows = num_rows(tree, name)
   ctx = shard_context()
   if ctx is None:
     return rows
-  b, v = ctx.block, ctx.num_aux
-  if rows == b:
+  if rows == ctx.block:
     return ctx.num_workers
-  if rows == b + v:
-    return ctx.num_workers + v
-  raise ValueError(
-    f"{name} has {rows} rows on this device; a sharded step expects {b} worker rows "
-    f"(+ {v} auxiliary) per device for m={ctx.num_workers} on {ctx.num_devices} devices."
-  )
+  if rows == ctx.block + ctx.num_aux:
+    return ctx.num_workers + ctx.num_aux
+  return rows
+
+
+def global_rows(tree: PyTree, name: str = "X") -> int:
+  """The global leading-axis size of ``tree`` (``m`` or ``m + v``), sharded or not.
+
+  Same as :func:`coopjax.workers.num_rows`, which counts rows globally inside
+  a sharded step (:func:`to_global_rows`).
+  """
+  from coopjax.workers import num_rows
+
+  return num_rows(tree, name)
 
 
 def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:

@@ -136,7 +136,9 @@ def num_rows(X: PyTree, name: str = "X") -> int:
       f"{name} leaves have different leading-axis sizes {sorted(sizes)}; every leaf must "
       "be stacked over the same m + v rows (use coopjax.replicate)."
     )
-  return sizes.pop()
+  from coopjax.mixing import to_global_rows  # inside a sharded step: the global count
+
+  return to_global_rows(sizes.pop())
 
 
 def check_stacked(X: PyTree, rows: int, name: str = "X") -> None:
