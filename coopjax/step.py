@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from coopjax import diagnostics
 from coopjax.workers import consensus_distance
 from coopjax.workers import num_rows
 
@@ -67,6 +68,7 @@ def make_step(
   donate: bool = False,
   jit: bool = True,
   mesh=None,
+  check_finite: bool = False,
 ):
   r"""Builds the cooperative step ``step(X, opt_state, batch) -> (X, opt_state, metrics)``.
 
@@ -99,6 +101,12 @@ def make_step(
       :func:`coopjax.sharding.init`. There the metrics that reduce over
       workers (``loss``, ``consensus_distance``, ``avg_grad_norm``) are off by
       default, since each puts an all-reduce on every step.
+    check_finite: add the divergence flags of
+      :func:`coopjax.diagnostics.finite_metrics`: ``nonfinite_workers`` (bool
+      [m]: worker i's loss, gradient or model at step k is NaN/Inf) and
+      ``nonfinite_rows`` (bool [m + v]: rows of X_{k+1}); check them on the
+      host with :func:`coopjax.diagnostics.check_finite`. With a mesh only
+      ``nonfinite_workers`` from the losses is reported.
 
   Returns:
     ``step``; ``metrics`` holds ``loss`` (mean over workers), ``worker_loss``
@@ -120,6 +128,22 @@ def make_step(
   if mesh is not None:
     from coopjax.sharding import make_sharded_step
 
+    if check_finite:
+      return _with_loss_flags(
+        make_step(
+          loss_fn,
+          tx,
+          num_workers=num_workers,
+          has_aux=has_aux,
+          merge_aux=merge_aux,
+          with_consensus=with_consensus,
+          with_grad_norm=with_grad_norm,
+          with_loss=with_loss,
+          donate=donate,
+          jit=jit,
+          mesh=mesh,
+        )
+      )
     return make_sharded_step(
       loss_fn,
       tx,
@@ -158,8 +182,10 @@ def make_step(
         raise ValueError("merge_aux needs has_aux=True: loss_fn must return (loss, aux).")
       X = merge_aux(X, aux)
     updates, opt_state = tx.update(grads, opt_state, X, value=losses)
-    X = optax.apply_updates(X, updates)
+    X_before, X = X, optax.apply_updates(X, updates)
     metrics = {"worker_loss": losses, "step": step_count(opt_state)}
+    if check_finite:
+      metrics.update(diagnostics.finite_metrics(losses, grads, X_before, X))
     if with_loss:
       metrics["loss"] = jnp.mean(losses)
     if with_consensus:
@@ -173,3 +199,13 @@ def make_step(
   if not jit:
     return step
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def _with_loss_flags(step):
+  """Adds ``nonfinite_workers`` from the per-worker losses (sharded path)."""
+
+  def flagged(X, opt_state, batch):
+    X, opt_state, metrics = step(X, opt_state, batch)
+    return X, opt_state, dict(metrics, nonfinite_workers=~jnp.isfinite(metrics["worker_loss"]))
+
+  return flagged
