@@ -59,6 +59,7 @@ import ast
 import csv
 import functools
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -377,16 +378,24 @@ def _nonfinite_workers(worker_loss) -> list[int]:
   return [int(i) for i in np.flatnonzero(~np.isfinite(np.asarray(worker_loss)))]
 
 
-def _nonfinite(worker_loss, X) -> list[int]:
-  """Workers whose loss is NaN/Inf (``coopjax.diagnostics`` names them when available)."""
-  bad = _nonfinite_workers(worker_loss)
-  diagnostics = getattr(coopjax, "diagnostics", None)
-  if bad and diagnostics is not None and hasattr(diagnostics, "nonfinite_workers"):
+def _step_checks_finite() -> bool:
+  """Whether ``coopjax.make_step`` can flag non-finite workers (``coopjax.diagnostics``)."""
+  return "check_finite" in inspect.signature(coopjax.make_step).parameters
+
+
+def _nonfinite(metrics: dict, step: int) -> tuple[list[int], str]:
+  """Workers whose loss, gradient or model went NaN/Inf at ``step``, and a message."""
+  if "nonfinite_workers" in metrics:
+    from coopjax import diagnostics
+
     try:
-      bad = sorted(set(bad) | {int(i) for i in diagnostics.nonfinite_workers(X)})
-    except Exception:  # the loss-based report stands
-      pass
-  return bad
+      diagnostics.check_finite(metrics, step=step)
+    except diagnostics.DivergenceError as error:
+      return (error.workers or error.rows or [-1]), str(error)
+    return [], ""
+  bad = _nonfinite_workers(metrics["worker_loss"])
+  message = f"non-finite loss at step {step} on worker(s) {bad}. Lower config.lr or check the data."
+  return bad, message if bad else ""
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -467,6 +476,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     ds = _load_data(config.dataset, config.data_dir or "")
   except FileNotFoundError as error:
     raise FileNotFoundError(f"dataset {config.dataset!r} is not available: {error}") from error
+  except (KeyError, AssertionError, OSError) as error:  # TFDS folders without prepared splits
+    if config.dataset not in cdata.TFDS_DATASETS:
+      raise
+    raise FileNotFoundError(
+      f"dataset {config.dataset!r} is not prepared under data_dir="
+      f"{config.data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'!r} "
+      f"({type(error).__name__}: {error}). Build it in array_record format: "
+      f"tfds build {config.dataset} --file_format=array_record --data_dir DIR."
+    ) from error
   n_train = len(ds.train_y)
   if config.split == "iid":
     shards = cdata.split_iid(n_train, m, seed=config.seed)
@@ -495,6 +513,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   if bn and config.bn_policy not in ("local", "mixed"):
     raise ValueError(f"bn_policy must be 'local' or 'mixed', got {config.bn_policy!r}.")
   alg = registry.build(config, local, lr, mix_mask)
+  checks = {"check_finite": True} if _step_checks_finite() else {}
   if bn:
     loss_fn = cmodels.make_bn_loss_fn(model, ds.num_classes)
     step_fn = coopjax.make_step(
@@ -505,10 +524,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       merge_aux=cmodels.merge_batch_stats,
       with_grad_norm=False,
       donate=True,
+      **checks,
     )
   else:
     loss_fn = cmodels.make_loss_fn(model, ds.num_classes)
-    step_fn = coopjax.make_step(loss_fn, alg.tx, num_workers=m, with_grad_norm=False, donate=True)
+    step_fn = coopjax.make_step(
+      loss_fn, alg.tx, num_workers=m, with_grad_norm=False, donate=True, **checks
+    )
   mixed_tree = variables["params"] if mix_mask is not None else variables
   nbytes = _tree_bytes(mixed_tree, config.bytes_per_param)
   net = coopjax.netmodel.NetworkModel(
@@ -595,7 +617,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   # compile once, outside the timed loop
   first = next(batches)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state.X, state.opt_state, first).compile()
+  options = {"xla_backend_optimization_level": 0} if config.get("fast_compile") else None
+  compiled = step_fn.lower(state.X, state.opt_state, first).compile(compiler_options=options)
   compile_time = time.perf_counter() - t0
   pending_batch = first
 
@@ -616,14 +639,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       jax.block_until_ready((X, opt_state, metrics))
       compute = time.perf_counter() - t
       state = TrainState(jnp.asarray(k, jnp.int32), X, opt_state, state.rng)
-      bad = _nonfinite(metrics["worker_loss"], X)
+      bad, message = _nonfinite(metrics, k)
       if bad:
-        stopped = {"step": k, "workers": bad}
-        print(
-          f"non-finite loss or parameters at step {k} on worker(s) {bad}; stopping "
-          f"(last checkpoint kept). Lower config.lr or check the data.",
-          file=sys.stderr,
-        )
+        stopped = {"step": k, "workers": bad, "message": message}
+        print(f"{message} Stopping; the last checkpoint is kept.", file=sys.stderr)
         break
       comm = alg.comm(k, opt_state)
       clocks = _advance(

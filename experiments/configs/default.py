@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 0  # 0: only at exit
   c.checkpoint_keep = 2
   c.progress = True
+  c.fast_compile = False  # XLA backend optimisation off: faster compile, slower steps
   # α–β network model for modelled communication time
   c.network = ml_collections.ConfigDict({"latency": 50e-6, "bandwidth": 1.25e9})
   c.bytes_per_param = 4
@@ -93,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_train_size = 256
     c.lr = 0.2
     c.progress = False
+    c.fast_compile = True
   elif arg not in (None, ""):
     raise ValueError(f"unknown config argument {arg!r}; use 'runlocal' or nothing.")
   return c
