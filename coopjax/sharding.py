@@ -77,6 +77,13 @@ __all__ = [
 ]
 
 
+# The shard_maps below run with check_vma=False: the transformations' lax.cond branches may
+# return a reduced (device-invariant) value in one branch and a per-device value in the other
+# (a global mean vs a group mean), which the varying-axes type check rejects. Outputs declared
+# replicated (P()) are those every device computes identically: results of all-reduces and of
+# replicated inputs.
+
+
 def worker_mesh(num_devices: int | None = None, devices=None) -> Mesh:
   """A 1-D mesh over ``num_devices`` devices (default: all) with axis ``"workers"``."""
   devices = list(jax.devices() if devices is None else devices)
@@ -211,7 +218,7 @@ def _local_shapes(fn: Callable, mesh: Mesh, ctx: ShardContext, *args) -> PyTree:
     return jax.tree.map(lambda y: jnp.expand_dims(y, 0), out)
 
   spec = P(WORKER_AXIS)
-  mapped = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
+  mapped = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
   return jax.tree.map(
     lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), jax.eval_shape(mapped, *args)
   )
@@ -275,7 +282,7 @@ def init(tx: optax.GradientTransformation, X: PyTree, mesh: Mesh, num_aux: int =
     with mixing.sharded(ctx):
       return tx.init(X_local)
 
-  mapped = jax.shard_map(body, mesh=mesh, in_specs=P(WORKER_AXIS), out_specs=specs)
+  mapped = jax.shard_map(body, mesh=mesh, in_specs=P(WORKER_AXIS), out_specs=specs, check_vma=False)
   return jax.jit(mapped)(X)
 
 
@@ -421,6 +428,7 @@ def make_sharded_step(
       mesh=mesh,
       in_specs=(spec, state_specs, spec),
       out_specs=(spec, state_specs, metric_specs),
+      check_vma=False,
     )
     return mapped(X, opt_state, batch)
 
