@@ -65,6 +65,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -232,7 +233,11 @@ def parse_args(argv: Sequence[str] | None = None):
     epilog="Override config fields with --config.FIELD=VALUE.",
   )
   parser.add_argument("--config", default=DEFAULT_CONFIG, help="PATH[:ARG] of a config file")
-  parser.add_argument("--workdir", default=os.path.join("experiments", "results", "train"))
+  parser.add_argument(
+    "--workdir",
+    default=os.path.join(tempfile.gettempdir(), "coopjax_train"),
+    help="output folder (metrics, summary, checkpoints)",
+  )
   parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
   args, rest = parser.parse_known_args(list(argv) if argv is not None else None)
   overrides, i = [], 0

@@ -64,20 +64,9 @@ def test_every_algorithm_trains(tmp_path, name):
   assert rows[-1]["modelled_time"] >= rows[-1]["compute_time"] > 0
 
 
-def test_bytes_and_comm_count_for_local_sgd(tmp_path):
-  summary, workdir = run(tmp_path, "algorithm=local_sgd")
-  nbytes = 4 * NUM_PARAMS
-  assert summary["model_bytes"] == nbytes
-  last = read_jsonl(workdir)[-1]
-  mixes = STEPS // TAU
-  assert last["mixes"] == mixes
-  # ring all-reduce: each worker sends 2(m-1)/m model-sized payloads per mix
-  assert last["bytes_sent"] == pytest.approx(mixes * 2 * (M - 1) / M * nbytes)
-
-
 def test_modelled_wallclock_matches_alpha_beta_blocking(tmp_path):
   t_c, lat, bw = 1e-3, 2e-4, 1e8
-  _, workdir = run(
+  summary, workdir = run(
     tmp_path,
     "algorithm=local_sgd",
     f"compute_time={t_c}",
@@ -85,11 +74,15 @@ def test_modelled_wallclock_matches_alpha_beta_blocking(tmp_path):
     f"network.bandwidth={bw}",
   )
   nbytes = 4 * NUM_PARAMS
+  assert summary["model_bytes"] == nbytes
   t_mix = 2 * (M - 1) * lat + 2 * (M - 1) / M * nbytes / bw
   for row in read_jsonl(workdir)[1:]:
     k = row["step"]
+    assert row["mixes"] == k // TAU
     assert row["modelled_time"] == pytest.approx(k * t_c + (k // TAU) * t_mix, rel=1e-9)
     assert row["comm_time"] == pytest.approx((k // TAU) * t_mix, rel=1e-9)
+    # ring all-reduce: each worker sends 2(m-1)/m model-sized payloads per mix
+    assert row["bytes_sent"] == pytest.approx((k // TAU) * 2 * (M - 1) / M * nbytes)
 
 
 def test_modelled_wallclock_non_blocking_overlaps(tmp_path):
