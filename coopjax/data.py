@@ -364,7 +364,7 @@ def load_tfds(
   for split, limit in ((train_split, max_train), (test_split, max_test)):
     try:
       source = tfds.data_source(name, split=split, data_dir=data_dir, download=False, try_gcs=False)
-    except (AssertionError, NotImplementedError, FileNotFoundError, OSError) as error:
+    except (AssertionError, KeyError, NotImplementedError, FileNotFoundError, OSError) as error:
       raise FileNotFoundError(_tfds_missing_message(tfds, name, data_dir, error)) from error
     images, labels = _read_source(source, limit)
     out.append((images.astype(np.float32) / 255.0, labels))

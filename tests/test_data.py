@@ -329,3 +329,9 @@ def test_batches_small_shard_wraps_and_validation():
     data.make_worker_batches(x, y, [np.array([7])], batch_size=2)
   with pytest.raises(TypeError, match="batch_size"):
     data.make_worker_batches(x, y, [np.array([0])], batch_size=2.0)
+
+
+def test_empty_tfds_version_folder_gives_the_preparation_message(tmp_path):
+  (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
+    data.load_tfds("cifar10", data_dir=tmp_path)
