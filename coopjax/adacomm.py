@@ -25,13 +25,13 @@ from coopjax.algorithms import _check_grads
 from coopjax.algorithms import _local_update
 from coopjax.algorithms import check_count
 from coopjax.algorithms import check_local
+from coopjax.algorithms import check_rows
 from coopjax.algorithms import check_state_policy
 from coopjax.algorithms import check_tau
 from coopjax.algorithms import mix_local_state
+from coopjax.algorithms import require_params
 from coopjax.algorithms import reset_local_state
 from coopjax.hierarchical import global_mean
-from coopjax.time_varying import _check_rows
-from coopjax.time_varying import _require_params
 from coopjax.workers import num_rows
 
 PyTree = Any
@@ -143,7 +143,7 @@ def adacomm(
     max_tau = check_count("max_tau", max_tau, 1)
 
   def init_fn(params):
-    _check_rows(params, m, m, 0)
+    check_rows(params, m, m, 0)
     return AdaCommState(
       count=jnp.zeros([], jnp.int32),
       local_state=jax.vmap(local.init)(params),
@@ -164,8 +164,8 @@ def adacomm(
     return tau.astype(jnp.int32)
 
   def update_fn(updates, state, params=None, **extra_args):
-    _require_params(params)
-    _check_rows(params, m, m, 0)
+    require_params(params)
+    check_rows(params, m, m, 0)
     if extra_args.get("value") is None:
       raise ValueError(
         "adacomm needs the per-worker losses: call tx.update(grads, state, X, value=losses) "

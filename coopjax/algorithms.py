@@ -48,6 +48,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from coopjax import mixing
@@ -183,13 +184,90 @@ def reset_local_state(local_state, fresh_state):
   return jax.tree.map(lambda old, new: new if _is_float(old) else old, local_state, fresh_state)
 
 
+def check_mix_mask(mask):
+  """``mix_mask`` must be None or a pytree of Python/NumPy booleans."""
+  if mask is None:
+    return None
+  for leaf in jax.tree.leaves(mask):
+    if not isinstance(leaf, (bool, np.bool_)):
+      raise TypeError(
+        f"mix_mask leaves must be booleans (True = mix the leaf, False = keep it per worker), "
+        f"got {leaf!r} of type {type(leaf).__name__}."
+      )
+  return mask
+
+
 def _select(mask, a, b):
   """Leaf-wise: ``a`` where ``mask`` is True, else ``b`` (mask: a pytree prefix of bools)."""
   if mask is None:
     return a
+  check_mix_mask(mask)
   return jax.tree.map(
     lambda keep, x, y: jax.tree.map(lambda u, w: u if keep else w, x, y), mask, a, b
   )
+
+
+def local_step_and_mix(
+  local,
+  policy,
+  order,
+  mix_mask,
+  num_workers,
+  num_aux,
+  grads,
+  local_state,
+  params,
+  extra_args,
+  should_mix,
+  mix,
+):
+  """One local step on every worker and, if ``should_mix``, one mix.
+
+  ``mix(X) -> X`` runs inside the taken branch of a ``lax.cond`` only, so its
+  communication happens on mixing steps alone. The local optimizer state
+  follows ``policy`` (``"keep"``, ``"mix"``, ``"reset"``) as in
+  :func:`coopjax.cooperative`. Returns ``(updates, local_state)``.
+  """
+  m, v = num_workers, num_aux
+  workers, aux = mixing.split_rows(params, m)
+  local_updates, local_state = _local_update(local, grads, local_state, workers, extra_args)
+  add = lambda X, U: jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
+
+  def on_mix(X, opt_state):
+    if policy == "mix":
+      opt_state = mix_local_state(opt_state, mix, m, v)
+    elif policy == "reset":
+      opt_state = reset_local_state(opt_state, jax.vmap(local.init)(workers))
+    return _select(mix_mask, mix(X), X), opt_state
+
+  def no_mix(X, opt_state):
+    return X, opt_state
+
+  if order == "step_then_mix":
+    stepped = mixing.join_rows(add(workers, local_updates), aux)
+    new, local_state = jax.lax.cond(should_mix, on_mix, no_mix, stepped, local_state)
+  else:
+    mixed, local_state = jax.lax.cond(should_mix, on_mix, no_mix, params, local_state)
+    mixed_workers, mixed_aux = mixing.split_rows(mixed, m)
+    new = mixing.join_rows(add(mixed_workers, local_updates), mixed_aux)
+  return jax.tree.map(lambda a, x: a - x, new, params), local_state
+
+
+def require_params(params):
+  if params is None:
+    raise ValueError(
+      "cooperative transformations need the stacked models: call "
+      "tx.update(grads, state, X) with params=X."
+    )
+
+
+def check_rows(params, n: int, m: int, v: int, name: str = "params"):
+  rows = num_rows(params, name)
+  if rows != n:
+    raise ValueError(
+      f"{name} have leading axis {rows} but W (each mixing matrix) is {n}x{n} ({m} workers + "
+      f"{v} auxiliary); build X with coopjax.replicate(params, num_workers={m}, num_aux={v})."
+    )
 
 
 def cooperative(
@@ -268,6 +346,7 @@ def cooperative(
   v = check_count("num_aux", num_aux, 0)
   order = check_order(order)
   policy = check_state_policy(local_state_policy)
+  mix_mask = check_mix_mask(mix_mask)
   W = topology.validate(W, symmetric=symmetric, allow_negative=allow_negative)
   n = W.shape[0]
   m = n - v
@@ -275,55 +354,32 @@ def cooperative(
     raise ValueError(f"W is {n}x{n} but num_aux={v}: no rows are left for workers.")
   mix = mixer if mixer is not None else mixing.dense_mixer(W)
 
-  def mix_models(X):
-    return _select(mix_mask, mix(X), X)
-
-  def check_params(params, name):
-    rows = num_rows(params, name)
-    if rows != n:
-      raise ValueError(
-        f"{name} have leading axis {rows} but W is {n}x{n} ({m} workers + {v} auxiliary); "
-        f"build X with coopjax.replicate(params, num_workers={m}, num_aux={v})."
-      )
-
   def init_fn(params):
-    check_params(params, "params")
+    check_rows(params, n, m, v)
     return CooperativeState(
       count=jnp.zeros([], jnp.int32),
       local_state=jax.vmap(local.init)(mixing.split_rows(params, m)[0]),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(
-        "cooperative transformations need the stacked models: call "
-        "tx.update(grads, state, X) with params=X."
-      )
-    check_params(params, "params")
+    require_params(params)
+    check_rows(params, n, m, v)
     grads = _check_grads(updates, m, n)
-    workers, aux = mixing.split_rows(params, m)
-    local_updates, local_state = _local_update(local, grads, state.local_state, workers, extra_args)
     k = optax.safe_int32_increment(state.count)
-    add = lambda X, U: jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
-
-    def on_mix(X, opt_state):
-      if policy == "mix":
-        opt_state = mix_local_state(opt_state, mix, m, v)
-      elif policy == "reset":
-        opt_state = reset_local_state(opt_state, jax.vmap(local.init)(workers))
-      return mix_models(X), opt_state
-
-    def no_mix(X, opt_state):
-      return X, opt_state
-
-    if order == "step_then_mix":
-      stepped = mixing.join_rows(add(workers, local_updates), aux)
-      new, local_state = jax.lax.cond(k % tau == 0, on_mix, no_mix, stepped, local_state)
-    else:
-      mixed, local_state = jax.lax.cond(k % tau == 0, on_mix, no_mix, params, local_state)
-      mixed_workers, mixed_aux = mixing.split_rows(mixed, m)
-      new = mixing.join_rows(add(mixed_workers, local_updates), mixed_aux)
-    out = jax.tree.map(lambda a, x: a - x, new, params)
+    out, local_state = local_step_and_mix(
+      local,
+      policy,
+      order,
+      mix_mask,
+      m,
+      v,
+      grads,
+      state.local_state,
+      params,
+      extra_args,
+      k % tau == 0,
+      mix,
+    )
     return out, CooperativeState(count=k, local_state=local_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

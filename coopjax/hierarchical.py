@@ -22,11 +22,11 @@ from coopjax import mixing
 from coopjax.algorithms import _check_grads
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_order
+from coopjax.algorithms import check_rows
 from coopjax.algorithms import check_state_policy
 from coopjax.algorithms import check_tau
-from coopjax.time_varying import _check_rows
-from coopjax.time_varying import _require_params
-from coopjax.time_varying import local_step_and_mix
+from coopjax.algorithms import local_step_and_mix
+from coopjax.algorithms import require_params
 
 PyTree = Any
 
@@ -143,14 +143,14 @@ def hierarchical(
   m = sum(len(g) for g in groups)
 
   def init_fn(params):
-    _check_rows(params, m, m, 0)
+    check_rows(params, m, m, 0)
     return HierarchicalState(
       count=jnp.zeros([], jnp.int32), local_state=jax.vmap(local.init)(params)
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _require_params(params)
-    _check_rows(params, m, m, 0)
+    require_params(params)
+    check_rows(params, m, m, 0)
     grads = _check_grads(updates, m, m)
     k = optax.safe_int32_increment(state.count)
 

@@ -38,16 +38,14 @@ import scipy.optimize
 from coopjax import mixing
 from coopjax import topology
 from coopjax.algorithms import _check_grads
-from coopjax.algorithms import _local_update
-from coopjax.algorithms import _select
 from coopjax.algorithms import check_count
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_order
+from coopjax.algorithms import check_rows
 from coopjax.algorithms import check_state_policy
 from coopjax.algorithms import check_tau
-from coopjax.algorithms import mix_local_state
-from coopjax.algorithms import reset_local_state
-from coopjax.workers import num_rows
+from coopjax.algorithms import local_step_and_mix
+from coopjax.algorithms import require_params
 
 PyTree = Any
 
@@ -71,69 +69,6 @@ class TimeVaryingState(NamedTuple):
 
   count: chex.Array
   local_state: optax.OptState
-
-
-def local_step_and_mix(
-  local,
-  policy,
-  order,
-  mix_mask,
-  num_workers,
-  num_aux,
-  grads,
-  local_state,
-  params,
-  extra_args,
-  should_mix,
-  mix,
-):
-  """One local step on every worker and, if ``should_mix``, one mix.
-
-  ``mix(X) -> X`` runs inside the taken branch of a ``lax.cond`` only, so its
-  communication happens on mixing steps alone. The local optimizer state
-  follows ``policy`` (``"keep"``, ``"mix"``, ``"reset"``) as in
-  :func:`coopjax.cooperative`. Returns ``(updates, local_state)``.
-  """
-  m, v = num_workers, num_aux
-  workers, aux = mixing.split_rows(params, m)
-  local_updates, local_state = _local_update(local, grads, local_state, workers, extra_args)
-  add = lambda X, U: jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
-
-  def on_mix(X, opt_state):
-    if policy == "mix":
-      opt_state = mix_local_state(opt_state, mix, m, v)
-    elif policy == "reset":
-      opt_state = reset_local_state(opt_state, jax.vmap(local.init)(workers))
-    return _select(mix_mask, mix(X), X), opt_state
-
-  def no_mix(X, opt_state):
-    return X, opt_state
-
-  if order == "step_then_mix":
-    stepped = mixing.join_rows(add(workers, local_updates), aux)
-    new, local_state = jax.lax.cond(should_mix, on_mix, no_mix, stepped, local_state)
-  else:
-    mixed, local_state = jax.lax.cond(should_mix, on_mix, no_mix, params, local_state)
-    mixed_workers, mixed_aux = mixing.split_rows(mixed, m)
-    new = mixing.join_rows(add(mixed_workers, local_updates), mixed_aux)
-  return jax.tree.map(lambda a, x: a - x, new, params), local_state
-
-
-def _require_params(params):
-  if params is None:
-    raise ValueError(
-      "cooperative transformations need the stacked models: call "
-      "tx.update(grads, state, X) with params=X."
-    )
-
-
-def _check_rows(params, n, m, v, name="params"):
-  rows = num_rows(params, name)
-  if rows != n:
-    raise ValueError(
-      f"{name} have leading axis {rows} but the mixing matrices are {n}x{n} ({m} workers + "
-      f"{v} auxiliary); build X with coopjax.replicate(params, num_workers={m}, num_aux={v})."
-    )
 
 
 def _schedule_matrices(schedule, period) -> list:
@@ -290,15 +225,15 @@ def time_varying(
       raise ValueError(f"mixers must be {P} callables X -> X, one per matrix of the schedule.")
 
   def init_fn(params):
-    _check_rows(params, n, m, v)
+    check_rows(params, n, m, v)
     return TimeVaryingState(
       count=jnp.zeros([], jnp.int32),
       local_state=jax.vmap(local.init)(mixing.split_rows(params, m)[0]),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _require_params(params)
-    _check_rows(params, n, m, v)
+    require_params(params)
+    check_rows(params, n, m, v)
     grads = _check_grads(updates, m, n)
     k = optax.safe_int32_increment(state.count)
     index = (k // tau - 1) % P
@@ -597,14 +532,14 @@ def matcha(
     )
 
   def init_fn(params):
-    _check_rows(params, m, m, 0)
+    check_rows(params, m, m, 0)
     return TimeVaryingState(
       count=jnp.zeros([], jnp.int32), local_state=jax.vmap(local.init)(params)
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _require_params(params)
-    _check_rows(params, m, m, 0)
+    require_params(params)
+    check_rows(params, m, m, 0)
     grads = _check_grads(updates, m, m)
     k = optax.safe_int32_increment(state.count)
     flags = matcha_flags(key, k, p)
