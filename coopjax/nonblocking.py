@@ -15,6 +15,18 @@ reads its result, so nothing in the period's local steps waits for it.
 * :func:`delayed`: the mix acts on a snapshot taken when the period starts
   (CoCoD-SGD, Shen et al., 2019, for ``W = J``).
 
+Where the overlap happens. Executed one step at a time
+(:func:`coopjax.make_step`) there is nothing to overlap with: each step is
+its own program, and the reduction runs inside the mixing branch of the
+step that needs it. :func:`coopjax.make_period_step` compiles a period into
+one program and *issues* the reduction first: it finds this module's state
+inside ``opt_state`` (:data:`OVERLAP_STATES`, also through ``optax.chain``),
+runs the period's first τ − 1 steps as a loop that never reads the
+reduction, and runs the closing step under :func:`issued_early`, which makes
+the transformation reduce the period's starting ``pending`` outside its
+mixing branch (an operand that is an input of the program, so the
+collective can run during the loop) and consume the result in the branch.
+
 State layout (all three): ``count`` (int32 steps taken), ``local_state``
 (the local optimizer's state stacked over the m workers) and ``pending`` (m
 worker rows: the operand of the reduction in flight), nothing else. EASGD and
@@ -39,7 +51,10 @@ with W) per mixing step, inside the mixing branch.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 from typing import NamedTuple
 
@@ -72,6 +87,10 @@ __all__ = [
   "delayed",
   "settle_easgd",
   "settle_overlap",
+  "OVERLAP_STATES",
+  "EarlyReduction",
+  "issued_early",
+  "overlap_states",
 ]
 
 
@@ -122,6 +141,90 @@ class DelayedState(NamedTuple):
   pending: PyTree
 
 
+OVERLAP_STATES = (NonBlockingEASGDState, OverlapState, DelayedState)
+"""The states of the transformations whose reduction can be issued early (:func:`issued_early`)."""
+
+
+class EarlyReduction(NamedTuple):
+  """A reduction to issue outside the mixing branch (see :func:`issued_early`).
+
+  Attributes:
+    kind: the state type (one of :data:`OVERLAP_STATES`) of the transformation
+      that consumes it.
+    operand: ``state.pending`` when the program started (m worker rows; the
+      local block inside a sharded step).
+    start: ``state.count`` when the program started (int32 scalar).
+  """
+
+  kind: type
+  operand: PyTree
+  start: chex.Array
+
+
+_EARLY: contextvars.ContextVar[EarlyReduction | None] = contextvars.ContextVar(
+  "coopjax_early_reduction", default=None
+)
+
+
+def overlap_states(opt_state: PyTree) -> list:
+  """The states of :data:`OVERLAP_STATES` inside ``opt_state`` (through ``optax.chain``)."""
+  is_overlap = lambda x: isinstance(x, OVERLAP_STATES)
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_overlap) if is_overlap(s)]
+
+
+@contextlib.contextmanager
+def issued_early(early: EarlyReduction) -> Iterator[EarlyReduction]:
+  r"""While tracing inside it, the transformation of ``early.kind`` issues its reduction early.
+
+  Its update then computes the reduction of ``early.operand`` (``Σ_i s_i``,
+  ``mean_i s_i``, or the mix ``s·W`` of :func:`delayed`) *outside* its
+  ``lax.cond`` mixing branch, and the branch consumes the result when no mix
+  happened since the program started,
+
+  .. math::
+
+     \text{fresh} \iff k - \tau \le k_0 \quad(\text{so } \texttt{state.pending}
+     = \texttt{early.operand}),
+
+  with ``k`` the step being taken and ``k_0 = early.start``; otherwise (a
+  program longer than τ steps) the branch reduces ``state.pending`` itself,
+  so the iterates are those of :func:`coopjax.make_step` in every case.
+  :func:`coopjax.make_period_step` uses it for the closing step of a period,
+  whose operand is an input of the period's program: the collective does not
+  wait for the period's local steps. The reduction runs on every trace of
+  the update inside the context, mixing step or not: use it for one step.
+  """
+  if early.kind not in OVERLAP_STATES:
+    raise TypeError(
+      f"early.kind must be one of {[t.__name__ for t in OVERLAP_STATES]}, got {early.kind!r}."
+    )
+  token = _EARLY.set(early)
+  try:
+    yield early
+  finally:
+    _EARLY.reset(token)
+
+
+def _reduction(state, tau: int, k, reduce: Callable[[PyTree], PyTree]):
+  """``pending -> reduce(pending)``, or the early-issued reduction when one is active for state."""
+  early = _EARLY.get()
+  if early is None or not isinstance(state, early.kind):
+    return reduce
+  if jax.tree.structure(early.operand) != jax.tree.structure(state.pending):
+    raise ValueError(
+      f"the early reduction's operand has structure {jax.tree.structure(early.operand)} but "
+      f"state.pending has {jax.tree.structure(state.pending)}; pass the state's own pending."
+    )
+  with jax.named_scope("early_reduction"):  # outside the mixing branch: overlaps what precedes it
+    issued = reduce(early.operand)
+  fresh = k - tau <= early.start
+
+  def reduction(pending):
+    return jax.lax.cond(fresh, lambda p: issued, reduce, pending)
+
+  return reduction
+
+
 def _check_alpha(alpha, name: str = "alpha") -> float:
   if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
     raise TypeError(f"{name} must be a real number, got {alpha!r} of type {type(alpha).__name__}.")
@@ -170,13 +273,15 @@ def _like_rows(model: PyTree, rows: PyTree) -> PyTree:
 
 
 def _anchored(
-  name: str, local, tau, num_workers, init_extra, on_mix
+  name: str, local, tau, num_workers, init_extra, reduce, on_mix
 ) -> optax.GradientTransformation:
   """Shared skeleton: local step on the workers, then ``on_mix`` at ``k mod τ = 0``.
 
-  ``on_mix(k, workers, anchor, pending, rest) -> (workers, anchor, pending, rest)``
-  where ``anchor`` is X's auxiliary row (``[1, ...]``) and ``rest`` is the
-  tuple of state fields after ``pending``; it runs inside the mixing branch.
+  ``on_mix(k, workers, anchor, reduced, rest) -> (workers, anchor, pending, rest)``
+  where ``anchor`` is X's auxiliary row (``[1, ...]``), ``reduced`` is
+  ``reduce(state.pending)`` (issued early under :func:`issued_early`) and
+  ``rest`` is the tuple of state fields after ``pending``; it runs inside the
+  mixing branch.
   """
   local = check_local(local)
   tau = check_tau(tau)
@@ -211,9 +316,10 @@ def _anchored(
     k = optax.safe_int32_increment(state.count)
     stepped = _add(workers, local_updates)
     rest = tuple(state)[3:]
+    reduction = _reduction(state, tau, k, reduce)
 
     def mix(workers, anchor, pending, rest):
-      return on_mix(k, workers, anchor, pending, rest)
+      return on_mix(k, workers, anchor, reduction(pending), rest)
 
     def skip(workers, anchor, pending, rest):
       return workers, anchor, pending, rest
@@ -268,8 +374,8 @@ def nonblocking_easgd(
   alpha = _check_alpha(alpha)
   m = check_count("num_workers", num_workers, 1)
 
-  def on_mix(k, workers, anchor, pending, rest):
-    total = mixing.worker_sum(pending)  # the reduction issued at the previous mix
+  def on_mix(k, workers, anchor, total, rest):
+    # total = Σ_i pending_i: the reduction issued at the previous mix.
     anchor = jax.tree.map(
       lambda z, s: (1 - m * alpha) * z + alpha * jnp.expand_dims(s, 0).astype(z.dtype),
       anchor,
@@ -278,7 +384,9 @@ def nonblocking_easgd(
     pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, anchor)
     return pulled, anchor, workers, rest
 
-  init_fn, update_fn = _anchored("nonblocking_easgd", local, tau, m, lambda anchor: (), on_mix)
+  init_fn, update_fn = _anchored(
+    "nonblocking_easgd", local, tau, m, lambda anchor: (), mixing.worker_sum, on_mix
+  )
   return optax.GradientTransformationExtraArgs(
     lambda params: NonBlockingEASGDState(*init_fn(params)), update_fn
   )
@@ -372,8 +480,8 @@ def overlap_local_sgd(
   tau = check_tau(tau)
   schedule = as_schedule(1.0 if lr is None else lr)
 
-  def on_mix(k, workers, anchor, pending, rest):
-    z = _like_rows(mixing.worker_mean(pending), anchor)  # z_q: the reduction issued at mix q-1
+  def on_mix(k, workers, anchor, mean, rest):
+    z = _like_rows(mean, anchor)  # z_q: the reduction issued at mix q-1
     # η_q β u_{q-1} = β (η_q / η_{q-1}) (z_{q-1} − z_q); zero at the first mix (pending = z_1).
     ratio = _lr_at(schedule, k) / _lr_at(schedule, jnp.maximum(k - tau, 1))
     lead = jax.tree.map(lambda old, new: beta * ratio.astype(new.dtype) * (old - new), anchor, z)
@@ -381,7 +489,9 @@ def overlap_local_sgd(
     pending = jax.tree.map(lambda x, d: x - d.astype(x.dtype), pulled, lead)
     return pulled, z, pending, rest
 
-  init_fn, update_fn = _anchored("overlap_local_sgd", local, tau, num_workers, lambda a: (), on_mix)
+  init_fn, update_fn = _anchored(
+    "overlap_local_sgd", local, tau, num_workers, lambda a: (), mixing.worker_mean, on_mix
+  )
   return optax.GradientTransformationExtraArgs(
     lambda params: OverlapState(*init_fn(params)), update_fn
   )
@@ -481,9 +591,10 @@ def delayed(
     local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
     k = optax.safe_int32_increment(state.count)
     stepped = _add(params, local_updates)
+    reduction = _reduction(state, tau, k, mix)
 
     def on_mix(X, snapshot):
-      mixed = mix(snapshot)  # the communication: operand fixed when the period started
+      mixed = reduction(snapshot)  # the communication: operand fixed when the period started
       X = jax.tree.map(lambda x, s, r: x - s + r.astype(x.dtype), X, snapshot, mixed)
       return X, X
 

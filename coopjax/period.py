@@ -17,6 +17,19 @@ communication whose operand is known when the period starts (the pending
 reduction of :func:`coopjax.nonblocking_easgd`, :func:`coopjax.overlap_local_sgd`
 and :func:`coopjax.delayed`) concurrently with the period's local steps.
 
+For those algorithms the program is laid out so that it can:
+
+.. code-block:: text
+
+   r      = reduce(s_k.pending)                 # issued first: its operand is an input
+   X, s   = scan(step, X, s, batches[:τ-1])     # the local steps: never read r
+   X, s   = step(X, s, batches[τ-1]; r)         # the closing mix consumes r
+
+(:func:`coopjax.nonblocking.issued_early`); the compiled loop takes no
+input from the collective, so its start can be scheduled before the loop
+and its end after it. Executed step by step (:func:`coopjax.make_step`)
+there is no program to overlap in.
+
 :func:`comm_pattern` describes, per algorithm, what one mix communicates and
 whether it can run during the next period's computation: the inputs of a
 modelled wall clock (an α–β network time model).
@@ -29,10 +42,13 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
+from coopjax import nonblocking
 from coopjax.step import make_step
 
 PyTree = Any
@@ -84,6 +100,15 @@ def make_period_step(
   ``k mod τ = 0``, the last of the period when ``opt_state`` comes from
   ``tx.init`` or from earlier whole periods).
 
+  When ``opt_state`` holds exactly one state of
+  :data:`coopjax.nonblocking.OVERLAP_STATES` (non-blocking EASGD, Overlap
+  Local-SGD, delayed mixing; also inside ``optax.chain``), the scan covers the
+  first τ − 1 steps and the closing step runs after it, under
+  :func:`coopjax.nonblocking.issued_early`: the reduction of the starting
+  ``pending`` is issued outside the loop, from the program's inputs, and only
+  the closing mix reads it. The iterates are unchanged (a program longer
+  than τ, or one starting mid-period, falls back to reducing in the branch).
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` for one worker.
     tx: a coopjax transformation (e.g. :func:`coopjax.local_sgd`).
@@ -127,6 +152,7 @@ def make_period_step(
       )
     step_kwargs = {**step_kwargs, "mesh": mesh}
   step = make_step(loss_fn, tx, jit=False, **step_kwargs)
+  closing = make_step(loss_fn, _issue_early(tx), jit=False, **step_kwargs)
 
   def period(X, opt_state, batches):
     length = _period_length(batches)
@@ -141,12 +167,71 @@ def make_period_step(
       X, opt_state, metrics = step(X, opt_state, batch)
       return (X, opt_state), metrics
 
-    (X, opt_state), metrics = jax.lax.scan(body, (X, opt_state), batches, unroll=unroll)
-    return X, opt_state, metrics
+    found = nonblocking.overlap_states(opt_state)
+    if len(found) != 1:  # nothing to issue early (or no single owner for it): one scan
+      (X, opt_state), metrics = jax.lax.scan(body, (X, opt_state), batches, unroll=unroll)
+      return X, opt_state, metrics
+    # The closing step reduces the period's starting pending outside its mixing branch; the
+    # loop over the first length - 1 steps does not read that reduction.
+    start = found[0]
+    head = jax.tree.map(lambda b: b[:-1], batches)
+    last = jax.tree.map(lambda b: b[-1], batches)
+    if length > 1:
+      (X, opt_state), metrics = jax.lax.scan(body, (X, opt_state), head, unroll=unroll)
+    early = _EarlyState(start.pending, start.count, opt_state)
+    X, early, closing_metrics = closing(X, early, last)
+    if length > 1:
+      metrics = jax.tree.map(
+        lambda a, b: jnp.concatenate([a, jnp.expand_dims(b, 0)]), metrics, closing_metrics
+      )
+    else:
+      metrics = jax.tree.map(lambda b: jnp.expand_dims(b, 0), closing_metrics)
+    return X, early.inner, metrics
 
   if not jit:
     return period
   return jax.jit(period, donate_argnums=(0, 1) if donate else ())
+
+
+class _EarlyState(NamedTuple):
+  """The closing step's optimizer state: the algorithm's, plus the period's starting pending.
+
+  ``operand`` and ``start`` are the ``pending`` and ``count`` of the
+  :data:`coopjax.nonblocking.OVERLAP_STATES` state when the program started;
+  on the sharded path they are placed like that state's fields.
+  """
+
+  operand: Any
+  start: chex.Array
+  inner: optax.OptState
+
+
+def _issue_early(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``tx`` on :class:`_EarlyState`: its update runs under :func:`nonblocking.issued_early`."""
+  tx = optax.with_extra_args_support(tx)
+
+  def only(inner):
+    found = nonblocking.overlap_states(inner)
+    if len(found) != 1:
+      raise ValueError(
+        f"the closing step needs exactly one of {nonblocking.OVERLAP_STATES} in opt_state, "
+        f"found {len(found)}."
+      )
+    return found[0]
+
+  def init_fn(params):
+    inner = tx.init(params)
+    state = only(inner)
+    return _EarlyState(state.pending, state.count, inner)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    kind = type(only(state.inner))
+    early = nonblocking.EarlyReduction(kind, state.operand, state.start)
+    with nonblocking.issued_early(early):
+      updates, inner = tx.update(updates, state.inner, params, **extra_args)
+    return updates, _EarlyState(state.operand, state.start, inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class CommPattern(NamedTuple):

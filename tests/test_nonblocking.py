@@ -1,5 +1,7 @@
 """Non-blocking EASGD, Overlap Local-SGD and delayed mixing against NumPy, and their dataflow."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,10 +241,12 @@ def test_validation_errors():
 #
 # An abstract interpreter over the period's jaxpr. Each value carries a set of labels (which
 # inputs it derives from) and, for small integer scalars, its concrete value, so the step
-# counter is known and each lax.cond is followed into the branch actually taken. The scan over
-# the period is walked iteration by iteration; the batch of iteration t is labelled batch@t.
-# Gradient computations are the equations inside the jitted loss (jit named "loss_fn");
-# reductions are reduce_sum / dot_general equations inside a taken mixing branch.
+# counter is known and each lax.cond is followed into the branch actually taken. One program is
+# walked per period: the scan over the period's first tau - 1 steps iteration by iteration (the
+# batch of step t is labelled batch@t), then the closing step at the top level (step
+# (p + 1) tau - 1). Gradient computations are the equations inside the jitted loss (jit named
+# "loss_fn"); reductions are reduce_sum / dot_general equations inside a taken mixing branch or
+# under the "early_reduction" name scope (issued outside the branch).
 
 MIX_REDUCTIONS = ("reduce_sum", "dot_general")
 
@@ -258,10 +262,17 @@ def _is_counter_op(eqn):
   )
 
 
+def _relabel(labels, t):
+  """Batch labels inside the scan: batch@closing -> batch@t."""
+  return frozenset(lab.split("@")[0] + f"@{t}" for lab in labels)
+
+
 class DataflowWalk:
   def __init__(self):
-    self.reductions = []  # (iteration, labels of the operands)
-    self.gradients = []  # (iteration, labels of the inputs)
+    self.reductions = []  # (step, labels of the operands)
+    self.gradients = []  # (step, labels of the inputs)
+    self.offset = 0  # first step of the program being walked
+    self.closing = None  # the step taken at the program's top level
 
   def run(self, jaxpr, consts, args, t=None, in_loss=False, in_mix=False):
     env = {}
@@ -277,7 +288,8 @@ class DataflowWalk:
       env[var] = val
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
-      outs = self.eqn(eqn, ins, t, in_loss, in_mix)
+      early = "early_reduction" in str(eqn.source_info.name_stack)
+      outs = self.eqn(eqn, ins, t, in_loss, in_mix or early)
       for var, val in zip(eqn.outvars, outs, strict=True):
         if not isinstance(var, jcore.DropVar):
           env[var] = val
@@ -286,6 +298,7 @@ class DataflowWalk:
   def eqn(self, eqn, ins, t, in_loss, in_mix):
     name = eqn.primitive.name
     labels = frozenset().union(*(lab for _, lab in ins)) if ins else frozenset()
+    step = self.closing if t is None else t
     if name in ("jit", "pjit"):
       sub = eqn.params["jaxpr"]
       inner = in_loss or "loss_fn" in str(eqn.params.get("name", ""))
@@ -299,10 +312,10 @@ class DataflowWalk:
       mixing = in_mix or int(index) == 1  # lax.cond(pred, mix, skip): branches = (skip, mix)
       return self.run(branch.jaxpr, branch.consts, ins[1:], t, in_loss, mixing)
     if in_loss:
-      self.gradients.append((t, labels))
+      self.gradients.append((step, labels))
     if in_mix and name in MIX_REDUCTIONS:
-      self.reductions.append((t, labels))
-      labels = labels | {f"reduce@{t}"}
+      self.reductions.append((step, labels))
+      labels = labels | {f"reduce@{step}"}
     values = [v for v, _ in ins]
     if all(v is not None for v in values) and _is_counter_op(eqn):
       out = eqn.primitive.bind(*values, **eqn.params)
@@ -315,8 +328,9 @@ class DataflowWalk:
     nc, nk = p["num_consts"], p["num_carry"]
     consts, carry, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
     ys = None
-    for t in range(p["length"]):
-      x_t = [(None, frozenset(f"{lab}@{t}" for lab in labs)) for _, labs in xs]
+    for i in range(p["length"]):
+      t = self.offset + i
+      x_t = [(None, _relabel(labs, t)) for _, labs in xs]
       out = self.run(
         p["jaxpr"].jaxpr, p["jaxpr"].consts, [*consts, *carry, *x_t], t, in_loss, in_mix
       )
@@ -326,28 +340,34 @@ class DataflowWalk:
 
 
 def trace_periods(tx, m, v, tau, periods):
-  """Walks ``periods`` periods of make_period_step from a fresh state (count 0)."""
+  """Walks ``periods`` calls of make_period_step from a fresh state (count 0), one per period."""
   A, b = ref.make_batches(tau * periods, m, seed=38)
   X = coopjax.replicate(ref.init_params(), m, v)
   state = tx.init(X)
   period = coopjax.make_period_step(
     jax.jit(ref.loss_fn), tx, jit=False, with_consensus=False, with_grad_norm=False
   )
-  args = (X, state, (jnp.asarray(A), jnp.asarray(b)))
-  closed = jax.make_jaxpr(period)(*args)
-  leaves, _ = jax.tree_util.tree_flatten_with_path(args)
-  inputs = []
+  leaves, _ = jax.tree_util.tree_flatten_with_path((X, state))
+  carried = []
   for path, leaf in leaves:
-    role = ["X", "state", "batch"][path[0].idx]
+    role = ["X", "state"][path[0].idx]
     if role == "state":
       field = path[1].name
       role = f"state.{field}"
       if field == "count":
-        inputs.append((np.asarray(leaf), frozenset([role])))
+        carried.append((np.asarray(leaf), frozenset([role])))
         continue
-    inputs.append((None, frozenset([role])))
+    carried.append((None, frozenset([role])))
   walk = DataflowWalk()
-  walk.run(closed.jaxpr, closed.consts, inputs)
+  for p in range(periods):
+    sl = slice(p * tau, (p + 1) * tau)
+    args = (X, state, (jnp.asarray(A[sl]), jnp.asarray(b[sl])))
+    closed = jax.make_jaxpr(period)(*args)
+    walk.offset, walk.closing = p * tau, (p + 1) * tau - 1
+    batch = [(None, frozenset([f"batch@{walk.closing}"]))] * 2
+    outs = walk.run(closed.jaxpr, closed.consts, [*carried, *batch])
+    carried = outs[: len(carried)]
+    X, state, _ = period(*args)
   return walk
 
 
@@ -400,6 +420,173 @@ def test_blocking_easgd_reduction_waits_for_the_last_local_step():
   assert walk.reductions
   for t, labels in walk.reductions:
     assert t == tau - 1 and f"batch@{tau - 1}" in labels
+
+
+@pytest.mark.parametrize("name", sorted(NONBLOCKING))
+@pytest.mark.parametrize("length,start", [(6, 0), (3, 1), (1, 2), (2, 0)])
+def test_period_step_with_early_reduction_equals_steps(name, length, start):
+  """Programs of any length from any step count: the same iterates as make_step, in a chain.
+
+  (The aligned period, (length, start) = (tau, 0), is tests/test_period.py's.) (6, 0) mixes
+  twice in one program and (3, 1) mixes inside the loop, so the closing mix must fall
+  back to reducing the state's pending; (1, 2) is a period of one step ending in a mix; (2, 0)
+  ends without mixing.
+  """
+  m, tau = 4, 3
+  make, v = NONBLOCKING[name]
+  tx = optax.chain(optax.scale(1.0), make(m, tau))
+  A, b = ref.make_batches(start + length, m, seed=39)
+  X0 = coopjax.replicate(ref.init_params(), m, v)
+  step = coopjax.make_step(ref.loss_fn, tx)
+  X, state, losses = X0, tx.init(X0), []
+  for k in range(start + length):
+    X, state, met = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
+    losses.append(met["worker_loss"])
+    if k + 1 == start:
+      Xs, ss = X, state
+  if start == 0:
+    Xs, ss = X0, tx.init(X0)
+  period = coopjax.make_period_step(ref.loss_fn, tx)
+  Xp, sp, mp = period(Xs, ss, (jnp.asarray(A[start:]), jnp.asarray(b[start:])))
+  np.testing.assert_allclose(ref.flat(Xp), ref.flat(X), rtol=1e-6, atol=1e-6)
+  for a, c in zip(jax.tree.leaves(sp), jax.tree.leaves(state), strict=True):
+    np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(mp["worker_loss"], np.stack(losses[start:]), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(mp["step"], np.arange(start + 1, start + length + 1))
+  assert np.abs(ref.flat(Xp) - ref.flat(X0)).max() > 1e-3
+
+
+def test_issued_early_checks_its_arguments():
+  from coopjax import nonblocking
+
+  with pytest.raises(TypeError, match="early.kind"):
+    with nonblocking.issued_early(nonblocking.EarlyReduction(tuple, {}, jnp.zeros((), jnp.int32))):
+      pass
+  m, tau = 4, 2
+  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau, 0.1, m)
+  X = coopjax.replicate(ref.init_params(), m, 1)
+  state = tx.init(X)
+  grads = jax.tree.map(lambda x: jnp.ones_like(x[:m]), X)
+  early = nonblocking.EarlyReduction(nonblocking.NonBlockingEASGDState, [1.0], state.count)
+  with nonblocking.issued_early(early), pytest.raises(ValueError, match="structure"):
+    tx.update(grads, state, X)
+  found = nonblocking.overlap_states(optax.chain(optax.scale(1.0), tx).init(X))
+  assert [type(f) for f in found] == [nonblocking.NonBlockingEASGDState]
+
+
+# --- The compiled period program: where the collective runs -------------------------------
+#
+# The optimized HLO of the sharded period step (8 fake CPU devices), read as a graph of
+# instructions (name -> operands) per computation.
+
+
+def _hlo(tx, m, v, tau):
+  from coopjax import sharding
+
+  mesh = sharding.worker_mesh()
+  X = sharding.shard(coopjax.replicate(ref.init_params(), m, v), mesh, v)
+  state = sharding.init(tx, X, mesh, v)
+  A, b = ref.make_batches(tau, m, seed=40)
+  period = coopjax.make_period_step(ref.loss_fn, tx, mesh)
+  text = period.lower(X, state, (jnp.asarray(A), jnp.asarray(b))).compile().as_text()
+  return text, coopjax.comm.parse_hlo(text)
+
+
+class Graph:
+  """The instructions of an HLO module: ``comps[c][name] = (opcode, operands, text)``."""
+
+  def __init__(self, text):
+    from coopjax.comm import _OPERAND
+    from coopjax.comm import _operands
+    from coopjax.comm import _parse
+
+    parsed, _, self.entry = _parse(text)
+    self.comps = {
+      c: {i.name: (i.opcode, _OPERAND.findall(_operands(i.text)), i.text) for i in instrs}
+      for c, instrs in parsed.items()
+    }
+
+  def ancestors(self, comp, name):
+    """Every instruction of ``comp`` that ``name`` depends on (transitively), itself excluded."""
+    seen, todo = set(), list(self.comps[comp][name][1])
+    while todo:
+      n = todo.pop()
+      if n in seen or n not in self.comps[comp]:
+        continue
+      seen.add(n)
+      todo.extend(self.comps[comp][n][1])
+    return seen
+
+  def of(self, comp, opcode):
+    return [n for n, (op, _, _) in self.comps[comp].items() if op == opcode]
+
+  def reachable(self, comp):
+    """Computations called (transitively) from ``comp``: loop bodies, branches, fusions."""
+    seen, todo = set(), [comp]
+    while todo:
+      c = todo.pop()
+      if c in seen or c not in self.comps:
+        continue
+      seen.add(c)
+      for _, _, text in self.comps[c].values():
+        todo.extend(n for n in re.findall(r"%([\w.\-]+)", text) if n in self.comps)
+    return seen
+
+
+OVERLAPPED = {
+  "nonblocking_easgd_m8": (lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), 4, 0.05, m), 8, 1),
+  "nonblocking_easgd_m16": (lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), 4, 0.05, m), 16, 1),
+  "overlap_local_sgd_m8": (
+    lambda m: coopjax.overlap_local_sgd(optax.sgd(LR), 4, 0.3, m, 0.5),
+    8,
+    1,
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAPPED))
+def test_compiled_period_issues_the_reduction_before_the_loop(name):
+  """The all-reduce of the pending operand sits in the entry computation, fed by the program's
+  parameters only; the loop of local steps does not read it; the closing mix (a conditional
+  after the loop) does."""
+  make, m, v = OVERLAPPED[name]
+  tau = 4
+  text, report = _hlo(make(m), m, v, tau)
+  g = Graph(text)
+  entry = g.comps[g.entry]
+  early = [c for c in report if c.kind == "all-reduce" and c.computation == g.entry]
+  assert len(early) == 1, report.table()
+  assert not early[0].in_branch and "early_reduction" in entry[early[0].name][2]
+  up = g.ancestors(g.entry, early[0].name)
+  assert not {n for n in up if entry[n][0] in ("while", "conditional", "all-reduce")}
+  params = [n for n in up if entry[n][0] == "parameter"]
+  assert params and all("pending" in entry[n][2] for n in params), [entry[n][2] for n in params]
+  (loop,) = g.of(g.entry, "while")
+  assert early[0].name not in g.ancestors(g.entry, loop)
+  closing = [
+    n
+    for n in g.of(g.entry, "conditional")
+    if early[0].name in g.ancestors(g.entry, n) and loop in g.ancestors(g.entry, n)
+  ]
+  assert len(closing) == 1
+  # The loop's own mixing branch still holds a reduction (for a period started mid-way), but
+  # no collective of the loop feeds the entry's all-reduce.
+  body = re.search(r"body=%([\w.\-]+)", entry[loop][2]).group(1)
+  in_loop = g.reachable(body)
+  assert any(c.computation in in_loop for c in report if c.kind == "all-reduce")
+
+
+def test_compiled_blocking_easgd_reduces_inside_the_loop():
+  """The contrast: blocking EASGD's only all-reduce runs in the loop's mixing branch."""
+  m, tau = 8, 4
+  text, report = _hlo(coopjax.easgd(optax.sgd(LR), tau, 0.05, m), m, 1, tau)
+  g = Graph(text)
+  (loop,) = g.of(g.entry, "while")
+  body = re.search(r"body=%([\w.\-]+)", g.comps[g.entry][loop][2]).group(1)
+  in_loop = g.reachable(body)
+  reduces = [c for c in report if c.kind == "all-reduce"]
+  assert reduces and all(c.in_branch and c.computation in in_loop for c in reduces), report.table()
+  assert not [c for c in report if c.computation == g.entry]
 
 
 def test_doctest():
