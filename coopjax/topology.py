@@ -99,6 +99,14 @@ def circulant(m: int, weights: dict[int, float]) -> np.ndarray:
   coincide modulo ``m`` add up. Symmetric when ``weights[s] == weights[-s]``.
   """
   m = _check_count("m", m)
+  if not isinstance(weights, dict) or not weights:
+    raise TypeError(
+      f"weights must be a non-empty dict offset -> weight (e.g. {{-1: 1/3, 0: 1/3, 1: 1/3}}), "
+      f"got {weights!r}."
+    )
+  for s, w in weights.items():
+    _check_count("circulant offset", s, -(2**62))
+    _check_real(f"weights[{s}]", w)
   W = np.zeros((m, m))
   for s, w in weights.items():
     for i in range(m):
@@ -145,8 +153,18 @@ def metropolis_hastings(adjacency: np.ndarray) -> np.ndarray:
   A = np.asarray(adjacency)
   if A.ndim != 2 or A.shape[0] != A.shape[1]:
     raise ValueError(f"adjacency must be a square matrix, got shape {A.shape}.")
-  if not np.all(np.isfinite(A.astype(np.float64))):
+  if A.shape[0] == 0:
+    raise ValueError("adjacency is empty; it needs one row per worker.")
+  if np.iscomplexobj(A):
+    raise TypeError("adjacency has complex entries; pass a 0/1 (or boolean) matrix.")
+  try:
+    A_float = A.astype(np.float64)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"adjacency must be a numeric 0/1 matrix, got dtype {A.dtype}.") from e
+  if not np.all(np.isfinite(A_float)):
     raise ValueError("adjacency has non-finite entries; pass a 0/1 matrix.")
+  if np.any(A_float < 0):
+    raise ValueError("adjacency has negative entries; pass a 0/1 matrix (nonzero = edge).")
   A = A.astype(bool)
   np.fill_diagonal(A, False)
   if not np.array_equal(A, A.T):
@@ -330,6 +348,14 @@ def elastic_hierarchical(groups, alpha: float, W_aux: np.ndarray | None = None) 
   Rows are ordered ``[x_1..x_m, z_1..z_g]``. W is symmetric and doubly
   stochastic for any group sizes; it is validated (ζ < 1) on construction.
   """
+  if isinstance(groups, (str, bytes)) or not isinstance(groups, (list, tuple)):
+    raise TypeError(f"groups must be a list of lists of worker indices, got {groups!r}.")
+  for gr in groups:
+    if isinstance(gr, (str, bytes)) or not isinstance(gr, (list, tuple, range, np.ndarray)):
+      raise TypeError(f"each group must be a list of worker indices, got {gr!r} in {groups!r}.")
+    for i in gr:
+      if isinstance(i, (bool, np.bool_)) or not isinstance(i, (numbers.Integral, np.integer)):
+        raise TypeError(f"worker indices must be integers, got {i!r} in groups {groups!r}.")
   groups = [list(map(int, g)) for g in groups]
   members = sorted(i for g in groups for i in g)
   m = len(members)
@@ -402,6 +428,8 @@ def validate(
   columns summing to 1, and ζ < 1 (unless ``allow_disconnected``; the identity
   only warns, since independent workers are a legitimate baseline).
   """
+  if np.iscomplexobj(W):
+    raise TypeError("W has complex entries; mixing weights must be real numbers.")
   try:
     W = np.array(W, dtype=np.float64)
   except (TypeError, ValueError) as e:
