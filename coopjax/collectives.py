@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from coopjax import mixing
 from coopjax.mixing import ShardContext
 
 PyTree = Any
@@ -147,7 +148,7 @@ def _gather_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
     def leaf(x):
       full = lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)
       cols = _columns(A, ctx, axis=1, dtype=x.dtype)
-      return jnp.einsum("ji,j...->i...", cols, full)
+      return mixing.einsum("ji,j...->i...", cols, full)
 
     return jax.tree.map(leaf, workers)
 
@@ -320,10 +321,10 @@ def mix_gathered(X: PyTree, W, ctx: ShardContext) -> PyTree:
       full = jnp.concatenate([full, z.astype(full.dtype)], axis=0)
     w = W.astype(x.dtype)
     own = lax.dynamic_slice_in_dim(w, _device(ctx) * b, b, axis=1)
-    out = jnp.einsum("ji,j...->i...", own, full)
+    out = mixing.einsum("ji,j...->i...", own, full)
     if z is None:
       return out
-    return jnp.concatenate([out, jnp.einsum("ji,j...->i...", w[:, m:], full)], axis=0)
+    return jnp.concatenate([out, mixing.einsum("ji,j...->i...", w[:, m:], full)], axis=0)
 
   if aux is None:
     return jax.tree.map(lambda x: leaf(x, None), workers)
@@ -361,13 +362,13 @@ def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
     new_w = plan.apply(workers)
     if has_C:
       new_w = jax.tree.map(
-        lambda y, z: y + jnp.einsum("li,l...->i...", _columns(C, ctx, 1, z.dtype), z), new_w, aux
+        lambda y, z: y + mixing.einsum("li,l...->i...", _columns(C, ctx, 1, z.dtype), z), new_w, aux
       )
 
     def new_aux(x, z):
-      out = jnp.einsum("kl,k...->l...", jnp.asarray(E, z.dtype), z)
+      out = mixing.einsum("kl,k...->l...", jnp.asarray(E, z.dtype), z)
       if has_B:
-        part = jnp.einsum("il,i...->l...", _columns(B, ctx, 0, x.dtype), x)
+        part = mixing.einsum("il,i...->l...", _columns(B, ctx, 0, x.dtype), x)
         out = out + lax.psum(part, ctx.axis_name).astype(z.dtype)
       return out
 
