@@ -59,6 +59,9 @@ def initialize(
   *,
   cpu_collectives: str | None = "gloo",
   num_cpu_devices: int | None = None,
+  heartbeat_timeout_seconds: int | None = None,
+  shutdown_timeout_seconds: int | None = None,
+  initialization_timeout: int | None = None,
   **kwargs: Any,
 ) -> ProcessInfo:
   """Joins this process to a multi-process JAX run (``jax.distributed.initialize``).
@@ -74,8 +77,15 @@ def initialize(
       backends start. ``None`` leaves the setting alone.
     num_cpu_devices: devices per process on the CPU platform (testing several
       devices per host without accelerators); None leaves the default.
-    **kwargs: passed to ``jax.distributed.initialize`` (e.g.
-      ``initialization_timeout``).
+    heartbeat_timeout_seconds: how long the coordinator waits for a process's
+      heartbeat before declaring it dead; then every surviving process aborts
+      (non-zero exit, "another task died"). None keeps JAX's default (100 s).
+      See ``docs/reliability.md``.
+    shutdown_timeout_seconds: how long ``jax.distributed.shutdown`` (run at
+      exit) waits for the other processes (JAX default 300 s).
+    initialization_timeout: how long to wait for all processes to join (JAX
+      default 300 s).
+    **kwargs: passed to ``jax.distributed.initialize``.
 
   Returns:
     The :class:`ProcessInfo` after joining.
@@ -97,6 +107,17 @@ def initialize(
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   if num_cpu_devices is not None:
     jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
+  timeouts = {
+    "heartbeat_timeout_seconds": heartbeat_timeout_seconds,
+    "shutdown_timeout_seconds": shutdown_timeout_seconds,
+    "initialization_timeout": initialization_timeout,
+  }
+  for name, value in timeouts.items():
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer number of seconds, got {value!r}.")
+    kwargs[name] = value
   jax.distributed.initialize(
     coordinator_address=coordinator_address,
     num_processes=num_processes,
