@@ -353,7 +353,8 @@ class CheckpointManager:
       target: abstract state (``jax.eval_shape`` of the initialisation, or
         :func:`abstract_target` / concrete arrays of the same structure). It
         fixes the pytree types (NamedTuples), dtypes, typed key arrays and
-        shardings of the result.
+        shardings of the result. None returns the raw saved tree for
+        inspection (NamedTuples as dicts or lists, keys as ``uint32`` key data).
 
     Returns:
       The state, with the structure of ``target``.
@@ -362,13 +363,11 @@ class CheckpointManager:
       FileNotFoundError: no such checkpoint.
       ValueError: the checkpoint does not match ``target``.
     """
-    if target is None:
-      raise ValueError(
-        "restore needs target=: the abstract state, e.g. "
-        "jax.eval_shape(init_fn) or checkpoint.abstract_target(initial_state)."
-      )
     step = self._resolve(step)
     ocp = _ocp()
+    if target is None:
+      restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      return restored["state"]
     abstract = _encode_target(target)
     saved = self._saved_shapes(step)
     want = [tuple(x.shape) for x in jax.tree.leaves(abstract)]
