@@ -345,6 +345,7 @@ def test_partial_save_leaves_previous_checkpoint_readable(tmp_path):
   (partial / "state" / "garbage").write_bytes(b"\x00" * 100)
   with checkpoint.CheckpointManager(tmp_path) as mgr:
     assert mgr.latest_step() == 5
+    assert not partial.exists()  # removed when the manager opened the directory
     _assert_same(flatten(state), flatten(mgr.restore(target=state)), "after partial")
     assert mgr.save(7, state)  # the step can be written again
     assert mgr.latest_step() == 7
