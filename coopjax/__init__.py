@@ -4,8 +4,10 @@ Communication-efficient distributed SGD, A(τ, W, v) of Wang & Joshi (JMLR 2021)
 as optax gradient transformations over a stacked worker axis.
 """
 
+from coopjax import checkpoint
 from coopjax import collectives
 from coopjax import data
+from coopjax import diagnostics
 from coopjax import distributed
 from coopjax import mixing
 from coopjax import models
@@ -73,6 +75,7 @@ __all__ = [
   "consensus_distance",
   "cooperative",
   "data",
+  "diagnostics",
   "dpsgd",
   "easgd",
   "elastic_averaging",
@@ -108,6 +111,7 @@ __all__ = [
   "settle_easgd",
   "settle_overlap",
   "slowmo",
+  "checkpoint",
   "collectives",
   "comm_report",
   "distributed",
