@@ -144,3 +144,19 @@ def test_bad_policy_and_missing_flags_are_clear_errors():
   X = coopjax.replicate(ref.init_params(), M)
   with pytest.raises(ValueError, match="check_finite=True"):
     guarded(X, tx.init(X), (jnp.asarray(A[0]), jnp.asarray(b[0])))
+
+
+def test_sharded_step_reports_the_worker_with_a_nan_batch():
+  mesh = coopjax.worker_mesh(8)
+  m, bad = 8, 5
+  tx = coopjax.local_sgd(optax.sgd(0.05), 2, m)
+  X = coopjax.shard(coopjax.replicate(ref.init_params(), m), mesh)
+  opt_state = coopjax.sharding.init(tx, X, mesh)
+  step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh, check_finite=True)
+  A, b = _batches(1, m=m, bad=(1, bad))
+  batch = coopjax.shard_batch((jnp.asarray(A[0]), jnp.asarray(b[0])), mesh)
+  _, _, metrics = step(X, opt_state, batch)
+  expected = ~np.isfinite(A[0]).all(axis=(1, 2))  # the reference: which batch holds a NaN
+  np.testing.assert_array_equal(np.asarray(metrics["nonfinite_workers"]), expected)
+  with pytest.raises(diagnostics.DivergenceError, match=rf"step 1 on worker\(s\) \[{bad}\]"):
+    diagnostics.check_finite(metrics)
