@@ -216,6 +216,8 @@ def apply_overrides(
       if name not in node:
         raise ValueError(f"--config.{field}: no field {name!r} in the config.")
       node = node[name]
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"--config.{field}: {name!r} is a value, not a group of fields.")
     if leaf not in node:
       raise ValueError(
         f"--config.{field}: unknown field {leaf!r}; known fields: {sorted(node.keys())}."
@@ -504,6 +506,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   num_steps = int(config.num_steps) or int(math.ceil(float(config.num_epochs) * spe))
   if num_steps < 1:
     raise ValueError("set config.num_steps or config.num_epochs to a positive value.")
+  for name in ("log_every", "eval_every"):
+    if int(config[name]) < 1:
+      raise ValueError(f"config.{name} must be >= 1 (steps between rows), got {config[name]}.")
+  if not float(config.lr) > 0:
+    raise ValueError(f"config.lr must be > 0, got {config.lr}.")
   eval_idx = np.random.default_rng(config.seed).permutation(n_train)[: config.eval_train_size]
   eval_train = (ds.train_x[eval_idx], ds.train_y[eval_idx])
 

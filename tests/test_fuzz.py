@@ -475,7 +475,7 @@ FIELD_TYPES = {  # the default config's field -> a value of the wrong type
     ),
     st.tuples(
       st.just("nested"),
-      st.tuples(st.sampled_from(["network.zz", "nope.latency"]), st.just("1")),
+      st.tuples(st.sampled_from(["network.zz", "nope.latency", "tau.x"]), st.just("1")),
     ),
   )
 )
@@ -491,3 +491,38 @@ def test_cli_rejects_bad_overrides(case):
   finally:
     os.chdir(cwd)
   assert field.split(".")[0] in str(err) or "unknown" in str(err), (kind, str(err))
+
+
+BAD_CONFIGS = [
+  ["--config.num_workers=-3"],
+  ["--config.num_workers=0"],
+  ["--config.tau=0"],
+  ["--config.algorithm=easgd", "--config.alpha=5.0"],
+  ["--config.algorithm=easgd", "--config.alpha=-0.1"],
+  ["--config.lr=-1.0"],
+  ["--config.lr=0"],
+  ["--config.batch_size=0"],
+  ["--config.algorithm=nope"],
+  ["--config.algorithm=dpsgd", "--config.topology=moebius"],
+  ["--config.optimizer=sgdd"],
+  ["--config.num_steps=-5"],
+  ["--config.model=transformer"],
+  ["--config.split=weird"],
+  ["--config.checkpoint_keep=0"],
+  ["--config.log_every=0"],
+  ["--config.eval_every=-2"],
+]
+
+
+@settings(FUZZ, max_examples=len(BAD_CONFIGS))
+@given(flags=st.sampled_from(BAD_CONFIGS))
+def test_cli_rejects_bad_config_values(flags, tmp_path_factory):
+  train = _train_module()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path_factory.mktemp("cli"))
+  argv = ["--config", os.path.join(root, "experiments", "configs", "default.py:runlocal")]
+  argv += ["--workdir", workdir, "--config.progress=False", *flags]
+  err = expect_clear_error(lambda: train.train(*train.parse_args(argv)))
+  field = flags[-1].split("=")[0][len("--config.") :]
+  value = flags[-1].split("=")[1]
+  assert field in str(err) or value in str(err), (flags, str(err))
