@@ -46,12 +46,17 @@ def _local():
 
 
 def _optional(module: str, name: str):
-  """``coopjax.<module>.<name>`` if that module and name exist, else None."""
-  try:
-    mod = importlib.import_module(f"coopjax.{module}")
-  except ImportError:
-    return None
-  return getattr(mod, name, None)
+  """``coopjax.<name>``, else ``coopjax.<module>.<name>`` for any of the candidate modules."""
+  if callable(getattr(coopjax, name, None)):
+    return getattr(coopjax, name)
+  for candidate in module.split("|"):
+    try:
+      mod = importlib.import_module(f"coopjax.{candidate}")
+    except ImportError:
+      continue
+    if callable(getattr(mod, name, None)):
+      return getattr(mod, name)
+  return None
 
 
 def _builders():
@@ -65,10 +70,13 @@ def _builders():
   }
   optional = {
     "time_varying": (
-      "time_varying",
+      "time_varying|dynamic_topology",
       lambda f: f(_local(), 2, [ring, topology.complete(M)]),
     ),
-    "matcha": ("time_varying", lambda f: f(_local(), ring, 0.5, M, jax.random.key(7))),
+    "matcha": (
+      "time_varying|dynamic_topology",
+      lambda f: f(_local(), ring, 0.5, M, jax.random.key(7)),
+    ),
     "nonblocking_easgd": ("nonblocking", lambda f: f(_local(), 2, 0.2, M)),
     "overlap_local_sgd": (
       "nonblocking",
