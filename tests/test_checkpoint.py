@@ -85,8 +85,8 @@ def _builders():
     "delayed": ("nonblocking", lambda f: f(_local(), 2, ring)),
     "slowmo": ("outer", lambda f: f(_local(), 2, M, 1.0, 0.5, LR)),
     "diloco": ("outer", lambda f: f(_local(), optax.sgd(0.7, momentum=0.9, nesterov=True), 2, M)),
-    "adacomm": ("adacomm", lambda f: f(_local(), 3, M)),
-    "hierarchical": ("hierarchical", lambda f: f(_local(), 2, 4, [[0, 1], [2, 3]])),
+    "adacomm": ("adacomm|adaptive_period", lambda f: f(_local(), 3, M)),
+    "hierarchical": ("hierarchical|hierarchy", lambda f: f(_local(), 2, 4, [[0, 1], [2, 3]])),
   }
   for name, (module, make) in optional.items():
     f = _optional(module, name)
