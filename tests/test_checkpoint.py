@@ -14,14 +14,12 @@ key, data position), train to step K saving every N steps, save at exit.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,60 +43,26 @@ def _local():
   return optax.sgd(LR, momentum=0.9)
 
 
-def _optional(module: str, name: str):
-  """``coopjax.<name>``, else ``coopjax.<module>.<name>`` for any of the candidate modules."""
-  if callable(getattr(coopjax, name, None)):
-    return getattr(coopjax, name)
-  for candidate in module.split("|"):
-    try:
-      mod = importlib.import_module(f"coopjax.{candidate}")
-    except ImportError:
-      continue
-    if callable(getattr(mod, name, None)):
-      return getattr(mod, name)
-  return None
-
-
 def _builders():
-  """Every algorithm to checkpoint, by name; later ones only when their module exists."""
+  """Every algorithm coopjax offers, by name (a missing one is an error, not a skip)."""
   ring = topology.ring(M)
-  b = {
+  return {
     "sync_sgd": lambda: coopjax.sync_sgd(_local(), M),
     "local_sgd": lambda: coopjax.local_sgd(_local(), 3, M),
     "easgd": lambda: coopjax.easgd(_local(), 2, 0.2, M),
     "dpsgd": lambda: coopjax.dpsgd(_local(), ring),
+    "time_varying": lambda: coopjax.time_varying(_local(), 2, [ring, topology.complete(M)]),
+    "matcha": lambda: coopjax.matcha(_local(), ring, 0.5, M, jax.random.key(7)),
+    "nonblocking_easgd": lambda: coopjax.nonblocking_easgd(_local(), 2, 0.2, M),
+    "overlap_local_sgd": lambda: coopjax.overlap_local_sgd(
+      _local(), 2, 0.5, M, anchor_momentum=0.5
+    ),
+    "delayed": lambda: coopjax.delayed(_local(), 2, ring),
+    "slowmo": lambda: coopjax.slowmo(_local(), 2, M, 1.0, 0.5, LR),
+    "diloco": lambda: coopjax.diloco(_local(), optax.sgd(0.7, momentum=0.9, nesterov=True), 2, M),
+    "adacomm": lambda: coopjax.adacomm(_local(), 3, M),
+    "hierarchical": lambda: coopjax.hierarchical(_local(), 2, 4, [[0, 1], [2, 3]]),
   }
-  optional = {
-    "time_varying": (
-      "time_varying|dynamic_topology",
-      lambda f: f(_local(), 2, [ring, topology.complete(M)]),
-    ),
-    "matcha": (
-      "time_varying|dynamic_topology",
-      lambda f: f(_local(), ring, 0.5, M, jax.random.key(7)),
-    ),
-    "nonblocking_easgd": ("nonblocking", lambda f: f(_local(), 2, 0.2, M)),
-    "overlap_local_sgd": (
-      "nonblocking",
-      lambda f: f(_local(), 2, 0.5, M, anchor_momentum=0.5),
-    ),
-    "delayed": ("nonblocking", lambda f: f(_local(), 2, ring)),
-    "slowmo": ("outer", lambda f: f(_local(), 2, M, 1.0, 0.5, LR)),
-    "diloco": ("outer", lambda f: f(_local(), optax.sgd(0.7, momentum=0.9, nesterov=True), 2, M)),
-    "adacomm": ("adacomm|adaptive_period", lambda f: f(_local(), 3, M)),
-    "hierarchical": ("hierarchical|hierarchy", lambda f: f(_local(), 2, 4, [[0, 1], [2, 3]])),
-  }
-  for name, (module, make) in optional.items():
-    f = _optional(module, name)
-    if f is None:
-      continue
-    try:  # modules still in development may change their signatures
-      make(f)
-    except (TypeError, ValueError) as e:
-      warnings.warn(f"checkpoint tests skip {name}: {e}", stacklevel=1)
-      continue
-    b[name] = lambda f=f, make=make: make(f)
-  return b
 
 
 BUILDERS = _builders()

@@ -13,7 +13,7 @@ import reference as ref
 import coopjax
 from coopjax import topology
 
-tv = importlib.import_module("coopjax.time_varying")
+tv = importlib.import_module("coopjax.dynamic_topology")
 
 LR, BETA = 0.05, 0.9
 

@@ -31,7 +31,7 @@ from coopjax.algorithms import check_tau
 from coopjax.algorithms import mix_local_state
 from coopjax.algorithms import require_params
 from coopjax.algorithms import reset_local_state
-from coopjax.hierarchical import global_mean
+from coopjax.hierarchy import global_mean
 from coopjax.workers import num_rows
 
 PyTree = Any
