@@ -231,26 +231,37 @@ def local_step_and_mix(
   m, v = num_workers, num_aux
   workers, aux = mixing.split_rows(params, m)
   local_updates, local_state = _local_update(local, grads, local_state, workers, extra_args)
-  add = lambda X, U: jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
+  # U: the local updates with zero rows for the auxiliaries, in the models' dtypes.
+  U = mixing.join_rows(
+    jax.tree.map(lambda w, u: u.astype(w.dtype), workers, local_updates),
+    jax.tree.map(jnp.zeros_like, aux),
+  )
+  add = lambda X, Y: jax.tree.map(jnp.add, X, Y)
+  sub = lambda X, Y: jax.tree.map(jnp.subtract, X, Y)
 
-  def on_mix(X, opt_state):
+  def mixed_minus(X, opt_state):
+    """``S X − params`` with the policy applied to the optimizer state."""
     if policy == "mix":
       opt_state = mix_local_state(opt_state, mix, m, v)
     elif policy == "reset":
       opt_state = reset_local_state(opt_state, jax.vmap(local.init)(workers))
-    return _select(mix_mask, mix(X), X), opt_state
+    return sub(_select(mix_mask, mix(X), X), params), opt_state
 
-  def no_mix(X, opt_state):
-    return X, opt_state
+  def no_mix(opt_state):
+    return U, opt_state  # off-steps: the update is exactly the local one
 
   if order == "step_then_mix":
-    stepped = mixing.join_rows(add(workers, local_updates), aux)
-    new, local_state = jax.lax.cond(should_mix, on_mix, no_mix, stepped, local_state)
+
+    def on_mix(opt_state):
+      return mixed_minus(add(params, U), opt_state)
+
   else:
-    mixed, local_state = jax.lax.cond(should_mix, on_mix, no_mix, params, local_state)
-    mixed_workers, mixed_aux = mixing.split_rows(mixed, m)
-    new = mixing.join_rows(add(mixed_workers, local_updates), mixed_aux)
-  return jax.tree.map(lambda a, x: a - x, new, params), local_state
+
+    def on_mix(opt_state):
+      delta, opt_state = mixed_minus(params, opt_state)
+      return add(delta, U), opt_state
+
+  return jax.lax.cond(should_mix, on_mix, no_mix, local_state)
 
 
 def require_params(params):
