@@ -23,7 +23,6 @@ import optax
 from coopjax import mixing
 from coopjax.algorithms import _check_grads
 from coopjax.algorithms import _local_update
-from coopjax.algorithms import check_count
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_rows
 from coopjax.algorithms import check_state_policy
@@ -32,6 +31,7 @@ from coopjax.algorithms import mix_local_state
 from coopjax.algorithms import require_params
 from coopjax.algorithms import reset_local_state
 from coopjax.hierarchy import global_mean
+from coopjax.validation import check_int
 from coopjax.workers import num_rows
 
 PyTree = Any
@@ -123,7 +123,7 @@ def adacomm(
   """
   local = check_local(local)
   tau0 = check_tau(tau0)
-  m = check_count("num_workers", num_workers, 1)
+  m = check_int("num_workers", num_workers, 1)
   policy = check_state_policy(local_state_policy)
   if lr_schedule is not None and not callable(lr_schedule):
     raise TypeError(
@@ -140,7 +140,7 @@ def adacomm(
     if lr0 <= 0:
       raise ValueError(f"lr0 must be > 0, got {lr0}.")
   if max_tau is not None:
-    max_tau = check_count("max_tau", max_tau, 1)
+    max_tau = check_int("max_tau", max_tau, 1)
 
   def init_fn(params):
     check_rows(params, m, m, 0)

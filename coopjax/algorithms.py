@@ -53,6 +53,7 @@ import optax
 
 from coopjax import mixing
 from coopjax import topology
+from coopjax.validation import check_int
 from coopjax.workers import num_rows
 
 PyTree = Any
@@ -95,14 +96,6 @@ def check_tau(tau) -> int:
   if tau < 1:
     raise ValueError(f"tau must be >= 1 (mix every tau local steps), got {tau}.")
   return int(tau)
-
-
-def check_count(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}.")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-  return int(value)
 
 
 def check_local(local) -> optax.GradientTransformation:
@@ -354,7 +347,7 @@ def cooperative(
   """
   local = check_local(local)
   tau = check_tau(tau)
-  v = check_count("num_aux", num_aux, 0)
+  v = check_int("num_aux", num_aux, 0)
   order = check_order(order)
   policy = check_state_policy(local_state_policy)
   mix_mask = check_mix_mask(mix_mask)
@@ -402,7 +395,7 @@ def sync_sgd(local: optax.GradientTransformation, num_workers: int, **kwargs):
   With SGD as ``local`` this equals large-batch SGD on the averaged gradient:
   :math:`x_{k+1} = x_k - \eta \frac1m \sum_i g_i(x_k)`.
   """
-  m = check_count("num_workers", num_workers, 1)
+  m = check_int("num_workers", num_workers, 1)
   return cooperative(local, 1, topology.complete(m), **kwargs)
 
 
@@ -411,7 +404,7 @@ def local_sgd(local: optax.GradientTransformation, tau: int, num_workers: int, *
 
   Workers take τ local steps, then all models are averaged.
   """
-  m = check_count("num_workers", num_workers, 1)
+  m = check_int("num_workers", num_workers, 1)
   return cooperative(local, tau, topology.complete(m), **kwargs)
 
 
@@ -430,7 +423,7 @@ def easgd(local: optax.GradientTransformation, tau: int, alpha: float, num_worke
   X must be built with ``num_aux=1``. With ``order="mix_then_step"`` this is
   Zhang et al.'s update, where the gradient is taken before the pull.
   """
-  m = check_count("num_workers", num_workers, 1)
+  m = check_int("num_workers", num_workers, 1)
   W = topology.easgd(m, alpha)
   return cooperative(local, tau, W, num_aux=1, allow_negative=True, **kwargs)
 

@@ -35,13 +35,15 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
 import numpy as np
+
+from coopjax.validation import check_int
+from coopjax.validation import check_positive
 
 __all__ = [
   "Dataset",
@@ -121,26 +123,8 @@ class IteratorState(NamedTuple):
 # argument checks
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}.")
-  value = int(value)
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-  return value
-
-
-def _check_positive(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
-  value = float(value)
-  if not (np.isfinite(value) and value > 0):
-    raise ValueError(f"{name} must be finite and > 0, got {value}.")
-  return value
-
-
 def _check_fraction(name: str, value) -> float:
-  value = _check_positive(name, value)
+  value = check_positive(name, value)
   if value >= 1:
     raise ValueError(f"{name} must lie in (0, 1), got {value}.")
   return value
@@ -166,7 +150,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
   from sklearn import datasets as sk_datasets
 
   test_fraction = _check_fraction("test_fraction", test_fraction)
-  seed = _check_int("seed", seed, 0)
+  seed = check_int("seed", seed, 0)
   raw = sk_datasets.load_digits()
   images = (raw.images / 16.0).astype(np.float32)[..., None]
   labels = raw.target.astype(np.int32)
@@ -208,13 +192,13 @@ def gaussian_mixture(
   Returns:
     A :class:`Dataset` with features ``[N, dim]`` (``float32``).
   """
-  num_train = _check_int("num_train", num_train, 1)
-  num_test = _check_int("num_test", num_test, 1)
-  num_classes = _check_int("num_classes", num_classes, 2)
-  dim = _check_int("dim", dim, 1)
-  separation = _check_positive("separation", separation)
-  noise = _check_positive("noise", noise)
-  rng = np.random.default_rng(_check_int("seed", seed, 0))
+  num_train = check_int("num_train", num_train, 1)
+  num_test = check_int("num_test", num_test, 1)
+  num_classes = check_int("num_classes", num_classes, 2)
+  dim = check_int("dim", dim, 1)
+  separation = check_positive("separation", separation)
+  noise = check_positive("noise", noise)
+  rng = np.random.default_rng(check_int("seed", seed, 0))
   means = rng.standard_normal((num_classes, dim))
   means *= separation / np.linalg.norm(means, axis=1, keepdims=True)
 
@@ -252,10 +236,10 @@ def least_squares(
     A :class:`LeastSquares`. Use :func:`least_squares_loss` as the loss with
     ``make_worker_batches(p.x, p.y, shards, b, keys=("x", "y"))``.
   """
-  dim = _check_int("dim", dim, 1)
-  num_examples = _check_int("num_examples", num_examples, dim)
-  noise = _check_positive("noise", noise)
-  rng = np.random.default_rng(_check_int("seed", seed, 0))
+  dim = check_int("dim", dim, 1)
+  num_examples = check_int("num_examples", num_examples, dim)
+  noise = check_positive("noise", noise)
+  rng = np.random.default_rng(check_int("seed", seed, 0))
   x = rng.standard_normal((num_examples, dim)).astype(np.float32)
   w_true = rng.standard_normal(dim).astype(np.float32)
   y = (x @ w_true + noise * rng.standard_normal(num_examples)).astype(np.float32)
@@ -356,7 +340,7 @@ def load_tfds(
     raise ValueError(f"name must be one of {TFDS_DATASETS}, got {name!r}.")
   for label, limit in (("max_train", max_train), ("max_test", max_test)):
     if limit is not None:
-      _check_int(label, limit, 1)
+      check_int(label, limit, 1)
   import tensorflow_datasets as tfds
 
   data_dir = None if data_dir is None else os.fspath(data_dir)
@@ -416,11 +400,11 @@ def split_iid(num_examples: int, num_workers: int, seed: int = 0) -> list[np.nda
   Returns:
     A list of m ``int64`` index arrays.
   """
-  num_examples = _check_int("num_examples", num_examples, 1)
-  num_workers = _check_int("num_workers", num_workers, 1)
+  num_examples = check_int("num_examples", num_examples, 1)
+  num_workers = check_int("num_workers", num_workers, 1)
   if num_workers > num_examples:
     raise ValueError(f"num_workers={num_workers} exceeds num_examples={num_examples}.")
-  perm = np.random.default_rng(_check_int("seed", seed, 0)).permutation(num_examples)
+  perm = np.random.default_rng(check_int("seed", seed, 0)).permutation(num_examples)
   return [np.sort(part) for part in np.array_split(perm, num_workers)]
 
 
@@ -466,15 +450,15 @@ def split_dirichlet(
       "labels must be a non-empty 1-D integer array, "
       f"got shape {labels.shape}, dtype {labels.dtype}."
     )
-  num_workers = _check_int("num_workers", num_workers, 1)
-  concentration = _check_positive("concentration", concentration)
-  min_size = _check_int("min_size", min_size, 0)
-  max_tries = _check_int("max_tries", max_tries, 1)
+  num_workers = check_int("num_workers", num_workers, 1)
+  concentration = check_positive("concentration", concentration)
+  min_size = check_int("min_size", min_size, 0)
+  max_tries = check_int("max_tries", max_tries, 1)
   if min_size * num_workers > labels.size:
     raise ValueError(
       f"min_size={min_size} × num_workers={num_workers} exceeds the {labels.size} examples."
     )
-  rng = np.random.default_rng(_check_int("seed", seed, 0))
+  rng = np.random.default_rng(check_int("seed", seed, 0))
   classes = np.unique(labels)
   for _ in range(max_tries):
     parts: list[list[np.ndarray]] = [[] for _ in range(num_workers)]
@@ -562,15 +546,15 @@ class WorkerBatches:
       raise ValueError(f"x and y disagree on the number of examples: {x.shape} vs {y.shape}.")
     self._x, self._y = x, y
     self._shards = _check_shards(shards, len(y))
-    self.batch_size = _check_int("batch_size", batch_size, 1)
-    self.seed = _check_int("seed", seed, 0)
+    self.batch_size = check_int("batch_size", batch_size, 1)
+    self.seed = check_int("seed", seed, 0)
     if len(keys) != 2 or keys[0] == keys[1]:
       raise ValueError(f"keys must be two distinct names, got {keys!r}.")
     self.keys = tuple(keys)
     total = sum(s.size for s in self._shards)
     if steps_per_epoch is None:
       steps_per_epoch = max(1, total // (self.num_workers * self.batch_size))
-    self.steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
+    self.steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, 1)
     self._perms: list[dict[int, np.ndarray]] = [{} for _ in self._shards]
     self._step = 0
     if state is not None:

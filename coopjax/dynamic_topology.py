@@ -38,7 +38,6 @@ import scipy.optimize
 from coopjax import mixing
 from coopjax import topology
 from coopjax.algorithms import _check_grads
-from coopjax.algorithms import check_count
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_order
 from coopjax.algorithms import check_rows
@@ -46,6 +45,7 @@ from coopjax.algorithms import check_state_policy
 from coopjax.algorithms import check_tau
 from coopjax.algorithms import local_step_and_mix
 from coopjax.algorithms import require_params
+from coopjax.validation import check_int
 
 PyTree = Any
 
@@ -78,7 +78,7 @@ def _schedule_matrices(schedule, period) -> list:
         "a schedule given as a function of the mix index r needs period=P: it is evaluated "
         "for r in range(P) at construction and cycled."
       )
-    period = check_count("period", period, 1)
+    period = check_int("period", period, 1)
     return [schedule(r) for r in range(period)]
   if period is not None:
     raise ValueError(
@@ -186,7 +186,7 @@ def time_varying(
   """
   local = check_local(local)
   tau = check_tau(tau)
-  v = check_count("num_aux", num_aux, 0)
+  v = check_int("num_aux", num_aux, 0)
   order = check_order(order)
   policy = check_state_policy(local_state_policy)
   mats = _schedule_matrices(schedule, period)
@@ -505,7 +505,7 @@ def matcha(
     decentralized SGD via matching decomposition sampling", 2019 (arXiv 1905.09435).
   """
   local = check_local(local)
-  m = check_count("num_workers", num_workers, 1)
+  m = check_int("num_workers", num_workers, 1)
   order = check_order(order)
   policy = check_state_policy(local_state_policy)
   if np.shape(graph) != (m, m):

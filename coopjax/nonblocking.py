@@ -68,9 +68,9 @@ from coopjax import mixing
 from coopjax import topology
 from coopjax.algorithms import _check_grads
 from coopjax.algorithms import _local_update
-from coopjax.algorithms import check_count
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_tau
+from coopjax.validation import check_int
 from coopjax.workers import num_rows as _num_rows
 
 PyTree = Any
@@ -285,7 +285,7 @@ def _anchored(
   """
   local = check_local(local)
   tau = check_tau(tau)
-  m = check_count("num_workers", num_workers, 1)
+  m = check_int("num_workers", num_workers, 1)
   n = m + 1
 
   def check_params(params, what):
@@ -372,7 +372,7 @@ def nonblocking_easgd(
     NeurIPS 2015.
   """
   alpha = _check_alpha(alpha)
-  m = check_count("num_workers", num_workers, 1)
+  m = check_int("num_workers", num_workers, 1)
 
   def on_mix(k, workers, anchor, total, rest):
     # total = Σ_i pending_i: the reduction issued at the previous mix.

@@ -42,7 +42,6 @@ import optax
 from coopjax import mixing
 from coopjax.algorithms import _check_grads
 from coopjax.algorithms import _local_update
-from coopjax.algorithms import check_count
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_tau
 from coopjax.algorithms import mix_local_state
@@ -51,6 +50,7 @@ from coopjax.nonblocking import LearningRate
 from coopjax.nonblocking import _check_alpha
 from coopjax.nonblocking import _lr_at
 from coopjax.nonblocking import as_schedule
+from coopjax.validation import check_int
 from coopjax.workers import num_rows as _num_rows
 
 PyTree = Any
@@ -120,7 +120,7 @@ def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, base
   """
   local = check_local(local)
   tau = check_tau(tau)
-  m = check_count("num_workers", num_workers, 1)
+  m = check_int("num_workers", num_workers, 1)
   if base_buffers not in BASE_BUFFERS:
     raise ValueError(
       f"base_buffers must be one of {BASE_BUFFERS}, got {base_buffers!r}: 'maintain' keeps each "

@@ -46,6 +46,7 @@ import numpy as np
 from scipy import optimize
 
 from coopjax import topology
+from coopjax.validation import check_int
 
 __all__ = [
   "zeta",
@@ -86,15 +87,6 @@ def _real(name: str, value, *, low: float | None = None, low_open: bool = False)
       raise ValueError(f"{name} must be > {low}, got {value}.")
     if not low_open and value < low:
       raise ValueError(f"{name} must be >= {low}, got {value}.")
-  return value
-
-
-def _int(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}.")
-  value = int(value)
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
   return value
 
 
@@ -155,7 +147,7 @@ def zeta_ring(m: int) -> float:
   >>> round(zeta_ring(3), 12)
   0.0
   """
-  m = _int("m", m, 1)
+  m = check_int("m", m, 1)
   if m == 1:
     return 0.0
   if m == 2:
@@ -171,8 +163,8 @@ def effective_lr(lr: float, m: int, v: int = 0) -> float:
   0.08888888888888889
   """
   lr = _real("lr", lr, low=0.0, low_open=True)
-  m = _int("m", m, 1)
-  v = _int("v", v, 0)
+  m = check_int("m", m, 1)
+  v = check_int("v", v, 0)
   return m / (m + v) * lr
 
 
@@ -182,7 +174,7 @@ def network_error_factor(tau: int, zeta: float) -> float:
   It is ``τ − 1`` for full averaging (ζ = 0, Corollary 2) and ``2ζ²/(1 − ζ²)`` for
   τ = 1 (D-PSGD, Corollary 3).
   """
-  tau = _int("tau", tau, 1)
+  tau = check_int("tau", tau, 1)
   z = _zeta(zeta)
   return (1.0 + z * z) / (1.0 - z * z) * tau - 1.0
 
@@ -240,7 +232,7 @@ def lr_condition(lr: float, L: float, m: int, v: int, tau: int, zeta: float) -> 
   """
   L = _real("L", L, low=0.0, low_open=True)
   x = effective_lr(lr, m, v) * L
-  return x + _theorem1_b(m, v, _int("tau", tau, 1), _zeta(zeta)) * x * x
+  return x + _theorem1_b(m, v, check_int("tau", tau, 1), _zeta(zeta)) * x * x
 
 
 def max_lr(L: float, m: int, v: int, tau: int, zeta: float) -> float:
@@ -258,9 +250,9 @@ def max_lr(L: float, m: int, v: int, tau: int, zeta: float) -> float:
   0.358258
   """
   L = _real("L", L, low=0.0, low_open=True)
-  m = _int("m", m, 1)
-  v = _int("v", v, 0)
-  x = _largest_root(1.0, _theorem1_b(m, v, _int("tau", tau, 1), _zeta(zeta)))
+  m = check_int("m", m, 1)
+  v = check_int("v", v, 0)
+  x = _largest_root(1.0, _theorem1_b(m, v, check_int("tau", tau, 1), _zeta(zeta)))
   return (m + v) / m * x / L
 
 
@@ -310,12 +302,12 @@ def _common(lr, L, sigma2, m, v, K, f_gap):
   lr = _real("lr", lr, low=0.0, low_open=True)
   L = _real("L", L, low=0.0, low_open=True)
   sigma2 = _real("sigma2", sigma2, low=0.0)
-  m = _int("m", m, 1)
-  v = _int("v", v, 0)
+  m = check_int("m", m, 1)
+  v = check_int("v", v, 0)
   if isinstance(K, float) and math.isinf(K) and K > 0:
     pass
   else:
-    K = _int("K", K, 1)
+    K = check_int("K", K, 1)
   f_gap = _real("f_gap", f_gap, low=0.0)
   return lr, L, sigma2, m, v, K, f_gap
 
@@ -405,7 +397,7 @@ def periodic_averaging_bound(
   condition differs. Arguments as in :func:`error_bound`.
   """
   lr, L, sigma2, m, _, K, f_gap = _common(lr, L, sigma2, m, 0, K, f_gap)
-  tau = _int("tau", tau, 1)
+  tau = check_int("tau", tau, 1)
   return _bound(
     lr=lr,
     L=L,
@@ -521,7 +513,7 @@ def easgd_zeta(m: int, alpha: float) -> float:
 
   Raises ValueError for α outside ``(0, 2/(m+1))``.
   """
-  m = _int("m", m, 1)
+  m = check_int("m", m, 1)
   a = _alpha(alpha, m)
   return max(abs(1.0 - a), abs(1.0 - (m + 1) * a))
 
@@ -532,7 +524,7 @@ def easgd_best_alpha(m: int) -> float:
   This is the paper's analytic minimiser of ζ(W_α) (the two branches of eq. 22 cross
   there); :func:`best_alpha_numerical` minimises the bound numerically instead.
   """
-  m = _int("m", m, 1)
+  m = check_int("m", m, 1)
   return 2.0 / (m + 2)
 
 
@@ -548,7 +540,7 @@ def elastic_zeta(zeta_W: float, m: int, alpha: float) -> float:
   zw = _real("zeta_W", zeta_W, low=0.0)
   if zw > 1.0:
     raise ValueError(f"zeta_W must be in [0, 1], got {zw}.")
-  m = _int("m", m, 1)
+  m = check_int("m", m, 1)
   a = _alpha(alpha, m)
   return max((1.0 - a) * zw, abs(1.0 - (m + 1) * a))
 
@@ -562,7 +554,7 @@ def elastic_best_alpha(zeta_W: float, m: int) -> float:
   zw = _real("zeta_W", zeta_W, low=0.0)
   if zw > 1.0:
     raise ValueError(f"zeta_W must be in [0, 1], got {zw}.")
-  m = _int("m", m, 1)
+  m = check_int("m", m, 1)
   return (1.0 + zw) / (m + 1.0 + zw)
 
 
@@ -595,9 +587,9 @@ def best_alpha_numerical(
   Returns:
     ``(alpha, floor)``: the minimiser and the floor there.
   """
-  m = _int("m", m, 1)
-  tau = _int("tau", tau, 1)
-  grid = _int("grid", grid, 3)
+  m = check_int("m", m, 1)
+  tau = check_int("tau", tau, 1)
+  grid = check_int("grid", grid, 3)
   Wm = np.eye(m) if W is None else topology.validate(W, size=m, allow_disconnected=True)
   upper = 2.0 / (m + 1)
 
@@ -664,12 +656,12 @@ def largest_tau(
   """
   f = _real("fraction", fraction, low=0.0, low_open=True)
   z = _zeta(zeta)
-  m = _int("m", m, 1)
-  v = _int("v", v, 0)
+  m = check_int("m", m, 1)
+  v = check_int("v", v, 0)
   L = _real("L", L, low=0.0, low_open=True)
   x = effective_lr(lr, m, v) * L
   bound = (1.0 - z * z) / (1.0 + z * z) * (1.0 + f / (x * m * (1.0 + v / m) ** 2))
-  tau = min(int(math.floor(bound * (1 + 1e-12))), _int("tau_max", tau_max, 1))
+  tau = min(int(math.floor(bound * (1 + 1e-12))), check_int("tau_max", tau_max, 1))
 
   def ok(t: int) -> bool:  # exact check against the definition, guards float rounding
     net = x * x * network_error_factor(t, z) * (1.0 + v / m) ** 2
@@ -752,9 +744,9 @@ def communication_per_iteration(
   >>> c.scheme, c.params_per_mix, c.params_per_iteration
   ('decentralized', 4000.0, 1000.0)
   """
-  tau = _int("tau", tau, 1)
-  v = _int("v", v, 0)
-  d = _int("d", d, 1)
+  tau = check_int("tau", tau, 1)
+  v = check_int("v", v, 0)
+  d = check_int("d", d, 1)
   W = np.asarray(W, dtype=np.float64)
   if W.ndim != 2 or W.shape[0] != W.shape[1] or W.shape[0] <= v:
     raise ValueError(f"W must be a square (m+v)x(m+v) matrix with m >= 1, got {W.shape}, v={v}.")

@@ -29,6 +29,9 @@ import warnings
 
 import numpy as np
 
+from coopjax.validation import check_int
+from coopjax.validation import check_real
+
 __all__ = [
   "complete",
   "ring",
@@ -57,24 +60,6 @@ __all__ = [
 _ATOL = 1e-6
 
 
-def _check_count(name: str, value, minimum: int = 1) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}.")
-  value = int(value)
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-  return value
-
-
-def _check_real(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
-  value = float(value)
-  if not np.isfinite(value):
-    raise ValueError(f"{name} must be finite, got {value}.")
-  return value
-
-
 def complete(m: int) -> np.ndarray:
   r"""Full averaging ``J = 11ᵀ/m`` (ζ = 0): every mix is an all-reduce mean.
 
@@ -82,13 +67,13 @@ def complete(m: int) -> np.ndarray:
   array([[0.5, 0.5],
          [0.5, 0.5]])
   """
-  m = _check_count("m", m)
+  m = check_int("m", m)
   return np.full((m, m), 1.0 / m)
 
 
 def independent(m: int) -> np.ndarray:
   """The identity ``I`` (ζ = 1): workers never communicate."""
-  m = _check_count("m", m)
+  m = check_int("m", m)
   return np.eye(m)
 
 
@@ -98,15 +83,15 @@ def circulant(m: int, weights: dict[int, float]) -> np.ndarray:
   Node ``i`` takes weight ``weights[s]`` from node ``i + s``. Offsets that
   coincide modulo ``m`` add up. Symmetric when ``weights[s] == weights[-s]``.
   """
-  m = _check_count("m", m)
+  m = check_int("m", m)
   if not isinstance(weights, dict) or not weights:
     raise TypeError(
       f"weights must be a non-empty dict offset -> weight (e.g. {{-1: 1/3, 0: 1/3, 1: 1/3}}), "
       f"got {weights!r}."
     )
   for s, w in weights.items():
-    _check_count("circulant offset", s, -(2**62))
-    _check_real(f"weights[{s}]", w)
+    check_int("circulant offset", s, -(2**62))
+    check_real(f"weights[{s}]", w)
   W = np.zeros((m, m))
   for s, w in weights.items():
     for i in range(m):
@@ -134,7 +119,7 @@ def ring(m: int) -> np.ndarray:
   Eigenvalues are ``(1 + 2 cos(2πk/m))/3``; for ``m = 2`` the two neighbours
   coincide (weights 1/3 self, 2/3 other) and for ``m = 1`` it is ``[[1]]``.
   """
-  m = _check_count("m", m)
+  m = check_int("m", m)
   if m == 1:
     return np.ones((1, 1))
   return circulant(m, {0: 1.0 / 3.0, 1: 1.0 / 3.0, -1: 1.0 / 3.0})
@@ -200,8 +185,8 @@ def torus(rows: int, cols: int) -> np.ndarray:
   Metropolis–Hastings weights: 1/5 to self and each of the four neighbours
   when ``rows, cols ≥ 3``.
   """
-  rows = _check_count("rows", rows)
-  cols = _check_count("cols", cols)
+  rows = check_int("rows", rows)
+  cols = check_int("cols", cols)
   n = rows * cols
   A = np.zeros((n, n), dtype=bool)
   for r in range(rows):
@@ -216,7 +201,7 @@ def torus(rows: int, cols: int) -> np.ndarray:
 
 def hypercube(m: int) -> np.ndarray:
   r"""Hypercube on ``m = 2^d`` nodes: ``i`` links to ``i XOR 2^b``; weights ``1/(d + 1)``."""
-  m = _check_count("m", m)
+  m = check_int("m", m)
   if m & (m - 1):
     raise ValueError(f"hypercube needs m to be a power of two, got m={m}; try ring or exponential.")
   d = m.bit_length() - 1
@@ -235,7 +220,7 @@ def exponential(m: int) -> np.ndarray:
   (Ying et al., NeurIPS 2021, use the directed version ``i → i + 2^j``; see
   ``one_peer_exponential`` for its time-varying one-peer form.)
   """
-  m = _check_count("m", m)
+  m = check_int("m", m)
   if m == 1:
     return np.ones((1, 1))
   offs = set()
@@ -255,11 +240,11 @@ def erdos_renyi(m: int, p: float, seed: int = 0) -> np.ndarray:
   Deterministic in ``seed``. Raises ValueError if the drawn graph is
   disconnected (use a larger ``p`` or another seed).
   """
-  m = _check_count("m", m)
-  p = _check_real("p", p)
+  m = check_int("m", m)
+  p = check_real("p", p)
   if not 0.0 < p <= 1.0:
     raise ValueError(f"p must be in (0, 1], got {p}.")
-  seed = _check_count("seed", seed, minimum=0)
+  seed = check_int("seed", seed, minimum=0)
   rng = np.random.default_rng(seed)
   upper = np.triu(rng.random((m, m)) < p, k=1)
   A = upper | upper.T
@@ -273,7 +258,7 @@ def erdos_renyi(m: int, p: float, seed: int = 0) -> np.ndarray:
 
 
 def _check_alpha(alpha, m: int, name: str = "alpha") -> float:
-  alpha = _check_real(name, alpha)
+  alpha = check_real(name, alpha)
   upper = 2.0 / (m + 1)
   if not 0.0 < alpha < upper:
     raise ValueError(
@@ -303,7 +288,7 @@ def easgd(m: int, alpha: float) -> np.ndarray:
   Valid for ``0 < α < 2/(m+1)``; non-negative only for ``α ≤ 1/m`` (a warning
   is issued above that). The bound's error floor is smallest at ``α = 2/(m+2)``.
   """
-  m = _check_count("m", m)
+  m = check_int("m", m)
   return elastic(np.eye(m), alpha)
 
 
@@ -365,7 +350,7 @@ def elastic_hierarchical(groups, alpha: float, W_aux: np.ndarray | None = None) 
     )
   g = len(groups)
   sizes = np.array([len(gr) for gr in groups], dtype=np.float64)
-  alpha = _check_real("alpha", alpha)
+  alpha = check_real("alpha", alpha)
   upper = 2.0 / (sizes.max() + 1)
   if not 0.0 < alpha < upper:
     raise ValueError(
@@ -517,8 +502,8 @@ def one_peer_exponential(m: int, r: int) -> np.ndarray:
            [0.5, 0. , 0.5, 0. ],
            [0. , 0.5, 0. , 0.5]])
   """
-  m = _check_count("m", m)
-  r = _check_count("r", r, minimum=0)
+  m = check_int("m", m)
+  r = check_int("r", r, minimum=0)
   if m == 1:
     return np.ones((1, 1))
   period = one_peer_exponential_period(m)
@@ -528,7 +513,7 @@ def one_peer_exponential(m: int, r: int) -> np.ndarray:
 
 def one_peer_exponential_period(m: int) -> int:
   r"""Number of distinct one-peer exponential matrices, ``⌈log₂ m⌉`` (1 for ``m ≤ 2``)."""
-  m = _check_count("m", m)
+  m = check_int("m", m)
   return max(1, (m - 1).bit_length())
 
 
@@ -676,7 +661,7 @@ def matching_laplacian(matching, m: int) -> np.ndarray:
   Its edges are disjoint, so ``L² = 2L`` and ``L x`` at node i is
   ``x_i − x_{π(i)}`` with π the matching's involution (π(i) = i off the matching).
   """
-  m = _check_count("m", m)
+  m = check_int("m", m)
   L = np.zeros((m, m))
   for i, j in matching:
     L[i, i] += 1.0
@@ -688,7 +673,7 @@ def matching_laplacian(matching, m: int) -> np.ndarray:
 
 def matching_permutation(matching, m: int) -> list[int]:
   """The involution π of a matching: ``π(i) = j`` for each edge ``(i, j)``, else ``π(i) = i``."""
-  m = _check_count("m", m)
+  m = check_int("m", m)
   perm = list(range(m))
   for i, j in matching:
     perm[i], perm[j] = j, i

@@ -46,12 +46,13 @@ Differently initialised workers come from :func:`stack` over a list of pytrees.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from coopjax.validation import check_int
 
 PyTree = Any
 
@@ -68,14 +69,6 @@ __all__ = [
 
 WORKER_AXIS = "workers"
 """Name of the worker axis in meshes and collectives."""
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}.")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-  return int(value)
 
 
 def _leaves(tree: PyTree, name: str) -> list:
@@ -101,8 +94,8 @@ def replicate(params: PyTree, num_workers: int, num_aux: int = 0) -> PyTree:
   Returns:
     X, the same pytree with a leading axis of size ``m + v`` on every leaf.
   """
-  m = _check_count("num_workers", num_workers, 1)
-  v = _check_count("num_aux", num_aux, 0)
+  m = check_int("num_workers", num_workers, 1)
+  v = check_int("num_aux", num_aux, 0)
   for leaf in _leaves(params, "params"):
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise TypeError(
@@ -159,7 +152,7 @@ def average(X: PyTree, num_aux: int = 0, *, workers_only: bool = False) -> PyTre
     num_aux: v, the number of auxiliary rows (last rows of X).
     workers_only: if True, average the m workers only, excluding auxiliaries.
   """
-  v = _check_count("num_aux", num_aux, 0)
+  v = check_int("num_aux", num_aux, 0)
   n = num_rows(X)
   if v >= n:
     raise ValueError(f"num_aux={v} leaves no worker rows in X (leading axis {n}).")
