@@ -37,7 +37,6 @@ modelled wall clock (an α–β network time model).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -113,8 +112,7 @@ def make_period_step(
     loss_fn: ``loss_fn(params, batch) -> scalar`` for one worker.
     tx: a coopjax transformation (e.g. :func:`coopjax.local_sgd`).
     mesh: a device mesh for the sharded path; passed on to
-      :func:`coopjax.make_step` (``NotImplementedError`` while ``make_step``
-      has no ``mesh`` argument).
+      :func:`coopjax.make_step`.
     tau: when given, the period length that ``batches``' leading axis must
       have (checked at trace time).
     unroll: ``lax.scan``'s ``unroll`` (True unrolls the whole period).
@@ -145,11 +143,6 @@ def make_period_step(
   if tau is not None and (isinstance(tau, bool) or not isinstance(tau, int) or tau < 1):
     raise ValueError(f"tau must be a positive integer or None, got {tau!r}.")
   if mesh is not None:
-    if "mesh" not in inspect.signature(make_step).parameters:
-      raise NotImplementedError(
-        "make_period_step(mesh=...) needs the sharded coopjax.make_step(mesh=...), which this "
-        "version does not have; call it with mesh=None (one device, vmapped workers)."
-      )
     step_kwargs = {**step_kwargs, "mesh": mesh}
   step = make_step(loss_fn, tx, jit=False, **step_kwargs)
   closing = make_step(loss_fn, _issue_early(tx), jit=False, **step_kwargs)

@@ -1,7 +1,5 @@
 """make_period_step equals τ calls of make_step; the communication patterns of a mix."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,16 +76,6 @@ def test_period_step_checks_shapes():
     coopjax.make_period_step(ref.loss_fn, tx, tau=0)
 
 
-@pytest.mark.skipif(
-  "mesh" in inspect.signature(coopjax.make_step).parameters,
-  reason="make_step has a sharded path; make_period_step forwards the mesh to it",
-)
-def test_mesh_without_sharded_step_is_not_implemented():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("workers",))
-  with pytest.raises(NotImplementedError, match="mesh"):
-    coopjax.make_period_step(ref.loss_fn, coopjax.local_sgd(optax.sgd(LR), TAU, 4), mesh)
-
-
 def test_comm_patterns():
   m = 8
   ring_allreduce = (2 * (m - 1) / m, 2 * (m - 1))
@@ -148,10 +136,6 @@ SHARDED = {
 }
 
 
-@pytest.mark.skipif(
-  "mesh" not in inspect.signature(coopjax.make_step).parameters,
-  reason="make_step has no sharded path yet",
-)
 @pytest.mark.parametrize("name", sorted(SHARDED))
 def test_sharded_period_step_equals_unsharded_steps(name):
   """Workers sharded over 8 devices (2 per device): the same iterates as vmapped make_step."""

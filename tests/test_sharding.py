@@ -270,6 +270,21 @@ OTHER_ALGORITHMS = {
     coopjax.matcha(optax.sgd(LR), topology.ring(m), 0.5, m, jax.random.key(0)),
     0,
   ),
+  "one_peer_exponential": lambda m: (
+    coopjax.time_varying(optax.sgd(LR), 1, [topology.one_peer_exponential(m, r) for r in range(4)]),
+    0,
+  ),
+  "adacomm": lambda m: (coopjax.adacomm(optax.sgd(LR), 2, m), 0),
+  "elastic_averaging": lambda m: (
+    coopjax.elastic_averaging(optax.sgd(LR), topology.ring(m), 0.05, tau=2),
+    1,
+  ),
+  "elastic_hierarchical": lambda m: (
+    coopjax.elastic_hierarchical(
+      optax.sgd(LR), 2, [list(range(i, i + 4)) for i in range(0, m, 4)], 0.1
+    ),
+    m // 4,
+  ),
 }
 
 
