@@ -411,7 +411,6 @@ def _cli(workdir, *flags) -> list[str]:
   ]
 
 
-@pytest.mark.skipif(not os.path.exists(TRAIN), reason="experiments/train.py is not present")
 def test_cli_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   env, run = _script_env(), dict(capture_output=True, text=True, timeout=180, cwd=ROOT)
   # The uninterrupted run: one checkpoint, at the end.

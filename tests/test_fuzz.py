@@ -437,8 +437,7 @@ def test_step_with_mismatched_inputs(case, jit):
 def _train_module():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   path = os.path.join(root, "experiments", "train.py")
-  if not os.path.exists(path):
-    pytest.skip("experiments/train.py is not present")
+  assert os.path.exists(path), path
   sys.path.insert(0, os.path.join(root, "experiments"))
   try:
     import train
