@@ -59,7 +59,6 @@ import ast
 import csv
 import functools
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -385,24 +384,15 @@ def _nonfinite_workers(worker_loss) -> list[int]:
   return [int(i) for i in np.flatnonzero(~np.isfinite(np.asarray(worker_loss)))]
 
 
-def _step_checks_finite() -> bool:
-  """Whether ``coopjax.make_step`` can flag non-finite workers (``coopjax.diagnostics``)."""
-  return "check_finite" in inspect.signature(coopjax.make_step).parameters
-
-
 def _nonfinite(metrics: dict, step: int) -> tuple[list[int], str]:
   """Workers whose loss, gradient or model went NaN/Inf at ``step``, and a message."""
-  if "nonfinite_workers" in metrics:
-    from coopjax import diagnostics
+  from coopjax import diagnostics
 
-    try:
-      diagnostics.check_finite(metrics, step=step)
-    except diagnostics.DivergenceError as error:
-      return (error.workers or error.rows or [-1]), str(error)
-    return [], ""
-  bad = _nonfinite_workers(metrics["worker_loss"])
-  message = f"non-finite loss at step {step} on worker(s) {bad}. Lower config.lr or check the data."
-  return bad, message if bad else ""
+  try:
+    diagnostics.check_finite(metrics, step=step)
+  except diagnostics.DivergenceError as error:
+    return (error.workers or error.rows or [-1]), str(error)
+  return [], ""
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -469,8 +459,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
 
   Returns:
     The summary dict (also written to ``workdir/summary.json``): final
-    metrics, clocks, the initial loss, and ``stopped`` (None, or the step and
-    workers where a loss became non-finite).
+    metrics, clocks, the initial loss, ``stopped`` (None, or the step and
+    workers where a loss became non-finite, with ``on_nonfinite="stop"``) and
+    ``skipped`` (the discarded steps, with ``on_nonfinite="skip"``).
   """
   from coopjax import checkpoint as ckpt
 
@@ -525,7 +516,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   if bn and config.bn_policy not in ("local", "mixed"):
     raise ValueError(f"bn_policy must be 'local' or 'mixed', got {config.bn_policy!r}.")
   alg = registry.build(config, local, lr, mix_mask)
-  checks = {"check_finite": True} if _step_checks_finite() else {}
   if bn:
     loss_fn = cmodels.make_bn_loss_fn(model, ds.num_classes)
     step_fn = coopjax.make_step(
@@ -535,14 +525,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       has_aux=True,
       merge_aux=cmodels.merge_batch_stats,
       with_grad_norm=False,
-      donate=True,
-      **checks,
+      check_finite=True,
+      jit=False,
     )
   else:
     loss_fn = cmodels.make_loss_fn(model, ds.num_classes)
     step_fn = coopjax.make_step(
-      loss_fn, alg.tx, num_workers=m, with_grad_norm=False, donate=True, **checks
+      loss_fn, alg.tx, num_workers=m, with_grad_norm=False, check_finite=True, jit=False
     )
+  from coopjax import diagnostics
+
+  policy = diagnostics.check_policy(config.get("on_nonfinite", "stop"))
+  if policy == "skip":  # a non-finite step is discarded inside the compiled step
+    step_fn = diagnostics.skip_nonfinite(step_fn, donate=True)
+  else:
+    step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
   mixed_tree = variables["params"] if mix_mask is not None else variables
   nbytes = _tree_bytes(mixed_tree, config.bytes_per_param)
   net = coopjax.netmodel.NetworkModel(
@@ -637,6 +634,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   from tqdm import tqdm
 
   stopped = None
+  skipped = []
   metrics = {}
   bar = tqdm(
     total=num_steps, initial=start, desc=config.algorithm, disable=not config.progress, leave=False
@@ -652,7 +650,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       compute = time.perf_counter() - t
       state = TrainState(jnp.asarray(k, jnp.int32), X, opt_state, state.rng)
       bad, message = _nonfinite(metrics, k)
-      if bad:
+      skip = bool(bad) and policy == "skip"
+      if skip:  # the step kept X and the state as they were: no mix, nothing sent
+        skipped.append({"step": k, "workers": bad})
+        print(f"{message} Skipping this batch (on_nonfinite='skip').", file=sys.stderr)
+      elif bad:
         stopped = {"step": k, "workers": bad, "message": message}
         print(f"{message} Stopping; the last checkpoint is kept.", file=sys.stderr)
         break
@@ -661,8 +663,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
         clocks,
         compute,
         float(config.compute_time) or compute,
-        mix_seconds(comm, nbytes, net.latency, net.bandwidth),
-        comm.volume * nbytes,
+        0.0 if skip else mix_seconds(comm, nbytes, net.latency, net.bandwidth),
+        0.0 if skip else comm.volume * nbytes,
         alg.overlap,
       )
       clocks = clocks._replace(real_time=time.perf_counter() - loop_start)
@@ -673,14 +675,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
           "step": k,
           "epoch": k / spe,
           "lr": _lr_at(lr, k - 1),
-          "loss": float(metrics["loss"]),
-          "consensus_distance": float(metrics["consensus_distance"]),
+          "loss": None if skip else float(metrics["loss"]),
+          "consensus_distance": None if skip else float(metrics["consensus_distance"]),
           **clocks._asdict(),
         }
         if is_eval:
           row.update(evaluate(state))
         writer.write(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if row["loss"] is not None:
+          bar.set_postfix(loss=f"{row['loss']:.4f}")
       if config.checkpoint_every and k % config.checkpoint_every == 0:
         save(state, clocks, force=False)
     if stopped is None:
@@ -705,6 +708,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     "network": {"latency": net.latency, "bandwidth": net.bandwidth},
     "overlap": alg.overlap,
     "stopped": stopped,
+    "skipped": skipped,
     "config": config.to_dict(),
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:

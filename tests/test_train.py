@@ -149,6 +149,25 @@ def test_non_finite_loss_stops_and_names_workers(tmp_path):
   assert all(r["step"] < k for r in read_jsonl(workdir))
 
 
+def test_non_finite_steps_are_skipped_on_request(tmp_path):
+  """on_nonfinite=skip: every diverging step is discarded and the run goes on to the end."""
+  stop, _ = run(tmp_path, "algorithm=local_sgd", "lr=1e30", name="stop")
+  summary, workdir = run(
+    tmp_path, "algorithm=local_sgd", "lr=1e30", "on_nonfinite=skip", name="skip"
+  )
+  assert summary["stopped"] is None
+  skipped = [s["step"] for s in summary["skipped"]]
+  # the first skipped step is where the stopping run stopped; from there on every step diverges
+  assert skipped == list(range(stop["stopped"]["step"], STEPS + 1))
+  rows = read_jsonl(workdir)
+  assert rows[-1]["step"] == STEPS and "train_loss" in rows[-1]  # the run went on to the end
+  assert all(r["loss"] is None for r in rows if r["step"] in skipped)
+  # before the first bad step the two runs are the same run
+  before = [r["loss"] for r in rows if r["step"] < skipped[0]]
+  stop_rows = read_jsonl(os.path.join(str(tmp_path), "stop"))
+  assert before == [r["loss"] for r in stop_rows]
+
+
 def test_overrides_parse_and_type_check():
   config, workdir, resume = train.parse_args(
     ["--config", RUNLOCAL, "--config.tau=8", "--config.network.latency", "1e-3", "--resume"]

@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 0  # 0: only at exit
   c.checkpoint_keep = 2
   c.progress = True
+  c.on_nonfinite = "stop"  # NaN/Inf in a worker: stop (keep the last checkpoint) or skip the batch
   c.fast_compile = False  # XLA backend optimisation off: faster compile, slower steps
   # α–β network model for modelled communication time
   c.network = ml_collections.ConfigDict({"latency": 50e-6, "bandwidth": 1.25e9})
