@@ -97,7 +97,6 @@ if __name__ == "__main__" and "jax" not in sys.modules:
   os.environ["XLA_FLAGS"] = flags.strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
@@ -109,43 +108,11 @@ from coopjax import sharding  # noqa: E402
 LR, ALPHA = 0.01, 0.05
 
 
-# Models, in plain JAX (the same as benchmarks/bench_devices.py).
-def mlp_init(key, sizes=(784, 256, 10)):
-  params = {}
-  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-    key, sub = jax.random.split(key)
-    params[f"w{i}"] = jax.random.normal(sub, (a, b), jnp.float32) / np.sqrt(a)
-    params[f"b{i}"] = jnp.zeros((b,), jnp.float32)
-  return params
-
-
-def mlp_loss(params, batch):
-  x, y = batch
-  n = len([k for k in params if k.startswith("w")])
-  for i in range(n):
-    x = x @ params[f"w{i}"] + params[f"b{i}"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, y))
-
-
-def cnn_init(key):
-  k1, k2, k3 = jax.random.split(key, 3)
-  return {
-    "c1": jax.random.normal(k1, (3, 3, 3, 16), jnp.float32) * 0.2,
-    "c2": jax.random.normal(k2, (3, 3, 16, 32), jnp.float32) * 0.1,
-    "d": jax.random.normal(k3, (8 * 8 * 32, 10), jnp.float32) * 0.01,
-  }
-
-
-def cnn_loss(params, batch):
-  x, y = batch
-  dn = ("NHWC", "HWIO", "NHWC")
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn)
-  x = jax.nn.relu(conv(jax.nn.relu(conv(x, params["c1"])), params["c2"]))
-  logits = x.reshape(x.shape[0], -1) @ params["d"]
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
+# The plain-JAX models of the device benchmark (its directory is on sys.path when run).
+from bench_devices import cnn_init  # noqa: E402
+from bench_devices import cnn_loss  # noqa: E402
+from bench_devices import mlp_init  # noqa: E402
+from bench_devices import mlp_loss  # noqa: E402
 
 MODELS = {"mlp": (mlp_init, mlp_loss, (784,)), "cnn": (cnn_init, cnn_loss, (32, 32, 3))}
 
