@@ -59,6 +59,8 @@ from jax.sharding import PartitionSpec as P
 
 from coopjax import mixing
 from coopjax.mixing import ShardContext
+from coopjax.step import apply_transformation
+from coopjax.step import split_value
 from coopjax.workers import WORKER_AXIS
 from coopjax.workers import num_rows
 
@@ -375,17 +377,8 @@ def make_sharded_step(
       b = ctx.block
       X_workers, _ = mixing.split_rows(X, ctx.num_workers)
       value, grads = _worker_grads(loss_fn, has_aux, b)(X_workers, batch)
-      losses, aux = value if has_aux else (value, None)
-      if jnp.shape(losses) != (b,):
-        raise ValueError(
-          f"loss_fn must return a scalar per worker, got shape {jnp.shape(losses)[1:]}."
-        )
-      if merge_aux is not None:
-        if not has_aux:
-          raise ValueError("merge_aux needs has_aux=True: loss_fn must return (loss, aux).")
-        X = merge_aux(X, aux)
-      updates, opt_state = tx.update(grads, opt_state, X, value=losses)
-      X = optax.apply_updates(X, updates)
+      losses, aux = split_value(value, has_aux, b)
+      _, X, opt_state = apply_transformation(tx, X, opt_state, grads, losses, aux, merge_aux)
       metrics = {"worker_loss": losses, "step": step_count(opt_state)}
       if with_loss:
         metrics["loss"] = mixing.worker_mean(losses)

@@ -55,6 +55,22 @@ def _batch_rows(batch: PyTree, num_workers: int | None) -> int:
   return m
 
 
+def split_value(value, has_aux: bool, rows: int):
+  """``(losses, aux)`` from the vmapped ``loss_fn`` output, checking one scalar per worker."""
+  losses, aux = value if has_aux else (value, None)
+  if jnp.shape(losses) != (rows,):
+    raise ValueError(f"loss_fn must return a scalar per worker, got shape {jnp.shape(losses)[1:]}.")
+  return losses, aux
+
+
+def apply_transformation(tx, X, opt_state, grads, losses, aux, merge_aux):
+  """Merges ``aux`` into X if asked, applies ``tx``; returns ``(X_before, X_new, opt_state)``."""
+  if merge_aux is not None:
+    X = merge_aux(X, aux)
+  updates, opt_state = tx.update(grads, opt_state, X, value=losses)
+  return X, optax.apply_updates(X, updates), opt_state
+
+
 def make_step(
   loss_fn: Callable[..., Any],
   tx: optax.GradientTransformation,
@@ -121,6 +137,8 @@ def make_step(
     isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
   ):
     raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
+  if merge_aux is not None and not has_aux:
+    raise ValueError("merge_aux needs has_aux=True: loss_fn must return (loss, aux).")
   default = mesh is None
   with_consensus = default if with_consensus is None else with_consensus
   with_grad_norm = default if with_grad_norm is None else with_grad_norm
@@ -172,17 +190,8 @@ def make_step(
       )
     X_workers = jax.tree.map(lambda x: x[:m], X)
     value, grads = grad_fn(X_workers, batch)
-    losses, aux = value if has_aux else (value, None)
-    if jnp.shape(losses) != (m,):
-      raise ValueError(
-        f"loss_fn must return a scalar per worker, got shape {jnp.shape(losses)[1:]}."
-      )
-    if merge_aux is not None:
-      if not has_aux:
-        raise ValueError("merge_aux needs has_aux=True: loss_fn must return (loss, aux).")
-      X = merge_aux(X, aux)
-    updates, opt_state = tx.update(grads, opt_state, X, value=losses)
-    X_before, X = X, optax.apply_updates(X, updates)
+    losses, aux = split_value(value, has_aux, m)
+    X_before, X, opt_state = apply_transformation(tx, X, opt_state, grads, losses, aux, merge_aux)
     metrics = {"worker_loss": losses, "step": step_count(opt_state)}
     if check_finite:
       metrics.update(diagnostics.finite_metrics(losses, grads, X_before, X))
