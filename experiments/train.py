@@ -516,6 +516,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   if bn and config.bn_policy not in ("local", "mixed"):
     raise ValueError(f"bn_policy must be 'local' or 'mixed', got {config.bn_policy!r}.")
   alg = registry.build(config, local, lr, mix_mask)
+  mesh = None
+  if config.get("sharded", False):
+    # the worker axis sharded over the devices (m a multiple of their number)
+    mesh = coopjax.worker_mesh(int(config.get("num_devices", 0)) or None)
+  sharded = {"mesh": mesh, "with_loss": True, "with_consensus": True} if mesh else {}
   if bn:
     loss_fn = cmodels.make_bn_loss_fn(model, ds.num_classes)
     step_fn = coopjax.make_step(
@@ -527,11 +532,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       with_grad_norm=False,
       check_finite=True,
       jit=False,
+      **sharded,
     )
   else:
     loss_fn = cmodels.make_loss_fn(model, ds.num_classes)
     step_fn = coopjax.make_step(
-      loss_fn, alg.tx, num_workers=m, with_grad_norm=False, check_finite=True, jit=False
+      loss_fn,
+      alg.tx,
+      num_workers=m,
+      with_grad_norm=False,
+      check_finite=True,
+      jit=False,
+      **sharded,
     )
   from coopjax import diagnostics
 
@@ -547,9 +559,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   ).check()
 
   X0 = coopjax.replicate(variables, m, alg.num_aux)
-  # jit: one compilation instead of many small ones, and fresh buffers (some states
-  # start as snapshots of X, and X and the state are both donated to the step)
-  opt_state = jax.jit(alg.tx.init)(X0)
+  if mesh is None:
+    # jit: one compilation instead of many small ones, and fresh buffers (some states
+    # start as snapshots of X, and X and the state are both donated to the step)
+    opt_state = jax.jit(alg.tx.init)(X0)
+    place = lambda batch: batch
+  else:
+    X0 = coopjax.shard(X0, mesh, alg.num_aux)
+    opt_state = coopjax.sharding.init(alg.tx, X0, mesh, alg.num_aux)
+    place = lambda batch: coopjax.shard_batch(batch, mesh)
   state = TrainState(jnp.zeros([], jnp.int32), X0, opt_state, jax.random.key(config.seed))
 
   # resume
@@ -591,7 +609,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   start = int(state.step)
 
   def averaged(st: TrainState):
-    X = alg.settle(st.X, st.opt_state) if alg.settle is not None else st.X
+    X = st.X if mesh is None else coopjax.unshard(st.X, mesh, alg.num_aux)
+    X = alg.settle(X, st.opt_state) if alg.settle is not None else X
     return coopjax.average(X)
 
   def evaluate(st: TrainState) -> dict:
@@ -624,7 +643,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     writer.write({"step": 0, "epoch": 0.0, "lr": _lr_at(lr, 0), **clocks._asdict(), **ev})
 
   # compile once, outside the timed loop
-  first = next(batches)
+  first = place(next(batches))
   t0 = time.perf_counter()
   options = {"xla_backend_optimization_level": 0} if config.get("fast_compile") else None
   compiled = step_fn.lower(state.X, state.opt_state, first).compile(compiler_options=options)
@@ -642,7 +661,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   loop_start = time.perf_counter() - clocks.real_time
   try:
     for k in range(start + 1, num_steps + 1):
-      batch = pending_batch if pending_batch is not None else next(batches)
+      batch = pending_batch if pending_batch is not None else place(next(batches))
       pending_batch = None
       t = time.perf_counter()
       X, opt_state, metrics = compiled(state.X, state.opt_state, batch)

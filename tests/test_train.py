@@ -168,6 +168,21 @@ def test_non_finite_steps_are_skipped_on_request(tmp_path):
   assert before == [r["loss"] for r in stop_rows]
 
 
+@pytest.mark.parametrize("name", ["local_sgd", "easgd", "nonblocking_easgd", "slowmo"])
+def test_sharded_run_matches_the_single_device_run(tmp_path, name):
+  """--config.sharded=True: 8 workers on the 8 fake devices, the same training as vmapped."""
+  common = (f"algorithm={name}", "num_workers=8")
+  plain, plain_dir = run(tmp_path, *common, name="plain")
+  shard, shard_dir = run(tmp_path, *common, "sharded=True", name="sharded")
+  a, b = read_jsonl(plain_dir), read_jsonl(shard_dir)
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b, strict=True):
+    for key in ("loss", "consensus_distance", "train_loss", "test_accuracy"):
+      if ra.get(key) is not None:
+        assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+  assert shard["stopped"] is None and plain["stopped"] is None
+
+
 def test_overrides_parse_and_type_check():
   config, workdir, resume = train.parse_args(
     ["--config", RUNLOCAL, "--config.tau=8", "--config.network.latency", "1e-3", "--resume"]

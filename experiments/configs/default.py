@@ -77,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_keep = 2
   c.progress = True
   c.on_nonfinite = "stop"  # NaN/Inf in a worker: stop (keep the last checkpoint) or skip the batch
+  c.sharded = False  # shard the worker axis over the devices (jax.shard_map step)
+  c.num_devices = 0  # with sharded: how many devices (0: all); num_workers must be a multiple
   c.fast_compile = False  # XLA backend optimisation off: faster compile, slower steps
   # α–β network model for modelled communication time
   c.network = ml_collections.ConfigDict({"latency": 50e-6, "bandwidth": 1.25e9})
