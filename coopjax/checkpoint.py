@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -227,6 +228,20 @@ def _check_positive_int(name: str, value, allow_none: bool = False):
   return int(value)
 
 
+def _remove_partial_saves(directory: str) -> None:
+  """Deletes ``*.orbax-checkpoint-tmp-*`` folders: saves a killed process left unfinished.
+
+  Orbax writes a step into such a temporary folder and renames it when complete,
+  so these never hold a readable checkpoint. Done here, synchronously, because
+  orbax's own clean-up may still be running when the manager is first used.
+  """
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if ".orbax-checkpoint-tmp-" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 class CheckpointManager:
   r"""Saves the training state every N steps and on demand; restores it exactly.
 
@@ -259,6 +274,8 @@ class CheckpointManager:
     self.directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise ValueError(f"checkpoint directory {self.directory} exists and is not a directory.")
+    if cleanup_tmp:
+      _remove_partial_saves(self.directory)
     ocp = _ocp()
     options = ocp.CheckpointManagerOptions(
       max_to_keep=self.max_to_keep,
