@@ -274,6 +274,61 @@ def check_rows(params, n: int, m: int, v: int, name: str = "params"):
     )
 
 
+def scheduled_mixing(
+  local: optax.GradientTransformation,
+  num_workers: int,
+  num_aux: int,
+  schedule,
+  *,
+  order: str,
+  policy: str,
+  mix_mask,
+  state_cls=None,
+) -> optax.GradientTransformationExtraArgs:
+  """The transformation skeleton shared by every scheduled-mixing algorithm.
+
+  Each step k (counted from 1) takes the local step on every worker and, with
+  ``should_mix, mixer = schedule(k)`` (a traced bool and a mixer ``X -> X``,
+  both built at trace time from the traced k), mixes inside the ``lax.cond``
+  of :func:`local_step_and_mix` when ``should_mix``. The state is
+  ``state_cls(count, local_state)`` (default :class:`CooperativeState`).
+  """
+  m, v = num_workers, num_aux
+  n = m + v
+  state_cls = CooperativeState if state_cls is None else state_cls
+
+  def init_fn(params):
+    check_rows(params, n, m, v)
+    return state_cls(
+      count=jnp.zeros([], jnp.int32),
+      local_state=jax.vmap(local.init)(mixing.split_rows(params, m)[0]),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    require_params(params)
+    check_rows(params, n, m, v)
+    grads = _check_grads(updates, m, n)
+    k = optax.safe_int32_increment(state.count)
+    should_mix, mixer = schedule(k)
+    out, local_state = local_step_and_mix(
+      local,
+      policy,
+      order,
+      mix_mask,
+      m,
+      v,
+      grads,
+      state.local_state,
+      params,
+      extra_args,
+      should_mix,
+      mixer,
+    )
+    return out, state_cls(count=k, local_state=local_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def cooperative(
   local: optax.GradientTransformation,
   tau: int,
@@ -357,36 +412,15 @@ def cooperative(
   if m < 1:
     raise ValueError(f"W is {n}x{n} but num_aux={v}: no rows are left for workers.")
   mix = mixer if mixer is not None else mixing.dense_mixer(W)
-
-  def init_fn(params):
-    check_rows(params, n, m, v)
-    return CooperativeState(
-      count=jnp.zeros([], jnp.int32),
-      local_state=jax.vmap(local.init)(mixing.split_rows(params, m)[0]),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    require_params(params)
-    check_rows(params, n, m, v)
-    grads = _check_grads(updates, m, n)
-    k = optax.safe_int32_increment(state.count)
-    out, local_state = local_step_and_mix(
-      local,
-      policy,
-      order,
-      mix_mask,
-      m,
-      v,
-      grads,
-      state.local_state,
-      params,
-      extra_args,
-      k % tau == 0,
-      mix,
-    )
-    return out, CooperativeState(count=k, local_state=local_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return scheduled_mixing(
+    local,
+    m,
+    v,
+    lambda k: (k % tau == 0, mix),
+    order=order,
+    policy=policy,
+    mix_mask=mix_mask,
+  )
 
 
 def sync_sgd(local: optax.GradientTransformation, num_workers: int, **kwargs):

@@ -37,14 +37,11 @@ import scipy.optimize
 
 from coopjax import mixing
 from coopjax import topology
-from coopjax.algorithms import _check_grads
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_order
-from coopjax.algorithms import check_rows
 from coopjax.algorithms import check_state_policy
 from coopjax.algorithms import check_tau
-from coopjax.algorithms import local_step_and_mix
-from coopjax.algorithms import require_params
+from coopjax.algorithms import scheduled_mixing
 from coopjax.validation import check_int
 
 PyTree = Any
@@ -224,18 +221,7 @@ def time_varying(
     if len(mixers) != P or not all(callable(f) for f in mixers):
       raise ValueError(f"mixers must be {P} callables X -> X, one per matrix of the schedule.")
 
-  def init_fn(params):
-    check_rows(params, n, m, v)
-    return TimeVaryingState(
-      count=jnp.zeros([], jnp.int32),
-      local_state=jax.vmap(local.init)(mixing.split_rows(params, m)[0]),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    require_params(params)
-    check_rows(params, n, m, v)
-    grads = _check_grads(updates, m, n)
-    k = optax.safe_int32_increment(state.count)
+  def schedule(k):
     index = (k // tau - 1) % P
 
     def mix(X):
@@ -243,23 +229,18 @@ def time_varying(
         return mixers[0](X)
       return jax.lax.switch(index, mixers, X)
 
-    out, local_state = local_step_and_mix(
-      local,
-      policy,
-      order,
-      mix_mask,
-      m,
-      v,
-      grads,
-      state.local_state,
-      params,
-      extra_args,
-      k % tau == 0,
-      mix,
-    )
-    return out, TimeVaryingState(count=k, local_state=local_state)
+    return k % tau == 0, mix
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return scheduled_mixing(
+    local,
+    m,
+    v,
+    schedule,
+    order=order,
+    policy=policy,
+    mix_mask=mix_mask,
+    state_cls=TimeVaryingState,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,17 +512,7 @@ def matcha(
       f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}."
     )
 
-  def init_fn(params):
-    check_rows(params, m, m, 0)
-    return TimeVaryingState(
-      count=jnp.zeros([], jnp.int32), local_state=jax.vmap(local.init)(params)
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    require_params(params)
-    check_rows(params, m, m, 0)
-    grads = _check_grads(updates, m, m)
-    k = optax.safe_int32_increment(state.count)
+  def schedule(k):
     flags = matcha_flags(key, k, p)
 
     def mix(X):
@@ -555,20 +526,15 @@ def matcha(
         out = jax.lax.cond(flags[j], term, lambda acc: acc, out)
       return out
 
-    out, local_state = local_step_and_mix(
-      local,
-      policy,
-      order,
-      mix_mask,
-      m,
-      0,
-      grads,
-      state.local_state,
-      params,
-      extra_args,
-      jnp.any(flags),
-      mix,
-    )
-    return out, TimeVaryingState(count=k, local_state=local_state)
+    return jnp.any(flags), mix  # no active matching: no mix
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return scheduled_mixing(
+    local,
+    m,
+    0,
+    schedule,
+    order=order,
+    policy=policy,
+    mix_mask=mix_mask,
+    state_cls=TimeVaryingState,
+  )

@@ -19,14 +19,11 @@ import jax.numpy as jnp
 import optax
 
 from coopjax import mixing
-from coopjax.algorithms import _check_grads
 from coopjax.algorithms import check_local
 from coopjax.algorithms import check_order
-from coopjax.algorithms import check_rows
 from coopjax.algorithms import check_state_policy
 from coopjax.algorithms import check_tau
-from coopjax.algorithms import local_step_and_mix
-from coopjax.algorithms import require_params
+from coopjax.algorithms import scheduled_mixing
 
 PyTree = Any
 
@@ -142,35 +139,19 @@ def hierarchical(
   policy = check_state_policy(local_state_policy)
   m = sum(len(g) for g in groups)
 
-  def init_fn(params):
-    check_rows(params, m, m, 0)
-    return HierarchicalState(
-      count=jnp.zeros([], jnp.int32), local_state=jax.vmap(local.init)(params)
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    require_params(params)
-    check_rows(params, m, m, 0)
-    grads = _check_grads(updates, m, m)
-    k = optax.safe_int32_increment(state.count)
-
+  def schedule(k):
     def mix(X):
       return jax.lax.cond(k % tau2 == 0, global_mean, lambda Y: mixing.group_mean(Y, groups), X)
 
-    out, local_state = local_step_and_mix(
-      local,
-      policy,
-      order,
-      mix_mask,
-      m,
-      0,
-      grads,
-      state.local_state,
-      params,
-      extra_args,
-      k % tau1 == 0,
-      mix,
-    )
-    return out, HierarchicalState(count=k, local_state=local_state)
+    return k % tau1 == 0, mix
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return scheduled_mixing(
+    local,
+    m,
+    0,
+    schedule,
+    order=order,
+    policy=policy,
+    mix_mask=mix_mask,
+    state_cls=HierarchicalState,
+  )
