@@ -146,23 +146,7 @@ def make_step(
   if mesh is not None:
     from coopjax.sharding import make_sharded_step
 
-    if check_finite:
-      return _with_loss_flags(
-        make_step(
-          loss_fn,
-          tx,
-          num_workers=num_workers,
-          has_aux=has_aux,
-          merge_aux=merge_aux,
-          with_consensus=with_consensus,
-          with_grad_norm=with_grad_norm,
-          with_loss=with_loss,
-          donate=donate,
-          jit=jit,
-          mesh=mesh,
-        )
-      )
-    return make_sharded_step(
+    step = make_sharded_step(
       loss_fn,
       tx,
       mesh,
@@ -175,6 +159,7 @@ def make_step(
       donate=donate,
       jit=jit,
     )
+    return _with_loss_flags(step) if check_finite else step
   tx = optax.with_extra_args_support(tx)
   grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=has_aux))
 
