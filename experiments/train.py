@@ -380,10 +380,6 @@ def _advance(
   )
 
 
-def _nonfinite_workers(worker_loss) -> list[int]:
-  return [int(i) for i in np.flatnonzero(~np.isfinite(np.asarray(worker_loss)))]
-
-
 def _nonfinite(metrics: dict, step: int) -> tuple[list[int], str]:
   """Workers whose loss, gradient or model went NaN/Inf at ``step``, and a message."""
   from coopjax import diagnostics
