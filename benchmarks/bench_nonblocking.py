@@ -7,7 +7,7 @@ workers of a small model, side by side in one run:
 * ``easgd``: blocking EASGD; its all-reduce runs inside the loop's mixing
   branch, after the period's last local step.
 * ``nonblocking_easgd``: the reduction of the period's starting ``pending``
-  is issued before the loop (``coopjax.nonblocking.issued_early``), so the
+  is issued before the loop (``coopjax.algorithms._nonblocking.issued_early``), so the
   compiler may run it while the workers compute.
 
 For each program the compiled HLO is read (``coopjax.comm_report``) and the
@@ -130,7 +130,7 @@ def placement(period, X, state, batches) -> dict:
   """Where the compiled program's all-reduces run: the entry computation or inside the loop."""
   text = period.lower(X, state, batches).compile().as_text()
   entry = re.search(r"^ENTRY\s+%([\w.\-]+)", text, re.M).group(1)
-  report = coopjax.comm.parse_hlo(text)
+  report = coopjax.cost.report.parse_hlo(text)
   reduces = [c for c in report if c.kind == "all-reduce"]
   outside = [c for c in reduces if c.computation == entry and not c.in_branch]
   return {

@@ -165,7 +165,7 @@ def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
   """
   ctx = shard_context()
   if ctx is not None:
-    from coopjax import collectives
+    from coopjax.parallel import collectives
 
     return collectives.mix_gathered(X, W, ctx)
 
@@ -187,7 +187,7 @@ def dense_mixer(W: np.ndarray) -> Mixer:
   def mix(X):
     ctx = shard_context()
     if ctx is not None:
-      from coopjax import collectives
+      from coopjax.parallel import collectives
 
       return collectives.lower(W, ctx)(X)
     return mix_dense(X, W)
@@ -225,7 +225,7 @@ def worker_mean(workers: PyTree) -> PyTree:
   """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``."""
   ctx = shard_context()
   if ctx is not None:
-    from coopjax import collectives
+    from coopjax.parallel import collectives
 
     return collectives.worker_mean(workers, ctx)
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), workers)
@@ -235,7 +235,7 @@ def worker_sum(workers: PyTree) -> PyTree:
   """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``."""
   ctx = shard_context()
   if ctx is not None:
-    from coopjax import collectives
+    from coopjax.parallel import collectives
 
     return collectives.worker_sum(workers, ctx)
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), workers)
@@ -254,7 +254,7 @@ def permute(workers: PyTree, source) -> PyTree:
     raise ValueError(f"source must be a permutation of 0..m-1, got {list(src)}.")
   ctx = shard_context()
   if ctx is not None:
-    from coopjax import collectives
+    from coopjax.parallel import collectives
 
     A = np.zeros((len(src), len(src)))
     A[src, np.arange(len(src))] = 1.0
@@ -288,7 +288,7 @@ def group_mean(workers: PyTree, groups) -> PyTree:
   sizes = np.array([len(g) for g in groups])
   ctx = shard_context()
   if ctx is not None:
-    from coopjax import collectives
+    from coopjax.parallel import collectives
 
     A = (ids[:, None] == ids[None, :]) / sizes[ids][None, :]
     return collectives.apply_worker_matrix(workers, A, ctx)

@@ -25,7 +25,7 @@ For those algorithms the program is laid out so that it can:
    X, s   = scan(step, X, s, batches[:τ-1])     # the local steps: never read r
    X, s   = step(X, s, batches[τ-1]; r)         # the closing mix consumes r
 
-(:func:`coopjax.nonblocking.issued_early`); the compiled loop takes no
+(:func:`coopjax.algorithms._nonblocking.issued_early`); the compiled loop takes no
 input from the collective, so its start can be scheduled before the loop
 and its end after it. Executed step by step (:func:`coopjax.make_step`)
 there is no program to overlap in.
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coopjax import nonblocking
+from coopjax.algorithms import _nonblocking as nonblocking
 from coopjax.step import make_step
 
 PyTree = Any
@@ -100,10 +100,10 @@ def make_period_step(
   ``tx.init`` or from earlier whole periods).
 
   When ``opt_state`` holds exactly one state of
-  :data:`coopjax.nonblocking.OVERLAP_STATES` (non-blocking EASGD, Overlap
+  :data:`coopjax.algorithms._nonblocking.OVERLAP_STATES` (non-blocking EASGD, Overlap
   Local-SGD, delayed mixing; also inside ``optax.chain``), the scan covers the
   first τ − 1 steps and the closing step runs after it, under
-  :func:`coopjax.nonblocking.issued_early`: the reduction of the starting
+  :func:`coopjax.algorithms._nonblocking.issued_early`: the reduction of the starting
   ``pending`` is issued outside the loop, from the program's inputs, and only
   the closing mix reads it. The iterates are unchanged (a program longer
   than τ, or one starting mid-period, falls back to reducing in the branch).
@@ -190,7 +190,7 @@ class _EarlyState(NamedTuple):
   """The closing step's optimizer state: the algorithm's, plus the period's starting pending.
 
   ``operand`` and ``start`` are the ``pending`` and ``count`` of the
-  :data:`coopjax.nonblocking.OVERLAP_STATES` state when the program started;
+  :data:`coopjax.algorithms._nonblocking.OVERLAP_STATES` state when the program started;
   on the sharded path they are placed like that state's fields.
   """
 

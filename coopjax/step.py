@@ -144,7 +144,7 @@ def make_step(
   with_grad_norm = default if with_grad_norm is None else with_grad_norm
   with_loss = default if with_loss is None else with_loss
   if mesh is not None:
-    from coopjax.sharding import make_sharded_step
+    from coopjax.parallel.sharding import make_sharded_step
 
     step = make_sharded_step(
       loss_fn,
@@ -164,7 +164,7 @@ def make_step(
   grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=has_aux))
 
   def step(X, opt_state, batch):
-    from coopjax.algorithms import step_count
+    from coopjax.algorithms._cooperative import step_count
 
     n = num_rows(X, "X")
     m = _batch_rows(batch, num_workers)

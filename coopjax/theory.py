@@ -46,7 +46,7 @@ import numpy as np
 from scipy import optimize
 
 from coopjax import topology
-from coopjax.validation import check_int
+from coopjax._validation import check_int
 
 __all__ = [
   "zeta",

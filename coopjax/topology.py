@@ -29,8 +29,8 @@ import warnings
 
 import numpy as np
 
-from coopjax.validation import check_int
-from coopjax.validation import check_real
+from coopjax._validation import check_int
+from coopjax._validation import check_real
 
 __all__ = [
   "complete",

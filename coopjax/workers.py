@@ -52,7 +52,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from coopjax.validation import check_int
+from coopjax._validation import check_int
 
 PyTree = Any
 

@@ -271,7 +271,7 @@ def _time_varying(config, local, lr, mix_mask):
 
 
 def _matcha(config, local, lr, mix_mask):
-  from coopjax.dynamic_topology import matcha_flags
+  from coopjax.algorithms._time_varying import matcha_flags
 
   m = config.num_workers
   graph = _graph(config)

@@ -77,8 +77,8 @@ import numpy as np
 import optax
 
 import coopjax
-from coopjax import data as cdata
-from coopjax import models as cmodels
+from coopjax.training import data as cdata
+from coopjax.training import models as cmodels
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -459,7 +459,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     workers where a loss became non-finite, with ``on_nonfinite="stop"``) and
     ``skipped`` (the discarded steps, with ``on_nonfinite="skip"``).
   """
-  from coopjax import checkpoint as ckpt
+  from coopjax.training import checkpoint as ckpt
 
   config = ml_collections.ConfigDict(config.to_dict())
   os.makedirs(workdir, exist_ok=True)

@@ -28,9 +28,9 @@ import optax
 import pytest
 
 import coopjax
-from coopjax import checkpoint
-from coopjax import data
 from coopjax import topology
+from coopjax.training import checkpoint
+from coopjax.training import data
 
 M = 4
 DIM = 5

@@ -9,9 +9,9 @@ import pytest
 import reference as ref
 
 import coopjax
-from coopjax import comm
-from coopjax import sharding
 from coopjax import topology
+from coopjax.cost import report as comm
+from coopjax.parallel import sharding
 
 D = 8
 ROW_BYTES = 4 * (ref.D + 1)  # one worker's model: w (D floats) and c, float32

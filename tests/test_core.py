@@ -271,9 +271,9 @@ def test_consensus_distance_and_average_against_numpy():
 def test_doctests():
   import doctest
 
-  from coopjax import algorithms
   from coopjax import topology
   from coopjax import workers
+  from coopjax.algorithms import _cooperative as algorithms
 
   for mod in (algorithms, topology, workers):
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

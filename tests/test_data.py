@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
-from coopjax import data
+from coopjax.training import data
 
 
 def _assert_partition(shards, n):

@@ -13,7 +13,7 @@ import reference as ref
 import coopjax
 from coopjax import topology
 
-tv = importlib.import_module("coopjax.dynamic_topology")
+tv = importlib.import_module("coopjax.algorithms._time_varying")
 
 LR, BETA = 0.05, 0.9
 

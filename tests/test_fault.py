@@ -95,7 +95,7 @@ def test_survivor_exits_nonzero_within_timeout_when_a_process_dies(victim):
 
 
 def test_initialize_rejects_bad_timeouts():
-  from coopjax import distributed
+  from coopjax.parallel import distributed
 
   for bad in (0, -5, 2.5, "10", True):
     with pytest.raises(ValueError, match="heartbeat_timeout_seconds"):
@@ -109,7 +109,7 @@ def _worker(pid: int, port: int, heartbeat: int) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from coopjax import distributed
+  from coopjax.parallel import distributed
 
   distributed.initialize(
     f"127.0.0.1:{port}",

@@ -13,7 +13,7 @@ import reference as ref
 import coopjax
 from coopjax import mixing
 
-hier = importlib.import_module("coopjax.hierarchy")
+hier = importlib.import_module("coopjax.algorithms._hierarchical")
 
 LR, BETA = 0.05, 0.9
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import coopjax
-from coopjax import models
+from coopjax.training import models
 
 
 def _count(tree):

@@ -13,8 +13,8 @@ import pytest
 import reference as ref
 
 import coopjax
-from coopjax import sharding
 from coopjax import topology
+from coopjax.parallel import sharding
 
 M, TAU, LR = 16, 2, 0.05
 STEPS = TAU + 1

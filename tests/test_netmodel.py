@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from coopjax import netmodel
 from coopjax import topology
+from coopjax.cost import netmodel
 
 NET = netmodel.NetworkModel(latency=1e-4, bandwidth=1e9)
 

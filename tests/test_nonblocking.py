@@ -457,7 +457,7 @@ def test_period_step_with_early_reduction_equals_steps(name, length, start):
 
 
 def test_issued_early_checks_its_arguments():
-  from coopjax import nonblocking
+  from coopjax.algorithms import _nonblocking as nonblocking
 
   with pytest.raises(TypeError, match="early.kind"):
     with nonblocking.issued_early(nonblocking.EarlyReduction(tuple, {}, jnp.zeros((), jnp.int32))):
@@ -481,7 +481,7 @@ def test_issued_early_checks_its_arguments():
 
 
 def _hlo(tx, m, v, tau):
-  from coopjax import sharding
+  from coopjax.parallel import sharding
 
   mesh = sharding.worker_mesh()
   X = sharding.shard(coopjax.replicate(ref.init_params(), m, v), mesh, v)
@@ -489,16 +489,16 @@ def _hlo(tx, m, v, tau):
   A, b = ref.make_batches(tau, m, seed=40)
   period = coopjax.make_period_step(ref.loss_fn, tx, mesh)
   text = period.lower(X, state, (jnp.asarray(A), jnp.asarray(b))).compile().as_text()
-  return text, coopjax.comm.parse_hlo(text)
+  return text, coopjax.cost.report.parse_hlo(text)
 
 
 class Graph:
   """The instructions of an HLO module: ``comps[c][name] = (opcode, operands, text)``."""
 
   def __init__(self, text):
-    from coopjax.comm import _OPERAND
-    from coopjax.comm import _operands
-    from coopjax.comm import _parse
+    from coopjax.cost.report import _OPERAND
+    from coopjax.cost.report import _operands
+    from coopjax.cost.report import _parse
 
     parsed, _, self.entry = _parse(text)
     self.comps = {
@@ -592,7 +592,7 @@ def test_compiled_blocking_easgd_reduces_inside_the_loop():
 def test_doctest():
   import doctest
 
-  from coopjax import nonblocking
+  from coopjax.algorithms import _nonblocking as nonblocking
 
   result = doctest.testmod(nonblocking, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0

@@ -193,7 +193,7 @@ def test_validation_errors():
 def test_doctest():
   import doctest
 
-  from coopjax import outer
+  from coopjax.algorithms import _outer as outer
 
   result = doctest.testmod(outer, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0

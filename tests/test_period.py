@@ -139,7 +139,7 @@ SHARDED = {
 @pytest.mark.parametrize("name", sorted(SHARDED))
 def test_sharded_period_step_equals_unsharded_steps(name):
   """Workers sharded over 8 devices (2 per device): the same iterates as vmapped make_step."""
-  from coopjax import sharding
+  from coopjax.parallel import sharding
 
   make, v = SHARDED[name]
   m, periods = 2 * len(jax.devices()), 2

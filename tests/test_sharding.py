@@ -9,10 +9,10 @@ import reference as ref
 from jax.sharding import PartitionSpec as P
 
 import coopjax
-from coopjax import collectives
 from coopjax import mixing
-from coopjax import sharding
 from coopjax import topology
+from coopjax.parallel import collectives
+from coopjax.parallel import sharding
 
 LR = 0.05
 D = 8

@@ -106,7 +106,7 @@ def test_modelled_wallclock_non_blocking_overlaps(tmp_path):
 
 
 def test_clock_matches_netmodel():
-  from coopjax import netmodel
+  from coopjax.cost import netmodel
 
   rng = np.random.default_rng(0)
   compute = rng.uniform(1e-3, 3e-3, 40)

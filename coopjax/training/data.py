@@ -42,8 +42,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from coopjax.validation import check_int
-from coopjax.validation import check_positive
+from coopjax._validation import check_int
+from coopjax._validation import check_positive
 
 __all__ = [
   "Dataset",

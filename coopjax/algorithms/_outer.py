@@ -40,17 +40,17 @@ import jax.numpy as jnp
 import optax
 
 from coopjax import mixing
-from coopjax.algorithms import _check_grads
-from coopjax.algorithms import _local_update
-from coopjax.algorithms import check_local
-from coopjax.algorithms import check_tau
-from coopjax.algorithms import mix_local_state
-from coopjax.algorithms import reset_local_state
-from coopjax.nonblocking import LearningRate
-from coopjax.nonblocking import _check_alpha
-from coopjax.nonblocking import _lr_at
-from coopjax.nonblocking import as_schedule
-from coopjax.validation import check_int
+from coopjax._validation import check_int
+from coopjax.algorithms._cooperative import _check_grads
+from coopjax.algorithms._cooperative import _local_update
+from coopjax.algorithms._cooperative import check_local
+from coopjax.algorithms._cooperative import check_tau
+from coopjax.algorithms._cooperative import mix_local_state
+from coopjax.algorithms._cooperative import reset_local_state
+from coopjax.algorithms._nonblocking import LearningRate
+from coopjax.algorithms._nonblocking import _check_alpha
+from coopjax.algorithms._nonblocking import _lr_at
+from coopjax.algorithms._nonblocking import as_schedule
 from coopjax.workers import num_rows as _num_rows
 
 PyTree = Any

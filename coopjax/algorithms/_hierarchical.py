@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import optax
 
 from coopjax import mixing
-from coopjax.algorithms import check_local
-from coopjax.algorithms import check_order
-from coopjax.algorithms import check_state_policy
-from coopjax.algorithms import check_tau
-from coopjax.algorithms import scheduled_mixing
+from coopjax.algorithms._cooperative import check_local
+from coopjax.algorithms._cooperative import check_order
+from coopjax.algorithms._cooperative import check_state_policy
+from coopjax.algorithms._cooperative import check_tau
+from coopjax.algorithms._cooperative import scheduled_mixing
 
 PyTree = Any
 

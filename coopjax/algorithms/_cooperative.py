@@ -53,7 +53,7 @@ import optax
 
 from coopjax import mixing
 from coopjax import topology
-from coopjax.validation import check_int
+from coopjax._validation import check_int
 from coopjax.workers import num_rows
 
 PyTree = Any

@@ -365,7 +365,7 @@ def make_sharded_step(
   Returns:
     ``step``.
   """
-  from coopjax.algorithms import step_count
+  from coopjax.algorithms._cooperative import step_count
 
   mesh = _auto_mesh(mesh)
   D = num_devices(mesh)

@@ -66,11 +66,11 @@ import optax
 
 from coopjax import mixing
 from coopjax import topology
-from coopjax.algorithms import _check_grads
-from coopjax.algorithms import _local_update
-from coopjax.algorithms import check_local
-from coopjax.algorithms import check_tau
-from coopjax.validation import check_int
+from coopjax._validation import check_int
+from coopjax.algorithms._cooperative import _check_grads
+from coopjax.algorithms._cooperative import _local_update
+from coopjax.algorithms._cooperative import check_local
+from coopjax.algorithms._cooperative import check_tau
 from coopjax.workers import num_rows as _num_rows
 
 PyTree = Any

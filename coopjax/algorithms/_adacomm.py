@@ -21,17 +21,17 @@ import jax.numpy as jnp
 import optax
 
 from coopjax import mixing
-from coopjax.algorithms import _check_grads
-from coopjax.algorithms import _local_update
-from coopjax.algorithms import check_local
-from coopjax.algorithms import check_rows
-from coopjax.algorithms import check_state_policy
-from coopjax.algorithms import check_tau
-from coopjax.algorithms import mix_local_state
-from coopjax.algorithms import require_params
-from coopjax.algorithms import reset_local_state
-from coopjax.hierarchy import global_mean
-from coopjax.validation import check_int
+from coopjax._validation import check_int
+from coopjax.algorithms._cooperative import _check_grads
+from coopjax.algorithms._cooperative import _local_update
+from coopjax.algorithms._cooperative import check_local
+from coopjax.algorithms._cooperative import check_rows
+from coopjax.algorithms._cooperative import check_state_policy
+from coopjax.algorithms._cooperative import check_tau
+from coopjax.algorithms._cooperative import mix_local_state
+from coopjax.algorithms._cooperative import require_params
+from coopjax.algorithms._cooperative import reset_local_state
+from coopjax.algorithms._hierarchical import global_mean
 from coopjax.workers import num_rows
 
 PyTree = Any

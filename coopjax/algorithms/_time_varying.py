@@ -37,12 +37,12 @@ import scipy.optimize
 
 from coopjax import mixing
 from coopjax import topology
-from coopjax.algorithms import check_local
-from coopjax.algorithms import check_order
-from coopjax.algorithms import check_state_policy
-from coopjax.algorithms import check_tau
-from coopjax.algorithms import scheduled_mixing
-from coopjax.validation import check_int
+from coopjax._validation import check_int
+from coopjax.algorithms._cooperative import check_local
+from coopjax.algorithms._cooperative import check_order
+from coopjax.algorithms._cooperative import check_state_policy
+from coopjax.algorithms._cooperative import check_tau
+from coopjax.algorithms._cooperative import scheduled_mixing
 
 PyTree = Any
 

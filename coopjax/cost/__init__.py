@@ -1,0 +1,1 @@
+"""What communication costs: the α–β network model and the compiled program's collectives."""

@@ -1,0 +1,1 @@
+"""Running the worker axis on devices: the sharded step, collectives, multi-host start-up."""

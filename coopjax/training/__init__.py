@@ -1,0 +1,1 @@
+"""Training utilities: data sets with per-worker splits, flax models, checkpoints."""
