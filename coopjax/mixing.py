@@ -39,16 +39,17 @@ cost nothing on off-steps: outside a branch a collective runs every step.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from coopjax import workers
+from coopjax.parallel import collectives
+from coopjax.parallel import context
+from coopjax.parallel.context import ShardContext
 
 PyTree = Any
 Mixer = Callable[[PyTree], PyTree]
@@ -71,69 +72,9 @@ __all__ = [
 ]
 
 
-class ShardContext(NamedTuple):
-  """Where a sharded step runs: the worker axis and the per-device block.
-
-  Attributes:
-    axis_name: the mesh axis the workers are sharded over (``coopjax.WORKER_AXIS``).
-    num_devices: D, the size of that axis.
-    num_workers: m, the global number of workers (a multiple of D).
-    num_aux: v, the number of auxiliary rows, replicated on every device.
-  """
-
-  axis_name: str
-  num_devices: int
-  num_workers: int
-  num_aux: int
-
-  @property
-  def block(self) -> int:
-    """b = m / D, the number of workers on each device."""
-    return self.num_workers // self.num_devices
-
-
-_CONTEXT: contextvars.ContextVar[ShardContext | None] = contextvars.ContextVar(
-  "coopjax_shard_context", default=None
-)
-
-
-def shard_context() -> ShardContext | None:
-  """The active :class:`ShardContext`, or None outside a sharded step."""
-  return _CONTEXT.get()
-
-
-@contextlib.contextmanager
-def sharded(ctx: ShardContext) -> Iterator[ShardContext]:
-  """Activates ``ctx`` while tracing a per-device (``shard_map``) function."""
-  if ctx.num_workers % ctx.num_devices:
-    raise ValueError(
-      f"num_workers={ctx.num_workers} is not a multiple of the {ctx.num_devices} devices of "
-      f"mesh axis {ctx.axis_name!r}; use m = k * {ctx.num_devices} workers."
-    )
-  token = _CONTEXT.set(ctx)
-  try:
-    yield ctx
-  finally:
-    _CONTEXT.reset(token)
-
-
-def to_global_rows(rows: int) -> int:
-  """A leading-axis size seen on this device, as a global row count.
-
-  Outside a sharded step it is returned unchanged. Inside, a local block of
-  ``b`` rows counts as ``m`` and ``b + v`` as ``m + v``; other sizes (e.g. the
-  ``v`` auxiliary rows alone, which are replicated) are unchanged.
-  :func:`coopjax.workers.num_rows` applies it, so the shape checks of every
-  algorithm hold per device.
-  """
-  ctx = shard_context()
-  if ctx is None:
-    return rows
-  if rows == ctx.block:
-    return ctx.num_workers
-  if rows == ctx.block + ctx.num_aux:
-    return ctx.num_workers + ctx.num_aux
-  return rows
+shard_context = context.current
+sharded = context.sharded
+to_global_rows = context.to_global_rows
 
 
 def global_rows(tree: PyTree, name: str = "X") -> int:
@@ -142,19 +83,10 @@ def global_rows(tree: PyTree, name: str = "X") -> int:
   Same as :func:`coopjax.workers.num_rows`, which counts rows globally inside
   a sharded step (:func:`to_global_rows`).
   """
-  from coopjax.workers import num_rows
-
-  return num_rows(tree, name)
+  return workers.num_rows(tree, name)
 
 
-def einsum(spec: str, *operands) -> jax.Array:
-  """``jnp.einsum`` at full float32 precision.
-
-  Accelerators otherwise run float32 contractions in reduced precision (TF32
-  on NVIDIA GPUs), which would make a mix with W differ from the exact
-  weighted average by about 1e-3.
-  """
-  return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
+einsum = collectives.einsum
 
 
 def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
@@ -165,8 +97,6 @@ def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
   """
   ctx = shard_context()
   if ctx is not None:
-    from coopjax.parallel import collectives
-
     return collectives.mix_gathered(X, W, ctx)
 
   def mix_leaf(x):
@@ -187,8 +117,6 @@ def dense_mixer(W: np.ndarray) -> Mixer:
   def mix(X):
     ctx = shard_context()
     if ctx is not None:
-      from coopjax.parallel import collectives
-
       return collectives.lower(W, ctx)(X)
     return mix_dense(X, W)
 
@@ -225,8 +153,6 @@ def worker_mean(workers: PyTree) -> PyTree:
   """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``."""
   ctx = shard_context()
   if ctx is not None:
-    from coopjax.parallel import collectives
-
     return collectives.worker_mean(workers, ctx)
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), workers)
 
@@ -235,8 +161,6 @@ def worker_sum(workers: PyTree) -> PyTree:
   """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``."""
   ctx = shard_context()
   if ctx is not None:
-    from coopjax.parallel import collectives
-
     return collectives.worker_sum(workers, ctx)
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), workers)
 
@@ -254,8 +178,6 @@ def permute(workers: PyTree, source) -> PyTree:
     raise ValueError(f"source must be a permutation of 0..m-1, got {list(src)}.")
   ctx = shard_context()
   if ctx is not None:
-    from coopjax.parallel import collectives
-
     A = np.zeros((len(src), len(src)))
     A[src, np.arange(len(src))] = 1.0
     return collectives.apply_worker_matrix(workers, A, ctx)
@@ -288,8 +210,6 @@ def group_mean(workers: PyTree, groups) -> PyTree:
   sizes = np.array([len(g) for g in groups])
   ctx = shard_context()
   if ctx is not None:
-    from coopjax.parallel import collectives
-
     A = (ids[:, None] == ids[None, :]) / sizes[ids][None, :]
     return collectives.apply_worker_matrix(workers, A, ctx)
 

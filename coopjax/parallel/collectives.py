@@ -48,8 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from coopjax import mixing
-from coopjax.mixing import ShardContext
+from coopjax.parallel.context import ShardContext
 
 PyTree = Any
 
@@ -83,6 +82,16 @@ class WorkerPlan(NamedTuple):
   rows_sent: int
   offsets: tuple[int, ...]
   apply: Callable[[PyTree], PyTree]
+
+
+def einsum(spec: str, *operands) -> jax.Array:
+  """``jnp.einsum`` at full float32 precision.
+
+  Accelerators otherwise run float32 contractions in reduced precision (TF32
+  on NVIDIA GPUs), which would make a mix with W differ from the exact
+  weighted average by about 1e-3.
+  """
+  return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
 
 
 def _device(ctx: ShardContext):
@@ -148,7 +157,7 @@ def _gather_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
     def leaf(x):
       full = lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)
       cols = _columns(A, ctx, axis=1, dtype=x.dtype)
-      return mixing.einsum("ji,j...->i...", cols, full)
+      return einsum("ji,j...->i...", cols, full)
 
     return jax.tree.map(leaf, workers)
 
@@ -232,7 +241,7 @@ def worker_plan(A, ctx: ShardContext) -> WorkerPlan:
 
   Args:
     A: the m × m matrix, ``x_i ← Σ_j A[j, i] x_j``.
-    ctx: the sharded step's :class:`coopjax.mixing.ShardContext`.
+    ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
 
   Returns:
     A :class:`WorkerPlan` (see the module docstring for the rules).
@@ -321,10 +330,10 @@ def mix_gathered(X: PyTree, W, ctx: ShardContext) -> PyTree:
       full = jnp.concatenate([full, z.astype(full.dtype)], axis=0)
     w = W.astype(x.dtype)
     own = lax.dynamic_slice_in_dim(w, _device(ctx) * b, b, axis=1)
-    out = mixing.einsum("ji,j...->i...", own, full)
+    out = einsum("ji,j...->i...", own, full)
     if z is None:
       return out
-    return jnp.concatenate([out, mixing.einsum("ji,j...->i...", w[:, m:], full)], axis=0)
+    return jnp.concatenate([out, einsum("ji,j...->i...", w[:, m:], full)], axis=0)
 
   if aux is None:
     return jax.tree.map(lambda x: leaf(x, None), workers)
@@ -339,7 +348,7 @@ def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
 
   Args:
     W: the static mixing matrix, ``x_i ← Σ_j W[j, i] x_j``.
-    ctx: the sharded step's :class:`coopjax.mixing.ShardContext`.
+    ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
 
   Returns:
     ``mix(X_local) -> X_local``, equal to the dense einsum up to rounding.
@@ -362,13 +371,13 @@ def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
     new_w = plan.apply(workers)
     if has_C:
       new_w = jax.tree.map(
-        lambda y, z: y + mixing.einsum("li,l...->i...", _columns(C, ctx, 1, z.dtype), z), new_w, aux
+        lambda y, z: y + einsum("li,l...->i...", _columns(C, ctx, 1, z.dtype), z), new_w, aux
       )
 
     def new_aux(x, z):
-      out = mixing.einsum("kl,k...->l...", jnp.asarray(E, z.dtype), z)
+      out = einsum("kl,k...->l...", jnp.asarray(E, z.dtype), z)
       if has_B:
-        part = mixing.einsum("il,i...->l...", _columns(B, ctx, 0, x.dtype), x)
+        part = einsum("il,i...->l...", _columns(B, ctx, 0, x.dtype), x)
         out = out + lax.psum(part, ctx.axis_name).astype(z.dtype)
       return out
 
