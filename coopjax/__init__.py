@@ -40,6 +40,7 @@ from coopjax.algorithms import sync_sgd
 from coopjax.algorithms import time_varying
 from coopjax.cost import netmodel
 from coopjax.cost.report import comm_report
+from coopjax.diagnostics import consensus_distance
 from coopjax.parallel import collectives
 from coopjax.parallel import distributed
 from coopjax.parallel import sharding
@@ -57,7 +58,6 @@ from coopjax.training import models
 from coopjax.workers import WORKER_AXIS
 from coopjax.workers import Layout
 from coopjax.workers import average
-from coopjax.workers import consensus_distance
 from coopjax.workers import layout_of
 from coopjax.workers import replicate
 from coopjax.workers import stack

@@ -1,4 +1,8 @@
-r"""Divergence detection: which worker went non-finite, at which step, and what to do.
+r"""Diagnostics of a run: how far the models are apart, and which worker diverged.
+
+How far apart: :func:`consensus_distance`, ``‖X(I − J)‖²_F`` over the mixed
+leaves, also inside a sharded step. Divergence detection: which worker went
+non-finite, at which step, and what to do.
 
 A NaN or Inf in one worker's loss, gradient or model spreads to every model it
 is mixed with: after step k with :math:`k \bmod \tau = 0`,
@@ -58,6 +62,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coopjax import mixing
+from coopjax.parallel import context
+from coopjax.workers import num_rows
+from coopjax.workers import sum_rows
+
 PyTree = Any
 
 __all__ = [
@@ -68,6 +77,7 @@ __all__ = [
   "finite_metrics",
   "check_finite",
   "skip_nonfinite",
+  "consensus_distance",
 ]
 
 POLICIES = ("stop", "skip")
@@ -233,3 +243,84 @@ def skip_nonfinite(step_fn: Callable, *, jit: bool = True, donate: bool = False)
   if not jit:
     return guarded
   return jax.jit(guarded, donate_argnums=(0, 1) if donate else ())
+
+
+def _counted_leaves(X: PyTree, mask) -> list:
+  """The leaves of X that ``mask`` selects (see :func:`consensus_distance`)."""
+  if hasattr(mask, "init") and hasattr(mask, "update"):  # a transformation: what it mixes
+    mask = getattr(mask, "mix_mask", None)
+  if mask is None or mask is True:
+    return jax.tree.leaves(X)
+  for leaf in jax.tree.leaves(mask):
+    if not isinstance(leaf, (bool, np.bool_)):
+      raise TypeError(
+        f"the consensus mask must hold booleans (True = count the leaf), got {leaf!r} of type "
+        f"{type(leaf).__name__}."
+      )
+  try:
+    chosen = jax.tree.map(lambda keep, sub: sub if keep else None, mask, X)
+  except (ValueError, TypeError):
+    raise ValueError(
+      "the mask must be a pytree prefix of X with booleans (True = a mixed leaf), e.g. "
+      f"{{'params': True, 'batch_stats': False}}; X has structure {jax.tree.structure(X)} but "
+      f"the mask has {jax.tree.structure(mask)}. Fix the transformation's mix_mask or pass "
+      "consensus_mask= to coopjax.make_step."
+    ) from None
+  return jax.tree.leaves(chosen)
+
+
+def consensus_distance(X: PyTree, mask=None) -> jax.Array:
+  r"""Consensus distance :math:`\|X (I - J)\|_F^2 = \sum_i \|x_i - u\|^2`.
+
+  .. math::
+
+     u = \frac{1}{m + v} \sum_{i=1}^{m+v} x_i, \qquad
+     \|X (I - J)\|_F^2 = \sum_{i=1}^{m+v} \|x_i - u\|^2,
+
+  summed over the leaves that ``mask`` selects; zero iff those rows are equal.
+  The sums over rows go through :func:`coopjax.mixing.worker_sum`, so the same
+  function serves a plain X and, inside a sharded step, this device's rows
+  (two all-reduces).
+
+  Args:
+    X: stacked models, leading axis ``m + v``.
+    mask: which leaves count. None or True: all. A coopjax transformation: the
+      leaves it mixes (its ``mix_mask``; all when it has none), so that
+      leaves kept per worker (BatchNorm statistics) do not count. Or a pytree
+      prefix of X with booleans (True = count).
+
+  Returns:
+    A float32 scalar.
+
+  Examples:
+    >>> import jax.numpy as jnp, coopjax
+    >>> X = {"w": jnp.array([[0.0, 0.0], [2.0, 0.0]]), "stats": jnp.array([[1.0], [5.0]])}
+    >>> float(coopjax.consensus_distance(X))
+    10.0
+    >>> float(coopjax.consensus_distance(X, {"w": True, "stats": False}))
+    2.0
+  """
+  leaves = _counted_leaves(X, mask)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  n = num_rows(leaves, "X")  # m + v, also inside a sharded step
+  ctx = context.current()
+  split = ctx.block if ctx is not None else n  # rows reduced over the workers; the rest local
+  leaves = [x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in leaves]
+  heads = [x[:split] for x in leaves]
+  tails = [x[split:] for x in leaves]
+  sums = mixing.worker_sum(heads)
+  means = [
+    (s + sum_rows(z) if z.shape[0] else s) / jnp.asarray(n, s.dtype)
+    for s, z in zip(sums, tails, strict=True)
+  ]
+
+  def row_sq(x, u):  # ‖x_i − u‖² per row
+    return jnp.sum(jnp.square(x - u[None]), axis=tuple(range(1, x.ndim)))
+
+  per_row = sum(row_sq(x, u) for x, u in zip(heads, means, strict=True))
+  total = mixing.worker_sum(per_row)
+  for z, u in zip(tails, means, strict=True):
+    if z.shape[0]:
+      total = total + jnp.sum(row_sq(z, u))
+  return total

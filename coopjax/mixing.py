@@ -50,6 +50,7 @@ from coopjax import workers
 from coopjax.parallel import collectives
 from coopjax.parallel import context
 from coopjax.parallel.context import ShardContext
+from coopjax.workers import sum_rows
 
 PyTree = Any
 Mixer = Callable[[PyTree], PyTree]
@@ -150,19 +151,29 @@ def join_rows(workers: PyTree, aux: PyTree) -> PyTree:
 
 
 def worker_mean(workers: PyTree) -> PyTree:
-  """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``."""
+  """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``.
+
+  :func:`worker_sum` divided by the number of workers m.
+  """
   ctx = shard_context()
+  sums = worker_sum(workers)
   if ctx is not None:
-    return collectives.worker_mean(workers, ctx)
-  return jax.tree.map(lambda x: jnp.mean(x, axis=0), workers)
+    return jax.tree.map(lambda s: s / jnp.asarray(ctx.num_workers, s.dtype), sums)
+  return jax.tree.map(lambda x, s: s / jnp.asarray(x.shape[0], s.dtype), workers, sums)
 
 
 def worker_sum(workers: PyTree) -> PyTree:
-  """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``."""
+  """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``.
+
+  Rows are added pairwise (:func:`coopjax.workers.sum_rows`), never reduced
+  over the leading axis, which XLA's CPU backend does tens of times more
+  slowly; in a sharded step each device adds its own rows and one all-reduce
+  adds the devices' sums.
+  """
   ctx = shard_context()
   if ctx is not None:
-    return collectives.worker_sum(workers, ctx)
-  return jax.tree.map(lambda x: jnp.sum(x, axis=0), workers)
+    return collectives.worker_sum(jax.tree.map(lambda x: sum_rows(x)[None], workers), ctx)
+  return jax.tree.map(sum_rows, workers)
 
 
 def permute(workers: PyTree, source) -> PyTree:

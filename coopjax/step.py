@@ -14,27 +14,55 @@ then applies the cooperative transformation (local update and, when
 transformation as the extra argument ``value`` (shape [m]), as optax passes
 losses to e.g. ``reduce_on_plateau``; transformations that take no extra
 arguments ignore it.
+
+One body serves every placement. Without a mesh it runs on the stacked X;
+with ``mesh=`` the same body runs inside ``jax.shard_map`` on each device's
+block of rows, under a :class:`coopjax.mixing.ShardContext` that gives the
+row primitives of :mod:`coopjax.mixing` (``split_rows``, ``worker_sum``, the
+mixers) their per-device meaning. The metrics that reduce over workers
+(``loss``, ``consensus_distance``, ``avg_grad_norm``) go through
+:func:`coopjax.mixing.worker_sum` on both paths, so the defaults are the same
+with and without a mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from coopjax import diagnostics
-from coopjax.workers import consensus_distance
+from coopjax import mixing
+from coopjax.algorithms._cooperative import step_count
+from coopjax.parallel import context
+from coopjax.parallel import sharding
+from coopjax.workers import WORKER_AXIS
+from coopjax.workers import Layout
 from coopjax.workers import num_rows
 
 PyTree = Any
 
 __all__ = ["make_step"]
 
+BLOCK_EVERY = 8
+"""A sharded step on several CPU devices waits for its result every this many calls."""
 
-def _batch_rows(batch: PyTree, num_workers: int | None) -> int:
+_REDUCING = ("loss", "consensus_distance", "avg_grad_norm")
+
+
+def _layout_of_tx(tx) -> Layout | None:
+  layout = getattr(tx, "layout", None)
+  return layout if isinstance(layout, Layout) else None
+
+
+def _batch_rows(batch: PyTree, num_workers: int | None, source: str) -> int:
+  """The batch's leading worker axis m, checked against ``num_workers`` when known."""
   leaves = jax.tree.leaves(batch)
   if not leaves:
     raise ValueError("batch has no array leaves; pass per-worker data with leading axis m.")
@@ -49,26 +77,101 @@ def _batch_rows(batch: PyTree, num_workers: int | None) -> int:
   m = sizes.pop()
   if num_workers is not None and m != num_workers:
     raise ValueError(
-      f"batch has leading axis {m} but num_workers={num_workers}; give each worker its own "
-      f"batch: shape [{num_workers}, per_worker_batch, ...]."
+      f"batch has leading axis {m} but {source} has {num_workers} workers; give each worker "
+      f"its own batch: shape [{num_workers}, per_worker_batch, ...]."
     )
   return m
 
 
-def split_value(value, has_aux: bool, rows: int):
-  """``(losses, aux)`` from the vmapped ``loss_fn`` output, checking one scalar per worker."""
-  losses, aux = value if has_aux else (value, None)
-  if jnp.shape(losses) != (rows,):
-    raise ValueError(f"loss_fn must return a scalar per worker, got shape {jnp.shape(losses)[1:]}.")
-  return losses, aux
+def _is_example_leaf(x) -> bool:
+  """Leaves that hold examples (not PRNG keys or raw uint32 key data)."""
+  dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+  return not (
+    jnp.issubdtype(dtype, jax.dtypes.prng_key) or jnp.issubdtype(dtype, jnp.unsignedinteger)
+  )
 
 
-def apply_transformation(tx, X, opt_state, grads, losses, aux, merge_aux):
-  """Merges ``aux`` into X if asked, applies ``tx``; returns ``(X_before, X_new, opt_state)``."""
-  if merge_aux is not None:
-    X = merge_aux(X, aux)
-  updates, opt_state = tx.update(grads, opt_state, X, value=losses)
-  return X, optax.apply_updates(X, updates), opt_state
+def _check_worker_axis(batch: PyTree, m: int) -> None:
+  r"""Flags a batch that lacks the worker axis although its first dimension is m.
+
+  With the worker axis every example leaf reads ``[m, B, ...]``: per worker,
+  each has a leading example axis B, the same for all leaves. A batch
+  ``(x [B, d], y [B])`` with ``B = m`` instead gives per-worker shapes
+  ``(d,)`` and ``()``: a per-worker scalar next to arrays, or leading sizes
+  that disagree. A single leaf ``[m, d]`` cannot be told apart from m
+  workers with one example each and passes.
+  """
+  shapes = [jnp.shape(x)[1:] for x in jax.tree.leaves(batch) if _is_example_leaf(x)]
+  if len(shapes) < 2:
+    return
+  scalars = [s for s in shapes if not s]
+  leading = {s[0] for s in shapes if s}
+  if (scalars and len(scalars) < len(shapes)) or len(leading) > 1:
+    raise ValueError(
+      f"the batch's leaves have per-worker shapes {[tuple(s) for s in shapes]} after the "
+      f"leading axis of size m={m}: they share no example axis, as a batch WITHOUT the worker "
+      f"axis whose first dimension happens to equal m would. Give each worker its own batch, "
+      f"shape [m, per_worker_batch, ...] (e.g. x.reshape(m, -1, *x.shape[1:])). If these "
+      f"per-worker shapes are intended, pass check_batch=False to coopjax.make_step."
+    )
+
+
+def _checked_loss(loss_fn: Callable, has_aux: bool) -> Callable:
+  """``loss_fn`` with its output checked while tracing (one worker's view)."""
+
+  def checked(params, batch):
+    out = loss_fn(params, batch)
+    if has_aux:
+      if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+          "make_step(..., has_aux=True) needs loss_fn to return (loss, aux), got "
+          f"{type(out).__name__}; drop has_aux or return a pair."
+        )
+      loss = out[0]
+    else:
+      if isinstance(out, (tuple, list)):
+        raise TypeError(
+          f"loss_fn returned a {type(out).__name__} of {len(out)} values; if it returns "
+          "(loss, aux), pass has_aux=True to coopjax.make_step."
+        )
+      loss = out
+    shape = jnp.shape(loss)
+    if shape != ():
+      raise ValueError(
+        f"loss_fn must return one scalar for ONE worker's batch, got shape {shape}: "
+        "coopjax.make_step calls loss_fn(params, batch) per worker, with that worker's "
+        "params and batch (no leading worker axis); reduce over the examples, e.g. "
+        "jnp.mean(...)."
+      )
+    if not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
+      raise TypeError(f"loss_fn must return a floating-point scalar, got {jnp.result_type(loss)}.")
+    return out
+
+  return checked
+
+
+def _worker_grads(loss_fn: Callable, has_aux: bool, rows: int) -> Callable:
+  """Per-worker ``value_and_grad`` over ``rows`` stacked workers (no vmap for one)."""
+  vg = jax.value_and_grad(_checked_loss(loss_fn, has_aux), has_aux=has_aux)
+  if rows != 1:
+    return jax.vmap(vg)
+
+  def one(X_w, batch):
+    squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
+    out = vg(squeeze(X_w), squeeze(batch))
+    return jax.tree.map(lambda a: jnp.expand_dims(a, 0), out)
+
+  return one
+
+
+def _apply_updates(X: PyTree, updates: PyTree) -> PyTree:
+  """``X + U`` leafwise in X's dtypes (optax.apply_updates without its extra casts)."""
+  return jax.tree.map(
+    lambda x, u: x if u is None else (x + u).astype(x.dtype),
+    X,
+    updates,
+    is_leaf=lambda u: u is None,
+  )
 
 
 def make_step(
@@ -78,56 +181,98 @@ def make_step(
   num_workers: int | None = None,
   has_aux: bool = False,
   merge_aux: Callable[[Any, Any], Any] | None = None,
-  with_consensus: bool | None = None,
-  with_grad_norm: bool | None = None,
-  with_loss: bool | None = None,
+  with_consensus: bool = True,
+  with_grad_norm: bool = True,
+  with_loss: bool = True,
+  consensus_mask=None,
   donate: bool = False,
   jit: bool = True,
   mesh=None,
   check_finite: bool = False,
+  check_batch: bool = True,
+  log_every: int = 1,
 ):
   r"""Builds the cooperative step ``step(X, opt_state, batch) -> (X, opt_state, metrics)``.
 
+  .. math::
+
+     g_i = \nabla \ell(x_i; \xi_i), \qquad
+     (U, s_{k+1}) = \texttt{tx.update}(g, s_k, X_k), \qquad X_{k+1} = X_k + U.
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` for ONE worker (or
-      ``(scalar, aux)`` with ``has_aux=True``).
+      ``(scalar, aux)`` with ``has_aux=True``); checked while tracing.
     tx: a coopjax transformation (e.g. :func:`coopjax.local_sgd`), possibly
-      inside ``optax.chain``.
-    num_workers: m; when given, the batch's leading axis is checked against it.
+      inside ``optax.chain``. Its layout (``tx.layout``: m and v) checks the
+      batch and X.
+    num_workers: m, for a transformation that does not carry its layout
+      (e.g. inside ``optax.chain``); the batch's leading axis is checked
+      against it.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is reported per
       worker in ``metrics["aux"]``.
     merge_aux: optional ``merge_aux(X, aux) -> X`` applied before the
       transformation, e.g. :func:`coopjax.models.merge_batch_stats` to write
       fresh BatchNorm statistics into X, so that a mixing step mixes (or, with
       a ``mix_mask``, keeps local) the current statistics.
-    with_consensus: report ``‖X_{k+1}(I − J)‖²_F`` (a reduction over workers);
-      default True without a mesh, False with one (see ``mesh``).
-    with_grad_norm: report ``‖(1/m)Σ_i g_i‖``, the norm of the averaged
-      gradient that moves u_k (eq. 14); when the models agree it is the
-      averaged model's stochastic gradient norm. Default as ``with_consensus``.
-    with_loss: report ``loss``, the mean over workers. Default as
-      ``with_consensus``.
-    donate: donate X and opt_state buffers to the step (saves memory; the
-      inputs cannot be reused after the call).
+    with_consensus: report ``consensus_distance`` ``‖X_{k+1}(I − J)‖²_F``
+      over the mixed leaves (:func:`coopjax.consensus_distance`).
+    with_grad_norm: report ``avg_grad_norm`` ``‖(1/m)Σ_i g_i‖``, the norm of
+      the averaged gradient that moves u_k (eq. 14); when the models agree it
+      is the averaged model's stochastic gradient norm.
+    with_loss: report ``loss``, the mean over workers.
+    consensus_mask: the leaves the consensus distance counts: None (default)
+      for the leaves ``tx`` mixes (its ``mix_mask``; all leaves when it has
+      none), True for all leaves, or a pytree prefix of X with booleans.
+    donate: donate X and opt_state buffers to the step (saves memory and a
+      copy; the inputs cannot be reused after the call).
     jit: wrap in ``jax.jit`` (False gives the raw function, e.g. for
       ``chex.assert_max_traces``).
-    mesh: a ``jax.sharding.Mesh`` with a ``"workers"`` axis: run the step
-      sharded (:func:`coopjax.sharding.make_sharded_step`): X in the sharded
-      representation (:func:`coopjax.shard`), opt_state from
-      :func:`coopjax.sharding.init`. There the metrics that reduce over
-      workers (``loss``, ``consensus_distance``, ``avg_grad_norm``) are off by
-      default, since each puts an all-reduce on every step.
+    mesh: a ``jax.sharding.Mesh`` with a ``"workers"`` axis: run the same
+      step body inside ``jax.shard_map``, each device on its block of workers.
+      X comes from :func:`coopjax.shard`, opt_state from
+      :func:`coopjax.sharding.init`, the batch from :func:`coopjax.shard_batch`
+      (a batch not yet on the mesh, e.g. a NumPy array, is placed by the
+      step's input sharding when it is called, in the same layout). The
+      reducing metrics add all-reduces (``consensus_distance`` and
+      ``avg_grad_norm`` of the model's size): compute them on logged steps
+      only (``log_every``) or turn them off (``with_consensus=False,
+      with_grad_norm=False``) to keep off-steps free of communication. On several CPU devices the step waits
+      for its result every :data:`BLOCK_EVERY` calls: without it, loops of
+      unwaited steps with collectives deadlock (the CPU client runs out of
+      threads; XLA reports a stuck ``RendezvousKey`` and aborts).
     check_finite: add the divergence flags of
       :func:`coopjax.diagnostics.finite_metrics`: ``nonfinite_workers`` (bool
       [m]: worker i's loss, gradient or model at step k is NaN/Inf) and
       ``nonfinite_rows`` (bool [m + v]: rows of X_{k+1}); check them on the
-      host with :func:`coopjax.diagnostics.check_finite`. With a mesh only
-      ``nonfinite_workers`` from the losses is reported.
+      host with :func:`coopjax.diagnostics.check_finite`.
+    log_every: compute the metrics that reduce over workers (``loss``,
+      ``consensus_distance``, ``avg_grad_norm``) only on the steps k that it
+      divides, the steps a training loop logs; they are NaN on the others.
+      Inside a ``lax.cond``, so with a mesh their all-reduces run on those
+      steps only.
+    check_batch: check that the batch has the worker axis (its example leaves
+      share an example axis after it); False skips that check for batches
+      whose per-worker leaves differ in shape on purpose.
 
   Returns:
-    ``step``; ``metrics`` holds ``loss`` (mean over workers), ``worker_loss``
-    (shape [m]), ``step`` (k), and the optional ``consensus_distance``,
-    ``avg_grad_norm`` and ``aux``.
+    ``step``; ``metrics`` holds ``worker_loss`` (shape [m]), ``step`` (k),
+    ``loss`` (mean over workers), ``consensus_distance``, ``avg_grad_norm``
+    (each unless turned off) and ``aux``.
+
+  Raises:
+    ValueError, TypeError: when the arguments, or (at the first call) the
+      shapes of X and the batch or the output of ``loss_fn``, do not fit; the
+      message names the argument to change.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=4)
+    >>> X = coopjax.replicate({"w": jnp.zeros(3)}, num_workers=4)
+    >>> loss_fn = lambda p, batch: jnp.mean((batch @ p["w"] - 1.0) ** 2)
+    >>> step = coopjax.make_step(loss_fn, tx)
+    >>> X, opt_state, metrics = step(X, tx.init(X), jnp.ones((4, 8, 3)))
+    >>> sorted(metrics)
+    ['avg_grad_norm', 'consensus_distance', 'loss', 'step', 'worker_loss']
   """
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable as loss_fn(params, batch), got {loss_fn!r}.")
@@ -139,67 +284,185 @@ def make_step(
     raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
   if merge_aux is not None and not has_aux:
     raise ValueError("merge_aux needs has_aux=True: loss_fn must return (loss, aux).")
-  default = mesh is None
-  with_consensus = default if with_consensus is None else with_consensus
-  with_grad_norm = default if with_grad_norm is None else with_grad_norm
-  with_loss = default if with_loss is None else with_loss
-  if mesh is not None:
-    from coopjax.parallel.sharding import make_sharded_step
-
-    step = make_sharded_step(
-      loss_fn,
-      tx,
-      mesh,
-      num_workers=num_workers,
-      has_aux=has_aux,
-      merge_aux=merge_aux,
-      with_consensus=with_consensus,
-      with_grad_norm=with_grad_norm,
-      with_loss=with_loss,
-      donate=donate,
-      jit=jit,
+  if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+    raise ValueError(f"log_every must be a positive integer (steps), got {log_every!r}.")
+  layout = _layout_of_tx(tx)
+  if layout is not None and num_workers is not None and num_workers != layout.num_workers:
+    raise ValueError(
+      f"num_workers={num_workers} but the transformation has {layout.num_workers} workers "
+      "(tx.layout); drop num_workers."
     )
-    return _with_loss_flags(step) if check_finite else step
+  if num_workers is None and layout is not None:
+    num_workers, source = layout.num_workers, "the transformation (tx.layout)"
+  else:
+    source = f"num_workers={num_workers}"
+  num_aux = None if layout is None else layout.num_aux
+  mask = tx if consensus_mask is None else consensus_mask
+  on = {"loss": with_loss, "consensus_distance": with_consensus, "avg_grad_norm": with_grad_norm}
   tx = optax.with_extra_args_support(tx)
-  grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=has_aux))
+  if mesh is not None:
+    mesh = sharding.auto_mesh(mesh)
 
-  def step(X, opt_state, batch):
-    from coopjax.algorithms._cooperative import step_count
+  def reducing_metrics(losses, grads, X_new, k) -> dict:
+    """The metrics that reduce over workers, on the steps ``k`` that ``log_every`` divides."""
 
+    def compute(_):
+      out = {}
+      if on["loss"]:
+        out["loss"] = mixing.worker_mean(losses).astype(jnp.float32)
+      if on["consensus_distance"]:
+        out["consensus_distance"] = diagnostics.consensus_distance(X_new, mask)
+      if on["avg_grad_norm"]:
+        out["avg_grad_norm"] = optax.tree.norm(mixing.worker_mean(grads)).astype(jnp.float32)
+      return out
+
+    if log_every == 1 or not any(on.values()):
+      return compute(None)
+    skipped = lambda _: {name: jnp.full((), jnp.nan, jnp.float32) for name in on if on[name]}
+    return jax.lax.cond(k % log_every == 0, compute, skipped, None)
+
+  def body(X, opt_state, batch, m: int, ctx):
+    """The step on m worker rows (all of X, or one device's block under ``ctx``)."""
+    with context.sharded(ctx) if ctx is not None else contextlib.nullcontext():
+      rows = m if ctx is None else ctx.block
+      X_workers, _ = mixing.split_rows(X, m)
+      value, grads = _worker_grads(loss_fn, has_aux, rows)(X_workers, batch)
+      losses, aux = value if has_aux else (value, None)
+      if merge_aux is not None:
+        X = merge_aux(X, aux)
+      updates, opt_state = tx.update(grads, opt_state, X, value=losses)
+      X_new = _apply_updates(X, updates)
+      metrics = {"worker_loss": losses, "step": step_count(opt_state)}
+      if check_finite:
+        metrics.update(diagnostics.finite_metrics(losses, grads, X, X_new))
+      metrics.update(reducing_metrics(losses, grads, X_new, metrics["step"]))
+      if has_aux:
+        metrics["aux"] = aux
+      return X_new, opt_state, metrics
+
+  def check_rows(X, m: int, per_device: int | None):
     n = num_rows(X, "X")
-    m = _batch_rows(batch, num_workers)
-    if m > n:
+    if per_device is None:  # plain
+      if num_aux is not None and n != m + num_aux:
+        raise ValueError(
+          f"X has {n} rows but the transformation has {m} workers + {num_aux} auxiliary rows; "
+          "build X with coopjax.replicate(params, tx)."
+        )
+      if m > n:
+        raise ValueError(
+          f"batch has {m} worker rows but X has only {n} rows; X must stack m + v models "
+          "(coopjax.replicate(params, tx))."
+        )
+      return n - m
+    D = per_device
+    b, v = sharding.split_counts(X, D, m)
+    if num_aux is not None and v != num_aux:
       raise ValueError(
-        f"batch has {m} worker rows but X has only {n} rows; X must stack m + v models "
-        "(coopjax.replicate(params, m, num_aux))."
+        f"X has {n} rows: {b} workers and {v} auxiliary rows per device, but the "
+        f"transformation has {num_aux} auxiliary rows; place X with coopjax.shard(X, mesh, tx)."
       )
-    X_workers = jax.tree.map(lambda x: x[:m], X)
-    value, grads = grad_fn(X_workers, batch)
-    losses, aux = split_value(value, has_aux, m)
-    X_before, X, opt_state = apply_transformation(tx, X, opt_state, grads, losses, aux, merge_aux)
-    metrics = {"worker_loss": losses, "step": step_count(opt_state)}
+    return v
+
+  def plain_step(X, opt_state, batch):
+    m = _batch_rows(batch, num_workers, source)
+    if check_batch:
+      _check_worker_axis(batch, m)
+    check_rows(X, m, None)
+    return body(X, opt_state, batch, m, None)
+
+  def sharded_step(X, opt_state, batch):
+    D = sharding.num_devices(mesh)
+    m = _batch_rows(batch, num_workers, source)
+    if check_batch:
+      _check_worker_axis(batch, m)
+    v = check_rows(X, m, D)
+    ctx = sharding.context_for(mesh, m, v)
+    spec = P(WORKER_AXIS)
+    local_state = sharding.local_shapes(tx.init, mesh, ctx, sharding.struct(X))
+    state_specs = jax.tree.map(
+      lambda loc, g: sharding.spec_of(loc.shape, jnp.shape(g)), local_state, opt_state
+    )
+    metric_specs = {"worker_loss": spec, "step": P()}
+    metric_specs.update({name: P() for name in _REDUCING if on[name]})
     if check_finite:
-      metrics.update(diagnostics.finite_metrics(losses, grads, X_before, X))
-    if with_loss:
-      metrics["loss"] = jnp.mean(losses)
-    if with_consensus:
-      metrics["consensus_distance"] = consensus_distance(X)
-    if with_grad_norm:
-      metrics["avg_grad_norm"] = optax.tree.norm(jax.tree.map(lambda g: jnp.mean(g, 0), grads))
+      metric_specs.update(nonfinite_workers=spec, nonfinite_rows=(spec, P()))
     if has_aux:
-      metrics["aux"] = aux
+      metric_specs["aux"] = spec
+
+    def per_device(X, opt_state, batch):
+      X, opt_state, metrics = body(X, opt_state, batch, m, ctx)
+      if check_finite:  # rows of this device: its workers, then the replicated auxiliaries
+        flags = metrics["nonfinite_rows"]
+        metrics["nonfinite_rows"] = (flags[: ctx.block], flags[ctx.block :])
+      return X, opt_state, metrics
+
+    # check_vma=False: the transformations' lax.cond branches may return a reduced
+    # (device-invariant) value in one branch and a per-device value in the other.
+    mapped = jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(spec, state_specs, spec),
+      out_specs=(spec, state_specs, metric_specs),
+      check_vma=False,
+    )
+    X, opt_state, metrics = mapped(X, opt_state, batch)
+    if check_finite:
+      metrics["nonfinite_rows"] = jnp.concatenate(metrics["nonfinite_rows"])
     return X, opt_state, metrics
 
+  step = plain_step if mesh is None else sharded_step
   if not jit:
     return step
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  donate_argnums = (0, 1) if donate else ()
+  if mesh is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  placed = jax.jit(
+    step,
+    donate_argnums=donate_argnums,
+    in_shardings=(None, None, sharding.worker_sharding(mesh)),
+  )
+  devices = list(mesh.devices.flat)
+  on_cpu = len(devices) > 1 and all(d.platform == "cpu" for d in devices)
+  block_every = BLOCK_EVERY if on_cpu else 0
+  return _ShardedStep(placed, step, mesh, block_every)
 
 
-def _with_loss_flags(step):
-  """Adds ``nonfinite_workers`` from the per-worker losses (sharded path)."""
+class _ShardedStep:
+  """The jitted sharded step: places stray batches and, on CPU devices, waits periodically."""
 
-  def flagged(X, opt_state, batch):
-    X, opt_state, metrics = step(X, opt_state, batch)
-    return X, opt_state, dict(metrics, nonfinite_workers=~jnp.isfinite(metrics["worker_loss"]))
+  def __init__(self, jitted, raw, mesh, block_every: int):
+    self._jitted = jitted
+    self._raw = raw
+    self._mesh = mesh
+    self._block_every = block_every
+    self._calls = 0
+    self._warned = False
+    self.lower = jitted.lower
+    self.trace = jitted.trace
+    self.eval_shape = jitted.eval_shape
+    self.__wrapped__ = jitted
 
-  return flagged
+  def __call__(self, X, opt_state, batch):
+    try:
+      out = self._jitted(X, opt_state, batch)
+    except ValueError as e:
+      jax.eval_shape(self._raw, X, opt_state, batch)  # the step's own checks name the fix
+      if "does not match the sharding" not in str(e):
+        raise
+      if not self._warned:
+        warnings.warn(
+          "the batch is committed to devices other than its workers' and is moved on every "
+          "call; place it once with coopjax.shard_batch(batch, mesh).",
+          stacklevel=2,
+        )
+        self._warned = True
+      batch = jax.device_put(batch, sharding.worker_sharding(self._mesh))
+      out = self._jitted(X, opt_state, batch)
+    if self._block_every:
+      self._calls += 1
+      metrics = out[2]
+      if self._calls % self._block_every == 0 and not any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(metrics)
+      ):
+        jax.block_until_ready(metrics)
+    return out

@@ -9,7 +9,8 @@ anchor). The averaged model of the paper is the mean over all rows,
    u_k = X_k \frac{\mathbf 1_{m+v}}{m+v},
 
 and the discrepancy among the models (the network error of Lemma 2) is the
-consensus distance :math:`\|X_k (I - J)\|_F^2 = \sum_i \|x_i - u_k\|^2`.
+consensus distance :math:`\|X_k (I - J)\|_F^2 = \sum_i \|x_i - u_k\|^2`
+(:func:`coopjax.consensus_distance`).
 
 Flax models stack the same way, since their parameters are plain pytrees.
 With linen::
@@ -67,7 +68,7 @@ __all__ = [
   "stack",
   "worker",
   "average",
-  "consensus_distance",
+  "sum_rows",
   "num_rows",
   "check_stacked",
 ]
@@ -150,25 +151,36 @@ def _leaves(tree: PyTree, name: str) -> list:
   return leaves
 
 
-def replicate(params: PyTree, num_workers: int, num_aux: int = 0) -> PyTree:
+def replicate(params: PyTree, num_workers, num_aux: int = 0) -> PyTree:
   """Stacks ``m + v`` copies of ``params``: all models start at the same point u_1.
 
   Args:
     params: a pytree of arrays, one model.
-    num_workers: m, the number of workers.
-    num_aux: v, the number of auxiliary variables (1 for EASGD's anchor).
+    num_workers: the transformation (``tx.layout`` gives m and v), a
+      :class:`Layout`, or m as an int.
+    num_aux: v, the number of auxiliary variables (1 for EASGD's anchor), with
+      an int ``num_workers`` (a layout or transformation already knows it).
 
   Returns:
     X, the same pytree with a leading axis of size ``m + v`` on every leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp, coopjax
+    >>> X = coopjax.replicate({"w": jnp.zeros(3)}, coopjax.Layout(num_workers=4, num_aux=1))
+    >>> X["w"].shape
+    (5, 3)
   """
-  m = check_int("num_workers", num_workers, 1)
-  v = check_int("num_aux", num_aux, 0)
+  if isinstance(getattr(num_workers, "layout", num_workers), Layout):
+    layout = layout_of(num_workers, None if num_aux == 0 else num_aux)
+  else:
+    layout = Layout(check_int("num_workers", num_workers, 1), check_int("num_aux", num_aux, 0))
   for leaf in _leaves(params, "params"):
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise TypeError(
         f"params has a leaf of dtype {leaf.dtype}; model parameters must be floating point."
       )
-  return jax.tree.map(lambda p: jnp.broadcast_to(jnp.asarray(p), (m + v, *jnp.shape(p))), params)
+  n = layout.num_rows
+  return jax.tree.map(lambda p: jnp.broadcast_to(jnp.asarray(p), (n, *jnp.shape(p))), params)
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
@@ -209,31 +221,82 @@ def check_stacked(X: PyTree, rows: int, name: str = "X") -> None:
     )
 
 
-def average(X: PyTree, num_aux: int = 0, *, workers_only: bool = False) -> PyTree:
+def sum_rows(x: jax.Array) -> jax.Array:
+  r"""``Σ_i x[i]`` over the leading axis, as a pairwise sum of row blocks.
+
+  The same value as ``jnp.sum(x, axis=0)`` up to rounding, written as
+  elementwise additions of row slices (``x[:h] + x[h:]``, then the rows
+  left): XLA's CPU backend reduces over a small leading axis tens of times
+  more slowly than it adds rows, and accelerators add rows at full bandwidth
+  too. Floating-point inputs below 32 bits are summed in float32.
+
+  Examples:
+    >>> import jax.numpy as jnp, coopjax
+    >>> coopjax.workers.sum_rows(jnp.arange(6.0).reshape(3, 2)).tolist()
+    [6.0, 9.0]
+  """
+  x = jnp.asarray(x)
+  if x.ndim == 0:
+    raise ValueError("sum_rows needs an array with a leading axis.")
+  dtype = x.dtype
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    x = x.astype(jnp.float32)
+  n = x.shape[0]
+  if n == 0:
+    return jnp.zeros(x.shape[1:], dtype)
+  while n > 1 and n % 2 == 0:
+    n //= 2
+    x = x[:n] + x[n:]
+  rows = [x[i] for i in range(n)]
+  while len(rows) > 1:
+    pairs = [rows[i] + rows[i + 1] for i in range(0, len(rows) - 1, 2)]
+    rows = pairs + rows[len(pairs) * 2 :]
+  # A reduction over one row: free (XLA makes it a reshape), and it keeps a reduce_sum in
+  # the jaxpr, where tools that read programs look for reductions over the workers.
+  return jnp.sum(rows[0][None], axis=0).astype(dtype)
+
+
+def average(X: PyTree, num_aux=None, *, workers_only: bool = False) -> PyTree:
   r"""The averaged model :math:`u_k = X_k \mathbf 1/(m+v)` (paper eq. 13).
 
   Args:
     X: stacked models, leading axis ``m + v``.
-    num_aux: v, the number of auxiliary rows (last rows of X).
+    num_aux: the transformation (``tx.layout``), a :class:`Layout`, or v as an
+      int (the auxiliary rows are the last rows of X). Needed with
+      ``workers_only``: X alone does not say which rows are auxiliary.
     workers_only: if True, average the m workers only, excluding auxiliaries.
+
+  Returns:
+    The averaged model, one row's pytree.
+
+  Examples:
+    >>> import jax.numpy as jnp, coopjax
+    >>> X = {"w": jnp.array([[1.0], [3.0], [8.0]])}  # two workers and an anchor
+    >>> coopjax.average(X)["w"].tolist()
+    [4.0]
+    >>> coopjax.average(X, coopjax.Layout(2, num_aux=1), workers_only=True)["w"].tolist()
+    [2.0]
   """
-  v = check_int("num_aux", num_aux, 0)
   n = num_rows(X)
+  if num_aux is None:
+    if workers_only:
+      raise ValueError(
+        "average(X, workers_only=True) needs to know which rows are auxiliary (EASGD's "
+        "anchor): pass the transformation or a coopjax.Layout, e.g. "
+        "coopjax.average(X, tx, workers_only=True) (or num_aux=0 when X has none)."
+      )
+    v = 0
+  elif isinstance(getattr(num_aux, "layout", num_aux), Layout):
+    layout = layout_of(num_aux)
+    if layout.num_rows != n:
+      raise ValueError(
+        f"X has {n} rows but the layout has {layout.num_workers} workers + {layout.num_aux} "
+        "auxiliary rows."
+      )
+    v = layout.num_aux
+  else:
+    v = check_int("num_aux", num_aux, 0)
   if v >= n:
     raise ValueError(f"num_aux={v} leaves no worker rows in X (leading axis {n}).")
   stop = n - v if workers_only else n
-  return jax.tree.map(lambda x: jnp.mean(x[:stop], axis=0), X)
-
-
-def consensus_distance(X: PyTree) -> jax.Array:
-  r"""Consensus distance :math:`\|X (I - J)\|_F^2 = \sum_i \|x_i - u\|^2` over all leaves.
-
-  ``u`` is the mean over all ``m + v`` rows. Zero iff all rows are equal.
-  """
-  num_rows(X)
-
-  def leaf_sq(x):
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.sum(jnp.square(x - jnp.mean(x, axis=0, keepdims=True)))
-
-  return sum(jax.tree.leaves(jax.tree.map(leaf_sq, X)), start=jnp.zeros((), jnp.float32))
+  return jax.tree.map(lambda x: sum_rows(x[:stop]) / jnp.asarray(stop, x.dtype), X)

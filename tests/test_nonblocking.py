@@ -487,7 +487,9 @@ def _hlo(tx, m, v, tau):
   X = sharding.shard(coopjax.replicate(ref.init_params(), m, v), mesh, v)
   state = sharding.init(tx, X, mesh, v)
   A, b = ref.make_batches(tau, m, seed=40)
-  period = coopjax.make_period_step(ref.loss_fn, tx, mesh)
+  # The mixing's collectives alone: no reducing metrics (on by default).
+  off = dict(with_loss=False, with_consensus=False, with_grad_norm=False)
+  period = coopjax.make_period_step(ref.loss_fn, tx, mesh, **off)
   text = period.lower(X, state, (jnp.asarray(A), jnp.asarray(b))).compile().as_text()
   return text, coopjax.cost.report.parse_hlo(text)
 

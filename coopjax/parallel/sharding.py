@@ -1,4 +1,4 @@
-r"""The sharded worker axis: meshes, placement, and the per-device step.
+r"""The sharded worker axis: meshes and placement.
 
 The m workers are spread over the D devices of the mesh axis
 ``coopjax.WORKER_AXIS`` (``"workers"``), ``b = m / D`` consecutive workers per
@@ -21,8 +21,10 @@ between the two layouts; batches are ``[m, ...]`` sharded the same way
 (:func:`shard_batch`). The optimizer state made by :func:`init` holds the
 per-worker leaves sharded and the rest (the step counter) replicated.
 
-The step (``coopjax.make_step(loss_fn, tx, mesh=mesh)``) runs entirely inside
-one ``jax.shard_map``: every device computes its own workers' gradients and
+The layout (m and v) is given once, by the transformation: :func:`shard`,
+:func:`unshard` and :func:`init` take it from ``tx`` (or a
+:class:`coopjax.Layout`). The step (``coopjax.make_step(loss_fn, tx, mesh=mesh)``,
+:mod:`coopjax.step`) runs entirely inside one ``jax.shard_map``: every device computes its own workers' gradients and
 local updates with no cross-device traffic, and the mixing primitives of
 :mod:`coopjax.mixing` lower to collectives inside the ``lax.cond`` branch of
 mixing steps (:mod:`coopjax.collectives`), so off-steps move no data.
@@ -39,12 +41,13 @@ mixing steps (:mod:`coopjax.collectives`), so off-steps move no data.
   >>> X, opt_state, metrics = step(X, opt_state, batch)
   >>> metrics["worker_loss"].shape == (m,)
   True
-  >>> coopjax.unshard(X, mesh)["w"].shape == (m, 3)
+  >>> coopjax.unshard(X, mesh, num_aux=0)["w"].shape == (m, 3)
   True
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -58,10 +61,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from coopjax import mixing
+from coopjax._validation import check_int
 from coopjax.mixing import ShardContext
-from coopjax.step import apply_transformation
-from coopjax.step import split_value
 from coopjax.workers import WORKER_AXIS
+from coopjax.workers import Layout
+from coopjax.workers import layout_of
 from coopjax.workers import num_rows
 
 PyTree = Any
@@ -74,8 +78,6 @@ __all__ = [
   "unshard",
   "shard_batch",
   "init",
-  "make_sharded_step",
-  "consensus_distance",
 ]
 
 
@@ -96,7 +98,7 @@ def worker_mesh(num_devices: int | None = None, devices=None) -> Mesh:
   return Mesh(np.array(devices), (WORKER_AXIS,), axis_types=(AxisType.Auto,))
 
 
-def _auto_mesh(mesh) -> Mesh:
+def auto_mesh(mesh) -> Mesh:
   """The same devices and axes with Auto axis types (``jax.make_mesh`` defaults to Explicit)."""
   if not isinstance(mesh, Mesh):
     raise TypeError(
@@ -115,12 +117,12 @@ def _auto_mesh(mesh) -> Mesh:
 
 def num_devices(mesh: Mesh) -> int:
   """D, the size of the mesh's worker axis."""
-  return int(_auto_mesh(mesh).shape[WORKER_AXIS])
+  return int(auto_mesh(mesh).shape[WORKER_AXIS])
 
 
 def worker_sharding(mesh: Mesh) -> NamedSharding:
   """``NamedSharding(mesh, P("workers"))``: the leading axis split over the workers."""
-  return NamedSharding(_auto_mesh(mesh), P(WORKER_AXIS))
+  return NamedSharding(auto_mesh(mesh), P(WORKER_AXIS))
 
 
 def _put(host: np.ndarray, mesh: Mesh):
@@ -146,20 +148,78 @@ def _blocks(m: int, D: int) -> int:
   return m // D
 
 
-def shard(X: PyTree, mesh: Mesh, num_aux: int = 0) -> PyTree:
-  """Places X (``[m + v, ...]`` rows, auxiliaries last) in the sharded representation.
+def _layout_arg(layout, num_aux) -> tuple[int | None, int | None]:
+  """``(m, v)`` from a placement function's layout argument; None where it is not given.
+
+  ``layout`` is a coopjax transformation or a :class:`coopjax.Layout` (both give
+  m and v), or, as in earlier releases, an int taken as ``num_aux``.
+  """
+  if layout is None:
+    return None, None if num_aux is None else check_int("num_aux", num_aux, 0)
+  if isinstance(layout, numbers.Integral) and not isinstance(layout, bool):
+    if num_aux is not None and int(num_aux) != int(layout):
+      raise ValueError(f"num_aux given twice: {layout} and num_aux={num_aux}.")
+    return None, check_int("num_aux", layout, 0)
+  if not isinstance(getattr(layout, "layout", layout), Layout):
+    raise TypeError(
+      f"layout must be a coopjax transformation (which knows m and v) or a coopjax.Layout, got "
+      f"{type(layout).__name__}."
+    )
+  spec = layout_of(layout, num_aux)
+  return spec.num_workers, spec.num_aux
+
+
+def shard(X: PyTree, mesh: Mesh, layout=None, *, num_aux: int | None = None) -> PyTree:
+  r"""Places X (``[m + v, ...]`` rows, auxiliaries last) in the sharded representation.
+
+  Device d of the D devices receives its block of ``b = m / D`` workers and a
+  copy of the v auxiliary rows:
+
+  .. math::
+
+     [x_1..x_m, z_1..z_v] \mapsto
+     [x_{db+1}..x_{db+b}, z_1..z_v]_{d = 0..D-1}.
 
   Args:
     X: stacked models, e.g. from :func:`coopjax.replicate`.
     mesh: a mesh with a ``"workers"`` axis of D devices (m a multiple of D).
-    num_aux: v, the number of auxiliary rows (1 for EASGD).
+    layout: the transformation (``tx.layout`` gives m and v) or a
+      :class:`coopjax.Layout`. Without it X is taken to have no auxiliary
+      rows; an int is read as ``num_aux`` (the earlier call form).
+    num_aux: v, the number of auxiliary rows (1 for EASGD), when no layout
+      is given.
 
   Returns:
     X with ``D·(b + v)`` rows per leaf, device d holding ``[x_{db+1}..x_{db+b}, z]``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, coopjax
+    >>> mesh = coopjax.worker_mesh()
+    >>> D = len(jax.devices())
+    >>> layout = coopjax.Layout(num_workers=2 * D, num_aux=1)
+    >>> Xs = coopjax.shard(coopjax.replicate({"w": jnp.zeros(3)}, layout), mesh, layout)
+    >>> Xs["w"].shape == (D * 3, 3)  # b = 2 workers and the anchor's copy per device
+    True
   """
   D = num_devices(mesh)
   n = num_rows(X)
-  v = int(num_aux)
+  m, v = _layout_arg(layout, num_aux)
+  if m is not None and n != m + v:
+    raise ValueError(
+      f"X has {n} rows but the layout has {m} workers + {v} auxiliary rows; build X with "
+      "coopjax.replicate(params, tx) for the same transformation."
+    )
+  if m is None and v is None:
+    v = 0
+    if n % D:
+      raise ValueError(
+        f"X has {n} rows, which cannot be split evenly over the {D} devices of the mesh. If X "
+        "has auxiliary rows (EASGD's anchor), pass the transformation or a coopjax.Layout: "
+        f"coopjax.shard(X, mesh, tx); otherwise use a multiple of {D} workers (several "
+        "workers per device are fine)."
+      )
+  if n - v < 1:
+    raise ValueError(f"num_aux={v} leaves no worker rows in X ({n} rows).")
   b = _blocks(n - v, D)
 
   def leaf(x):
@@ -173,19 +233,42 @@ def shard(X: PyTree, mesh: Mesh, num_aux: int = 0) -> PyTree:
   return jax.tree.map(leaf, X)
 
 
-def unshard(X: PyTree, mesh: Mesh, num_aux: int = 0) -> PyTree:
-  """Inverse of :func:`shard`: ``[m + v, ...]`` rows (auxiliaries from device 0's copy)."""
+def unshard(X: PyTree, mesh: Mesh, layout=None, *, num_aux: int | None = None) -> PyTree:
+  """Inverse of :func:`shard`: ``[m + v, ...]`` rows (auxiliaries from device 0's copy).
+
+  Args:
+    X: X in the sharded representation (from :func:`shard` or the step).
+    mesh: the mesh X is sharded over.
+    layout: the transformation or a :class:`coopjax.Layout` (an int is read
+      as ``num_aux``). Needed whenever a device holds more than one row: X
+      alone does not say which rows are workers and which are copies of the
+      auxiliaries.
+    num_aux: v, when no layout is given.
+
+  Returns:
+    X with ``m + v`` rows on every leaf.
+  """
   D = num_devices(mesh)
-  v = int(num_aux)
+  rows = num_rows(X)
+  m, v = _layout_arg(layout, num_aux)
+  if v is None:
+    if rows != D:
+      raise ValueError(
+        f"unshard needs the layout of X: its {rows} rows on {D} devices are each device's "
+        "workers followed by its copy of the auxiliary rows (EASGD's anchor), and X alone "
+        "does not say how many of those there are. Pass the transformation or a "
+        "coopjax.Layout: coopjax.unshard(X, mesh, tx) (or num_aux=0 when X has no auxiliary "
+        "rows)."
+      )
+    v = 0
+  if rows % D or rows // D <= v or (m is not None and rows != D * (m // D + v)):
+    raise ValueError(
+      f"X has {rows} rows, not D*(b+v) for D={D} devices and num_aux={v}; was it made by "
+      "coopjax.shard with the same mesh and transformation?"
+    )
 
   def leaf(x):
     x = _host(x)
-    rows = x.shape[0]
-    if rows % D or rows // D <= v:
-      raise ValueError(
-        f"X has {rows} rows, not D*(b+v) for D={D} devices and num_aux={v}; was it made by "
-        "coopjax.shard with the same mesh and num_aux?"
-      )
     blocks = x.reshape((D, rows // D) + x.shape[1:])
     workers = blocks[:, : rows // D - v].reshape((-1,) + x.shape[1:])
     return jnp.asarray(np.concatenate([workers, blocks[0, rows // D - v :]], axis=0))
@@ -205,13 +288,13 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree.map(leaf, batch)
 
 
-def _context(mesh: Mesh, num_workers: int, num_aux: int) -> ShardContext:
+def context_for(mesh: Mesh, num_workers: int, num_aux: int) -> ShardContext:
   D = num_devices(mesh)
   _blocks(num_workers, D)
   return ShardContext(WORKER_AXIS, D, int(num_workers), int(num_aux))
 
 
-def _local_shapes(fn: Callable, mesh: Mesh, ctx: ShardContext, *args) -> PyTree:
+def local_shapes(fn: Callable, mesh: Mesh, ctx: ShardContext, *args) -> PyTree:
   """Per-device output shapes of ``fn(*local_args)`` run under ``ctx`` (traced, not run)."""
 
   def body(*local):
@@ -226,26 +309,26 @@ def _local_shapes(fn: Callable, mesh: Mesh, ctx: ShardContext, *args) -> PyTree:
   )
 
 
-def _spec_of(local_shape, global_shape) -> P:
+def spec_of(local_shape, global_shape) -> P:
   return P() if tuple(local_shape) == tuple(global_shape) else P(WORKER_AXIS)
 
 
-def _struct(X: PyTree) -> PyTree:
+def struct(X: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), X)
 
 
-def _split_counts(X: PyTree, D: int, num_workers: int) -> tuple[int, int]:
+def split_counts(X: PyTree, D: int, num_workers: int) -> tuple[int, int]:
   rows = num_rows(X, "X")
   b = _blocks(num_workers, D)
   if rows % D or rows // D < b:
     raise ValueError(
       f"X has {rows} rows but a sharded step over {num_workers} workers on {D} devices needs "
-      f"D*(b+v) = {D}*({b}+v) rows; build it with coopjax.shard(X, mesh, num_aux)."
+      f"D*(b+v) = {D}*({b}+v) rows; build it with coopjax.shard(X, mesh, tx)."
     )
   return b, rows // D - b
 
 
-def init(tx: optax.GradientTransformation, X: PyTree, mesh: Mesh, num_aux: int = 0) -> PyTree:
+def init(tx: optax.GradientTransformation, X: PyTree, mesh: Mesh, num_aux: int | None = None):
   """``tx.init`` in the sharded representation.
 
   Leaves with one row per worker (the local optimizer's state) are sharded
@@ -253,32 +336,35 @@ def init(tx: optax.GradientTransformation, X: PyTree, mesh: Mesh, num_aux: int =
   counter, a replicated outer model) are replicated.
 
   Args:
-    tx: a coopjax transformation.
+    tx: a coopjax transformation; its layout (``tx.layout``) gives v.
     X: X in the sharded representation (:func:`shard`).
     mesh: the mesh X is sharded over.
-    num_aux: v, the number of auxiliary rows of X.
+    num_aux: v, the number of auxiliary rows of X, for a transformation that
+      does not carry its layout (e.g. inside ``optax.chain``); default 0.
 
   Returns:
     The optimizer state, placed on the mesh.
   """
-  mesh = _auto_mesh(mesh)
+  mesh = auto_mesh(mesh)
   D = num_devices(mesh)
-  v = int(num_aux)
+  layout = getattr(tx, "layout", None)
+  m, v = _layout_arg(layout if isinstance(layout, Layout) else None, num_aux)
+  v = 0 if v is None else v
   rows = num_rows(X, "X")
-  if rows % D or rows // D <= v:
+  if rows % D or rows // D <= v or (m is not None and rows != D * (m // D + v)):
     raise ValueError(
       f"X has {rows} rows, not D*(b+v) for D={D} and num_aux={v}; shard it with "
-      "coopjax.shard(X, mesh, num_aux) first."
+      "coopjax.shard(X, mesh, tx) first."
     )
   b = rows // D - v
-  ctx = _context(mesh, D * b, v)
+  ctx = context_for(mesh, D * b, v)
   X = jax.tree.map(lambda x: jax.device_put(x, worker_sharding(mesh)), X)
-  local = _local_shapes(tx.init, mesh, ctx, _struct(X))
+  local = local_shapes(tx.init, mesh, ctx, struct(X))
   unsharded = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct((D * b + v,) + x.shape[1:], x.dtype), _struct(X)
+    lambda x: jax.ShapeDtypeStruct((D * b + v,) + x.shape[1:], x.dtype), struct(X)
   )
   reference = jax.eval_shape(tx.init, unsharded)
-  specs = jax.tree.map(lambda loc, ref: _spec_of(loc.shape, ref.shape), local, reference)
+  specs = jax.tree.map(lambda loc, ref: spec_of(loc.shape, ref.shape), local, reference)
 
   def body(X_local):
     with mixing.sharded(ctx):
@@ -286,145 +372,3 @@ def init(tx: optax.GradientTransformation, X: PyTree, mesh: Mesh, num_aux: int =
 
   mapped = jax.shard_map(body, mesh=mesh, in_specs=P(WORKER_AXIS), out_specs=specs, check_vma=False)
   return jax.jit(mapped)(X)
-
-
-def consensus_distance(X: PyTree, ctx: ShardContext) -> jax.Array:
-  r"""``‖X(I − J)‖²_F`` over all m + v rows, from inside a sharded step (two all-reduces)."""
-  b, v = ctx.block, ctx.num_aux
-  n = ctx.num_workers + v
-  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-  def leaf(x):
-    x = f32(x)
-    w, z = x[:b], x[b:]
-    # Every device holds a copy of the auxiliaries: each adds 1/D of their share.
-    D = ctx.num_devices
-    u = jax.lax.psum(jnp.sum(w, 0) + jnp.sum(z, 0) / D, ctx.axis_name)[None] / n
-    local = jnp.sum(jnp.square(w - u)) + jnp.sum(jnp.square(z - u)) / D
-    return jax.lax.psum(local, ctx.axis_name)
-
-  return sum(jax.tree.leaves(jax.tree.map(leaf, X)), start=jnp.zeros((), jnp.float32))
-
-
-def _worker_grads(loss_fn, has_aux: bool, block: int):
-  """Per-worker ``value_and_grad`` over the local block (no vmap for one worker per device)."""
-  vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
-  if block != 1:
-    return jax.vmap(vg)
-
-  def one(X_w, batch):
-    squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
-    out = vg(squeeze(X_w), squeeze(batch))
-    return jax.tree.map(lambda a: jnp.expand_dims(a, 0), out)
-
-  return one
-
-
-def make_sharded_step(
-  loss_fn: Callable[..., Any],
-  tx: optax.GradientTransformation,
-  mesh: Mesh,
-  *,
-  num_workers: int | None = None,
-  has_aux: bool = False,
-  merge_aux: Callable[[Any, Any], Any] | None = None,
-  with_consensus: bool = False,
-  with_grad_norm: bool = False,
-  with_loss: bool = False,
-  donate: bool = False,
-  jit: bool = True,
-):
-  r"""The cooperative step on a mesh: ``step(X, opt_state, batch) -> (X, opt_state, metrics)``.
-
-  Same update as :func:`coopjax.make_step` without a mesh; X is in the sharded
-  representation (:func:`shard`), ``opt_state`` from :func:`init`, ``batch``
-  has leading axis m (:func:`shard_batch`). Everything runs inside one
-  ``jax.shard_map``: gradients and local updates are per device; collectives
-  appear only where the algorithm mixes (inside its ``lax.cond`` branch).
-
-  Metrics. ``worker_loss`` (sharded, ``[m]``) and ``step`` always. The
-  reductions over workers put an all-reduce on every step, so they are off
-  unless asked for: ``loss`` (``with_loss``), ``consensus_distance``
-  (``with_consensus``), ``avg_grad_norm`` (``with_grad_norm``). The mean loss
-  is also ``jnp.mean(metrics["worker_loss"])`` at logging time.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` for one worker.
-    tx: a coopjax transformation.
-    mesh: a mesh with a ``"workers"`` axis (``jax.make_mesh`` or
-      ``jax.sharding.Mesh``; Explicit axes are run as Auto).
-    num_workers: m; checked against the batch when given.
-    has_aux: ``loss_fn`` returns ``(loss, aux)``; aux is reported per worker.
-    merge_aux: optional ``merge_aux(X_local, aux_local) -> X_local``.
-    with_consensus: report ``‖X(I − J)‖²_F`` (two all-reduces per step).
-    with_grad_norm: report ``‖(1/m)Σ_i g_i‖`` (one all-reduce per step).
-    with_loss: report the mean loss over workers (one all-reduce per step).
-    donate: donate X and opt_state to the step.
-    jit: wrap in ``jax.jit``.
-
-  Returns:
-    ``step``.
-  """
-  from coopjax.algorithms._cooperative import step_count
-
-  mesh = _auto_mesh(mesh)
-  D = num_devices(mesh)
-  tx = optax.with_extra_args_support(tx)
-  spec = P(WORKER_AXIS)
-
-  def body(ctx: ShardContext, X, opt_state, batch):
-    with mixing.sharded(ctx):
-      b = ctx.block
-      X_workers, _ = mixing.split_rows(X, ctx.num_workers)
-      value, grads = _worker_grads(loss_fn, has_aux, b)(X_workers, batch)
-      losses, aux = split_value(value, has_aux, b)
-      _, X, opt_state = apply_transformation(tx, X, opt_state, grads, losses, aux, merge_aux)
-      metrics = {"worker_loss": losses, "step": step_count(opt_state)}
-      if with_loss:
-        metrics["loss"] = mixing.worker_mean(losses)
-      if with_consensus:
-        metrics["consensus_distance"] = consensus_distance(X, ctx)
-      if with_grad_norm:
-        metrics["avg_grad_norm"] = optax.tree.norm(mixing.worker_mean(grads))
-      if has_aux:
-        metrics["aux"] = aux
-      return X, opt_state, metrics
-
-  def step(X, opt_state, batch):
-    leaves = jax.tree.leaves(batch)
-    if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
-      raise ValueError("batch needs array leaves with a leading worker axis m.")
-    m = {jnp.shape(x)[0] for x in leaves}
-    if len(m) != 1:
-      raise ValueError(f"every batch leaf needs the same leading worker axis, got {sorted(m)}.")
-    m = m.pop()
-    if num_workers is not None and m != num_workers:
-      raise ValueError(f"batch has leading axis {m} but num_workers={num_workers}.")
-    b, v = _split_counts(X, D, m)
-    ctx = _context(mesh, m, v)
-    local_state = _local_shapes(tx.init, mesh, ctx, _struct(X))
-    state_specs = jax.tree.map(
-      lambda loc, g: _spec_of(loc.shape, jnp.shape(g)), local_state, opt_state
-    )
-    metric_specs = {"worker_loss": spec, "step": P()}
-    for name, on in (
-      ("loss", with_loss),
-      ("consensus_distance", with_consensus),
-      ("avg_grad_norm", with_grad_norm),
-    ):
-      if on:
-        metric_specs[name] = P()
-    if has_aux:
-      metric_specs["aux"] = spec
-    mapped = jax.shard_map(
-      lambda *a: body(ctx, *a),
-      mesh=mesh,
-      in_specs=(spec, state_specs, spec),
-      out_specs=(spec, state_specs, metric_specs),
-      check_vma=False,
-    )
-    return mapped(X, opt_state, batch)
-
-  if not jit:
-    return step
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())

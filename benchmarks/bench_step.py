@@ -1,0 +1,328 @@
+"""Benchmark of the cooperative step: metrics, overhead against hand-written steps, DrJAX.
+
+Measured side by side in one run, each pair timed alternately (``timeit_pair``),
+repeated ``--rounds`` times so that the spread on a shared machine shows:
+
+1. Plain step (one device, MLP 784-256-10, m = 4 workers, batch 32 per
+   worker, local SGD τ = 4, plain SGD), every call waited for:
+
+   * ``defaults / no_metrics``: ``coopjax.make_step(loss_fn, tx)`` with its
+     default metrics (loss, consensus distance, averaged-gradient norm)
+     against ``with_loss=with_consensus=with_grad_norm=False``, over whole
+     periods of τ steps (τ − 1 off-steps and one mixing step) (target ≤ 1.10);
+   * ``local_step / hand``: the local step (an off-step: a period that is
+     never reached) without reducing metrics against a hand-written
+     ``jax.vmap`` local-SGD step (``lax.cond(k % τ == 0, mean, identity)``)
+     on the same data (target ≤ 1.05).
+
+2. Sharded step on D fake CPU devices (``--devices``, default 8; m = 8, one
+   worker per device), with the documented usage (``coopjax.shard``,
+   ``coopjax.sharding.init``, ``coopjax.shard_batch``, ``donate=True``, no
+   reducing metrics) against a DrJAX local-SGD step (``drjax.map_fn`` of the
+   SGD step over the placed workers, ``drjax.reduce_mean`` and
+   ``drjax.broadcast`` on mixing steps) on the same placed data
+   (target: coopjax at least as fast, ratio ≤ 1.0); and the same step fed an
+   unplaced NumPy batch (placed by the step's input sharding) against
+   ``shard_batch`` once.
+
+Usage::
+
+  python benchmarks/bench_step.py                      # writes benchmarks/results/step_cpu.json
+  python benchmarks/bench_step.py --rounds 3 --reps 50 --out /tmp/step.json
+  python benchmarks/bench_step.py --skip-sharded       # plain step only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/step_cpu.json)")
+  p.add_argument("--rounds", type=int, default=5, help="repetitions of every comparison")
+  p.add_argument("--reps", type=int, default=40, help="timed calls per measurement")
+  p.add_argument("--devices", type=int, default=8, help="fake CPU devices for the sharded part")
+  p.add_argument("--skip-sharded", action="store_true", help="plain step only")
+  return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else parse_args([])
+if __name__ == "__main__" and "jax" not in sys.modules:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (
+      flags + f" --xla_force_host_platform_device_count={ARGS.devices}"
+    ).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import coopjax  # noqa: E402
+
+LR = 0.01
+TAU = 4
+PER_WORKER = 32
+
+
+def mlp_init(key, sizes=(784, 256, 10)):
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    key, sub = jax.random.split(key)
+    params[f"w{i}"] = jax.random.normal(sub, (a, b), jnp.float32) / np.sqrt(a)
+    params[f"b{i}"] = jnp.zeros((b,), jnp.float32)
+  return params
+
+
+def mlp_loss(params, batch):
+  x, y = batch
+  h = jax.nn.relu(x @ params["w0"] + params["b0"])
+  logits = h @ params["w1"] + params["b1"]
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def make_batches(m, count, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(count, m, PER_WORKER, 784)).astype(np.float32)
+  y = rng.integers(0, 10, size=(count, m, PER_WORKER)).astype(np.int32)
+  return [(x[i], y[i]) for i in range(count)]
+
+
+def timeit_pair(fa, sa, fb, sb, reps, calls=1, warmup=2):
+  """Median seconds per call of ``s = f(s)`` (``calls`` calls, then a wait), alternating a and b."""
+  for _ in range(warmup):
+    for _ in range(calls):
+      sa = fa(sa)
+    jax.block_until_ready(sa)
+    for _ in range(calls):
+      sb = fb(sb)
+    jax.block_until_ready(sb)
+  ta, tb = [], []
+  for _ in range(reps):
+    t = time.perf_counter()
+    for _ in range(calls):
+      sa = fa(sa)
+    jax.block_until_ready(sa)
+    ta.append((time.perf_counter() - t) / calls)
+    t = time.perf_counter()
+    for _ in range(calls):
+      sb = fb(sb)
+    jax.block_until_ready(sb)
+    tb.append((time.perf_counter() - t) / calls)
+  return statistics.median(ta), statistics.median(tb)
+
+
+def hand_written_local_sgd(loss_fn, tau):
+  """Local SGD by hand: vmapped gradients, SGD, and the average every τ steps."""
+  grad = jax.vmap(jax.grad(loss_fn))
+
+  def step(X, k, batch):
+    g = grad(X, batch)
+    X = jax.tree.map(lambda x, d: x - LR * d, X, g)
+    k = k + 1
+
+    def average(X):  # rows added one by one: jnp.mean(x, 0) is slow on XLA:CPU
+      mean = lambda x: sum(x[i] for i in range(1, x.shape[0])) / x.shape[0] + x[0] / x.shape[0]
+      return jax.tree.map(lambda x: jnp.broadcast_to(mean(x), x.shape), X)
+
+    return jax.lax.cond(k % tau == 0, average, lambda X: X, X), k
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def bench_plain(rounds, reps):
+  m = 4
+  params = mlp_init(jax.random.key(0))
+  batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in make_batches(m, TAU)]
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=TAU, num_workers=m)
+  off = dict(with_loss=False, with_consensus=False, with_grad_norm=False)
+  default = coopjax.make_step(mlp_loss, tx, donate=True)
+  bare = coopjax.make_step(mlp_loss, tx, donate=True, **off)
+  # The local step alone: a period that is never reached, on both sides.
+  never = 10**9
+  local_tx = coopjax.local_sgd(optax.sgd(LR), tau=never, num_workers=m)
+  local = coopjax.make_step(mlp_loss, local_tx, donate=True, **off)
+  hand = hand_written_local_sgd(mlp_loss, never)
+
+  def run(step):
+    def period(s):
+      X, state = s
+      for batch in batches:
+        X, state, _ = step(X, state, batch)
+      return X, state
+
+    return period
+
+  def run_hand(s):
+    X, k = s
+    for batch in batches:
+      X, k = hand(X, k, batch)
+    return X, k
+
+  def fresh(t=tx):
+    X = coopjax.replicate(params, m)
+    return X, t.init(X)
+
+  out = {"defaults_over_no_metrics": [], "local_over_hand": [], "ms": []}
+  for _ in range(rounds):
+    d, n = timeit_pair(run(default), fresh(), run(bare), fresh(), reps)
+    b, h = timeit_pair(
+      run(local),
+      fresh(local_tx),
+      run_hand,
+      (coopjax.replicate(params, m), jnp.zeros((), jnp.int32)),
+      reps,
+    )
+    out["defaults_over_no_metrics"].append(d / n)
+    out["local_over_hand"].append(b / h)
+    per = 1e3 / TAU
+    out["ms"].append(
+      {"defaults": d * per, "no_metrics": n * per, "local_step": b * per, "hand": h * per}
+    )
+  return out
+
+
+def drjax_local_sgd(loss_fn, m, tau, mesh):
+  """A DrJAX local-SGD step: SGD mapped over the clients, the mean broadcast every τ steps."""
+  import drjax
+
+  grad = jax.grad(loss_fn)
+
+  def sgd(x, batch):
+    return jax.tree.map(lambda p, d: p - LR * d, x, grad(x, batch))
+
+  @drjax.program(placements={"clients": m})
+  def step(X, k, batch):
+    X = drjax.map_fn(sgd, (X, batch))
+    k = k + 1
+
+    def average(X):
+      return drjax.broadcast(drjax.reduce_mean(X))
+
+    return jax.lax.cond(k % tau == 0, average, lambda X: X, X), k
+
+  return step
+
+
+def bench_sharded(rounds, reps):
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = coopjax.worker_mesh()
+  D = coopjax.sharding.num_devices(mesh)
+  m = D
+  params = mlp_init(jax.random.key(0))
+  host_batches = make_batches(m, TAU)
+  batches = [coopjax.shard_batch(b, mesh) for b in host_batches]
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=TAU, num_workers=m)
+  off = dict(with_loss=False, with_consensus=False, with_grad_norm=False)
+  step = coopjax.make_step(mlp_loss, tx, mesh=mesh, donate=True, **off)
+
+  def fresh():
+    X = coopjax.shard(coopjax.replicate(params, m), mesh)
+    return X, coopjax.sharding.init(tx, X, mesh)
+
+  def run(data):
+    def period(s):
+      X, state = s
+      for batch in data:
+        X, state, _ = step(X, state, batch)
+        jax.block_until_ready(X)  # fake CPU devices: wait for every step
+      return X, state
+
+    return period
+
+  out = {"coopjax_over_drjax": [], "unplaced_over_placed": [], "ms": [], "drjax": None}
+  try:
+    import drjax  # noqa: F401
+  except ImportError as e:  # reported, not hidden
+    out["drjax"] = f"not installed: {e}"
+  if out["drjax"] is None:
+    out["drjax"] = __import__("drjax").__version__
+    sharding = NamedSharding(mesh, P(coopjax.WORKER_AXIS))
+    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+      dr = jax.jit(
+        drjax_local_sgd(mlp_loss, m, TAU, mesh),
+        in_shardings=(sharding, None, sharding),
+        out_shardings=(sharding, None),
+        donate_argnums=(0,),
+      )
+
+    def run_dr(s):
+      X, k = s
+      for batch in batches:
+        with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+          X, k = dr(X, k, batch)
+        jax.block_until_ready(X)
+      return X, k
+
+    def fresh_dr():
+      return coopjax.shard(coopjax.replicate(params, m), mesh), jnp.zeros((), jnp.int32)
+
+  for _ in range(rounds):
+    row = {}
+    if isinstance(out["drjax"], str) and not out["drjax"].startswith("not"):
+      c, d = timeit_pair(run(batches), fresh(), run_dr, fresh_dr(), reps)
+      out["coopjax_over_drjax"].append(c / d)
+      row.update(coopjax=c * 1e3 / TAU, drjax=d * 1e3 / TAU)
+    u, p = timeit_pair(run(host_batches), fresh(), run(batches), fresh(), reps)
+    out["unplaced_over_placed"].append(u / p)
+    row.update(unplaced=u * 1e3 / TAU, placed=p * 1e3 / TAU)
+    out["ms"].append(row)
+  return out
+
+
+def spread(values):
+  return {
+    "median": statistics.median(values),
+    "min": min(values),
+    "max": max(values),
+    "all": values,
+  }
+
+
+def main():
+  result = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": len(jax.devices()),
+    "machine": platform.machine(),
+    "rounds": ARGS.rounds,
+    "reps": ARGS.reps,
+    "model": "MLP 784-256-10, batch 32 per worker, local SGD tau=4, plain SGD",
+  }
+  plain = bench_plain(ARGS.rounds, ARGS.reps)
+  result["plain_m4"] = {
+    "defaults_over_no_metrics": spread(plain["defaults_over_no_metrics"]),
+    "defaults_target": "<= 1.10",
+    "local_over_hand": spread(plain["local_over_hand"]),
+    "local_target": "<= 1.05",
+    "ms_per_step": plain["ms"],
+  }
+  print(json.dumps(result["plain_m4"], indent=1, default=float))
+  if not ARGS.skip_sharded:
+    sh = bench_sharded(ARGS.rounds, ARGS.reps)
+    result["sharded_m8_cpu"] = {
+      "drjax": sh["drjax"],
+      "coopjax_over_drjax": spread(sh["coopjax_over_drjax"]) if sh["coopjax_over_drjax"] else None,
+      "drjax_target": "<= 1.0",
+      "unplaced_over_placed": spread(sh["unplaced_over_placed"]),
+      "ms_per_step": sh["ms"],
+    }
+    print(json.dumps(result["sharded_m8_cpu"], indent=1, default=float))
+  out = ARGS.out or os.path.join(os.path.dirname(__file__), "results", "step_cpu.json")
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1, default=float)
+  print("wrote", out)
+
+
+if __name__ == "__main__":
+  main()
