@@ -45,7 +45,9 @@ import time
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/step_cpu.json)")
+  p.add_argument(
+    "--out", default=None, help="JSON output (default benchmarks/results/step_cpu.json)"
+  )
   p.add_argument("--rounds", type=int, default=5, help="repetitions of every comparison")
   p.add_argument("--reps", type=int, default=40, help="timed calls per measurement")
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices for the sharded part")
