@@ -335,6 +335,7 @@ def nonblocking_easgd(
   alpha: float,
   num_workers: int,
   *,
+  order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -368,6 +369,8 @@ def nonblocking_easgd(
       (default) or ``"reset"``.
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
@@ -400,7 +403,12 @@ def nonblocking_easgd(
     on_mix,
     NonBlockingEASGDState,
     lambda X, state: settle_easgd(X, state, alpha),
-    dict(local_state_policy=local_state_policy, mix_mask=mix_mask, warmup_steps=warmup_steps),
+    dict(
+      order=order,
+      local_state_policy=local_state_policy,
+      mix_mask=mix_mask,
+      warmup_steps=warmup_steps,
+    ),
   )
 
 
@@ -433,6 +441,7 @@ def overlap_local_sgd(
   anchor_momentum: float = 0.0,
   lr: LearningRate | None = None,
   *,
+  order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -484,6 +493,8 @@ def overlap_local_sgd(
       (default) or ``"reset"``.
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
@@ -519,7 +530,12 @@ def overlap_local_sgd(
     on_mix,
     OverlapState,
     lambda X, state: settle_overlap(X, state),
-    dict(local_state_policy=local_state_policy, mix_mask=mix_mask, warmup_steps=warmup_steps),
+    dict(
+      order=order,
+      local_state_policy=local_state_policy,
+      mix_mask=mix_mask,
+      warmup_steps=warmup_steps,
+    ),
   )
 
 
@@ -555,6 +571,7 @@ def delayed(
   *,
   mixer: mixing.Mixer | None = None,
   symmetric: bool = True,
+  order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -587,6 +604,8 @@ def delayed(
       (default) or ``"reset"``.
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
@@ -627,6 +646,7 @@ def delayed(
     overlaps=True,
     period=tau,
     orders=("step_then_mix",),
+    order=order,
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,

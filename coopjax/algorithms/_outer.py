@@ -106,9 +106,7 @@ def _broadcast(model: PyTree, like: PyTree) -> PyTree:
 _POLICIES = {"maintain": "keep", "reset": "reset", "average": "mix"}
 
 
-def _outer_algorithm(
-  name, local, tau, num_workers, init_outer, outer_step, local_state_policy, mix_mask, warmup_steps
-):
+def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, **options):
   """Inner steps; at ``k mod τ = 0``: Δ = x_start − mean_i x_i, ``outer_step``, restart.
 
   ``outer_step(k, delta, x_start, outer) -> (x_start, outer)``. The mean is the
@@ -144,9 +142,7 @@ def _outer_algorithm(
     mix_cost=mean.cost,
     period=tau,
     orders=("step_then_mix",),
-    local_state_policy=local_state_policy,
-    mix_mask=mix_mask,
-    warmup_steps=warmup_steps,
+    **options,
   )
 
 
@@ -159,6 +155,7 @@ def slowmo(
   lr: LearningRate,
   base_buffers: str = "maintain",
   *,
+  order: str = "step_then_mix",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
 ) -> CooperativeTransformation:
@@ -193,6 +190,8 @@ def slowmo(
       or ``"average"`` (averaged over workers; counters kept).
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker (the outer update is applied to the others).
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
@@ -227,9 +226,10 @@ def slowmo(
     num_workers,
     init_outer,
     outer_step,
-    _POLICIES[base_buffers],
-    mix_mask,
-    warmup_steps,
+    order=order,
+    local_state_policy=_POLICIES[base_buffers],
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )
 
 
@@ -239,6 +239,7 @@ def diloco(
   tau: int,
   num_workers: int,
   *,
+  order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -270,6 +271,8 @@ def diloco(
       or ``"reset"``.
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker (the outer update is applied to the others).
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
@@ -296,7 +299,8 @@ def diloco(
     num_workers,
     outer.init,
     outer_step,
-    local_state_policy,
-    mix_mask,
-    warmup_steps,
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )
