@@ -134,14 +134,11 @@ def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, **op
     local,
     Layout(m, 0),
     state_cls=SlowMoState if name == "slowmo" else DiLoCoState,
-    should_mix=lambda k, extra: k % tau == 0,
     on_mix=on_mix,
     init_extra=init_extra,
     state_mix=lambda k: average,
-    comm=_skeleton.every(tau, mean.cost),
-    mix_cost=mean.cost,
-    period=tau,
     orders=("step_then_mix",),
+    **_skeleton.periodic(tau, mean.cost),
     **options,
   )
 

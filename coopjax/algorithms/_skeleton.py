@@ -403,5 +403,15 @@ def every(tau: int, cost: pattern.MixCost) -> Callable[[int, Any], pattern.MixCo
   return lambda k, _state=None: cost if k % tau == 0 else pattern.NO_COMM
 
 
+def periodic(tau: int, cost: pattern.MixCost) -> dict:
+  """The schedule arguments of :func:`transformation` for a mix of cost ``cost`` every τ steps."""
+  return dict(
+    should_mix=lambda k, extra: k % tau == 0,
+    comm=every(tau, cost),
+    mix_cost=cost,
+    period=tau,
+  )
+
+
 def as_array(x) -> np.ndarray:
   return np.asarray(x, dtype=np.float64)
