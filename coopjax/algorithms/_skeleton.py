@@ -216,7 +216,8 @@ def _check_rows(params, layout: Layout, name: str, what: str = "params"):
     n = m + v
     raise ValueError(
       f"{what} have leading axis {rows} but W (each mixing matrix) is {n}x{n} for {name} "
-      f"({m} workers + {v} auxiliary); build X with coopjax.replicate(params, tx) "
+      + (f"({m} workers + {v} auxiliary)" if v else f"({m} workers and no auxiliary rows)")
+      + "; build X with coopjax.replicate(params, tx) "
       f"(num_workers={m}, num_aux={v})."
     )
 
