@@ -70,7 +70,6 @@ __all__ = [
   "elastic_hierarchical",
   "step_count",
   "find_state",
-  "scheduled_mixing",
 ]
 
 
