@@ -215,6 +215,8 @@ def drjax_local_sgd(loss_fn, m, tau, mesh):
 
 
 def bench_sharded(rounds, reps):
+  from jax.sharding import AxisType
+  from jax.sharding import Mesh
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -249,25 +251,28 @@ def bench_sharded(rounds, reps):
     out["drjax"] = f"not installed: {e}"
   if out["drjax"] is None:
     out["drjax"] = __import__("drjax").__version__
-    sharding = NamedSharding(mesh, P(coopjax.WORKER_AXIS))
-    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+    # DrJAX places its "clients" on a mesh axis of that name: the same devices, renamed.
+    clients = Mesh(mesh.devices, ("clients",), axis_types=(AxisType.Auto,))
+    placed = NamedSharding(clients, P("clients"))
+    with jax.set_mesh(clients):
       dr = jax.jit(
-        drjax_local_sgd(mlp_loss, m, TAU, mesh),
-        in_shardings=(sharding, None, sharding),
-        out_shardings=(sharding, None),
+        drjax_local_sgd(mlp_loss, m, TAU, clients),
+        in_shardings=(placed, None, placed),
+        out_shardings=(placed, None),
         donate_argnums=(0,),
       )
+    dr_batches = [jax.device_put(b, placed) for b in host_batches]
 
     def run_dr(s):
       X, k = s
-      for batch in batches:
-        with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+      with jax.set_mesh(clients):
+        for batch in dr_batches:
           X, k = dr(X, k, batch)
-        jax.block_until_ready(X)
+          jax.block_until_ready(X)
       return X, k
 
     def fresh_dr():
-      return coopjax.shard(coopjax.replicate(params, m), mesh), jnp.zeros((), jnp.int32)
+      return jax.device_put(coopjax.replicate(params, m), placed), jnp.zeros((), jnp.int32)
 
   for _ in range(rounds):
     row = {}

@@ -77,8 +77,8 @@ def _batch_rows(batch: PyTree, num_workers: int | None, source: str) -> int:
   m = sizes.pop()
   if num_workers is not None and m != num_workers:
     raise ValueError(
-      f"batch has leading axis {m} but {source} has {num_workers} workers; give each worker "
-      f"its own batch: shape [{num_workers}, per_worker_batch, ...]."
+      f"batch has leading axis {m} but {source}; give each worker its own batch: shape "
+      f"[{num_workers}, per_worker_batch, ...]."
     )
   return m
 
@@ -203,11 +203,9 @@ def make_step(
     loss_fn: ``loss_fn(params, batch) -> scalar`` for ONE worker (or
       ``(scalar, aux)`` with ``has_aux=True``); checked while tracing.
     tx: a coopjax transformation (e.g. :func:`coopjax.local_sgd`), possibly
-      inside ``optax.chain``. Its layout (``tx.layout``: m and v) checks the
-      batch and X.
-    num_workers: m, for a transformation that does not carry its layout
-      (e.g. inside ``optax.chain``); the batch's leading axis is checked
-      against it.
+      inside ``optax.chain``. Its layout (``tx.layout``: m and v) checks X.
+    num_workers: m; the batch's leading axis is checked against it (the
+      transformation checks it too).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is reported per
       worker in ``metrics["aux"]``.
     merge_aux: optional ``merge_aux(X, aux) -> X`` applied before the
@@ -287,16 +285,7 @@ def make_step(
   if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
     raise ValueError(f"log_every must be a positive integer (steps), got {log_every!r}.")
   layout = _layout_of_tx(tx)
-  if layout is not None and num_workers is not None and num_workers != layout.num_workers:
-    raise ValueError(
-      f"num_workers={num_workers} but the transformation has {layout.num_workers} workers "
-      "(tx.layout); drop num_workers."
-    )
-  if num_workers is None and layout is not None:
-    num_workers, source = layout.num_workers, "the transformation (tx.layout)"
-  else:
-    source = f"num_workers={num_workers}"
-  num_aux = None if layout is None else layout.num_aux
+  source = f"num_workers={num_workers}"
   mask = tx if consensus_mask is None else consensus_mask
   on = {"loss": with_loss, "consensus_distance": with_consensus, "avg_grad_norm": with_grad_norm}
   tx = optax.with_extra_args_support(tx)
@@ -342,11 +331,13 @@ def make_step(
 
   def check_rows(X, m: int, per_device: int | None):
     n = num_rows(X, "X")
+    num_aux = None if layout is None else layout.num_aux
     if per_device is None:  # plain
-      if num_aux is not None and n != m + num_aux:
+      if layout is not None and n != layout.num_rows:
         raise ValueError(
-          f"X has {n} rows but the transformation has {m} workers + {num_aux} auxiliary rows; "
-          "build X with coopjax.replicate(params, tx)."
+          f"X has {n} rows but the transformation has {layout.num_workers} workers + "
+          f"{layout.num_aux} auxiliary rows (tx.layout); build X with "
+          "coopjax.replicate(params, tx)."
         )
       if m > n:
         raise ValueError(

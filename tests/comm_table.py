@@ -69,7 +69,10 @@ def summary(tx, v: int, mesh) -> dict:
     rng.normal(size=(M, 4, 5)).astype(np.float32),
     rng.normal(size=(M, 4)).astype(np.float32),
   )
-  step = coopjax.make_step(_loss, tx, mesh=mesh)
+  # the mixing's collectives alone (the reducing metrics, on by default, add all-reduces)
+  step = coopjax.make_step(
+    _loss, tx, mesh=mesh, with_loss=False, with_consensus=False, with_grad_norm=False
+  )
   out: dict = {}
   for c in coopjax.comm_report(step, X, state, coopjax.shard_batch(batch, mesh)):
     key = f"{c.kind}|{c.in_branch}"

@@ -33,7 +33,7 @@ mixing steps (:mod:`coopjax.collectives`), so off-steps move no data.
   >>> mesh = coopjax.worker_mesh()
   >>> m = 2 * len(jax.devices())
   >>> tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=m)
-  >>> X = coopjax.shard(coopjax.replicate({"w": jnp.zeros(3)}, m), mesh)
+  >>> X = coopjax.shard(coopjax.replicate({"w": jnp.zeros(3)}, tx), mesh, tx)
   >>> opt_state = coopjax.sharding.init(tx, X, mesh)
   >>> loss_fn = lambda p, batch: jnp.mean((batch @ p["w"] - 1.0) ** 2)
   >>> step = coopjax.make_step(loss_fn, tx, mesh=mesh)
@@ -41,7 +41,7 @@ mixing steps (:mod:`coopjax.collectives`), so off-steps move no data.
   >>> X, opt_state, metrics = step(X, opt_state, batch)
   >>> metrics["worker_loss"].shape == (m,)
   True
-  >>> coopjax.unshard(X, mesh, num_aux=0)["w"].shape == (m, 3)
+  >>> coopjax.unshard(X, mesh, tx)["w"].shape == (m, 3)
   True
 """
 
