@@ -71,7 +71,9 @@ def reference(A, b, m, tau0, lr=lambda count: LR, decaying=False, beta=BETA, max
 def test_fixed_lr_matches_numpy_with_momentum():
   m, tau0, steps = 4, 4, 30
   A, b = ref.make_batches(steps, m, seed=51)
-  X, state, taus = run(coopjax.adacomm(optax.sgd(LR, momentum=BETA), tau0, m), A, b, m)
+  X, state, taus = run(
+    coopjax.adacomm(optax.sgd(LR, momentum=BETA), tau0=tau0, num_workers=m), A, b, m
+  )
   X_ref, taus_ref = reference(A, b, m, tau0)
   assert taus == taus_ref
   assert min(taus_ref) < tau0  # the loss fell, so the period shrank
@@ -85,7 +87,9 @@ def test_decaying_lr_matches_numpy():
   schedule = optax.exponential_decay(0.08, transition_steps=6, decay_rate=0.5)
   lr = lambda count: 0.08 * 0.5 ** (count / 6)
   A, b = ref.make_batches(steps, m, seed=52)
-  tx = coopjax.adacomm(optax.sgd(schedule, momentum=BETA), tau0, m, lr_schedule=schedule)
+  tx = coopjax.adacomm(
+    optax.sgd(schedule, momentum=BETA), tau0=tau0, num_workers=m, lr_schedule=schedule
+  )
   X, _, taus = run(tx, A, b, m)
   X_ref, taus_ref = reference(A, b, m, tau0, lr=lr, decaying=True)
   assert taus == taus_ref
@@ -93,7 +97,12 @@ def test_decaying_lr_matches_numpy():
   np.testing.assert_allclose(ref.flat(X), X_ref, rtol=1e-4, atol=1e-5)
   # lr0 overrides η₀ = schedule(0): doubling it multiplies the ratio by 2.
   tx2 = coopjax.adacomm(
-    optax.sgd(schedule, momentum=BETA), tau0, m, lr0=0.16, lr_schedule=schedule, max_tau=7
+    optax.sgd(schedule, momentum=BETA),
+    tau0=tau0,
+    num_workers=m,
+    lr0=0.16,
+    lr_schedule=schedule,
+    max_tau=7,
   )
   _, _, taus2 = run(tx2, A, b, m)
   _, taus2_ref = reference(
@@ -106,16 +115,18 @@ def test_constant_loss_is_periodic_averaging():
   m, tau0, steps = 4, 3, 20
   A, b = ref.make_batches(steps, m, seed=53)
   local = optax.sgd(LR, momentum=BETA)
-  X, _, taus = run(coopjax.adacomm(local, tau0, m), A, b, m, value=np.full(m, 0.7))
+  X, _, taus = run(coopjax.adacomm(local, tau0=tau0, num_workers=m), A, b, m, value=np.full(m, 0.7))
   assert taus == [tau0] * steps
-  Xl, _, _ = run(coopjax.local_sgd(local, tau0, m), A, b, m)  # value is ignored there
+  Xl, _, _ = run(
+    coopjax.local_sgd(local, tau=tau0, num_workers=m), A, b, m
+  )  # value is ignored there
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
 
 
 def test_make_step_passes_the_losses_and_traces_once():
   m, tau0, steps = 4, 4, 12
   A, b = ref.make_batches(steps, m, seed=51)
-  tx = coopjax.adacomm(optax.sgd(LR, momentum=BETA), tau0, m)
+  tx = coopjax.adacomm(optax.sgd(LR, momentum=BETA), tau0=tau0, num_workers=m)
   X = coopjax.replicate(ref.init_params(), m)
   state = tx.init(X)
   assert isinstance(state, coopjax.AdaCommState)
@@ -133,12 +144,12 @@ def test_make_step_passes_the_losses_and_traces_once():
 def test_rejects_bad_arguments():
   m = 4
   with pytest.raises(ValueError, match="lr_schedule"):
-    coopjax.adacomm(optax.sgd(LR), 2, m, lr0=0.1)
+    coopjax.adacomm(optax.sgd(LR), tau0=2, num_workers=m, lr0=0.1)
   with pytest.raises(TypeError, match="schedule"):
-    coopjax.adacomm(optax.sgd(LR), 2, m, lr_schedule=0.1)
+    coopjax.adacomm(optax.sgd(LR), tau0=2, num_workers=m, lr_schedule=0.1)
   with pytest.raises(ValueError, match="tau must be >= 1"):
-    coopjax.adacomm(optax.sgd(LR), 0, m)
-  tx = coopjax.adacomm(optax.sgd(LR), 2, m)
+    coopjax.adacomm(optax.sgd(LR), tau0=0, num_workers=m)
+  tx = coopjax.adacomm(optax.sgd(LR), tau0=2, num_workers=m)
   X = coopjax.replicate(ref.init_params(), m)
   grads = jax.tree.map(jnp.zeros_like, X)
   with pytest.raises(ValueError, match="value=losses"):

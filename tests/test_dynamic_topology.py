@@ -91,7 +91,7 @@ def test_time_varying_one_peer_matches_numpy_with_momentum(order):
   steps = 3 * P * tau + 1  # three passes over the schedule
   A, b = ref.make_batches(steps, m, seed=31)
   schedule = [topology.one_peer_exponential(m, r) for r in range(P)]
-  tx = coopjax.time_varying(optax.sgd(LR, momentum=BETA), tau, schedule, order=order)
+  tx = coopjax.time_varying(optax.sgd(LR, momentum=BETA), tau=tau, schedule=schedule, order=order)
   X, state = run(tx, A, b, m)
 
   def matrix_at(k):  # r-th mix after step (r + 1)τ; the first mix uses s = 1
@@ -110,7 +110,7 @@ def test_time_varying_function_schedule_with_auxiliary_and_lr_schedule():
   mats = [topology.easgd(m, 0.1), topology.elastic(topology.ring(m), 0.15)]
   lrs = optax.exponential_decay(0.08, transition_steps=4, decay_rate=0.5)
   tx = coopjax.time_varying(
-    optax.sgd(lrs), tau, lambda r: mats[r], num_aux=v, period=P, allow_negative=True
+    optax.sgd(lrs), tau=tau, schedule=lambda r: mats[r], num_aux=v, period=P, allow_negative=True
   )
   A, b = ref.make_batches(steps, m, seed=32)
   X, _ = run(tx, A, b, m, v)
@@ -130,7 +130,9 @@ def test_time_varying_function_schedule_with_auxiliary_and_lr_schedule():
 def test_time_varying_single_trace_and_state_layout():
   m, tau = 4, 1
   tx = coopjax.time_varying(
-    optax.sgd(LR, momentum=BETA), tau, [topology.one_peer_exponential(m, r) for r in range(2)]
+    optax.sgd(LR, momentum=BETA),
+    tau=tau,
+    schedule=[topology.one_peer_exponential(m, r) for r in range(2)],
   )
   X = coopjax.replicate(ref.init_params(), m)
   state = tx.init(X)
@@ -149,13 +151,15 @@ def test_time_varying_single_trace_and_state_layout():
 def test_time_varying_rejects_bad_schedules():
   m = 4
   with pytest.raises(ValueError, match="period"):
-    coopjax.time_varying(optax.sgd(LR), 1, lambda r: topology.one_peer_exponential(m, r))
+    coopjax.time_varying(
+      optax.sgd(LR), tau=1, schedule=lambda r: topology.one_peer_exponential(m, r)
+    )
   with pytest.raises(TypeError, match="sequence of matrices"):
-    coopjax.time_varying(optax.sgd(LR), 1, topology.ring(m))
+    coopjax.time_varying(optax.sgd(LR), tau=1, schedule=topology.ring(m))
   with pytest.raises(ValueError, match="r=1"):
-    coopjax.time_varying(optax.sgd(LR), 1, [topology.ring(m), np.ones((m, m))])
+    coopjax.time_varying(optax.sgd(LR), tau=1, schedule=[topology.ring(m), np.ones((m, m))])
   with pytest.raises(ValueError, match="zeta"):  # s = 2 alone pairs 0-2 and 1-3: never consensus
-    coopjax.time_varying(optax.sgd(LR), 1, [topology.one_peer_exponential(m, 1)])
+    coopjax.time_varying(optax.sgd(LR), tau=1, schedule=[topology.one_peer_exponential(m, 1)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +203,9 @@ def test_matcha_matches_numpy_with_redrawn_flags():
   graph = topology.erdos_renyi(m, 0.5, seed=3)
   key = jax.random.key(7)
   design = coopjax.matcha_design(graph, budget)
-  tx = coopjax.matcha(optax.sgd(LR, momentum=BETA), graph, budget, m, key)
+  tx = coopjax.matcha(
+    optax.sgd(LR, momentum=BETA), graph=graph, budget=budget, num_workers=m, key=key
+  )
   A, b = ref.make_batches(steps, m, seed=33)
   X, _ = run(tx, A, b, m)
 
@@ -230,8 +236,10 @@ def test_matcha_with_full_budget_is_dpsgd_with_best_laplacian_weight():
   np.testing.assert_allclose(design.alpha, alpha, rtol=1e-7)
   A, b = ref.make_batches(steps, m, seed=34)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(coopjax.matcha(local, graph, 1.0, m, jax.random.key(0)), A, b, m)
-  Xd, _ = run(coopjax.dpsgd(local, np.eye(m) - alpha * L), A, b, m)
+  X, _ = run(
+    coopjax.matcha(local, graph=graph, budget=1.0, num_workers=m, key=jax.random.key(0)), A, b, m
+  )
+  Xd, _ = run(coopjax.dpsgd(local, W=np.eye(m) - alpha * L), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xd), rtol=1e-5, atol=1e-6)
   expect = momentum_reference(lambda k: np.eye(m) - alpha * L, A, b, m, m)
   np.testing.assert_allclose(ref.flat(X), expect, rtol=1e-4, atol=1e-5)
@@ -278,11 +286,15 @@ def expected_gram_by_enumeration(Ls, p, alpha):
 def test_matcha_rejects_bad_arguments():
   m = 4
   with pytest.raises(ValueError, match="budget"):
-    coopjax.matcha(optax.sgd(LR), topology.ring(m), 0.0, m, jax.random.key(0))
+    coopjax.matcha(
+      optax.sgd(LR), graph=topology.ring(m), budget=0.0, num_workers=m, key=jax.random.key(0)
+    )
   with pytest.raises(ValueError, match="4x4"):
-    coopjax.matcha(optax.sgd(LR), topology.ring(5), 0.5, m, jax.random.key(0))
+    coopjax.matcha(
+      optax.sgd(LR), graph=topology.ring(5), budget=0.5, num_workers=m, key=jax.random.key(0)
+    )
   with pytest.raises(TypeError, match="key"):
-    coopjax.matcha(optax.sgd(LR), topology.ring(m), 0.5, m, 0)
+    coopjax.matcha(optax.sgd(LR), graph=topology.ring(m), budget=0.5, num_workers=m, key=0)
   with pytest.raises(ValueError, match="not connected"):
     coopjax.matcha_design(np.kron(np.eye(2), np.ones((2, 2))), 0.5)
 

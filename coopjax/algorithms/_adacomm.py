@@ -9,8 +9,6 @@ as the loss falls, which lowers the error floor of periodic averaging
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -23,6 +21,7 @@ import optax
 import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax._validation import check_int
+from coopjax._validation import check_real
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
 from coopjax.cost import pattern
@@ -53,18 +52,12 @@ class AdaCommState(NamedTuple):
   loss0: chex.Array
 
 
-def _check_real(name, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-    raise TypeError(f"{name} must be a finite real number, got {value!r}.")
-  return float(value)
-
-
 def adacomm(
   local: optax.GradientTransformation,
+  *,
   tau0: int,
   num_workers: int,
   lr0: float | None = None,
-  *,
   lr_schedule: Callable[[Any], Any] | None = None,
   max_tau: int | None = None,
   local_state_policy: str = "keep",
@@ -147,7 +140,7 @@ def adacomm(
         "lr0 is only used by the decaying-lr rule; pass lr_schedule (the local optimizer's "
         "schedule) too, or drop lr0 for a fixed learning rate."
       )
-    lr0 = _check_real("lr0", lr0)
+    lr0 = check_real("lr0", lr0)
     if lr0 <= 0:
       raise ValueError(f"lr0 must be > 0, got {lr0}.")
   if max_tau is not None:

@@ -61,13 +61,13 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
+from coopjax._validation import check_real
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
 from coopjax.workers import Layout
@@ -229,20 +229,11 @@ def _reduction(pending: PyTree, issued, tau: int, k, reduce: Callable[[PyTree], 
   return jax.lax.cond(fresh, lambda p: issued, reduce, pending)
 
 
-def _check_alpha(alpha, name: str = "alpha") -> float:
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
-    raise TypeError(f"{name} must be a real number, got {alpha!r} of type {type(alpha).__name__}.")
-  alpha = float(alpha)
-  if not np.isfinite(alpha):
-    raise ValueError(f"{name} must be finite, got {alpha}.")
-  return alpha
-
-
 def as_schedule(lr, name: str = "lr") -> Callable[[chex.Numeric], chex.Numeric]:
   """A float or an optax schedule ``count -> lr`` as a schedule; floats must be > 0."""
   if callable(lr):
     return lr
-  lr = _check_alpha(lr, name)
+  lr = check_real(name, lr)
   if lr <= 0:
     raise ValueError(f"{name} must be > 0 (it divides the displacement), got {lr}.")
   return lambda count: lr
@@ -328,10 +319,10 @@ def _anchored(
 
 def nonblocking_easgd(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   alpha: float,
   num_workers: int,
-  *,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -378,7 +369,7 @@ def nonblocking_easgd(
     Zhang, Choromanska & LeCun, Deep learning with Elastic Averaging SGD,
     NeurIPS 2015.
   """
-  alpha = _check_alpha(alpha)
+  alpha = check_real("alpha", alpha)
   m = check_int("num_workers", num_workers, 1)
 
   def on_mix(k, workers, anchor, total):
@@ -420,7 +411,7 @@ def settle_easgd(X: PyTree, opt_state: NonBlockingEASGDState, alpha: float) -> P
   on the anchor row; the worker rows are unchanged. Use it to evaluate the
   anchor model or to compare with :func:`coopjax.easgd`.
   """
-  alpha = _check_alpha(alpha)
+  alpha = check_real("alpha", alpha)
   m = num_rows(opt_state.pending, "opt_state.pending")
   workers, anchor = mixing.split_rows(X, m)
   total = _reduce_into_aux(mixing.Mix.sum_into_aux(m))(opt_state.pending)
@@ -432,12 +423,12 @@ def settle_easgd(X: PyTree, opt_state: NonBlockingEASGDState, alpha: float) -> P
 
 def overlap_local_sgd(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   alpha: float,
   num_workers: int,
   anchor_momentum: float = 0.0,
   lr: LearningRate | None = None,
-  *,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -513,10 +504,10 @@ def overlap_local_sgd(
     communication delays in distributed SGD, ICASSP 2020 (arXiv 2002.09539),
     Algorithm 1; Wang & Joshi, Cooperative SGD, JMLR 2021, §3.3.
   """
-  alpha = _check_alpha(alpha)
+  alpha = check_real("alpha", alpha)
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1] (a convex pull), got {alpha}.")
-  beta = _check_alpha(anchor_momentum, "anchor_momentum")
+  beta = check_real("anchor_momentum", anchor_momentum)
   tau = check_tau(tau)
   schedule = as_schedule(1.0 if lr is None else lr)
 
@@ -574,9 +565,9 @@ def settle_overlap(
 
 def delayed(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   W,
-  *,
   mixer: mixing.Mixer | None = None,
   symmetric: bool = True,
   order: str = "step_then_mix",

@@ -20,7 +20,7 @@ replicated). X has the m worker rows only (v = 0). The averaged model
 step without a mix, and equals ``x_start`` right after each mix.
 
   >>> import jax.numpy as jnp, optax, coopjax
-  >>> tx = coopjax.diloco(optax.sgd(0.1), optax.sgd(1.0), tau=1, num_workers=2)
+  >>> tx = coopjax.diloco(optax.sgd(0.1), outer=optax.sgd(1.0), tau=1, num_workers=2)
   >>> X = coopjax.replicate({"w": jnp.zeros(())}, 2)
   >>> state = tx.init(X)
   >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X)
@@ -42,8 +42,8 @@ import optax
 import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax._validation import check_int
+from coopjax._validation import check_real
 from coopjax.algorithms._nonblocking import LearningRate
-from coopjax.algorithms._nonblocking import _check_alpha
 from coopjax.algorithms._nonblocking import _lr_at
 from coopjax.algorithms._nonblocking import as_schedule
 from coopjax.algorithms._skeleton import CooperativeTransformation
@@ -145,13 +145,13 @@ def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, **op
 
 def slowmo(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   num_workers: int,
   alpha: float,
   beta: float,
   lr: LearningRate,
   base_buffers: str = "maintain",
-  *,
   order: str = "step_then_mix",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -209,8 +209,8 @@ def slowmo(
     Wang, Tantia, Ballas & Rabbat, SlowMo: Improving communication-efficient
     distributed SGD with slow momentum, ICLR 2020, Algorithm 1.
   """
-  alpha = _check_alpha(alpha)
-  beta = _check_alpha(beta, "beta")
+  alpha = check_real("alpha", alpha)
+  beta = check_real("beta", beta)
   schedule = as_schedule(lr)
 
   def init_outer(x_start):
@@ -243,10 +243,10 @@ def slowmo(
 
 def diloco(
   local: optax.GradientTransformation,
+  *,
   outer: optax.GradientTransformation,
   tau: int,
   num_workers: int,
-  *,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,

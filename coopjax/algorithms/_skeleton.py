@@ -31,7 +31,6 @@ What the skeleton does for every algorithm alike:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -116,15 +115,8 @@ def check_local(local) -> optax.GradientTransformation:
 
 
 def check_tau(tau, name: str = "tau") -> int:
-  """τ must be an integer >= 1."""
-  if isinstance(tau, bool) or not isinstance(tau, numbers.Integral):
-    raise TypeError(
-      f"{name} must be an integer number of local steps (>= 1), got {tau!r} of type "
-      f"{type(tau).__name__}."
-    )
-  if tau < 1:
-    raise ValueError(f"{name} must be >= 1 (mix every {name} local steps), got {tau}.")
-  return int(tau)
+  """τ (the steps between mixes) must be an integer >= 1."""
+  return check_int(name, tau, 1)
 
 
 def check_order(order, allowed=ORDERS, name: str = "this algorithm") -> str:

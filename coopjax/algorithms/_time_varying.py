@@ -101,10 +101,10 @@ def _schedule_matrices(schedule, period) -> list:
 
 def time_varying(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   schedule: Sequence[Any] | Callable[[int], Any],
   num_aux: int = 0,
-  *,
   period: int | None = None,
   mixers: Sequence[mixing.Mixer] | None = None,
   order: str = "step_then_mix",
@@ -441,11 +441,11 @@ def matcha_flags(key: jax.Array, k, probabilities) -> jax.Array:
 
 def matcha(
   local: optax.GradientTransformation,
+  *,
   graph,
   budget: float,
   num_workers: int,
   key: jax.Array,
-  *,
   alpha: float | None = None,
   probabilities: Sequence[float] | None = None,
   order: str = "step_then_mix",

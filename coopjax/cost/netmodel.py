@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from coopjax.cost import pattern
+import coopjax.cost.pattern as pattern
 
 __all__ = [
   "NetworkModel",

@@ -49,7 +49,7 @@ is the core's contract for one worker::
   bn_model = ResNet20()
   variables = bn_model.init(jax.random.key(0), x[:1])    # params + batch_stats
   loss_fn = make_bn_loss_fn(bn_model)
-  tx = coopjax.local_sgd(optax.sgd(0.1), tau, m, mix_mask=params_mask(variables))
+  tx = coopjax.local_sgd(optax.sgd(0.1), tau=tau, num_workers=m, mix_mask=params_mask(variables))
   step = coopjax.make_step(loss_fn, tx, has_aux=True)
   X, opt_state, metrics = step(X, opt_state, batch)
   X = merge_batch_stats(X, metrics["aux"])               # local statistics
