@@ -497,6 +497,17 @@ def overlap_local_sgd(
   Returns:
     An optax transformation with state :class:`OverlapState`.
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.overlap_local_sgd(optax.sgd(0.1), tau=1, alpha=0.5, num_workers=2)
+    >>> X = {"w": jnp.array([0.0, 2.0, 4.0])}  # two workers, then the anchor z_1
+    >>> state = tx.init(X)
+    >>> updates, state = tx.update({"w": jnp.zeros(2)}, state, X)
+    >>> X = optax.apply_updates(X, updates); X["w"].tolist()  # pulled halfway to z_1 = 4
+    [2.0, 3.0, 4.0]
+    >>> coopjax.settle_overlap(X, state)["w"].tolist()  # z_2: the mean of the pulled models
+    [2.0, 3.0, 2.5]
+
   References:
     Wang, Liang & Joshi, Overlap Local-SGD: An algorithmic approach to hide
     communication delays in distributed SGD, ICASSP 2020 (arXiv 2002.09539),
@@ -607,6 +618,15 @@ def delayed(
 
   Returns:
     An optax transformation with state :class:`DelayedState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.delayed(optax.sgd(0.1), tau=1, W=topology.complete(2))
+    >>> X = {"w": jnp.array([0.0, 2.0])}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # s̄ + (x_i − s_i)
+    [0.9, 0.7]
 
   References:
     Shen, Xu, Liu & Wang, Faster distributed deep net training: computation

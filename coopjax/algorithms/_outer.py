@@ -194,6 +194,17 @@ def slowmo(
   Returns:
     An optax transformation with state :class:`SlowMoState`.
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.slowmo(optax.sgd(0.1), tau=1, num_workers=2, alpha=1.0, beta=0.5, lr=0.1)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> state = tx.init(X)
+    >>> for _ in range(2):  # Δ = 0.2 each period; the slow momentum adds 0.5·0.2 the second time
+    ...   updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X)
+    ...   X = optax.apply_updates(X, updates)
+    >>> [round(x, 4) for x in X["w"].tolist()]
+    [-0.5, -0.5]
+
   References:
     Wang, Tantia, Ballas & Rabbat, SlowMo: Improving communication-efficient
     distributed SGD with slow momentum, ICLR 2020, Algorithm 1.
@@ -274,6 +285,14 @@ def diloco(
 
   Returns:
     An optax transformation with state :class:`DiLoCoState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.diloco(optax.sgd(0.1), outer=optax.sgd(0.5), tau=1, num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # x_start − 0.5·Δ
+    [-0.1, -0.1]
 
   References:
     Douillard et al., DiLoCo: Distributed low-communication training of
