@@ -72,7 +72,16 @@ def complete(m: int) -> np.ndarray:
 
 
 def independent(m: int) -> np.ndarray:
-  """The identity ``I`` (ζ = 1): workers never communicate."""
+  """The identity ``I`` (ζ = 1): workers never communicate.
+
+  Examples:
+    >>> independent(3)
+    array([[1., 0., 0.],
+           [0., 1., 0.],
+           [0., 0., 1.]])
+    >>> zeta(independent(3))
+    1.0
+  """
   m = check_int("m", m)
   return np.eye(m)
 
@@ -82,6 +91,19 @@ def circulant(m: int, weights: dict[int, float]) -> np.ndarray:
 
   Node ``i`` takes weight ``weights[s]`` from node ``i + s``. Offsets that
   coincide modulo ``m`` add up. Symmetric when ``weights[s] == weights[-s]``.
+
+  .. math::
+
+     W_{(i + s) \bmod m,\; i} = \sum_{s' \equiv s \ (\mathrm{mod}\ m)} w_{s'} .
+
+  Examples:
+    Node 0 takes half of its new model from node 1 (``W[1, 0] = 0.5``):
+
+    >>> circulant(4, {0: 0.5, 1: 0.5})
+    array([[0.5, 0. , 0. , 0.5],
+           [0.5, 0.5, 0. , 0. ],
+           [0. , 0.5, 0.5, 0. ],
+           [0. , 0. , 0.5, 0.5]])
   """
   m = check_int("m", m)
   if not isinstance(weights, dict) or not weights:
@@ -103,6 +125,12 @@ def circulant_offsets(W: np.ndarray, atol: float = 1e-12) -> dict[int, float] | 
   """If ``W`` is circulant, the map ``offset -> weight`` (offsets in [0, m)); else None.
 
   Used to lower mixing to one collective-permute per non-zero offset.
+
+  Examples:
+    >>> {s: round(w, 4) for s, w in circulant_offsets(ring(4)).items()}
+    {0: 0.3333, 1: 0.3333, 3: 0.3333}
+    >>> circulant_offsets(torus(3, 3)) is None
+    True
   """
   W = np.asarray(W, dtype=np.float64)
   m = W.shape[0]
@@ -118,6 +146,26 @@ def ring(m: int) -> np.ndarray:
 
   Eigenvalues are ``(1 + 2 cos(2πk/m))/3``; for ``m = 2`` the two neighbours
   coincide (weights 1/3 self, 2/3 other) and for ``m = 1`` it is ``[[1]]``.
+
+  .. math::
+
+     W = \tfrac13 (I + P + P^\top), \qquad
+     \zeta(W) = \max_{k = 1, \dots, m-1} \Bigl|\tfrac{1 + 2\cos(2\pi k/m)}{3}\Bigr| ,
+
+  with ``P`` the cyclic shift.
+
+  Examples:
+    >>> 3 * ring(4)
+    array([[1., 1., 0., 1.],
+           [1., 1., 1., 0.],
+           [0., 1., 1., 1.],
+           [1., 0., 1., 1.]])
+
+    For ``m = 8`` the second eigenvalue ``(1 + 2 cos(π/4))/3`` sets ζ:
+
+    >>> import numpy as np
+    >>> round(zeta(ring(8)), 4), round(float(1 + 2 * np.cos(np.pi / 4)) / 3, 4)
+    (0.8047, 0.8047)
   """
   m = check_int("m", m)
   if m == 1:
@@ -134,6 +182,17 @@ def metropolis_hastings(adjacency: np.ndarray) -> np.ndarray:
      W_{ii} = 1 - \sum_{j \ne i} W_{ij}.
 
   The result is symmetric, doubly stochastic and non-negative.
+
+  Examples:
+    A path 0 – 1 – 2: the middle node has degree 2, so every edge weighs 1/3
+    and the ends keep 2/3.
+
+    >>> import numpy as np
+    >>> A = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]])
+    >>> 3 * metropolis_hastings(A)
+    array([[2., 1., 0.],
+           [1., 1., 1.],
+           [0., 1., 2.]])
   """
   A = np.asarray(adjacency)
   if A.ndim != 2 or A.shape[0] != A.shape[1]:
@@ -169,6 +228,18 @@ def from_adjacency(adjacency: np.ndarray) -> np.ndarray:
   """Mixing matrix of a connected undirected graph, with Metropolis–Hastings weights.
 
   Raises ValueError when the graph is not connected (ζ would be 1).
+
+  Examples:
+    >>> import numpy as np
+    >>> path = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]])
+    >>> 3 * from_adjacency(path)
+    array([[2., 1., 0.],
+           [1., 1., 1.],
+           [0., 1., 2.]])
+    >>> from_adjacency(np.zeros((2, 2)))
+    Traceback (most recent call last):
+    ...
+    ValueError: the graph given by adjacency is not connected, ...
   """
   W = metropolis_hastings(adjacency)
   if W.shape[0] > 1 and zeta(W) > 1.0 - 1e-9:
@@ -184,6 +255,13 @@ def torus(rows: int, cols: int) -> np.ndarray:
 
   Metropolis–Hastings weights: 1/5 to self and each of the four neighbours
   when ``rows, cols ≥ 3``.
+
+  Examples:
+    Node 0 of a 3 × 3 torus averages itself with nodes 1, 2 (same row) and 3, 6
+    (same column):
+
+    >>> 5 * torus(3, 3)[:, 0]
+    array([1., 1., 1., 1., 0., 0., 1., 0., 0.])
   """
   rows = check_int("rows", rows)
   cols = check_int("cols", cols)
@@ -200,7 +278,22 @@ def torus(rows: int, cols: int) -> np.ndarray:
 
 
 def hypercube(m: int) -> np.ndarray:
-  r"""Hypercube on ``m = 2^d`` nodes: ``i`` links to ``i XOR 2^b``; weights ``1/(d + 1)``."""
+  r"""Hypercube on ``m = 2^d`` nodes: ``i`` links to ``i XOR 2^b``; weights ``1/(d + 1)``.
+
+  .. math::
+
+     W_{ji} = \frac{1}{d + 1} \text{ for } j = i \text{ or } j = i \oplus 2^b,\ b < d,
+     \qquad \zeta(W) = \frac{d - 1}{d + 1} .
+
+  Examples:
+    >>> 3 * hypercube(4)
+    array([[1., 1., 1., 0.],
+           [1., 1., 0., 1.],
+           [1., 0., 1., 1.],
+           [0., 1., 1., 1.]])
+    >>> round(zeta(hypercube(8)), 4)  # (3 - 1) / (3 + 1)
+    0.5
+  """
   m = check_int("m", m)
   if m & (m - 1):
     raise ValueError(f"hypercube needs m to be a power of two, got m={m}; try ring or exponential.")
@@ -219,6 +312,13 @@ def exponential(m: int) -> np.ndarray:
   weights ``1/(deg + 1)``; the result is symmetric and doubly stochastic.
   (Ying et al., NeurIPS 2021, use the directed version ``i → i + 2^j``; see
   ``one_peer_exponential`` for its time-varying one-peer form.)
+
+  Examples:
+    For ``m = 8`` the offsets ``±1, ±2, ±4`` give five distinct neighbours
+    (``+4 ≡ −4``), so every weight is 1/6:
+
+    >>> 6 * exponential(8)[:, 0]
+    array([1., 1., 1., 0., 1., 0., 1., 1.])
   """
   m = check_int("m", m)
   if m == 1:
@@ -239,6 +339,14 @@ def erdos_renyi(m: int, p: float, seed: int = 0) -> np.ndarray:
 
   Deterministic in ``seed``. Raises ValueError if the drawn graph is
   disconnected (use a larger ``p`` or another seed).
+
+  Examples:
+    >>> import numpy as np
+    >>> W = erdos_renyi(6, 0.6, seed=1)
+    >>> W.shape, bool(np.allclose(W.sum(axis=0), 1.0)), bool(np.allclose(W, W.T))
+    ((6, 6), True, True)
+    >>> zeta(W) < 1
+    True
   """
   m = check_int("m", m)
   p = check_real("p", p)
@@ -287,6 +395,16 @@ def easgd(m: int, alpha: float) -> np.ndarray:
 
   Valid for ``0 < α < 2/(m+1)``; non-negative only for ``α ≤ 1/m`` (a warning
   is issued above that). The bound's error floor is smallest at ``α = 2/(m+2)``.
+
+  Examples:
+    Two workers and the anchor (last row), ``α = 1/4``; ζ = max{3/4, 1/4}:
+
+    >>> easgd(2, 0.25)
+    array([[0.75, 0.  , 0.25],
+           [0.  , 0.75, 0.25],
+           [0.25, 0.25, 0.5 ]])
+    >>> zeta(easgd(2, 0.25))
+    0.75
   """
   m = check_int("m", m)
   return elastic(np.eye(m), alpha)
@@ -301,6 +419,18 @@ def elastic(W: np.ndarray, alpha: float) -> np.ndarray:
                           \alpha \mathbf 1^\top & 1 - m\alpha \end{bmatrix}.
 
   ``W = I`` gives EASGD's ``W_α``. ``ζ(W′) = max{(1−α)ζ(W), |1−(m+1)α|}``.
+
+  Examples:
+    Four workers on a ring (ζ = 1/3) with an anchor, ``α = 0.2``; then
+    ``ζ(W′) = max{0.8 · 1/3, |1 − 5 · 0.2|} = 0.2667``:
+
+    >>> W = elastic(ring(4), 0.2)
+    >>> W.shape
+    (5, 5)
+    >>> W[4].round(4).tolist()
+    [0.2, 0.2, 0.2, 0.2, 0.2]
+    >>> round(zeta(W), 4)
+    0.2667
   """
   W = validate(W, allow_disconnected=True)
   m = W.shape[0]
@@ -332,6 +462,17 @@ def elastic_hierarchical(groups, alpha: float, W_aux: np.ndarray | None = None) 
   with ``B[i, g] = 1`` iff worker ``i`` is in group ``g`` and ``N = diag(n_g)``.
   Rows are ordered ``[x_1..x_m, z_1..z_g]``. W is symmetric and doubly
   stochastic for any group sizes; it is validated (ζ < 1) on construction.
+
+  Examples:
+    Two groups of two workers, ``α = 1/4``; rows 4 and 5 are ``z_1`` and ``z_2``:
+
+    >>> elastic_hierarchical([[0, 1], [2, 3]], 0.25)
+    array([[0.75, 0.  , 0.  , 0.  , 0.25, 0.  ],
+           [0.  , 0.75, 0.  , 0.  , 0.25, 0.  ],
+           [0.  , 0.  , 0.75, 0.  , 0.  , 0.25],
+           [0.  , 0.  , 0.  , 0.75, 0.  , 0.25],
+           [0.25, 0.25, 0.  , 0.  , 0.  , 0.5 ],
+           [0.  , 0.  , 0.25, 0.25, 0.5 , 0.  ]])
   """
   if isinstance(groups, (str, bytes)) or not isinstance(groups, (list, tuple)):
     raise TypeError(f"groups must be a list of lists of worker indices, got {groups!r}.")
@@ -376,6 +517,17 @@ def zeta(W: np.ndarray) -> float:
 
   For symmetric W this is computed from the real spectrum; for a
   non-symmetric W it is the second-largest eigenvalue modulus.
+
+  .. math::
+
+     \zeta(W) = \max\{|\lambda_2(W)|, |\lambda_n(W)|\},
+     \qquad 1 = \lambda_1 \ge \lambda_2 \ge \dots \ge \lambda_n .
+
+  Examples:
+    >>> round(zeta(complete(4)), 4), round(zeta(independent(4)), 4)
+    (0.0, 1.0)
+    >>> round(zeta(ring(4)), 4)  # eigenvalues 1, 1/3, 1/3, -1/3
+    0.3333
   """
   W = np.asarray(W, dtype=np.float64)
   if W.ndim != 2 or W.shape[0] != W.shape[1]:
@@ -391,7 +543,14 @@ def zeta(W: np.ndarray) -> float:
 
 
 def is_complete(W: np.ndarray, atol: float = 1e-12) -> bool:
-  """Whether W is full averaging ``J = 11ᵀ/n``."""
+  """Whether W is full averaging ``J = 11ᵀ/n``.
+
+  Examples:
+    >>> is_complete(complete(4)), is_complete(ring(4))
+    (True, False)
+    >>> is_complete(ring(3))  # a ring of three is complete
+    True
+  """
   W = np.asarray(W)
   return bool(np.allclose(W, 1.0 / W.shape[0], atol=atol, rtol=0.0))
 
@@ -412,6 +571,15 @@ def validate(
   ``allow_negative``), symmetric (unless ``symmetric=False``), rows and
   columns summing to 1, and ζ < 1 (unless ``allow_disconnected``; the identity
   only warns, since independent workers are a legitimate baseline).
+
+  Examples:
+    >>> validate([[0.5, 0.5], [0.5, 0.5]])
+    array([[0.5, 0.5],
+           [0.5, 0.5]])
+    >>> validate([[0.5, 0.5], [0.4, 0.6]])
+    Traceback (most recent call last):
+    ...
+    ValueError: W is not symmetric: W[0, 1] = 0.5 but W[1, 0] = 0.4; ...
   """
   if np.iscomplexobj(W):
     raise TypeError("W has complex entries; mixing weights must be real numbers.")
@@ -512,7 +680,12 @@ def one_peer_exponential(m: int, r: int) -> np.ndarray:
 
 
 def one_peer_exponential_period(m: int) -> int:
-  r"""Number of distinct one-peer exponential matrices, ``⌈log₂ m⌉`` (1 for ``m ≤ 2``)."""
+  r"""Number of distinct one-peer exponential matrices, ``⌈log₂ m⌉`` (1 for ``m ≤ 2``).
+
+  Examples:
+    >>> [one_peer_exponential_period(m) for m in (2, 4, 8, 9)]
+    [1, 2, 3, 4]
+  """
   m = check_int("m", m)
   return max(1, (m - 1).bit_length())
 
@@ -556,6 +729,12 @@ def matching_decomposition(graph) -> list[list[tuple[int, int]]]:
   References:
     J. Misra and D. Gries, "A constructive proof of Vizing's theorem",
     Information Processing Letters 41(3), 1992.
+
+  Examples:
+    A ring of five (Δ = 2) in at most Δ + 1 = 3 matchings:
+
+    >>> matching_decomposition(ring(5))
+    [[(0, 1), (3, 4)], [(0, 4), (2, 3)], [(1, 2)]]
   """
   n, edges = _edges(graph)
   if not edges:
@@ -660,6 +839,12 @@ def matching_laplacian(matching, m: int) -> np.ndarray:
 
   Its edges are disjoint, so ``L² = 2L`` and ``L x`` at node i is
   ``x_i − x_{π(i)}`` with π the matching's involution (π(i) = i off the matching).
+
+  Examples:
+    >>> matching_laplacian([(0, 1)], 3)
+    array([[ 1., -1.,  0.],
+           [-1.,  1.,  0.],
+           [ 0.,  0.,  0.]])
   """
   m = check_int("m", m)
   L = np.zeros((m, m))
@@ -672,7 +857,12 @@ def matching_laplacian(matching, m: int) -> np.ndarray:
 
 
 def matching_permutation(matching, m: int) -> list[int]:
-  """The involution π of a matching: ``π(i) = j`` for each edge ``(i, j)``, else ``π(i) = i``."""
+  """The involution π of a matching: ``π(i) = j`` for each edge ``(i, j)``, else ``π(i) = i``.
+
+  Examples:
+    >>> matching_permutation([(0, 1), (2, 3)], 5)
+    [1, 0, 3, 2, 4]
+  """
   m = check_int("m", m)
   perm = list(range(m))
   for i, j in matching:
