@@ -60,7 +60,7 @@ def _builders():
     "delayed": lambda: coopjax.delayed(_local(), 2, ring),
     "slowmo": lambda: coopjax.slowmo(_local(), 2, M, 1.0, 0.5, LR),
     "diloco": lambda: coopjax.diloco(_local(), optax.sgd(0.7, momentum=0.9, nesterov=True), 2, M),
-    "adacomm": lambda: coopjax.adacomm(_local(), 3, M),
+    "adacomm": lambda: coopjax.adacomm(_local(), 3, M, loss_estimate="worker_losses"),
     "hierarchical": lambda: coopjax.hierarchical(_local(), 2, 4, [[0, 1], [2, 3]]),
   }
 

@@ -259,6 +259,9 @@ def test_errors(mesh):
     coopjax.make_step(ref.loss_fn, tx, mesh=other)
 
 
+# AdaComm's fixed evaluation batch (the averaged model's loss is evaluated on it).
+ADACOMM_EVAL = tuple(jnp.asarray(x[0, 0]) for x in ref.make_batches(1, 1, batch=6, seed=9))
+
 OTHER_ALGORITHMS = {
   "hierarchical": lambda m: (
     coopjax.hierarchical(optax.sgd(LR), 2, 4, [list(range(i, i + 4)) for i in range(0, m, 4)]),
@@ -274,7 +277,14 @@ OTHER_ALGORITHMS = {
     coopjax.time_varying(optax.sgd(LR), 1, [topology.one_peer_exponential(m, r) for r in range(4)]),
     0,
   ),
-  "adacomm": lambda m: (coopjax.adacomm(optax.sgd(LR), 2, m), 0),
+  "adacomm": lambda m: (
+    coopjax.adacomm(optax.sgd(LR), 2, m, loss_fn=ref.loss_fn, eval_batch=ADACOMM_EVAL),
+    0,
+  ),
+  "adacomm_worker_losses": lambda m: (
+    coopjax.adacomm(optax.sgd(LR), 2, m, loss_estimate="worker_losses"),
+    0,
+  ),
   "elastic_averaging": lambda m: (
     coopjax.elastic_averaging(optax.sgd(LR), topology.ring(m), 0.05, tau=2),
     1,

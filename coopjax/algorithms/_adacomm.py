@@ -48,7 +48,11 @@ class AdaCommState(NamedTuple):
     tau: the current communication period τ_l, int32.
     last_mix: the step of the last averaging (0 before the first), int32; the
       next averaging is at step ``last_mix + tau``.
-    loss0: F(x_0), the mean worker loss at step 1, float32 (0 before step 1).
+    loss0: F(x_0), float32 (0 before step 1): the loss of x_0 on the evaluation
+      batch (``loss_estimate="averaged_model"``) or the mean worker loss at step 1
+      (``"worker_losses"``).
+    decide_at: the first step at or after which an averaging re-decides τ, int32
+      (0: every averaging does).
   """
 
   count: chex.Array
@@ -56,12 +60,39 @@ class AdaCommState(NamedTuple):
   tau: chex.Array
   last_mix: chex.Array
   loss0: chex.Array
+  decide_at: chex.Array
+
+
+LOSS_ESTIMATES = ("averaged_model", "worker_losses")
 
 
 def _check_real(name, value) -> float:
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
     raise TypeError(f"{name} must be a finite real number, got {value!r}.")
   return float(value)
+
+
+def _check_loss_estimate(loss_estimate, loss_fn, eval_batch) -> bool:
+  """True for the averaged-model rule; checks that its inputs are there."""
+  if loss_estimate not in LOSS_ESTIMATES:
+    raise ValueError(f"loss_estimate must be one of {LOSS_ESTIMATES}, got {loss_estimate!r}.")
+  if loss_estimate == "worker_losses":
+    if loss_fn is not None or eval_batch is not None:
+      raise ValueError(
+        "loss_fn and eval_batch are used only by loss_estimate='averaged_model'; drop them, "
+        "or drop loss_estimate='worker_losses' to use the averaged model's loss."
+      )
+    return False
+  if loss_fn is None or eval_batch is None:
+    raise ValueError(
+      "adacomm's default rule evaluates F, the training loss of the averaged model, on a fixed "
+      "batch: pass loss_fn=(params, batch) -> scalar and eval_batch (e.g. a fixed subset of the "
+      "training set). Or pass loss_estimate='worker_losses' for the mean per-worker minibatch "
+      "loss (no extra forward pass, biased low on non-IID data)."
+    )
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be a function (params, batch) -> scalar, got {loss_fn!r}.")
+  return True
 
 
 def adacomm(
@@ -73,6 +104,10 @@ def adacomm(
   lr_schedule: Callable[[Any], Any] | None = None,
   max_tau: int | None = None,
   local_state_policy: str = "keep",
+  loss_fn: Callable[[PyTree, Any], Any] | None = None,
+  eval_batch: Any = None,
+  loss_estimate: str = "averaged_model",
+  interval: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaComm (Wang & Joshi, 2019): periodic averaging with an adaptive period.
 
@@ -91,15 +126,33 @@ def adacomm(
   clipped to ``[1, max_tau]``. Steps k are counted from 1; the first
   averaging is after step τ₀.
 
-  The loss reaches the transformation as the extra argument ``value``, the
-  per-worker losses of shape ``[m]`` (:func:`coopjax.make_step` passes them):
-  ``tx.update(grads, state, X, value=losses)``. F(x_0) is the mean worker
-  loss at step 1 (all workers at x_0). F(x_l), the loss of the averaged model,
-  is approximated by the mean worker loss at the step that averages, i.e. at
-  the local models just before that step's update and averaging (no extra
-  forward pass). With a decaying lr, ``η_l = lr_schedule(k)`` is the lr of the
-  next local step (optax schedules see the number of updates taken so far,
-  k after step k) and ``η_0 = lr0`` (default ``lr_schedule(0)``).
+  F is the training loss. Two estimates (``loss_estimate``):
+
+  * ``"averaged_model"`` (default, the paper's rule): F(x) =
+    ``loss_fn(x̄, eval_batch)``, the loss of the averaged model x̄ on a fixed
+    evaluation batch (e.g. a fixed subset of the training set). F(x_l) is
+    evaluated on the freshly averaged model, inside the averaging branch of
+    the step only when τ is re-decided; F(x_0) at step 1, on x_0. Cost: one
+    forward pass over ``eval_batch`` per decision (none on the other steps).
+  * ``"worker_losses"``: F(x_l) ≈ the mean of the per-worker minibatch losses
+    at the step that averages, i.e. of the local models just before that
+    step's update and averaging; F(x_0) is their mean at step 1. No extra
+    forward pass: the losses reach the transformation as the extra argument
+    ``value``, shape ``[m]`` (:func:`coopjax.make_step` passes them;
+    ``tx.update(grads, state, X, value=losses)``). With non-IID data each
+    worker's model scores low on its own shard, so this F is biased low and
+    τ shrinks faster than the paper's rule makes it.
+
+  When τ is re-decided (``interval``): the paper re-decides at the start of
+  each wall-clock interval of fixed length. Here an interval is ``interval``
+  local steps (with a steady step time, T₀ seconds are T₀/step-time steps):
+  the first averaging at or after each multiple of ``interval`` re-decides,
+  the other averagings keep τ. ``interval=None`` re-decides at every
+  averaging.
+
+  With a decaying lr, ``η_l = lr_schedule(k)`` is the lr of the next local
+  step (optax schedules see the number of updates taken so far, k after
+  step k) and ``η_0 = lr0`` (default ``lr_schedule(0)``).
 
   Args:
     local: optax optimizer applied to each worker separately (vmapped); extra
@@ -113,9 +166,29 @@ def adacomm(
     max_tau: optional upper bound on τ_l.
     local_state_policy: ``"keep"``, ``"mix"`` (average the buffers too) or
       ``"reset"``, as in :func:`coopjax.cooperative`.
+    loss_fn: ``loss_fn(params, batch) -> scalar`` for one model (the training
+      loss); required by ``loss_estimate="averaged_model"``.
+    eval_batch: the fixed batch F is evaluated on (a pytree ``loss_fn``
+      accepts); required by ``loss_estimate="averaged_model"``.
+    loss_estimate: ``"averaged_model"`` (default) or ``"worker_losses"``, see
+      above.
+    interval: local steps per decision interval; None re-decides at every
+      averaging.
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` with state :class:`AdaCommState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> loss = lambda p, b: jnp.mean((p["w"] * b - 1.0) ** 2)
+    >>> tx = coopjax.adacomm(optax.sgd(0.1), 4, 2, loss_fn=loss, eval_batch=jnp.ones(3))
+    >>> X = coopjax.replicate({"w": jnp.zeros(())}, 2)
+    >>> step = coopjax.make_step(loss, tx)
+    >>> state = tx.init(X)
+    >>> for _ in range(4):
+    ...   X, state, _ = step(X, state, jnp.ones((2, 3)))
+    >>> int(state.tau)  # F(x̄) = 0.8⁸, F(x_0) = 1: ⌈√(0.8⁸)·4⌉ = ⌈1.64⌉
+    2
 
   References:
     J. Wang and G. Joshi, "Adaptive communication strategies to achieve the best
@@ -141,6 +214,14 @@ def adacomm(
       raise ValueError(f"lr0 must be > 0, got {lr0}.")
   if max_tau is not None:
     max_tau = check_int("max_tau", max_tau, 1)
+  if interval is not None:
+    interval = check_int("interval", interval, 1)
+  averaged = _check_loss_estimate(loss_estimate, loss_fn, eval_batch)
+
+  def averaged_model_loss(avg):
+    """F of the averaged model: every row of ``avg`` holds it; row 0 is evaluated."""
+    model = jax.tree.map(lambda x: x[0], avg)
+    return jnp.asarray(loss_fn(model, eval_batch), jnp.float32)
 
   def init_fn(params):
     check_rows(params, m, m, 0)
@@ -150,6 +231,7 @@ def adacomm(
       tau=jnp.asarray(tau0, jnp.int32),
       last_mix=jnp.zeros([], jnp.int32),
       loss0=jnp.zeros([], jnp.float32),
+      decide_at=jnp.asarray(interval or 0, jnp.int32),
     )
 
   def next_tau(k, loss, loss0):
@@ -166,6 +248,8 @@ def adacomm(
   def update_fn(updates, state, params=None, **extra_args):
     require_params(params)
     check_rows(params, m, m, 0)
+    if averaged:
+      return update_averaged(updates, state, params, extra_args)
     if extra_args.get("value") is None:
       raise ValueError(
         "adacomm needs the per-worker losses: call tx.update(grads, state, X, value=losses) "
@@ -185,18 +269,67 @@ def adacomm(
         opt_state = mix_local_state(opt_state, global_mean, m, 0)
       elif policy == "reset":
         opt_state = reset_local_state(opt_state, jax.vmap(local.init)(params))
-      tau = next_tau(k, mixing.worker_mean(losses), loss0)
-      return global_mean(X), opt_state, tau, k
+      tau, decide_at = decide(k, state, lambda: mixing.worker_mean(losses), loss0)
+      return global_mean(X), opt_state, tau, k, decide_at
 
     def no_mix(X, opt_state):
-      return X, opt_state, state.tau, state.last_mix
+      return X, opt_state, state.tau, state.last_mix, state.decide_at
 
-    new, local_state, tau, last_mix = jax.lax.cond(
+    new, local_state, tau, last_mix, decide_at = jax.lax.cond(
       k - state.last_mix == state.tau, on_mix, no_mix, stepped, local_state
     )
     out = jax.tree.map(lambda a, x: a - x, new, params)
     return out, AdaCommState(
-      count=k, local_state=local_state, tau=tau, last_mix=last_mix, loss0=loss0
+      count=k,
+      local_state=local_state,
+      tau=tau,
+      last_mix=last_mix,
+      loss0=loss0,
+      decide_at=decide_at,
+    )
+
+  def decide(k, state, loss, loss0):
+    """(τ, decide_at) after the averaging at step k; ``loss()`` is evaluated only if τ changes."""
+
+    def redo():
+      nxt = jnp.asarray(0, jnp.int32) if interval is None else (k // interval + 1) * interval
+      return next_tau(k, loss(), loss0), nxt.astype(jnp.int32)
+
+    return jax.lax.cond(k >= state.decide_at, redo, lambda: (state.tau, state.decide_at))
+
+  def update_averaged(updates, state, params, extra_args):
+    """The paper's rule: F is the averaged model's loss on ``eval_batch``."""
+    grads = _check_grads(updates, m, m)
+    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
+    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
+    k = optax.safe_int32_increment(state.count)
+    loss0 = jax.lax.cond(
+      k == 1, lambda: averaged_model_loss(global_mean(params)), lambda: state.loss0
+    )
+
+    def on_mix(X, opt_state):
+      if policy == "mix":
+        opt_state = mix_local_state(opt_state, global_mean, m, 0)
+      elif policy == "reset":
+        opt_state = reset_local_state(opt_state, jax.vmap(local.init)(params))
+      avg = global_mean(X)
+      tau, decide_at = decide(k, state, lambda: averaged_model_loss(avg), loss0)
+      return avg, opt_state, tau, k, decide_at
+
+    def no_mix(X, opt_state):
+      return X, opt_state, state.tau, state.last_mix, state.decide_at
+
+    new, local_state, tau, last_mix, decide_at = jax.lax.cond(
+      k - state.last_mix == state.tau, on_mix, no_mix, stepped, local_state
+    )
+    out = jax.tree.map(lambda a, x: a - x, new, params)
+    return out, AdaCommState(
+      count=k,
+      local_state=local_state,
+      tau=tau,
+      last_mix=last_mix,
+      loss0=loss0,
+      decide_at=decide_at,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
