@@ -157,7 +157,9 @@ def mix_local_state(local_state, mix, num_workers: int, num_aux: int):
   """Mixes the floating-point leaves of the stacked local state with the models' mixer.
 
   Auxiliary rows have no optimizer state; they enter the mix as zeros and are
-  dropped afterwards. Integer leaves (step counts) are kept.
+  dropped afterwards, so a worker's buffers lose the auxiliaries' weight: with
+  EASGD's W_α each worker's momentum becomes ``(1 − α)·buf_i`` at every mix.
+  Integer leaves (step counts) are kept.
   """
   leaves, treedef = jax.tree.flatten(local_state)
   float_idx = [i for i, x in enumerate(leaves) if _is_float(x) and x.ndim >= 1]
@@ -509,6 +511,11 @@ def elastic_hierarchical(
 
      x_i \leftarrow (1-\alpha) x_i + \alpha z_{g(i)}, \qquad
      z_g \leftarrow \sum_l (W_{aux})_{lg} z_l + \alpha \sum_{i \in g}(x_i - z_g).
+
+  Difference from the paper: in §6.3 the auxiliaries communicate among
+  themselves (through ``W_aux``) during the workers' local steps; here they
+  mix at the same step as the workers, in the one matrix above, every τ
+  steps.
   """
   W = topology.elastic_hierarchical(groups, alpha, W_aux)
   num_groups = len(groups)
