@@ -547,7 +547,17 @@ def main(argv=None):
   ap.add_argument("--taus", type=int, nargs="*", default=list(TAUS))
   ap.add_argument("--no-easgd", action="store_true")
   ap.add_argument("--out", type=Path, default=OUT)
+  ap.add_argument(
+    "--from-json", type=Path, default=None, help="redo the analysis from a results.json"
+  )
   args = ap.parse_args(argv)
+  if args.from_json is not None:
+    saved = json.loads(args.from_json.read_text())
+    add_excess(saved["cells"])
+    sm = saved["summary"]
+    return analyse_and_write(
+      saved["cells"], saved["easgd"], sm["settings"], sm["problems"], args.out
+    )
   if args.quick:
     args.K, args.seeds = 256, 3
   m, d, K, S, sigma2 = args.m, args.d, args.K, args.seeds, args.sigma2
@@ -674,6 +684,31 @@ def analyse_and_write(cells, easgd_rows, settings, info, out: Path) -> dict:
       n_real_fail=sum(r["verdict"] == "FAIL" for r in real),
       n_control_judged=len(judged(ctrl)),
       n_control_fail=sum(r["verdict"] == "FAIL" for r in ctrl),
+      n_real_literal_fail=sum(r["condition_holds"] and not r["measured_le_bound"] for r in real),
+      n_control_literal_fail=sum(r["condition_holds"] and not r["measured_le_bound"] for r in ctrl),
+      negative_excess_by_problem={
+        p: sum(
+          1
+          for r in real
+          if r["problem"] == p
+          and r["excess"] < -Z_FAIL * r["excess_se"]
+          and -r["excess"] > 1e-9 * r["measured_avg"]
+        )
+        for p in info
+      },
+      tail_ratio_range_by_problem={
+        p: _range(
+          [
+            r["bound_network"] / r["excess_tail"]
+            for r in real
+            if r["problem"] == p
+            and r["condition_holds"]
+            and r["excess_tail"] > Z_FAIL * r["excess_tail_se"]
+            and r["excess_tail"] > 1e-9 * r["measured_floor"]
+          ]
+        )
+        for p in info
+      },
       control_fail_by_kind={
         k: [
           sum(r["verdict"] == "FAIL" for r in ctrl if r["control"] == k),
@@ -795,6 +830,24 @@ def write_summary(path, summary, cells, table):
       + (f"{rng[0]:.3g} – {rng[1]:.3g}" if rng else "— (no resolved cell with the condition)")
       + "."
     )
+  w(
+    f"- The theorem's literal statement (measured ≤ the whole bound, condition holding) fails "
+    f"in {tc['n_real_literal_fail']} real and {tc['n_control_literal_fail']} of "
+    f"{tc['n_control_judged']} control cells: the optimisation and sync-noise terms are large "
+    "against what the runs measure, so the total rarely separates a control from a working run; "
+    "the network term against the measured excess does. Reading the network term as a bound on "
+    "the excess over sync SGD (the paper's reading, 'the price of communication') is stricter "
+    "than the theorem, which bounds the total only."
+  )
+  for p, k in tc["negative_excess_by_problem"].items():
+    if k:
+      rng = tc["tail_ratio_range_by_problem"][p]
+      w(
+        f"- {p}: the excess over all K steps is significantly *negative* in {k} real cells "
+        "(infrequent averaging gains during the transient); over the last K/2 steps it is "
+        "positive where resolved, and the network term is "
+        + (f"{rng[0]:.3g}× to {rng[1]:.3g}× that tail excess." if rng else "— (unresolved).")
+      )
   e17 = summary["eq17"]
   w(
     f"- IID runs (incl. EASGD and the largest-lr runs): eq. 16 holds in {e17['n_condition_holds']}"
