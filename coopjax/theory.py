@@ -604,10 +604,13 @@ def easgd_zeta(m: int, alpha: float) -> float:
 
 
 def easgd_best_alpha(m: int) -> float:
-  r"""Closed-form error-floor-minimising EASGD α = 2/(m+2) (Lemma 1), where ζ = m/(m+2).
+  r"""EASGD's α = 2/(m+2) minimising ζ(W_α) (Lemma 1), where ζ = m/(m+2).
 
   This is the paper's analytic minimiser of ζ(W_α) (the two branches of eq. 22 cross
-  there); :func:`best_alpha_numerical` minimises the bound numerically instead.
+  there), i.e. of the bound's network factor; :func:`best_alpha_numerical` minimises the
+  bound numerically instead. It is not a measured optimum: on the noisy quadratic and
+  least-squares problems of ``experiments/theory_check.py`` the measured error floor is
+  lowest at much smaller α (``experiments/results/theory/easgd_alpha.csv``).
   """
   m = check_int("m", m, 1)
   return 2.0 / (m + 2)
