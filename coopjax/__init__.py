@@ -55,8 +55,10 @@ from coopjax.training import checkpoint
 from coopjax.training import data
 from coopjax.training import models
 from coopjax.workers import WORKER_AXIS
+from coopjax.workers import Layout
 from coopjax.workers import average
 from coopjax.workers import consensus_distance
+from coopjax.workers import layout_of
 from coopjax.workers import replicate
 from coopjax.workers import stack
 from coopjax.workers import worker
@@ -87,6 +89,8 @@ __all__ = [
   "elastic_averaging",
   "elastic_hierarchical",
   "hierarchical",
+  "Layout",
+  "layout_of",
   "HierarchicalState",
   "local_sgd",
   "make_period_step",

@@ -20,18 +20,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax._validation import check_int
-from coopjax.algorithms._cooperative import _check_grads
-from coopjax.algorithms._cooperative import _local_update
-from coopjax.algorithms._cooperative import check_local
-from coopjax.algorithms._cooperative import check_rows
-from coopjax.algorithms._cooperative import check_state_policy
-from coopjax.algorithms._cooperative import check_tau
-from coopjax.algorithms._cooperative import mix_local_state
-from coopjax.algorithms._cooperative import require_params
-from coopjax.algorithms._cooperative import reset_local_state
-from coopjax.algorithms._hierarchical import global_mean
+from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._skeleton import check_tau
+from coopjax.cost import pattern
+from coopjax.workers import Layout
 from coopjax.workers import num_rows
 
 PyTree = Any
@@ -48,9 +43,9 @@ class AdaCommState(NamedTuple):
     tau: the current communication period τ_l, int32.
     last_mix: the step of the last averaging (0 before the first), int32; the
       next averaging is at step ``last_mix + tau``.
-    loss0: F(x_0), float32 (0 before step 1): the loss of x_0 on the evaluation
-      batch (``loss_estimate="averaged_model"``) or the mean worker loss at step 1
-      (``"worker_losses"``).
+    loss0: F(x_0), float32: the loss of x_0 on the evaluation batch
+      (``loss_estimate="averaged_model"``, evaluated by ``init``) or the mean
+      worker loss at step 1 (``"worker_losses"``; 0 before step 1).
     decide_at: the first step at or after which an averaging re-decides τ, int32
       (0: every averaging does).
   """
@@ -104,11 +99,14 @@ def adacomm(
   lr_schedule: Callable[[Any], Any] | None = None,
   max_tau: int | None = None,
   local_state_policy: str = "keep",
+  order: str = "step_then_mix",
+  mix_mask: Any = None,
+  warmup_steps: int = 0,
   loss_fn: Callable[[PyTree, Any], Any] | None = None,
   eval_batch: Any = None,
   loss_estimate: str = "averaged_model",
   interval: int | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> CooperativeTransformation:
   r"""AdaComm (Wang & Joshi, 2019): periodic averaging with an adaptive period.
 
   Workers take local steps and average all models (``x_i ← (1/m) Σ_j x_j``)
@@ -132,8 +130,9 @@ def adacomm(
     ``loss_fn(x̄, eval_batch)``, the loss of the averaged model x̄ on a fixed
     evaluation batch (e.g. a fixed subset of the training set). F(x_l) is
     evaluated on the freshly averaged model, inside the averaging branch of
-    the step only when τ is re-decided; F(x_0) at step 1, on x_0. Cost: one
-    forward pass over ``eval_batch`` per decision (none on the other steps).
+    the step and only when τ is re-decided; F(x_0) by ``init`` (and at the end
+    of a warm-up), on x_0. Cost: one forward pass over ``eval_batch`` per
+    decision, none on the other steps.
   * ``"worker_losses"``: F(x_l) ≈ the mean of the per-worker minibatch losses
     at the step that averages, i.e. of the local models just before that
     step's update and averaging; F(x_0) is their mean at step 1. No extra
@@ -166,6 +165,10 @@ def adacomm(
     max_tau: optional upper bound on τ_l.
     local_state_policy: ``"keep"``, ``"mix"`` (average the buffers too) or
       ``"reset"``, as in :func:`coopjax.cooperative`.
+    order: ``"step_then_mix"`` (default) or ``"mix_then_step"``.
+    mix_mask: optional pytree prefix of X of booleans; leaves marked False stay
+      per worker.
+    warmup_steps: steps of fully synchronous SGD first (post-local SGD).
     loss_fn: ``loss_fn(params, batch) -> scalar`` for one model (the training
       loss); required by ``loss_estimate="averaged_model"``.
     eval_batch: the fixed batch F is evaluated on (a pytree ``loss_fn``
@@ -194,10 +197,8 @@ def adacomm(
     J. Wang and G. Joshi, "Adaptive communication strategies to achieve the best
     error-runtime trade-off in local-update SGD", SysML 2019 (arXiv 1810.08313).
   """
-  local = check_local(local)
   tau0 = check_tau(tau0)
   m = check_int("num_workers", num_workers, 1)
-  policy = check_state_policy(local_state_policy)
   if lr_schedule is not None and not callable(lr_schedule):
     raise TypeError(
       f"lr_schedule must be a function count -> learning rate (an optax schedule), got "
@@ -217,21 +218,23 @@ def adacomm(
   if interval is not None:
     interval = check_int("interval", interval, 1)
   averaged = _check_loss_estimate(loss_estimate, loss_fn, eval_batch)
+  average = mixing.Mix.average(m, mask=mixing.check_mask(mix_mask))
 
   def averaged_model_loss(avg):
     """F of the averaged model: every row of ``avg`` holds it; row 0 is evaluated."""
     model = jax.tree.map(lambda x: x[0], avg)
     return jnp.asarray(loss_fn(model, eval_batch), jnp.float32)
 
-  def init_fn(params):
-    check_rows(params, m, m, 0)
-    return AdaCommState(
-      count=jnp.zeros([], jnp.int32),
-      local_state=jax.vmap(local.init)(params),
-      tau=jnp.asarray(tau0, jnp.int32),
-      last_mix=jnp.zeros([], jnp.int32),
-      loss0=jnp.zeros([], jnp.float32),
-      decide_at=jnp.asarray(interval or 0, jnp.int32),
+  def init_extra(params):
+    if averaged:  # F(x_0): all rows hold x_0 (also after a warm-up's synchronisation)
+      loss0 = averaged_model_loss(mixing.split_rows(params, m)[0])
+    else:
+      loss0 = jnp.zeros([], jnp.float32)
+    return (
+      jnp.asarray(tau0, jnp.int32),
+      jnp.zeros([], jnp.int32),
+      loss0,
+      jnp.asarray(interval or 0, jnp.int32),
     )
 
   def next_tau(k, loss, loss0):
@@ -245,91 +248,63 @@ def adacomm(
       tau = jnp.minimum(tau, float(max_tau))
     return tau.astype(jnp.int32)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    require_params(params)
-    check_rows(params, m, m, 0)
-    if averaged:
-      return update_averaged(updates, state, params, extra_args)
-    if extra_args.get("value") is None:
+  def losses_of(args):
+    if args.get("value") is None:
       raise ValueError(
         "adacomm needs the per-worker losses: call tx.update(grads, state, X, value=losses) "
         "with losses of shape [m] (coopjax.make_step passes them)."
       )
-    losses = jnp.asarray(extra_args["value"], jnp.float32)
+    losses = jnp.asarray(args["value"], jnp.float32)
     if losses.ndim != 1 or num_rows(losses, "value") != m:
       raise ValueError(f"value must hold one loss per worker, shape ({m},), got {losses.shape}.")
-    grads = _check_grads(updates, m, m)
-    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
-    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
-    k = optax.safe_int32_increment(state.count)
-    loss0 = jax.lax.cond(k == 1, lambda: mixing.worker_mean(losses), lambda: state.loss0)
+    return losses
 
-    def on_mix(X, opt_state):
-      if policy == "mix":
-        opt_state = mix_local_state(opt_state, global_mean, m, 0)
-      elif policy == "reset":
-        opt_state = reset_local_state(opt_state, jax.vmap(local.init)(params))
-      tau, decide_at = decide(k, state, lambda: mixing.worker_mean(losses), loss0)
-      return global_mean(X), opt_state, tau, k, decide_at
+  def every_step(k, extra, args):
+    tau, last_mix, loss0, decide_at = extra
+    mean = mixing.worker_mean(losses_of(args))
+    return tau, last_mix, jax.lax.cond(k == 1, lambda: mean, lambda: loss0), decide_at
 
-    def no_mix(X, opt_state):
-      return X, opt_state, state.tau, state.last_mix, state.decide_at
+  def on_mix(k, X, extra, inputs):
+    tau, _, loss0, decide_at = extra
+    mixed = average(X)
+    if averaged:
+      loss = lambda: averaged_model_loss(mixed)  # noqa: E731
+    else:
+      loss = lambda: mixing.worker_mean(losses_of(inputs.args))  # noqa: E731
 
-    new, local_state, tau, last_mix, decide_at = jax.lax.cond(
-      k - state.last_mix == state.tau, on_mix, no_mix, stepped, local_state
-    )
-    out = jax.tree.map(lambda a, x: a - x, new, params)
-    return out, AdaCommState(
-      count=k,
-      local_state=local_state,
-      tau=tau,
-      last_mix=last_mix,
-      loss0=loss0,
-      decide_at=decide_at,
-    )
+    def redo():  # evaluated only when τ is re-decided
+      nxt = jnp.zeros([], jnp.int32) if interval is None else (k // interval + 1) * interval
+      return next_tau(k, loss(), loss0), jnp.asarray(nxt, jnp.int32)
 
-  def decide(k, state, loss, loss0):
-    """(τ, decide_at) after the averaging at step k; ``loss()`` is evaluated only if τ changes."""
+    tau, decide_at = jax.lax.cond(k >= decide_at, redo, lambda: (tau, decide_at))
+    return mixed, (tau, k, loss0, decide_at)
 
-    def redo():
-      nxt = jnp.asarray(0, jnp.int32) if interval is None else (k // interval + 1) * interval
-      return next_tau(k, loss(), loss0), nxt.astype(jnp.int32)
+  def comm(k, state):
+    if state is None:
+      raise ValueError(
+        "adacomm's schedule adapts: tx.comm(k, opt_state) needs the state after step k."
+      )
+    found = [
+      s
+      for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, AdaCommState))
+      if isinstance(s, AdaCommState)
+    ]
+    return average.cost if int(found[0].last_mix) == k else pattern.NO_COMM
 
-    return jax.lax.cond(k >= state.decide_at, redo, lambda: (state.tau, state.decide_at))
-
-  def update_averaged(updates, state, params, extra_args):
-    """The paper's rule: F is the averaged model's loss on ``eval_batch``."""
-    grads = _check_grads(updates, m, m)
-    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
-    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
-    k = optax.safe_int32_increment(state.count)
-    loss0 = jax.lax.cond(
-      k == 1, lambda: averaged_model_loss(global_mean(params)), lambda: state.loss0
-    )
-
-    def on_mix(X, opt_state):
-      if policy == "mix":
-        opt_state = mix_local_state(opt_state, global_mean, m, 0)
-      elif policy == "reset":
-        opt_state = reset_local_state(opt_state, jax.vmap(local.init)(params))
-      avg = global_mean(X)
-      tau, decide_at = decide(k, state, lambda: averaged_model_loss(avg), loss0)
-      return avg, opt_state, tau, k, decide_at
-
-    def no_mix(X, opt_state):
-      return X, opt_state, state.tau, state.last_mix, state.decide_at
-
-    new, local_state, tau, last_mix, decide_at = jax.lax.cond(
-      k - state.last_mix == state.tau, on_mix, no_mix, stepped, local_state
-    )
-    out = jax.tree.map(lambda a, x: a - x, new, params)
-    return out, AdaCommState(
-      count=k,
-      local_state=local_state,
-      tau=tau,
-      last_mix=last_mix,
-      loss0=loss0,
-      decide_at=decide_at,
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _skeleton.transformation(
+    "adacomm",
+    local,
+    Layout(m, 0),
+    state_cls=AdaCommState,
+    should_mix=lambda k, extra: k - extra[1] == extra[0],
+    on_mix=on_mix,
+    init_extra=init_extra,
+    every_step=None if averaged else every_step,
+    state_mix=lambda k: average,
+    comm=comm,
+    period=tau0,
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
+  )
