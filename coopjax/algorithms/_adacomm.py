@@ -181,7 +181,7 @@ def adacomm(
   Returns:
     An optax ``GradientTransformationExtraArgs`` with state :class:`AdaCommState`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, coopjax
     >>> loss = lambda p, b: jnp.mean((p["w"] * b - 1.0) ** 2)
     >>> tx = coopjax.adacomm(optax.sgd(0.1), 4, 2, loss_fn=loss, eval_batch=jnp.ones(3))
@@ -192,6 +192,19 @@ def adacomm(
     ...   X, state, _ = step(X, state, jnp.ones((2, 3)))
     >>> int(state.tau)  # F(x̄) = 0.8⁸, F(x_0) = 1: ⌈√(0.8⁸)·4⌉ = ⌈1.64⌉
     2
+
+    The worker-loss estimate takes the per-worker losses as ``value``:
+
+    >>> tx = coopjax.adacomm(
+    ...   optax.sgd(0.1), tau0=2, num_workers=2, loss_estimate="worker_losses"
+    ... )
+    >>> X = {"w": jnp.zeros(2)}
+    >>> state = tx.init(X)
+    >>> for _ in range(2):  # the first average is after τ₀ = 2 steps
+    ...   updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X, value=jnp.ones(2))
+    ...   X = optax.apply_updates(X, updates)
+    >>> [round(x, 4) for x in X["w"].tolist()], int(state.tau)  # F unchanged: τ stays τ₀
+    ([-0.4, -0.4], 2)
 
   References:
     J. Wang and G. Joshi, "Adaptive communication strategies to achieve the best
@@ -261,8 +274,10 @@ def adacomm(
 
   def every_step(k, extra, args):
     tau, last_mix, loss0, decide_at = extra
-    mean = mixing.worker_mean(losses_of(args))
-    return tau, last_mix, jax.lax.cond(k == 1, lambda: mean, lambda: loss0), decide_at
+    losses = losses_of(args)
+    # F(x_0): an all-reduce at step 1 only (inside the branch).
+    loss0 = jax.lax.cond(k == 1, lambda: mixing.worker_mean(losses), lambda: loss0)
+    return tau, last_mix, loss0, decide_at
 
   def on_mix(k, X, extra, inputs):
     tau, _, loss0, decide_at = extra
@@ -302,6 +317,7 @@ def adacomm(
     every_step=None if averaged else every_step,
     state_mix=lambda k: average,
     comm=comm,
+    mix_cost=average.cost,
     period=tau0,
     order=order,
     local_state_policy=local_state_policy,
