@@ -61,6 +61,8 @@ __all__ = [
   "periodic_averaging_bound",
   "dpsgd_bound",
   "lemma2_bound",
+  "noniid_coefficient",
+  "noniid_error_bound",
   "easgd_zeta",
   "easgd_best_alpha",
   "elastic_zeta",
@@ -556,6 +558,89 @@ def lemma2_bound(
   return out._replace(network=net, total=out.total + net, floor=out.floor + net)
 
 
+def noniid_coefficient(lr: float, L: float, tau: int, zeta: float) -> float:
+  r"""The coefficient C of κ² in Theorem 2 (non-IID data).
+
+  .. math::
+
+     C = \frac{6\eta^2 L^2 \tau^2}{1 - \zeta}
+         \Big(\frac{2\zeta^2}{1 + \zeta} + \frac{2\zeta}{1 - \zeta}
+         + \frac{\tau - 1}{\tau}\Big);
+
+  it vanishes for fully synchronous SGD (τ = 1, ζ = 0) and grows as τ².
+
+  >>> round(noniid_coefficient(0.1, 1.0, 2, 0.0), 12)  # 6·0.01·4·(1/2)
+  0.12
+  """
+  lr = _real("lr", lr, low=0.0, low_open=True)
+  L = _real("L", L, low=0.0, low_open=True)
+  tau = check_int("tau", tau, 1)
+  z = _zeta(zeta)
+  inner = 2 * z * z / (1 + z) + 2 * z / (1 - z) + (tau - 1) / tau
+  return 6.0 * lr * lr * L * L * tau * tau / (1.0 - z) * inner
+
+
+def noniid_error_bound(
+  lr: float,
+  L: float,
+  sigma2: float,
+  kappa2: float,
+  m: int,
+  v: int,
+  tau: int,
+  zeta: float,
+  K: int | float,
+  f_gap: float,
+  *,
+  strict: bool = False,
+) -> ErrorBound:
+  r"""Theorem 2's bound for non-IID data, ``(1/m) Σ_i ‖∇F_i − ∇F‖² ≤ κ²``.
+
+  .. math::
+
+     2 \times \text{(eq. 17)} + C \kappa^2,
+     \qquad \text{valid if } \eta_{\text{eff}} L \le 1 \text{ and } C \le \tfrac12,
+
+  with C from :func:`noniid_coefficient`. The fields: ``optimization`` and
+  ``sync_noise`` are twice eq. 17's, ``network`` is ``2 × (eq. 17's network term) + Cκ²``,
+  i.e. all that a run exceeds fully synchronous SGD by (for which C = 0);
+  ``condition_value`` is ``max(η_eff L, 2C)`` (≤ 1 needed) and ``max_lr`` the largest lr
+  meeting both conditions. Other arguments as in :func:`error_bound`.
+
+  >>> b = noniid_error_bound(0.1, 1.0, 1.0, 2.0, 4, 0, 2, 0.0, math.inf, 1.0)
+  >>> round(b.network, 12)  # 2·0.01·(2 − 1) + 0.12·2
+  0.26
+  """
+  lr, L, sigma2, m, v, K, f_gap = _common(lr, L, sigma2, m, v, K, f_gap)
+  kappa2 = _real("kappa2", kappa2, low=0.0)
+  tau = check_int("tau", tau, 1)
+  iid = error_bound(lr, L, sigma2, m, v, tau, zeta, K, f_gap)
+  C = noniid_coefficient(lr, L, tau, zeta)
+  cond = max(iid.lr_eff * L, 2.0 * C)
+  # C is quadratic in lr: C(lr) = c·lr², so 2C ≤ 1 ⇔ lr ≤ 1/√(2c).
+  c = C / (lr * lr)
+  lr_max = min((m + v) / m / L, 1.0 / math.sqrt(2.0 * c) if c > 0 else math.inf)
+  holds = bool(cond <= 1.0 + 1e-12)
+  if strict and not holds:
+    raise ValueError(
+      f"Theorem 2's conditions fail: max(eta_eff L, 2C) = {cond:.6g} > 1 at lr={lr:.6g}; the "
+      f"largest admissible lr is {lr_max:.6g}. Lower lr or tau, or pass strict=False."
+    )
+  opt, sync = 2.0 * iid.optimization, 2.0 * iid.sync_noise
+  net = 2.0 * iid.network + C * kappa2
+  return ErrorBound(
+    optimization=opt,
+    sync_noise=sync,
+    network=net,
+    total=opt + sync + net,
+    floor=sync + net,
+    lr_eff=iid.lr_eff,
+    condition_value=cond,
+    condition_holds=holds,
+    max_lr=lr_max,
+  )
+
+
 # ---------------------------------------------------------------------------
 # Elastic averaging.
 
@@ -582,10 +667,13 @@ def easgd_zeta(m: int, alpha: float) -> float:
 
 
 def easgd_best_alpha(m: int) -> float:
-  r"""Closed-form error-floor-minimising EASGD α = 2/(m+2) (Lemma 1), where ζ = m/(m+2).
+  r"""EASGD's α = 2/(m+2) minimising ζ(W_α) (Lemma 1), where ζ = m/(m+2).
 
   This is the paper's analytic minimiser of ζ(W_α) (the two branches of eq. 22 cross
-  there); :func:`best_alpha_numerical` minimises the bound numerically instead.
+  there), i.e. of the bound's network factor; :func:`best_alpha_numerical` minimises the
+  bound numerically instead. It is not a measured optimum: on the noisy quadratic and
+  least-squares problems of ``experiments/theory_check.py`` the measured error floor is
+  lowest at much smaller α (``experiments/results/theory/easgd_alpha.csv``).
 
   .. math::
 

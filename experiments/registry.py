@@ -299,12 +299,15 @@ def _adacomm(config, local, lr, mix_mask):
   m = config.num_workers
   lr_schedule = lr if callable(lr) else None
   kw = _coop_kwargs(coopjax.adacomm, config, mix_mask)
+  # The builder sees no loss function or evaluation batch, so the CLI uses the per-worker
+  # minibatch losses as F (no extra forward pass), not the averaged model's loss.
   tx = coopjax.adacomm(
     local,
     tau0=config.tau,
     num_workers=m,
     lr_schedule=lr_schedule,
     max_tau=config.max_tau or None,
+    loss_estimate="worker_losses",
     **kw,
   )
   reduce = _all_reduce(m)

@@ -63,7 +63,7 @@ def algorithms():
       coopjax.matcha(sgd, graph=topology.ring(M), budget=0.5, num_workers=M, key=jax.random.key(0)),
       0,
     ),
-    "adacomm": (coopjax.adacomm(sgd, tau0=4, num_workers=M), 0),
+    "adacomm": (coopjax.adacomm(sgd, tau0=4, num_workers=M, loss_estimate="worker_losses"), 0),
     "hierarchical": (coopjax.hierarchical(sgd, tau1=2, tau2=4, groups=groups), 0),
   }
 

@@ -54,21 +54,14 @@ def _builders():
     "time_varying": lambda: coopjax.time_varying(
       _local(), tau=2, schedule=[ring, topology.complete(M)]
     ),
-    "matcha": lambda: coopjax.matcha(
-      _local(), graph=ring, budget=0.5, num_workers=M, key=jax.random.key(7)
-    ),
-    "nonblocking_easgd": lambda: coopjax.nonblocking_easgd(
-      _local(), tau=2, alpha=0.2, num_workers=M
-    ),
-    "overlap_local_sgd": lambda: coopjax.overlap_local_sgd(
-      _local(), tau=2, alpha=0.5, num_workers=M, anchor_momentum=0.5
-    ),
     "delayed": lambda: coopjax.delayed(_local(), tau=2, W=ring),
     "slowmo": lambda: coopjax.slowmo(_local(), tau=2, num_workers=M, alpha=1.0, beta=0.5, lr=LR),
     "diloco": lambda: coopjax.diloco(
       _local(), outer=optax.sgd(0.7, momentum=0.9, nesterov=True), tau=2, num_workers=M
     ),
-    "adacomm": lambda: coopjax.adacomm(_local(), tau0=3, num_workers=M),
+    "adacomm": lambda: coopjax.adacomm(
+      _local(), tau0=3, num_workers=M, loss_estimate="worker_losses"
+    ),
     "hierarchical": lambda: coopjax.hierarchical(_local(), tau1=2, tau2=4, groups=[[0, 1], [2, 3]]),
   }
 

@@ -185,6 +185,88 @@ def test_matching_decomposition_is_a_proper_edge_colouring(seed):
   assert len(matchings) <= adj.sum(1).max() + 1  # Vizing / Misra–Gries bound
 
 
+# The base graphs of MATCHA's authors (JYWa/MATCHA, util.select_graph), as the lists of
+# matchings they ship: graph 0 is the 8-node graph of the paper's Fig. 1(a), graph 5 the 8-ring.
+AUTHORS_GRAPHS = {
+  0: [[(1, 5), (6, 7), (0, 4), (2, 3)], [(1, 7), (3, 6)], [(1, 0), (3, 7), (5, 6)],
+      [(1, 2), (7, 0)], [(3, 1)]],
+  1: [[(4, 8), (6, 11), (7, 13), (0, 12), (5, 14), (10, 15), (2, 3), (1, 9)],
+      [(11, 13), (14, 2), (5, 6), (15, 3), (10, 9)], [(11, 8), (2, 5), (13, 4), (14, 3), (0, 10)],
+      [(11, 5), (15, 14), (13, 8)], [(2, 11)]],
+  4: [[(2, 7), (3, 15), (13, 14), (8, 9), (1, 5), (0, 10), (6, 12), (4, 11)],
+      [(12, 11), (5, 6), (14, 1), (9, 10), (15, 2), (8, 13)],
+      [(12, 5), (11, 6), (1, 8), (9, 3), (2, 10)], [(12, 14), (11, 9), (5, 15), (0, 6), (1, 7)],
+      [(12, 8), (5, 2), (11, 14), (1, 6)], [(12, 15), (13, 11), (10, 5), (3, 14)], [(12, 9)],
+      [(0, 12)]],
+  5: [[(0, 1), (2, 3), (4, 5), (6, 7)], [(0, 7), (2, 1), (4, 3), (6, 5)]],
+}  # fmt: skip
+
+
+def graph_of(matchings):
+  n = 1 + max(max(e) for M in matchings for e in M)
+  A = np.zeros((n, n))
+  for M in matchings:
+    for i, j in M:
+      A[i, j] = A[j, i] = 1.0
+  return A
+
+
+def check_matchings(matchings, adj):
+  assert sorted(e for M in matchings for e in M) == edges_of(adj)
+  for M in matchings:
+    nodes = [x for e in M for x in e]
+    assert len(nodes) == len(set(nodes)), M
+
+
+@pytest.mark.parametrize("graph_id", sorted(AUTHORS_GRAPHS))
+def test_matching_count_on_the_authors_graphs(graph_id):
+  """Never more matchings than the authors use; graph 0 takes 5 and the 8-ring 2 (= Δ)."""
+  theirs = AUTHORS_GRAPHS[graph_id]
+  adj = graph_of(theirs)
+  ours = topology.matching_decomposition(adj)
+  check_matchings(ours, adj)
+  assert len(ours) <= len(theirs)
+  assert len(ours) == adj.sum(1).max()  # Δ matchings: the minimum possible
+  assert len(ours) == {0: 5, 1: 5, 4: 8, 5: 2}[graph_id]
+
+
+def test_matching_count_on_rings_and_tori():
+  for m in (4, 8, 16):  # even rings are bipartite: König gives Δ = 2
+    assert len(topology.matching_decomposition(topology.ring(m))) == 2
+  for m in (5, 7):  # odd rings: each matching covers at most (m − 1)/2 of the m edges
+    assert len(topology.matching_decomposition(topology.ring(m))) == 3
+  assert len(topology.matching_decomposition(topology.torus(4, 4))) == 4
+  # 3×3 torus: 4-regular on 9 nodes, 18 edges, at most 4 per matching: 5 needed.
+  assert len(topology.matching_decomposition(topology.torus(3, 3))) == 5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matching_decomposition_of_bipartite_graphs_uses_max_degree(seed):
+  rng = np.random.default_rng(100 + seed)
+  a, b = 5, 7
+  bip = rng.uniform(size=(a, b)) < 0.6
+  adj = np.zeros((a + b, a + b), bool)
+  adj[:a, a:] = bip
+  adj = adj | adj.T
+  matchings = topology.matching_decomposition(adj)
+  check_matchings(matchings, adj)
+  assert len(matchings) == adj.sum(1).max()
+
+
+def test_matching_decomposition_of_random_8_node_graphs_uses_max_degree():
+  """Δ is a lower bound, so a count equal to Δ is optimal; Misra–Gries alone gives Δ + 1 often."""
+  plain = 0
+  for seed in range(20):
+    rng = np.random.default_rng(seed)
+    adj = np.triu(rng.uniform(size=(8, 8)) < 0.5, 1)
+    adj = adj | adj.T
+    ours = topology.matching_decomposition(adj)
+    check_matchings(ours, adj)
+    assert len(ours) == adj.sum(1).max()
+    plain += len(topology.matching_decomposition(adj, max_search_nodes=0)) > adj.sum(1).max()
+  assert plain > 0  # the search is what brings those graphs down to Δ
+
+
 def laplacian(edges, m):
   L = np.zeros((m, m))
   for i, j in edges:

@@ -165,6 +165,44 @@ def test_slowmo_is_diloco_with_heavy_ball_outer(gamma):
   np.testing.assert_allclose(gamma * flat_model(ss.momentum), trace, rtol=1e-4, atol=1e-6)
 
 
+def test_slowmo_without_lr_matches_numpy_heavy_ball():
+  """lr=None: t ← βt + Δ, x_start ← x_start − αt (the constant-γ rule, γ cancelled)."""
+  m, tau, alpha, beta = 4, 2, 0.8, 0.6
+  steps = 3 * tau
+  A, b = ref.make_batches(steps, m, seed=48)
+  t = np.zeros(ref.D + 1)
+
+  def outer_step(k, delta, x_start):
+    nonlocal t
+    t = beta * t + delta
+    return x_start - alpha * t
+
+  X, state = run(
+    coopjax.slowmo(optax.sgd(LR, momentum=BETA), tau=tau, num_workers=m, alpha=alpha, beta=beta),
+    A,
+    b,
+    m,
+  )
+  xs, x_start = outer_reference(m, tau, A, b, lambda c: LR, outer_step)
+  np.testing.assert_allclose(ref.flat(X), xs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat_model(state.momentum), t, rtol=1e-4, atol=1e-6)
+
+
+def test_slowmo_learning_rate_in_float64():
+  """In a float64 run γ enters in float64: a γ not representable in float32 is not rounded."""
+  import jax
+
+  gamma = 0.1  # float32(0.1) differs from 0.1 by 1.5e-9
+  with jax.enable_x64(True):
+    X = {"w": jnp.zeros((2, 3), jnp.float64)}
+    tx = coopjax.slowmo(optax.sgd(1.0), tau=1, num_workers=2, alpha=1.0, beta=0.0, lr=gamma)
+    g = {"w": jnp.asarray([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], jnp.float64)}
+    U, state = tx.update(g, tx.init(X), X)
+    # Δ = x_start − x̄ = 2; u = Δ/γ; x_start ← 0 − 1·γ·u = −2 up to float64 rounding.
+    np.testing.assert_allclose(np.asarray(state.momentum["w"]), 2.0 / gamma, rtol=1e-14)
+    assert state.momentum["w"].dtype == jnp.float64
+
+
 def test_slowmo_and_heavy_ball_diloco_differ_under_a_decaying_lr():
   m, tau, alpha, beta = 4, 2, 0.9, 0.7
   A, b = ref.make_batches(4 * tau, m, seed=46)

@@ -157,7 +157,7 @@ def test_comm_per_step_follows_the_schedule():
     "all_reduce"
   ]
   with pytest.raises(ValueError, match="state after step k"):
-    coopjax.adacomm(sgd, tau0=2, num_workers=m).comm(2, None)
+    coopjax.adacomm(sgd, tau0=2, num_workers=m, loss_estimate="worker_losses").comm(2, None)
 
 
 def test_doctest():

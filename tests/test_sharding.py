@@ -264,6 +264,9 @@ def test_errors(mesh):
     coopjax.make_step(ref.loss_fn, tx, mesh=other)
 
 
+# AdaComm's fixed evaluation batch (the averaged model's loss is evaluated on it).
+ADACOMM_EVAL = tuple(jnp.asarray(x[0, 0]) for x in ref.make_batches(1, 1, batch=6, seed=9))
+
 OTHER_ALGORITHMS = {
   "hierarchical": lambda m: (
     coopjax.hierarchical(
@@ -291,7 +294,16 @@ OTHER_ALGORITHMS = {
     ),
     0,
   ),
-  "adacomm": lambda m: (coopjax.adacomm(optax.sgd(LR), tau0=2, num_workers=m), 0),
+  "adacomm": lambda m: (
+    coopjax.adacomm(
+      optax.sgd(LR), tau0=2, num_workers=m, loss_fn=ref.loss_fn, eval_batch=ADACOMM_EVAL
+    ),
+    0,
+  ),
+  "adacomm_worker_losses": lambda m: (
+    coopjax.adacomm(optax.sgd(LR), tau0=2, num_workers=m, loss_estimate="worker_losses"),
+    0,
+  ),
   "elastic_averaging": lambda m: (
     coopjax.elastic_averaging(optax.sgd(LR), W=topology.ring(m), alpha=0.05, tau=2),
     1,

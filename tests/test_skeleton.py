@@ -109,7 +109,10 @@ def test_mix_mask_keeps_leaves_local_for_every_family(name):
       1,
     ),
     "delayed": (coopjax.delayed(sgd, tau=tau, W=topology.complete(m), mix_mask=mask), 0),
-    "adacomm": (coopjax.adacomm(sgd, tau0=tau, num_workers=m, mix_mask=mask), 0),
+    "adacomm": (
+      coopjax.adacomm(sgd, tau0=tau, num_workers=m, mix_mask=mask, loss_estimate="worker_losses"),
+      0,
+    ),
   }[name]
   X, _ = run(tx, ref.init_params(), A, b, m, v)
   # The bias c of worker i follows its own SGD on the gradient at the (mixed) w.
@@ -119,7 +122,7 @@ def test_mix_mask_keeps_leaves_local_for_every_family(name):
       "diloco": coopjax.diloco(sgd, outer=optax.sgd(1.0), tau=tau, num_workers=m),
       "nonblocking_easgd": coopjax.nonblocking_easgd(sgd, tau=tau, alpha=0.2, num_workers=m),
       "delayed": coopjax.delayed(sgd, tau=tau, W=topology.complete(m)),
-      "adacomm": coopjax.adacomm(sgd, tau0=tau, num_workers=m),
+      "adacomm": coopjax.adacomm(sgd, tau0=tau, num_workers=m, loss_estimate="worker_losses"),
     }[name],
     ref.init_params(),
     A,
@@ -149,7 +152,7 @@ def test_every_factory_describes_itself():
     "slowmo": (coopjax.slowmo(sgd, tau=4, num_workers=m, alpha=1.0, beta=0.5, lr=0.1), 0, 4),
     "diloco": (coopjax.diloco(sgd, outer=optax.sgd(0.7), tau=4, num_workers=m), 0, 4),
     "hierarchical": (coopjax.hierarchical(sgd, tau1=2, tau2=4, groups=groups), 0, 2),
-    "adacomm": (coopjax.adacomm(sgd, tau0=4, num_workers=m), 0, 4),
+    "adacomm": (coopjax.adacomm(sgd, tau0=4, num_workers=m, loss_estimate="worker_losses"), 0, 4),
   }
   for name, (tx, v, period) in cases.items():
     assert tx.name == name

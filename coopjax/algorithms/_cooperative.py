@@ -371,6 +371,11 @@ def elastic_hierarchical(
      x_i \leftarrow (1-\alpha) x_i + \alpha z_{g(i)}, \qquad
      z_g \leftarrow \sum_l (W_{aux})_{lg} z_l + \alpha \sum_{i \in g}(x_i - z_g).
 
+  Difference from the paper: in §6.3 the auxiliaries communicate among
+  themselves (through ``W_aux``) during the workers' local steps; here they
+  mix at the same step as the workers, in the one matrix above, every τ
+  steps.
+
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
     >>> tx = coopjax.elastic_hierarchical(

@@ -239,9 +239,21 @@ def as_schedule(lr, name: str = "lr") -> Callable[[chex.Numeric], chex.Numeric]:
   return lambda count: lr
 
 
-def _lr_at(schedule, k):
-  """η_k: the learning rate of step k (counted from 1), i.e. ``schedule(k − 1)`` as optax does."""
-  return jnp.asarray(schedule(jnp.maximum(k - 1, 0)), jnp.float32)
+def _lr_at(schedule, k, dtype):
+  """η_k in ``dtype``: the learning rate of step k (counted from 1), ``schedule(k − 1)`` as optax does.
+
+  ``dtype`` is the parameters' dtype, so a float64 run does not see its learning rate rounded
+  to float32.
+  """
+  return jnp.asarray(schedule(jnp.maximum(k - 1, 0))).astype(dtype)
+
+
+def _leaf_dtype(tree):
+  """The dtype of the first floating leaf of ``tree`` (float32 when there is none)."""
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      return jnp.result_type(x)
+  return jnp.float32
 
 
 def _broadcast_rows(rows: PyTree, like: PyTree) -> PyTree:
@@ -514,7 +526,8 @@ def overlap_local_sgd(
   def on_mix(k, workers, anchor, mean):
     z = _like_rows(mean, anchor)  # z_q: the reduction issued at mix q-1
     # η_q β u_{q-1} = β (η_q / η_{q-1}) (z_{q-1} − z_q); zero at the first mix (pending = z_1).
-    ratio = _lr_at(schedule, k) / _lr_at(schedule, jnp.maximum(k - tau, 1))
+    dt = _leaf_dtype(workers)
+    ratio = _lr_at(schedule, k, dt) / _lr_at(schedule, jnp.maximum(k - tau, 1), dt)
     lead = jax.tree.map(lambda old, new: beta * ratio.astype(new.dtype) * (old - new), anchor, z)
     pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, z)
     pending = jax.tree.map(lambda x, d: x - d.astype(x.dtype), pulled, lead)

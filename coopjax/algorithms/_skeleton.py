@@ -152,7 +152,9 @@ def mix_local_state(local_state, mix: Callable[[PyTree], PyTree], num_workers: i
   """Mixes the floating-point leaves of the stacked local state with the models' mix.
 
   Auxiliary rows have no optimizer state; they enter the mix as zeros and are
-  dropped afterwards. Integer leaves (step counts) are kept.
+  dropped afterwards, so a worker's buffers lose the auxiliaries' weight: with
+  EASGD's W_α each worker's momentum becomes ``(1 − α)·buf_i`` at every mix.
+  Integer leaves (step counts) are kept.
   """
   leaves, treedef = jax.tree.flatten(local_state)
   float_idx = [i for i, x in enumerate(leaves) if _is_float(x) and x.ndim >= 1]

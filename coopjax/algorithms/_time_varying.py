@@ -374,9 +374,10 @@ def _alpha(Ls: np.ndarray, p: np.ndarray) -> float:
 def matcha_design(graph, budget: float) -> MatchaDesign:
   r"""MATCHA's matchings, activation probabilities and mixing weight (Wang et al., 2019).
 
-  1. Split the base graph into matchings ``M_1..M_M`` by Misra–Gries edge
-     colouring (:func:`coopjax.topology.matching_decomposition`, at most
-     ``Δ + 1`` matchings) with Laplacians ``L_j``.
+  1. Split the base graph into matchings ``M_1..M_M`` by edge colouring
+     (:func:`coopjax.topology.matching_decomposition`: Δ matchings, the
+     minimum, for bipartite graphs and whenever its search finds a
+     Δ-colouring; otherwise Δ + 1) with Laplacians ``L_j``.
   2. Choose activation probabilities
 
      .. math::
