@@ -46,10 +46,10 @@ def main(argv=None):
   shards = np.array_split(rng.permutation(train), m)
 
   algorithms = {
-    "sync": (coopjax.sync_sgd(optax.sgd(args.lr), m), 0),
-    "local_sgd(tau=8)": (coopjax.local_sgd(optax.sgd(args.lr), 8, m), 0),
-    "easgd(tau=4)": (coopjax.easgd(optax.sgd(args.lr), 4, 0.1, m), 1),
-    "dpsgd(ring)": (coopjax.dpsgd(optax.sgd(args.lr), topology.ring(m)), 0),
+    "sync": (coopjax.sync_sgd(optax.sgd(args.lr), num_workers=m), 0),
+    "local_sgd(tau=8)": (coopjax.local_sgd(optax.sgd(args.lr), tau=8, num_workers=m), 0),
+    "easgd(tau=4)": (coopjax.easgd(optax.sgd(args.lr), tau=4, alpha=0.1, num_workers=m), 1),
+    "dpsgd(ring)": (coopjax.dpsgd(optax.sgd(args.lr), W=topology.ring(m)), 0),
   }
   params = {"w": jnp.zeros((64, 10)), "b": jnp.zeros((10,))}
   print(f"{'algorithm':<18} {'train loss':>10} {'test acc':>9}")

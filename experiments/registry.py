@@ -148,20 +148,22 @@ def _coop_kwargs(fn, config, mix_mask) -> dict:
 
 def _sync(config, local, lr, mix_mask):
   m = config.num_workers
-  tx = coopjax.sync_sgd(local, m, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
+  tx = coopjax.sync_sgd(local, num_workers=m, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
   return Algorithm("sync_sgd", tx, 0, _every(1, _all_reduce(m)))
 
 
 def _local_sgd(config, local, lr, mix_mask):
   m, tau = config.num_workers, config.tau
-  tx = coopjax.local_sgd(local, tau, m, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
+  tx = coopjax.local_sgd(
+    local, tau=tau, num_workers=m, **_coop_kwargs(coopjax.cooperative, config, mix_mask)
+  )
   return Algorithm("local_sgd", tx, 0, _every(tau, _all_reduce(m)))
 
 
 def _easgd(config, local, lr, mix_mask):
   m, tau = config.num_workers, config.tau
   kw = _coop_kwargs(coopjax.cooperative, config, mix_mask)
-  tx = coopjax.easgd(local, tau, config.alpha, m, **kw)
+  tx = coopjax.easgd(local, tau=tau, alpha=config.alpha, num_workers=m, **kw)
   return Algorithm("easgd", tx, 1, _every(tau, _all_reduce(m)))
 
 
@@ -173,14 +175,16 @@ def _graph(config) -> np.ndarray:
 
 def _dpsgd(config, local, lr, mix_mask):
   W = _graph(config)
-  tx = coopjax.dpsgd(local, W, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
+  tx = coopjax.dpsgd(local, W=W, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
   pattern = coopjax.comm_pattern(tx)
   return Algorithm("dpsgd", tx, 0, _every(1, _pattern_comm(pattern)))
 
 
 def _cooperative(config, local, lr, mix_mask):
   W, tau = _graph(config), config.tau
-  tx = coopjax.cooperative(local, tau, W, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
+  tx = coopjax.cooperative(
+    local, tau=tau, W=W, **_coop_kwargs(coopjax.cooperative, config, mix_mask)
+  )
   pattern = coopjax.comm_pattern(tx)
   return Algorithm("cooperative", tx, 0, _every(tau, _pattern_comm(pattern)))
 
@@ -188,7 +192,7 @@ def _cooperative(config, local, lr, mix_mask):
 def _elastic_averaging(config, local, lr, mix_mask):
   W, tau = _graph(config), config.tau
   kw = _coop_kwargs(coopjax.cooperative, config, mix_mask)
-  tx = coopjax.elastic_averaging(local, W, config.alpha, tau, **kw)
+  tx = coopjax.elastic_averaging(local, W=W, alpha=config.alpha, tau=tau, **kw)
   pattern = coopjax.comm_pattern(tx)
   return Algorithm("elastic_averaging", tx, 1, _every(tau, _pattern_comm(pattern)))
 
@@ -197,7 +201,7 @@ def _elastic_hierarchical(config, local, lr, mix_mask):
   m, tau = config.num_workers, config.tau
   groups = _groups(m, config.num_groups)
   kw = _coop_kwargs(coopjax.cooperative, config, mix_mask)
-  tx = coopjax.elastic_hierarchical(local, tau, groups, config.alpha, **kw)
+  tx = coopjax.elastic_hierarchical(local, tau=tau, groups=groups, alpha=config.alpha, **kw)
   # Each group's workers all-reduce their sum for their group's anchor; the
   # anchors then mix with W_aux (complete by default): one all-reduce over groups.
   size = len(groups[0])
@@ -208,7 +212,7 @@ def _elastic_hierarchical(config, local, lr, mix_mask):
 
 def _nonblocking_easgd(config, local, lr, mix_mask):
   m, tau, a = config.num_workers, config.tau, config.alpha
-  tx = coopjax.nonblocking_easgd(local, tau, a, m)
+  tx = coopjax.nonblocking_easgd(local, tau=tau, alpha=a, num_workers=m)
   return Algorithm(
     "nonblocking_easgd",
     tx,
@@ -221,7 +225,9 @@ def _nonblocking_easgd(config, local, lr, mix_mask):
 
 def _overlap_local_sgd(config, local, lr, mix_mask):
   m, tau, a, beta = config.num_workers, config.tau, config.alpha, config.anchor_momentum
-  tx = coopjax.overlap_local_sgd(local, tau, a, m, anchor_momentum=beta, lr=lr)
+  tx = coopjax.overlap_local_sgd(
+    local, tau=tau, alpha=a, num_workers=m, anchor_momentum=beta, lr=lr
+  )
   return Algorithm(
     "overlap_local_sgd",
     tx,
@@ -234,14 +240,16 @@ def _overlap_local_sgd(config, local, lr, mix_mask):
 
 def _delayed(config, local, lr, mix_mask):
   W, tau = _graph(config), config.tau
-  tx = coopjax.delayed(local, tau, W)
+  tx = coopjax.delayed(local, tau=tau, W=W)
   pattern = coopjax.comm_pattern(tx)
   return Algorithm("delayed", tx, 0, _every(tau, _pattern_comm(pattern)), overlap=True)
 
 
 def _slowmo(config, local, lr, mix_mask):
   m, tau = config.num_workers, config.tau
-  tx = coopjax.slowmo(local, tau, m, config.slow_lr, config.slow_momentum, lr)
+  tx = coopjax.slowmo(
+    local, tau=tau, num_workers=m, alpha=config.slow_lr, beta=config.slow_momentum, lr=lr
+  )
   return Algorithm("slowmo", tx, 0, _every(tau, _all_reduce(m)))
 
 
@@ -254,7 +262,7 @@ def _diloco(config, local, lr, mix_mask):
     raise ValueError(
       f"outer_optimizer must be 'nesterov' or 'sgd', got {config.outer_optimizer!r}."
     )
-  tx = coopjax.diloco(local, outer, tau, m)
+  tx = coopjax.diloco(local, outer=outer, tau=tau, num_workers=m)
   return Algorithm("diloco", tx, 0, _every(tau, _all_reduce(m)))
 
 
@@ -263,7 +271,7 @@ def _time_varying(config, local, lr, mix_mask):
   period = topology.one_peer_exponential_period(m)
   schedule = [topology.one_peer_exponential(m, r) for r in range(period)]
   kw = _coop_kwargs(coopjax.time_varying, config, mix_mask)
-  tx = coopjax.time_varying(local, tau, schedule, **kw)
+  tx = coopjax.time_varying(local, tau=tau, schedule=schedule, **kw)
   # One-peer exponential graph: every worker sends to one peer per mix.
   return Algorithm("time_varying", tx, 0, _every(tau, Comm(1.0, 1.0) if m > 1 else NO_COMM))
 
@@ -276,7 +284,7 @@ def _matcha(config, local, lr, mix_mask):
   design = coopjax.matcha_design(graph, config.matcha_budget)
   key = jax.random.key(config.seed)
   kw = _coop_kwargs(coopjax.matcha, config, mix_mask)
-  tx = coopjax.matcha(local, graph, config.matcha_budget, m, key, **kw)
+  tx = coopjax.matcha(local, graph=graph, budget=config.matcha_budget, num_workers=m, key=key, **kw)
   probabilities = np.asarray(design.probabilities)
 
   def comm(k, _state):
@@ -291,8 +299,16 @@ def _adacomm(config, local, lr, mix_mask):
   m = config.num_workers
   lr_schedule = lr if callable(lr) else None
   kw = _coop_kwargs(coopjax.adacomm, config, mix_mask)
+  # The builder sees no loss function or evaluation batch, so the CLI uses the per-worker
+  # minibatch losses as F (no extra forward pass), not the averaged model's loss.
   tx = coopjax.adacomm(
-    local, config.tau, m, lr_schedule=lr_schedule, max_tau=config.max_tau or None, **kw
+    local,
+    tau0=config.tau,
+    num_workers=m,
+    lr_schedule=lr_schedule,
+    max_tau=config.max_tau or None,
+    loss_estimate="worker_losses",
+    **kw,
   )
   reduce = _all_reduce(m)
 
@@ -306,7 +322,7 @@ def _hierarchical(config, local, lr, mix_mask):
   m, tau1, tau2 = config.num_workers, config.tau, config.tau2
   groups = _groups(m, config.num_groups)
   kw = _coop_kwargs(coopjax.hierarchical, config, mix_mask)
-  tx = coopjax.hierarchical(local, tau1, tau2, groups, **kw)
+  tx = coopjax.hierarchical(local, tau1=tau1, tau2=tau2, groups=groups, **kw)
   full, group = _all_reduce(m), _all_reduce(len(groups[0]))
 
   def comm(k, _state):

@@ -62,9 +62,9 @@ def free_port() -> int:
 def single_process(name):
   mesh = coopjax.worker_mesh(8)
   if name == "ring":
-    tx, v = coopjax.cooperative(optax.sgd(LR), TAU, topology.ring(M)), 0
+    tx, v = coopjax.cooperative(optax.sgd(LR), tau=TAU, W=topology.ring(M)), 0
   else:
-    tx, v = coopjax.easgd(optax.sgd(LR), TAU, 0.05, M), 1
+    tx, v = coopjax.easgd(optax.sgd(LR), tau=TAU, alpha=0.05, num_workers=M), 1
   A, b = ref.make_batches(STEPS, M)
   X = coopjax.shard(coopjax.replicate(ref.init_params(), M, v), mesh, v)
   state = sharding.init(tx, X, mesh, v)

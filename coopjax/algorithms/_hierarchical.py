@@ -64,10 +64,10 @@ def _check_groups(groups) -> list[list[int]]:
 
 def hierarchical(
   local: optax.GradientTransformation,
+  *,
   tau1: int,
   tau2: int,
   groups,
-  *,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -110,7 +110,7 @@ def hierarchical(
 
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
-    >>> tx = coopjax.hierarchical(optax.sgd(0.1), 1, 2, [[0, 1], [2, 3]])
+    >>> tx = coopjax.hierarchical(optax.sgd(0.1), tau1=1, tau2=2, groups=[[0, 1], [2, 3]])
     >>> X = {"w": jnp.arange(4.0)[:, None]}
     >>> state = tx.init(X)
     >>> zero = {"w": jnp.zeros((4, 1))}

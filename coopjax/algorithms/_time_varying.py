@@ -101,10 +101,10 @@ def _schedule_matrices(schedule, period) -> list:
 
 def time_varying(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   schedule: Sequence[Any] | Callable[[int], Any],
   num_aux: int = 0,
-  *,
   period: int | None = None,
   mixers: Sequence[mixing.Mixer] | None = None,
   order: str = "step_then_mix",
@@ -374,9 +374,10 @@ def _alpha(Ls: np.ndarray, p: np.ndarray) -> float:
 def matcha_design(graph, budget: float) -> MatchaDesign:
   r"""MATCHA's matchings, activation probabilities and mixing weight (Wang et al., 2019).
 
-  1. Split the base graph into matchings ``M_1..M_M`` by Misra–Gries edge
-     colouring (:func:`coopjax.topology.matching_decomposition`, at most
-     ``Δ + 1`` matchings) with Laplacians ``L_j``.
+  1. Split the base graph into matchings ``M_1..M_M`` by edge colouring
+     (:func:`coopjax.topology.matching_decomposition`: Δ matchings, the
+     minimum, for bipartite graphs and whenever its search finds a
+     Δ-colouring; otherwise Δ + 1) with Laplacians ``L_j``.
   2. Choose activation probabilities
 
      .. math::
@@ -441,11 +442,11 @@ def matcha_flags(key: jax.Array, k, probabilities) -> jax.Array:
 
 def matcha(
   local: optax.GradientTransformation,
+  *,
   graph,
   budget: float,
   num_workers: int,
   key: jax.Array,
-  *,
   alpha: float | None = None,
   probabilities: Sequence[float] | None = None,
   order: str = "step_then_mix",
