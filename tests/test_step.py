@@ -71,7 +71,9 @@ def test_consensus_distance_mask_against_numpy():
   )
   mask = {"w": True, "stats": False}
   np.testing.assert_allclose(float(coopjax.consensus_distance(X, mask)), np_consensus(w), rtol=1e-5)
-  tx = described(coopjax.local_sgd(optax.sgd(LR), 2, 5), coopjax.Layout(5), mix_mask=mask)
+  tx = described(
+    coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=5), coopjax.Layout(5), mix_mask=mask
+  )
   np.testing.assert_allclose(float(coopjax.consensus_distance(X, tx)), np_consensus(w), rtol=1e-5)
   assert float(coopjax.consensus_distance(X, True)) == pytest.approx(
     np_consensus(w) + np_consensus(s), rel=1e-5
@@ -86,8 +88,9 @@ def test_step_counts_mixed_leaves_only_by_default():
   """Leaves kept per worker (mix_mask False) never enter the step's consensus distance."""
   m = 4
   mask = {"w": True, "c": False}
-  base = coopjax.cooperative(optax.sgd(LR), 2, coopjax.topology.complete(m), mix_mask=mask)
-  tx = described(base, coopjax.Layout(m), mix_mask=mask)
+  base = coopjax.cooperative(optax.sgd(LR), tau=2, W=coopjax.topology.complete(m), mix_mask=mask)
+  tx = base  # every coopjax transformation carries its mix_mask and layout
+  assert tx.mix_mask == mask and tx.layout == coopjax.Layout(m)
   A, b = ref.make_batches(3, m)
   X = coopjax.replicate(ref.init_params(), tx)
   state = tx.init(X)
@@ -110,7 +113,7 @@ def test_step_counts_mixed_leaves_only_by_default():
 def test_sharded_metrics_equal_unsharded_with_auxiliary_rows(mesh):
   """The same defaults on both paths; EASGD's anchor counts once in the consensus distance."""
   m = 16
-  tx = coopjax.easgd(optax.sgd(LR), 2, 0.05, m)
+  tx = coopjax.easgd(optax.sgd(LR), tau=2, alpha=0.05, num_workers=m)
   layout = coopjax.Layout(m, 1)
   A, b = ref.make_batches(3, m)
   Xu = coopjax.replicate(ref.init_params(), layout)
@@ -137,7 +140,7 @@ def test_sharded_metrics_equal_unsharded_with_auxiliary_rows(mesh):
 
 def test_log_every_computes_reducing_metrics_on_logged_steps_only(mesh):
   m = 8
-  tx = coopjax.local_sgd(optax.sgd(LR), 3, m)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=3, num_workers=m)
   A, b = ref.make_batches(4, m)
   X0 = coopjax.replicate(ref.init_params(), m)
   every, logged = (
@@ -158,7 +161,7 @@ def test_log_every_computes_reducing_metrics_on_logged_steps_only(mesh):
   # On a mesh their all-reduces then sit in a branch: off-steps communicate nothing.
   Xs = coopjax.shard(X0, mesh)
   step = coopjax.make_step(
-    ref.loss_fn, coopjax.local_sgd(optax.sgd(LR), 10**6, m), mesh=mesh, log_every=10
+    ref.loss_fn, coopjax.local_sgd(optax.sgd(LR), tau=10**6, num_workers=m), mesh=mesh, log_every=10
   )
   state = sharding.init(tx, Xs, mesh)
   rep = coopjax.comm_report(step, Xs, state, coopjax.shard_batch((A[0], b[0]), mesh))
@@ -172,7 +175,7 @@ def test_log_every_computes_reducing_metrics_on_logged_steps_only(mesh):
 
 def test_layout_given_once(mesh):
   m, v = 16, 1
-  tx = coopjax.easgd(optax.sgd(LR), 2, 0.05, m)
+  tx = coopjax.easgd(optax.sgd(LR), tau=2, alpha=0.05, num_workers=m)
   layout = coopjax.Layout(m, v)
   X = coopjax.replicate(ref.init_params(), layout)
   assert X["w"].shape == (m + v, ref.D)
@@ -182,7 +185,8 @@ def test_layout_given_once(mesh):
   Xs = coopjax.shard(X, mesh, layout)
   np.testing.assert_array_equal(ref.flat(coopjax.unshard(Xs, mesh, layout)), ref.flat(X))
   np.testing.assert_array_equal(ref.flat(coopjax.unshard(Xs, mesh, num_aux=v)), ref.flat(X))
-  described_tx = described(tx, layout)
+  described_tx = tx  # tx.layout is Layout(m, v)
+  assert tx.layout == layout
   state = sharding.init(described_tx, Xs, mesh)  # v from tx.layout
   assert int(coopjax.step_count(state)) == 0
   u = coopjax.average(X, layout, workers_only=True)
@@ -227,7 +231,9 @@ def test_forgetting_the_layout_is_an_error_naming_the_fix(mesh):
 
 def test_step_checks_x_against_the_transformations_layout():
   m = 4
-  tx = described(coopjax.easgd(optax.sgd(LR), 2, 0.1, m), coopjax.Layout(m, 1))
+  tx = described(
+    coopjax.easgd(optax.sgd(LR), tau=2, alpha=0.1, num_workers=m), coopjax.Layout(m, 1)
+  )
   A, b = ref.make_batches(1, m)
   X = coopjax.replicate(ref.init_params(), m)  # the anchor forgotten
   step = coopjax.make_step(ref.loss_fn, tx)
@@ -244,7 +250,7 @@ def test_step_checks_x_against_the_transformations_layout():
 
 def _plain(loss_fn, **kwargs):
   m = 4
-  tx = coopjax.local_sgd(optax.sgd(LR), 2, m)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m)
   X = coopjax.replicate(ref.init_params(), m)
   A, b = ref.make_batches(1, m)
   step = coopjax.make_step(loss_fn, tx, **kwargs)
@@ -278,7 +284,7 @@ def test_batch_without_the_worker_axis_is_refused():
   with pytest.raises(ValueError, match="worker axis.*check_batch=False"):
     _plain(ref.loss_fn)(no_axis)
   with pytest.raises(ValueError, match="leading axis 3 but there are 4 workers"):
-    tx = described(coopjax.local_sgd(optax.sgd(LR), 2, m), coopjax.Layout(m))
+    tx = described(coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m), coopjax.Layout(m))
     X = coopjax.replicate(ref.init_params(), tx)
     A3, b3 = ref.make_batches(1, 3)
     coopjax.make_step(ref.loss_fn, tx)(X, tx.init(X), (A3[0], b3[0]))
@@ -292,7 +298,7 @@ def test_batch_without_the_worker_axis_is_refused():
 
 def test_sharded_step_errors_name_the_fix(mesh):
   m = 8
-  tx = coopjax.local_sgd(optax.sgd(LR), 2, m)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m)
   Xs = coopjax.shard(coopjax.replicate(ref.init_params(), m), mesh)
   state = sharding.init(tx, Xs, mesh)
   A, b = ref.make_batches(1, m)
@@ -309,7 +315,7 @@ def test_sharded_step_errors_name_the_fix(mesh):
 
 def test_unplaced_batch_is_placed_by_the_step(mesh):
   m = 8
-  tx = coopjax.local_sgd(optax.sgd(LR), 2, m)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m)
   A, b = ref.make_batches(2, m)
   step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh)
   X0 = coopjax.shard(coopjax.replicate(ref.init_params(), m), mesh)
@@ -335,7 +341,7 @@ def test_unplaced_batch_is_placed_by_the_step(mesh):
 def test_sharded_step_waits_periodically_on_cpu_devices(mesh, monkeypatch):
   """Unwaited loops of steps with collectives deadlock on fake CPU devices: the step waits."""
   m = 8
-  tx = coopjax.sync_sgd(optax.sgd(LR), m)  # an all-reduce on every step
+  tx = coopjax.sync_sgd(optax.sgd(LR), num_workers=m)  # an all-reduce on every step
   X = coopjax.shard(coopjax.replicate(ref.init_params(), m), mesh)
   state = sharding.init(tx, X, mesh)
   A, b = ref.make_batches(1, m)
@@ -355,7 +361,7 @@ def test_sharded_step_waits_periodically_on_cpu_devices(mesh, monkeypatch):
 
 def test_diagnostics_flags_on_the_sharded_step_with_an_anchor(mesh):
   m = 16
-  tx = coopjax.easgd(optax.sgd(LR), 2, 0.05, m)
+  tx = coopjax.easgd(optax.sgd(LR), tau=2, alpha=0.05, num_workers=m)
   layout = coopjax.Layout(m, 1)
   Xs = coopjax.shard(coopjax.replicate(ref.init_params(), layout), mesh, layout)
   state = sharding.init(tx, Xs, mesh, num_aux=1)
