@@ -154,11 +154,14 @@ class EarlyReduction(NamedTuple):
     operand: ``state.pending`` when the program started (m worker rows; the
       local block inside a sharded step).
     start: ``state.count`` when the program started (int32 scalar).
+    result: ``reduce(operand)`` already computed by another program
+      (:mod:`coopjax.parallel.overlap`), or None to reduce here.
   """
 
   kind: type
   operand: PyTree
   start: chex.Array
+  result: PyTree = None
 
 
 _EARLY: contextvars.ContextVar[EarlyReduction | None] = contextvars.ContextVar(
@@ -215,8 +218,11 @@ def _reduction(state, tau: int, k, reduce: Callable[[PyTree], PyTree]):
       f"the early reduction's operand has structure {jax.tree.structure(early.operand)} but "
       f"state.pending has {jax.tree.structure(state.pending)}; pass the state's own pending."
     )
-  with jax.named_scope("early_reduction"):  # outside the mixing branch: overlaps what precedes it
-    issued = reduce(early.operand)
+  if early.result is not None:
+    issued = early.result  # reduced by a separate program that ran beside the local steps
+  else:
+    with jax.named_scope("early_reduction"):  # outside the mixing branch: overlaps what precedes
+      issued = reduce(early.operand)
   fresh = k - tau <= early.start
 
   def reduction(pending):
