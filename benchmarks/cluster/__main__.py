@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from benchmarks.cluster.emulate import PREFIX
 from benchmarks.cluster.emulate import Cluster
 from benchmarks.cluster.emulate import ClusterError
 from benchmarks.cluster.emulate import cleanup
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
   for name in ("list", "cleanup"):
     p = sub.add_parser(name)
     p.add_argument("--all", action="store_true", help="also the namespaces of live runs")
+    p.add_argument("--prefix", default=PREFIX, help=f"name prefix (default {PREFIX})")
   run = sub.add_parser("run")
   run.add_argument("nodes", type=int)
   run.add_argument("--rate", default="1gbit")
@@ -34,10 +36,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
   try:
     if args.cmd == "list":
-      print("\n".join(leftovers(args.all)) or "none")
+      print("\n".join(leftovers(args.all, args.prefix)) or "none")
       return 0
     if args.cmd == "cleanup":
-      removed = cleanup(args.all)
+      removed = cleanup(args.all, args.prefix)
       print("removed: " + (", ".join(removed) or "nothing"))
       return 0
     if not command:

@@ -71,7 +71,6 @@ PREFIX = "cj-"
 """Every namespace, and every ``/etc/netns`` entry, this module creates starts with it."""
 
 _NETNS_ETC = "/etc/netns"
-_OWNER = re.compile(r"^cj-(\d+)-")
 
 
 class ClusterError(RuntimeError):
@@ -151,30 +150,32 @@ def _namespaces() -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+  """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
   try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      state = f.read().rsplit(")", 1)[1].split()[0]
+  except (FileNotFoundError, ProcessLookupError, IndexError):
     return False
-  except PermissionError:
-    return True
-  return True
+  return state not in ("Z", "X")
 
 
-def leftovers(include_live: bool = False) -> list[str]:
-  """Namespaces and ``/etc/netns`` entries named with :data:`PREFIX` whose owner has exited.
+def leftovers(include_live: bool = False, prefix: str = PREFIX) -> list[str]:
+  """Namespaces and ``/etc/netns`` entries named ``<prefix><pid>-...`` whose owner has exited.
 
   Args:
     include_live: also list those of runs still alive (other concurrent clusters).
+    prefix: the name prefix (:data:`PREFIX` unless the cluster was given another).
 
   Returns:
     Sorted names (``/etc/netns`` entries as full paths).
   """
-  names = [n for n in _namespaces() if n.startswith(PREFIX)]
+  owner = re.compile(rf"^{re.escape(prefix)}(\d+)-")
+  names = [n for n in _namespaces() if n.startswith(prefix)]
   if os.path.isdir(_NETNS_ETC):
-    names += [os.path.join(_NETNS_ETC, n) for n in os.listdir(_NETNS_ETC) if n.startswith(PREFIX)]
+    names += [os.path.join(_NETNS_ETC, n) for n in os.listdir(_NETNS_ETC) if n.startswith(prefix)]
 
   def stale(name):
-    match = _OWNER.match(os.path.basename(name))
+    match = owner.match(os.path.basename(name))
     return include_live or match is None or not _alive(int(match.group(1)))
 
   return sorted(n for n in set(names) if stale(n))
@@ -208,7 +209,7 @@ def _remove(names: Sequence[str]) -> list[str]:
   return failed
 
 
-def cleanup(include_live: bool = False) -> list[str]:
+def cleanup(include_live: bool = False, prefix: str = PREFIX) -> list[str]:
   """Removes the leftovers of crashed or killed runs (:func:`leftovers`); returns what it removed.
 
   Namespaces go with their veth ends and bridges; processes still inside them
@@ -216,7 +217,7 @@ def cleanup(include_live: bool = False) -> list[str]:
   still alive (use it only when none of yours is running).
   """
   check_environment()
-  names = leftovers(include_live)
+  names = leftovers(include_live, prefix)
   failed = _remove(names)
   if failed:
     raise ClusterError(f"could not remove: {', '.join(failed)}.")
@@ -236,6 +237,8 @@ class Cluster:
     port: node 0's coordinator port.
     tag: an optional extra in the names (``cj-<pid>-<tag>-...``), letters and
       digits, to run several clusters from one process.
+    prefix: the names' prefix (default :data:`PREFIX`); leftovers are looked
+      for, and cleaned up, per prefix.
 
   Raises:
     ClusterError: not root, tools missing, or leftovers of a killed run
@@ -251,6 +254,7 @@ class Cluster:
     group_rate: str | float | None = None,
     port: int = 47123,
     tag: str = "",
+    prefix: str = PREFIX,
   ):
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
       raise ValueError(f"num_nodes must be a positive integer, got {num_nodes!r}.")
@@ -274,7 +278,10 @@ class Cluster:
     if not re.fullmatch(r"[a-z0-9]{0,8}", tag):
       raise ValueError(f"tag must be up to 8 lowercase letters or digits, got {tag!r}.")
     self.port = int(port)
-    stem = f"{PREFIX}{os.getpid()}-" + (f"{tag}-" if tag else "")
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,5}-", prefix):
+      raise ValueError(f"prefix must be 1-6 lowercase letters or digits and a '-', got {prefix!r}.")
+    self.prefix = prefix
+    stem = f"{prefix}{os.getpid()}-" + (f"{tag}-" if tag else "")
     self.switch = stem + "sw"
     self.nodes = [f"{stem}n{i}" for i in range(num_nodes)]
     self._up = False
@@ -305,11 +312,12 @@ class Cluster:
   def up(self) -> Cluster:
     """Creates namespaces, bridges, links and rates. Tears down what it made if a step fails."""
     check_environment()
-    stale = leftovers()
+    stale = leftovers(prefix=self.prefix)
     if stale:
+      hint = "" if self.prefix == PREFIX else f" --prefix {self.prefix}"
       raise ClusterError(
         f"leftovers of an earlier run that did not tear down: {', '.join(stale)}. Remove them "
-        "with `python -m benchmarks.cluster cleanup` (or benchmarks.cluster.cleanup())."
+        f"with `python -m benchmarks.cluster cleanup{hint}` (or benchmarks.cluster.cleanup())."
       )
     if any(n.startswith(self.switch[: -len("sw")]) for n in _namespaces()):
       raise ClusterError(f"namespaces {self.switch[:-2]}* already exist: this cluster is up.")
