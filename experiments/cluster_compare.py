@@ -295,36 +295,64 @@ def algorithm_params(args):
   return p
 
 
-def comm_per_step(name, k, m, nbytes, net, params, net_slow=None):
-  """Modelled seconds of step k's communication (k from 1), α–β (coopjax.netmodel)."""
+def comm_per_step(name, k, m, nbytes, net, params, net_slow=None, lowered=False):
+  r"""Modelled seconds of step k's communication (k from 1), α–β (coopjax.netmodel).
+
+  ``nbytes`` is the model's size, or a list of its leaves' sizes: then every
+  leaf is its own message (one collective per leaf, as gloo runs them). With
+  ``net_slow`` (a grouped cluster) an all-reduce over all m nodes, and any
+  ring shift, crosses the slow link between groups. ``lowered=True`` prices
+  what the sharded step actually sends (its compiled HLO): MATCHA's active
+  matching and the hierarchical group mean are two full ring shifts (±1),
+  not one exchange within pairs.
+  """
   import jax
 
   from coopjax import netmodel
-  from coopjax import topology
+
+  leaves = nbytes if isinstance(nbytes, (list, tuple)) else [nbytes]
+  wide = net_slow or net
+
+  def all_reduce(nodes, on):
+    return sum(netmodel.allreduce_time(b, nodes, on) for b in leaves)
+
+  def shifts(count, on):
+    return count * sum(netmodel.neighbor_exchange_time(b, 1, on) for b in leaves)
 
   p = params[name]
   if name == "compute_only":
     return 0.0
-  if name in ("sync_sgd",):
-    return netmodel.allreduce_time(nbytes, m, net)
+  if name == "sync_sgd":
+    return all_reduce(m, wide)
   if name.startswith("local_sgd") or name in ("easgd", "nonblocking_easgd", "diloco"):
-    return netmodel.allreduce_time(nbytes, m, net) if k % p["tau"] == 0 else 0.0
+    return all_reduce(m, wide) if k % p["tau"] == 0 else 0.0
   if name == "dpsgd_ring":
-    return netmodel.mix_time(topology.ring(m), nbytes, net)
+    return shifts(2, wide)  # two neighbours: a shift each way
   if name == "one_peer_exp":
-    return netmodel.neighbor_exchange_time(nbytes, 1, net)
+    return shifts(1, wide)
   if name == "matcha":
     import coopjax
+    from coopjax import topology
     from coopjax.algorithms._time_varying import matcha_flags
 
     design = coopjax.matcha_design(topology.ring(m), p["budget"])
     flags = np.asarray(matcha_flags(jax.random.key(p["seed"]), k, np.asarray(design.probabilities)))
-    return float(flags.sum()) * netmodel.neighbor_exchange_time(nbytes, 1, net)
+    return float(flags.sum()) * shifts(2 if lowered else 1, wide)
   if name == "hierarchical":
     if k % p["tau2"] == 0:
-      return netmodel.allreduce_time(nbytes, m, net_slow or net)
-    return netmodel.allreduce_time(nbytes, m // 2, net) if k % p["tau"] == 0 else 0.0
+      return all_reduce(m, wide)
+    if k % p["tau"] == 0:
+      return shifts(2, wide) if lowered else all_reduce(m // 2, net)
+    return 0.0
   raise ValueError(name)
+
+
+def leaf_bytes(sizes):
+  """Bytes of each float32 leaf of the MLP with these layer sizes (weights and biases)."""
+  out = []
+  for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+    out += [4 * a * b, 4 * b]
+  return out
 
 
 def summarize_times(times):
@@ -349,13 +377,18 @@ def smooth(x, w=8):
   return out
 
 
+def compute_time(outs):
+  """t_c: the slowest node's mean local-step time (the others wait for it at every mix)."""
+  return float(max(np.mean(o["runs"]["compute_only"]["times"]) for o in outs))
+
+
 def analyse_overlap(outs, t_c):
   """Period times (slowest node per period) of blocking, one-program and overlapped runs."""
   overlap = {}
   for name, res in outs[0]["overlap"].items():
     per_node = [o["overlap"][name] for o in outs]
     keys = list(res["times"])
-    times = {k: np.max([pn["times"][k] for pn in per_node], axis=0) for k in keys}
+    times = {k: np.mean([pn["times"][k] for pn in per_node], axis=0) for k in keys}
     t_reduce = float(np.median(np.max([pn["reduce_alone"] for pn in per_node], axis=0)))
     tau = res["tau"]
     t_local = tau * t_c
@@ -401,6 +434,7 @@ def analyse(flat, hier, args, params, extra_overlap=None):
     "nominal": netmodel.NetworkModel(latency=1e-12, bandwidth=rate / 8),
     "calibrated": netmodel.NetworkModel(latency=max(alpha, 1e-12), bandwidth=1 / beta),
   }
+  nets["calibrated_per_leaf"] = nets["calibrated"]
   calibration = {
     "sizes": sizes,
     "all_reduce_median_s": med["all_reduce"],
@@ -430,10 +464,11 @@ def analyse(flat, hier, args, params, extra_overlap=None):
     return np.mean([o["runs"][name]["losses"] for o in outs], axis=0)
 
   def step_times(outs, name):
-    # The slowest node per step (they synchronise at each collective).
-    return np.max([o["runs"][name]["times"] for o in outs], axis=0)
+    # Mean over nodes: its running sum is the mean of the nodes' clocks (which the collectives
+    # keep together); a per-step maximum would add up every node's worst step.
+    return np.mean([o["runs"][name]["times"] for o in outs], axis=0)
 
-  t_c = float(np.median(step_times(flat, "compute_only")))
+  t_c = compute_time(flat)
   rows = {}
   sources = [(flat, name) for name in flat[0]["runs"] if name != "compute_only"]
   if hier:
@@ -442,14 +477,20 @@ def analyse(flat, hier, args, params, extra_overlap=None):
     key = name if outs is flat else f"{name} (grouped)"
     times = step_times(outs, name)
     steps = len(times)
-    t_c_here = t_c if outs is flat else float(np.median(step_times(hier, "compute_only")))
+    t_c_here = t_c if outs is flat else compute_time(hier)
     models = {}
     for which, net in nets.items():
       slow = None
       if outs is hier:
         slow = netmodel.NetworkModel(net.latency, net.bandwidth * args.group_rate_bits / rate)
+      size = nbytes
+      if which == "calibrated_per_leaf":
+        size = leaf_bytes([int(x) for x in args.sizes.split(",")])
       comm = np.array(
-        [comm_per_step(name, k, m, nbytes, net, params, slow) for k in range(1, steps + 1)]
+        [
+          comm_per_step(name, k, m, size, net, params, slow, lowered=which == "calibrated_per_leaf")
+          for k in range(1, steps + 1)
+        ]
       )
       models[which] = t_c_here + comm
     measured = float(np.mean(times))
@@ -472,6 +513,9 @@ def analyse(flat, hier, args, params, extra_overlap=None):
       "modelled_step_calibrated_s": float(np.mean(models["calibrated"])),
       "ratio_measured_to_nominal": measured / float(np.mean(models["nominal"])),
       "ratio_measured_to_calibrated": measured / float(np.mean(models["calibrated"])),
+      "modelled_step_per_leaf_lowered_s": float(np.mean(models["calibrated_per_leaf"])),
+      "ratio_measured_to_per_leaf_lowered": measured
+      / float(np.mean(models["calibrated_per_leaf"])),
       "compute_step_s": t_c_here,
       "measured_time": np.cumsum(times).tolist(),
       "modelled_time_calibrated": np.cumsum(models["calibrated"]).tolist(),
@@ -493,7 +537,7 @@ def analyse(flat, hier, args, params, extra_overlap=None):
 
   overlap = {f"m={m}": analyse_overlap(flat, t_c)} if flat[0].get("overlap") else {}
   for outs in extra_overlap or []:
-    t_c_here = float(np.median(step_times(outs, "compute_only")))
+    t_c_here = compute_time(outs)
     overlap[f"m={outs[0]['m']}"] = analyse_overlap(outs, t_c_here)
   return {
     "calibration": calibration,
@@ -532,17 +576,23 @@ def plot(result, outdir):
   names = list(rows)
   x = np.arange(len(names))
   fig, ax = plt.subplots(figsize=(12, 4.5))
-  ax.bar(x - 0.27, [rows[n]["measured_step_s"] * 1e3 for n in names], 0.27, label="measured")
+  ax.bar(x - 0.3, [rows[n]["measured_step_s"] * 1e3 for n in names], 0.2, label="measured")
   ax.bar(
-    x,
+    x + 0.3,
+    [rows[n]["modelled_step_per_leaf_lowered_s"] * 1e3 for n in names],
+    0.2,
+    label="model, calibrated, per leaf, as lowered",
+  )
+  ax.bar(
+    x - 0.1,
     [rows[n]["modelled_step_calibrated_s"] * 1e3 for n in names],
-    0.27,
+    0.2,
     label="model, calibrated α–β",
   )
   ax.bar(
-    x + 0.27,
+    x + 0.1,
     [rows[n]["modelled_step_nominal_s"] * 1e3 for n in names],
-    0.27,
+    0.2,
     label="model, nominal link",
   )
   ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
@@ -631,16 +681,20 @@ def write_summary(result, args, outdir, command):
     "",
     "## Per algorithm: time per step, measured and modelled",
     "",
-    f"t_c (local step alone, measured) = {result['compute_step_s'] * 1e3:.1f} ms. Model = t_c + α–β time of the step's communication.",
+    f"t_c (local step alone, the slowest node's mean) = {result['compute_step_s'] * 1e3:.1f} ms. Model = t_c + α–β time of the step's communication.",
     "",
-    "| algorithm | measured ms/step | calibrated model | ratio | nominal model | ratio | steps to sync's loss | measured s to it | speed-up vs sync |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| algorithm | measured ms/step | calibrated model | ratio | nominal model | ratio | per-leaf, as lowered | ratio | measured ms per mixing step / other step | steps to sync's loss | measured s to it | speed-up vs sync |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in result["rows"].items():
     fmt = lambda v, f="{:.2f}": "—" if v is None else f.format(v)
+    ms = lambda v: None if v is None else v * 1e3
     lines.append(
       f"| {name} | {r['measured_step_s'] * 1e3:.1f} | {r['modelled_step_calibrated_s'] * 1e3:.1f} | {r['ratio_measured_to_calibrated']:.2f} "
-      f"| {r['modelled_step_nominal_s'] * 1e3:.1f} | {r['ratio_measured_to_nominal']:.2f} | {fmt(r['steps_to_target'], '{}')} "
+      f"| {r['modelled_step_nominal_s'] * 1e3:.1f} | {r['ratio_measured_to_nominal']:.2f} "
+      f"| {r['modelled_step_per_leaf_lowered_s'] * 1e3:.1f} | {r['ratio_measured_to_per_leaf_lowered']:.2f} "
+      f"| {fmt(ms(r['measured_mix_step_median_s']), '{:.0f}')} / {fmt(ms(r['measured_off_step_median_s']), '{:.0f}')} "
+      f"| {fmt(r['steps_to_target'], '{}')} "
       f"| {fmt(r['time_to_target_s'])} | {fmt(r['speedup_vs_sync'])} |"
     )
   panels = [
@@ -713,9 +767,19 @@ def main(argv=None):
     help="compute threads per node (1: XLA's Eigen single-threaded; each node a one-core host)",
   )
   parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments", "results", "cluster"))
+  parser.add_argument(
+    "--reanalyse", default=None, help="recompute tables and figures from a results.json's raw data"
+  )
   args = parser.parse_args(argv)
   if args.node:
     return node_main(*args.node)
+  if args.reanalyse:
+    with open(args.reanalyse, encoding="utf-8") as f:
+      saved = json.load(f)
+    old = argparse.Namespace(**saved["result"]["args"])
+    raw = saved["raw"]
+    command = saved["result"]["command"]
+    return finish(raw["flat"], raw["grouped"], raw.get("overlap") or [], old, command, args.outdir)
   from benchmarks.cluster import parse_rate
 
   if args.quick:
@@ -782,18 +846,24 @@ def main(argv=None):
     ospec = dict(base, calibrate=False, overlap=overlap_pairs, algorithms=[("compute_only", n)])
     extra.append(run_cluster(ospec, args.overlap_nodes, args.rate, tag="ovl", threads=args.threads))
     print(f"overlap cluster done in {time.time() - t0:.0f} s", flush=True)
+  finish(flat, hier, extra, args, command, args.outdir)
+
+
+def finish(flat, hier, extra, args, command, outdir):
+  """Analyses the node outputs and writes results.json, the figures and summary.md."""
+  params = algorithm_params(args)
   result = analyse(flat, hier, args, params, extra)
   result.update(
     m=flat[0]["m"],
     model_bytes=flat[0]["model_bytes"],
     command=command,
-    args={k: v for k, v in vars(args).items() if k != "node"},
+    args={k: v for k, v in vars(args).items() if k not in ("node", "reanalyse")},
   )
-  os.makedirs(args.outdir, exist_ok=True)
-  with open(os.path.join(args.outdir, "results.json"), "w", encoding="utf-8") as f:
+  os.makedirs(outdir, exist_ok=True)
+  with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
     json.dump({"result": result, "raw": {"flat": flat, "grouped": hier, "overlap": extra}}, f)
-  plot(result, args.outdir)
-  print(write_summary(result, args, args.outdir, command))
+  plot(result, outdir)
+  print(write_summary(result, args, outdir, command))
 
 
 if __name__ == "__main__":

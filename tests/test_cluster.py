@@ -42,6 +42,13 @@ pytestmark = pytest.mark.skipif(
   reason="the emulated cluster needs root (network namespaces, veth links, tc)",
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def no_stale_clusters():
+  """Removes what crashed earlier runs left (their owner pids are gone); live runs are kept."""
+  cluster.cleanup()
+
+
 NODE = textwrap.dedent(
   f"""
   import sys, json
