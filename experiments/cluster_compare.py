@@ -522,18 +522,19 @@ def analyse(flat, hier, args, params, extra_overlap=None):
       "loss": mean_loss(outs, name).tolist(),
     }
   # Time to sync SGD's final (smoothed) loss, measured.
-  target = float(smooth(rows["sync_sgd"]["loss"])[-1])
+  target = float(smooth(rows["sync_sgd"]["loss"])[-1]) if "sync_sgd" in rows else None
   for row in rows.values():
     s = smooth(row["loss"])
-    hit = np.nonzero(s <= target)[0]
+    hit = np.nonzero(s <= target)[0] if target is not None else []
     row["steps_to_target"] = int(hit[0]) + 1 if len(hit) else None
     row["time_to_target_s"] = float(row["measured_time"][hit[0]]) if len(hit) else None
     row["modelled_time_to_target_s"] = (
       float(row["modelled_time_calibrated"][hit[0]]) if len(hit) else None
     )
-  sync_t = rows["sync_sgd"]["time_to_target_s"]
-  for row in rows.values():
-    row["speedup_vs_sync"] = sync_t / row["time_to_target_s"] if row["time_to_target_s"] else None
+    sync_t = rows["sync_sgd"]["time_to_target_s"] if "sync_sgd" in rows else None
+    row["speedup_vs_sync"] = (
+      sync_t / row["time_to_target_s"] if sync_t and row["time_to_target_s"] else None
+    )
 
   overlap = {f"m={m}": analyse_overlap(flat, t_c)} if flat[0].get("overlap") else {}
   for outs in extra_overlap or []:
@@ -556,14 +557,15 @@ def plot(result, outdir):
 
   rows = result["rows"]
   fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-  for name, row in rows.items():
-    ls = "--" if "grouped" in name else "-"
-    axes[0].plot(row["measured_time"], smooth(row["loss"]), ls, label=name)
-    axes[1].plot(row["modelled_time_calibrated"], smooth(row["loss"]), ls, label=name)
+  for i, (name, row) in enumerate(rows.items()):
+    style = {"ls": "--" if "grouped" in name else "-", "color": plt.cm.tab20(i), "label": name}
+    axes[0].plot(row["measured_time"], smooth(row["loss"]), **style)
+    axes[1].plot(row["modelled_time_calibrated"], smooth(row["loss"]), **style)
   for ax, title in zip(
     axes, ["measured wall-clock (emulated cluster)", "modelled (t_c + calibrated α–β)"], strict=True
   ):
-    ax.axhline(result["target_loss"], color="k", lw=0.5)
+    if result["target_loss"] is not None:
+      ax.axhline(result["target_loss"], color="k", lw=0.5)
     ax.set_xlabel("seconds")
     ax.set_title(title)
     ax.set_xscale("log")
@@ -849,15 +851,23 @@ def main(argv=None):
   finish(flat, hier, extra, args, command, args.outdir)
 
 
+def _args(args):
+  return {k: v for k, v in vars(args).items() if k not in ("node", "reanalyse")}
+
+
 def finish(flat, hier, extra, args, command, outdir):
   """Analyses the node outputs and writes results.json, the figures and summary.md."""
+  os.makedirs(outdir, exist_ok=True)
+  raw = {"flat": flat, "grouped": hier, "overlap": extra}
+  with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump({"result": {"args": _args(args), "command": command}, "raw": raw}, f)
   params = algorithm_params(args)
   result = analyse(flat, hier, args, params, extra)
   result.update(
     m=flat[0]["m"],
     model_bytes=flat[0]["model_bytes"],
     command=command,
-    args={k: v for k, v in vars(args).items() if k not in ("node", "reanalyse")},
+    args=_args(args),
   )
   os.makedirs(outdir, exist_ok=True)
   with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
