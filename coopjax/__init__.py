@@ -4,12 +4,14 @@ Communication-efficient distributed SGD, A(τ, W, v) of Wang & Joshi (JMLR 2021)
 as optax gradient transformations over a stacked worker axis.
 """
 
+from coopjax import cost
 from coopjax import diagnostics
 from coopjax import mixing
 from coopjax import theory
 from coopjax import topology
 from coopjax.algorithms import AdaCommState
 from coopjax.algorithms import CooperativeState
+from coopjax.algorithms import CooperativeTransformation
 from coopjax.algorithms import DelayedState
 from coopjax.algorithms import DiLoCoState
 from coopjax.algorithms import HierarchicalState
@@ -39,6 +41,8 @@ from coopjax.algorithms import step_count
 from coopjax.algorithms import sync_sgd
 from coopjax.algorithms import time_varying
 from coopjax.cost import netmodel
+from coopjax.cost.pattern import CommPattern
+from coopjax.cost.pattern import comm_pattern
 from coopjax.cost.report import comm_report
 from coopjax.parallel import collectives
 from coopjax.parallel import distributed
@@ -47,16 +51,16 @@ from coopjax.parallel.sharding import shard
 from coopjax.parallel.sharding import shard_batch
 from coopjax.parallel.sharding import unshard
 from coopjax.parallel.sharding import worker_mesh
-from coopjax.period import CommPattern
-from coopjax.period import comm_pattern
 from coopjax.period import make_period_step
 from coopjax.step import make_step
 from coopjax.training import checkpoint
 from coopjax.training import data
 from coopjax.training import models
 from coopjax.workers import WORKER_AXIS
+from coopjax.workers import Layout
 from coopjax.workers import average
 from coopjax.workers import consensus_distance
+from coopjax.workers import layout_of
 from coopjax.workers import replicate
 from coopjax.workers import stack
 from coopjax.workers import worker
@@ -73,8 +77,10 @@ __all__ = [
   "comm_report",
   "CommPattern",
   "consensus_distance",
+  "cost",
   "cooperative",
   "CooperativeState",
+  "CooperativeTransformation",
   "data",
   "delayed",
   "DelayedState",
@@ -87,6 +93,8 @@ __all__ = [
   "elastic_averaging",
   "elastic_hierarchical",
   "hierarchical",
+  "Layout",
+  "layout_of",
   "HierarchicalState",
   "local_sgd",
   "make_period_step",

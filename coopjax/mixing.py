@@ -1,59 +1,75 @@
-r"""Mixing: applying a mixing matrix to the stacked models.
+r"""Mixing: the one interface through which the stacked rows communicate.
 
-The reference path is a dense einsum over the worker axis,
+A mix is a linear map of the rows of X, written in the paper's layout (a
+column per node) as
 
 .. math::
 
-   x_i^{\text{new}} = \sum_j W_{ji}\, x_j
-   \quad\Longleftrightarrow\quad
-   X^{\text{new}} = X W \text{ (paper layout, a column per node)},
+   X \leftarrow X W, \qquad x_i^{\text{new}} = \sum_j W_{ji}\, x_j ,
 
-written ``einsum("ji,j...->i...", W, x)`` on every leaf. Faster lowerings
-(an all-reduce for ``W = J``, one collective-permute per circulant offset)
-are tested against it.
+with W static (``(m + v) × (m + v)``, auxiliary rows last, or ``m × m``). Every
+algorithm of coopjax communicates only through :class:`Mix` objects: the
+period's mix of A(τ, W, v), EASGD's anchor reduction, DiLoCo's mean of the
+workers, a MATCHA matching, a group mean. A :class:`Mix` is the single place
+that defines
 
-Sharded meaning. Algorithms address rows only through the primitives of this
-module (:func:`split_rows`, :func:`join_rows`, :func:`worker_mean`,
-:func:`worker_sum`, :func:`permute`, :func:`group_mean`, :func:`mix_dense`,
-the mixers from :func:`dense_mixer`; shape checks through
-:func:`coopjax.workers.num_rows` count global rows). Under a sharded step (``coopjax.make_step(..., mesh=mesh)``) the
-transformation runs inside ``jax.shard_map`` and sees, on each device, its
+* its dense reference, ``einsum("ji,j...->i...", W, x)`` on every leaf;
+* its sharded lowering (:mod:`coopjax.parallel.collectives`): one all-reduce
+  for ``W = J`` (or ``aI + cJ``), collective-permutes of the boundary rows
+  for sparse W (ring, torus, hypercube, exponential, matchings, groups), an
+  all-reduce of the workers' rows into replicated auxiliaries (EASGD), an
+  all-gather with the dense einsum for any other W — with the leaves of one
+  dtype packed into one buffer, so that a mix costs one collective per
+  neighbour offset, not one per leaf;
+* its cost record (:class:`coopjax.cost.pattern.MixCost`: collective,
+  payloads per worker, latency rounds), read by the α–β model, the
+  transformations' self-description and ``comm_report``'s comparisons;
+* which leaves it mixes (``mask``; the others keep their rows).
+
+Wrappers that change every mix of every algorithm act on :class:`Mix`:
+:meth:`Mix.restrict` (a fragment selector: mix only the leaves a mask
+selects); a compressor or a live mask replaces how the rows are combined
+while the algorithms stay as they are.
+
+Sharded meaning. Under a sharded step (``coopjax.make_step(..., mesh=mesh)``)
+the transformation runs inside ``jax.shard_map`` and sees, on each device, its
 block of ``b = m / D`` worker rows followed by a replicated copy of the ``v``
-auxiliary rows; a :class:`ShardContext` is then active and every primitive
-takes its per-device meaning (:mod:`coopjax.collectives`):
+auxiliary rows; a :class:`coopjax.parallel.context.ShardContext` is then
+active and the row primitives of this module (:func:`split_rows`,
+:func:`join_rows`, :func:`worker_mean`, :func:`worker_sum`, and every
+:class:`Mix`) take their per-device meaning. Call a :class:`Mix` inside the
+mixing branch of a ``lax.cond`` when it should cost nothing on off-steps.
 
-* ``split_rows(X, m)`` splits the local block at ``b``; ``join_rows`` is local;
-* ``worker_mean`` / ``worker_sum`` are one all-reduce (``lax.psum``) whose
-  result is replicated;
-* the mixer of ``W`` lowers to the cheapest collective: one all-reduce for
-  ``W = J`` (or ``aI + cJ``), collective-permutes of the boundary rows for
-  circulant and other sparse ``W`` (ring, torus, hypercube, exponential),
-  an all-reduce of the workers' rows into replicated auxiliaries (EASGD),
-  and an all-gather with the dense einsum for any other ``W``;
-* ``permute`` and ``group_mean`` are the same sparse lowering of their
-  matrices (no traffic when every group or pair lies within one device).
-
-Only call them inside the mixing branch of a ``lax.cond`` when they should
-cost nothing on off-steps: outside a branch a collective runs every step.
+  >>> import jax.numpy as jnp
+  >>> from coopjax import mixing, topology
+  >>> mix = mixing.Mix(topology.ring(4), num_workers=4)
+  >>> X = {"w": jnp.arange(4.0)}
+  >>> [round(float(x), 4) for x in mix(X)["w"]]
+  [1.3333, 1.0, 2.0, 1.6667]
+  >>> mix.cost.collective, mix.cost.volume
+  ('neighbor_exchange', 2.0)
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coopjax import workers
+from coopjax.cost import pattern
+from coopjax.parallel import collectives
+from coopjax.parallel import context
+from coopjax.parallel.context import ShardContext
+
 PyTree = Any
 Mixer = Callable[[PyTree], PyTree]
 
 __all__ = [
+  "Mix",
   "Mixer",
   "mix_dense",
   "dense_mixer",
@@ -71,69 +87,9 @@ __all__ = [
 ]
 
 
-class ShardContext(NamedTuple):
-  """Where a sharded step runs: the worker axis and the per-device block.
-
-  Attributes:
-    axis_name: the mesh axis the workers are sharded over (``coopjax.WORKER_AXIS``).
-    num_devices: D, the size of that axis.
-    num_workers: m, the global number of workers (a multiple of D).
-    num_aux: v, the number of auxiliary rows, replicated on every device.
-  """
-
-  axis_name: str
-  num_devices: int
-  num_workers: int
-  num_aux: int
-
-  @property
-  def block(self) -> int:
-    """b = m / D, the number of workers on each device."""
-    return self.num_workers // self.num_devices
-
-
-_CONTEXT: contextvars.ContextVar[ShardContext | None] = contextvars.ContextVar(
-  "coopjax_shard_context", default=None
-)
-
-
-def shard_context() -> ShardContext | None:
-  """The active :class:`ShardContext`, or None outside a sharded step."""
-  return _CONTEXT.get()
-
-
-@contextlib.contextmanager
-def sharded(ctx: ShardContext) -> Iterator[ShardContext]:
-  """Activates ``ctx`` while tracing a per-device (``shard_map``) function."""
-  if ctx.num_workers % ctx.num_devices:
-    raise ValueError(
-      f"num_workers={ctx.num_workers} is not a multiple of the {ctx.num_devices} devices of "
-      f"mesh axis {ctx.axis_name!r}; use m = k * {ctx.num_devices} workers."
-    )
-  token = _CONTEXT.set(ctx)
-  try:
-    yield ctx
-  finally:
-    _CONTEXT.reset(token)
-
-
-def to_global_rows(rows: int) -> int:
-  """A leading-axis size seen on this device, as a global row count.
-
-  Outside a sharded step it is returned unchanged. Inside, a local block of
-  ``b`` rows counts as ``m`` and ``b + v`` as ``m + v``; other sizes (e.g. the
-  ``v`` auxiliary rows alone, which are replicated) are unchanged.
-  :func:`coopjax.workers.num_rows` applies it, so the shape checks of every
-  algorithm hold per device.
-  """
-  ctx = shard_context()
-  if ctx is None:
-    return rows
-  if rows == ctx.block:
-    return ctx.num_workers
-  if rows == ctx.block + ctx.num_aux:
-    return ctx.num_workers + ctx.num_aux
-  return rows
+shard_context = context.current
+sharded = context.sharded
+to_global_rows = context.to_global_rows
 
 
 def global_rows(tree: PyTree, name: str = "X") -> int:
@@ -141,32 +97,34 @@ def global_rows(tree: PyTree, name: str = "X") -> int:
 
   Same as :func:`coopjax.workers.num_rows`, which counts rows globally inside
   a sharded step (:func:`to_global_rows`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.global_rows({"w": jnp.zeros((4, 3))})
+    4
   """
-  from coopjax.workers import num_rows
-
-  return num_rows(tree, name)
+  return workers.num_rows(tree, name)
 
 
-def einsum(spec: str, *operands) -> jax.Array:
-  """``jnp.einsum`` at full float32 precision.
-
-  Accelerators otherwise run float32 contractions in reduced precision (TF32
-  on NVIDIA GPUs), which would make a mix with W differ from the exact
-  weighted average by about 1e-3.
-  """
-  return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
+einsum = collectives.einsum
 
 
 def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
-  """Returns ``X·W``: row i becomes ``Σ_j W[j, i] X[j]`` on every leaf.
+  """Returns ``X·W``: row i becomes ``Σ_j W[j, i] X[j]`` on every leaf (the reference).
 
   In a sharded step: all-gather of the workers' rows, then the einsum for this
   device's columns of W (the fallback for any W, also a traced one).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing, topology
+    >>> out = mixing.mix_dense({"w": jnp.arange(4.0)}, topology.ring(4))
+    >>> [round(x, 4) for x in out["w"].tolist()]
+    [1.3333, 1.0, 2.0, 1.6667]
   """
   ctx = shard_context()
   if ctx is not None:
-    from coopjax.parallel import collectives
-
     return collectives.mix_gathered(X, W, ctx)
 
   def mix_leaf(x):
@@ -176,23 +134,223 @@ def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
   return jax.tree.map(mix_leaf, X)
 
 
-def dense_mixer(W: np.ndarray) -> Mixer:
-  """A mixer that applies ``W`` with the dense einsum.
+def _select(mask: PyTree | None, mixed: PyTree, kept: PyTree) -> PyTree:
+  """Leaf-wise: ``mixed`` where ``mask`` is True, else ``kept`` (mask: a pytree prefix of bools)."""
+  if mask is None:
+    return mixed
+  return jax.tree.map(
+    lambda keep, x, y: jax.tree.map(lambda u, w: u if keep else w, x, y), mask, mixed, kept
+  )
 
-  In a sharded step it applies ``W`` with the cheapest collective instead
-  (:func:`coopjax.collectives.lower`); the result is the same up to rounding.
+
+def leaf_flags(mask: PyTree | None, X: PyTree) -> list[bool]:
+  """One boolean per leaf of X (in ``jax.tree.leaves`` order) from a prefix ``mask``."""
+  if mask is None:
+    return [True] * len(jax.tree.leaves(X))
+  full = jax.tree.map(lambda keep, sub: jax.tree.map(lambda _: bool(keep), sub), mask, X)
+  return [bool(f) for f in jax.tree.leaves(full)]
+
+
+def check_mask(mask: PyTree | None, like: PyTree | None = None, name: str = "mix_mask"):
+  """``mask`` must be None or a pytree prefix of ``like`` with Python/NumPy booleans."""
+  if mask is None:
+    return None
+  for leaf in jax.tree.leaves(mask):
+    if not isinstance(leaf, (bool, np.bool_)):
+      raise TypeError(
+        f"{name} leaves must be booleans (True = mix the leaf, False = keep it per worker), "
+        f"got {leaf!r} of type {type(leaf).__name__}."
+      )
+  if like is not None:
+    try:
+      jax.tree.map(lambda keep, sub: None, mask, like)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+        f"{name} must have the structure of one model (a pytree prefix of X's leaves: the same "
+        f"keys, with True to mix a leaf or a whole subtree and False to keep it per worker); "
+        f"build it with jax.tree.map(lambda _: True, params) and set the leaves to keep to "
+        f"False. Mismatch: {e}"
+      ) from None
+  return mask
+
+
+def _averaging(W: np.ndarray, m: int) -> tuple[float, float] | None:
+  """``(a, c)`` when ``W = aI + cJ`` over workers only (full averaging), else None.
+
+  Applied as ``a·x_i + c·Σ_j x_j``: a sum over the rows instead of an einsum,
+  which XLA's CPU backend runs much faster over a small leading axis.
   """
-  W = np.asarray(W)
+  if W.shape[0] != m or m < 2:
+    return None
+  c = W[0, 1]
+  a = W[0, 0] - c
+  return (float(a), float(c)) if np.array_equal(W, a * np.eye(m) + c) else None
 
-  def mix(X):
+
+class Mix:
+  r"""The mix ``X ← X·W`` of the stacked rows: reference, sharded lowering, cost.
+
+  Args:
+    W: the static mixing matrix, ``x_i ← Σ_j W[j, i] x_j``; ``(m + v) × (m + v)``
+      (auxiliary rows last, replicated on every device when sharded) or ``m × m``.
+    num_workers: m, the number of worker rows (the first m rows).
+    mask: optional pytree prefix of one model with booleans: leaves marked
+      False keep their rows (e.g. BatchNorm statistics kept per worker).
+    overlappable: whether this mix's communication overlaps the following
+      local steps (recorded in :attr:`cost`).
+
+  Attributes:
+    matrix: W as a float64 NumPy array.
+    num_workers: m.
+    mask: the leaf mask or None.
+    cost: the :class:`coopjax.cost.pattern.MixCost` of one application.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing, topology
+    >>> easgd = mixing.Mix(topology.easgd(2, 0.25), num_workers=2)  # 2 workers + anchor
+    >>> X = {"w": jnp.array([0.0, 2.0, 4.0])}
+    >>> easgd(X)["w"].tolist()   # x_i ← 0.75 x_i + 0.25 z;  z ← 0.5 z + 0.25 (x_1 + x_2)
+    [1.0, 2.5, 2.5]
+    >>> easgd.cost.collective
+    'all_reduce'
+  """
+
+  def __init__(
+    self,
+    W,
+    num_workers: int,
+    *,
+    mask: PyTree | None = None,
+    overlappable: bool = False,
+  ):
+    W = np.asarray(W, dtype=np.float64)
+    m = int(num_workers)
+    if W.ndim != 2 or W.shape[0] != W.shape[1] or not 1 <= m <= W.shape[0]:
+      raise ValueError(
+        f"a mix needs a square (m + v) x (m + v) matrix with m = {m} worker rows, got shape "
+        f"{W.shape}."
+      )
+    self.matrix = W
+    self.num_workers = m
+    self.mask = check_mask(mask)
+    self.overlappable = bool(overlappable)
+    self._averaging = _averaging(W, m)
+
+  @property
+  def num_rows(self) -> int:
+    """``m + v``, the rows this mix acts on."""
+    return self.matrix.shape[0]
+
+  @property
+  def cost(self) -> pattern.MixCost:
+    """What one application communicates (:func:`coopjax.cost.pattern.matrix_cost`)."""
+    cost = pattern.matrix_cost(self.matrix, self.num_workers, overlappable=self.overlappable)
+    if self.mask is not None and cost.collective != "none":
+      cost = cost._replace(fraction=float("nan"))  # set by the caller, who knows leaf sizes
+    return cost
+
+  def restrict(self, mask: PyTree | None) -> Mix:
+    """The same mix on the leaves ``mask`` selects only (a fragment selector)."""
+    if mask is None:
+      return self
+    return Mix(self.matrix, self.num_workers, mask=mask, overlappable=self.overlappable)
+
+  def __call__(self, X: PyTree) -> PyTree:
+    """``X·W`` on the selected leaves (rows counted globally, sharded or not)."""
+    if self.mask is None:
+      return self._apply(X)
+    leaves, treedef = jax.tree.flatten(X)
+    flags = leaf_flags(self.mask, X)
+    mixed = iter(self._apply([x for x, keep in zip(leaves, flags, strict=True) if keep]))
+    return jax.tree.unflatten(
+      treedef, [next(mixed) if keep else x for x, keep in zip(leaves, flags, strict=True)]
+    )
+
+  def _apply(self, X: PyTree) -> PyTree:
+    if not jax.tree.leaves(X):
+      return X
     ctx = shard_context()
     if ctx is not None:
-      from coopjax.parallel import collectives
+      return collectives.lower(self.matrix, ctx)(X)
+    n = workers.num_rows(X, "X")
+    if n != self.num_rows:
+      raise ValueError(
+        f"X has {n} rows but this mix acts on {self.num_rows} ({self.num_workers} workers + "
+        f"{self.num_rows - self.num_workers} auxiliary); build X with coopjax.replicate(params, "
+        "tx) so that its rows match the transformation's layout."
+      )
+    if self._averaging is not None:
+      a, c = self._averaging
+      total = worker_sum(X)
+      return jax.tree.map(
+        lambda x, t: jnp.asarray(a, x.dtype) * x + jnp.asarray(c, x.dtype) * t[None], X, total
+      )
+    return mix_dense(X, self.matrix)
 
-      return collectives.lower(W, ctx)(X)
-    return mix_dense(X, W)
+  def __repr__(self) -> str:
+    return f"Mix({self.num_rows}x{self.num_rows}, num_workers={self.num_workers}, {self.cost})"
 
-  return mix
+  @classmethod
+  def average(cls, num_workers: int, **kwargs) -> Mix:
+    """Full averaging ``W = J``: every worker row becomes the mean of all workers."""
+    m = int(num_workers)
+    return cls(np.full((m, m), 1.0 / m), m, **kwargs)
+
+  @classmethod
+  def mean_into_aux(cls, num_workers: int, **kwargs) -> Mix:
+    r"""Workers unchanged; one auxiliary row receives their mean, ``z ← (1/m) Σ_i x_i``."""
+    m = int(num_workers)
+    W = np.zeros((m + 1, m + 1))
+    W[:m, :m] = np.eye(m)
+    W[:m, m] = 1.0 / m
+    return cls(W, m, **kwargs)
+
+  @classmethod
+  def sum_into_aux(cls, num_workers: int, **kwargs) -> Mix:
+    r"""Workers unchanged; one auxiliary row receives their sum, ``z ← Σ_i x_i``."""
+    m = int(num_workers)
+    W = np.zeros((m + 1, m + 1))
+    W[:m, :m] = np.eye(m)
+    W[:m, m] = 1.0
+    return cls(W, m, **kwargs)
+
+  @classmethod
+  def permutation(cls, source) -> Mix:
+    """Row ``i`` becomes row ``source[i]`` (a static permutation of the m worker rows)."""
+    src = np.asarray(source, dtype=np.int64)
+    if src.ndim != 1 or sorted(src.tolist()) != list(range(len(src))):
+      raise ValueError(f"source must be a permutation of 0..m-1, got {list(src)}.")
+    A = np.zeros((len(src), len(src)))
+    A[src, np.arange(len(src))] = 1.0
+    return cls(A, len(src))
+
+  @classmethod
+  def groups(cls, groups) -> Mix:
+    r"""Every row becomes the mean of its group, ``x_i ← (1/|g|) Σ_{j ∈ g(i)} x_j``."""
+    groups = [[int(i) for i in g] for g in groups]
+    members = sorted(i for g in groups for i in g)
+    m = len(members)
+    if members != list(range(m)) or any(len(g) == 0 for g in groups):
+      raise ValueError(f"groups must be non-empty lists partitioning 0..m-1, got {groups}.")
+    ids = np.zeros(m, dtype=np.int64)
+    for gi, g in enumerate(groups):
+      ids[g] = gi
+    sizes = np.array([len(g) for g in groups])
+    return cls((ids[:, None] == ids[None, :]) / sizes[ids][None, :], m)
+
+
+def dense_mixer(W: np.ndarray) -> Mixer:
+  """``X -> X·W`` as a function (a :class:`Mix` over all rows as workers).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing, topology
+    >>> mixing.dense_mixer(topology.complete(4))({"w": jnp.arange(4.0)})["w"].tolist()
+    [1.5, 1.5, 1.5, 1.5]
+  """
+  W = np.asarray(W)
+  return Mix(W, W.shape[0])
 
 
 def split_rows(X: PyTree, num_workers: int) -> tuple[PyTree, PyTree]:
@@ -201,6 +359,13 @@ def split_rows(X: PyTree, num_workers: int) -> tuple[PyTree, PyTree]:
   Algorithms address rows only through :func:`split_rows`, :func:`join_rows`,
   :func:`worker_mean` and :func:`worker_sum` (and the mixers), so that the
   sharded execution path can give these a per-device meaning.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> workers, aux = mixing.split_rows({"w": jnp.arange(5.0)}, num_workers=4)
+    >>> workers["w"].tolist(), aux["w"].tolist()
+    ([0.0, 1.0, 2.0, 3.0], [4.0])
   """
   ctx = shard_context()
   if ctx is not None:
@@ -217,26 +382,43 @@ def split_rows(X: PyTree, num_workers: int) -> tuple[PyTree, PyTree]:
 
 
 def join_rows(workers: PyTree, aux: PyTree) -> PyTree:
-  """Inverse of :func:`split_rows`: stacks worker rows then auxiliary rows."""
+  """Inverse of :func:`split_rows`: stacks worker rows then auxiliary rows.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.join_rows({"w": jnp.zeros(2)}, {"w": jnp.ones(1)})["w"].tolist()
+    [0.0, 0.0, 1.0]
+  """
   return jax.tree.map(lambda w, a: jnp.concatenate([w, a.astype(w.dtype)], axis=0), workers, aux)
 
 
 def worker_mean(workers: PyTree) -> PyTree:
-  """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``."""
+  """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.worker_mean({"w": jnp.arange(4.0)})["w"].tolist()
+    1.5
+  """
   ctx = shard_context()
   if ctx is not None:
-    from coopjax.parallel import collectives
-
     return collectives.worker_mean(workers, ctx)
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), workers)
 
 
 def worker_sum(workers: PyTree) -> PyTree:
-  """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``."""
+  """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.worker_sum({"w": jnp.arange(4.0)})["w"].tolist()
+    6.0
+  """
   ctx = shard_context()
   if ctx is not None:
-    from coopjax.parallel import collectives
-
     return collectives.worker_sum(workers, ctx)
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), workers)
 
@@ -244,60 +426,30 @@ def worker_sum(workers: PyTree) -> PyTree:
 def permute(workers: PyTree, source) -> PyTree:
   """Row ``i`` becomes row ``source[i]``: ``x_i ← x_{source[i]}`` on every leaf.
 
-  ``source`` is a static sequence of m row indices (a permutation, e.g. a
-  shift ``source[i] = (i − s) mod m`` or a matching's involution). The plain
-  implementation gathers rows; a sharded path lowers it to one
-  collective-permute with pairs ``(source[i], i)``.
+  ``source`` is a static permutation of the m rows (a shift, a matching's
+  involution); sharded, one collective-permute per device offset
+  (:meth:`Mix.permutation`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.permute({"w": jnp.arange(4.0)}, [1, 0, 3, 2])["w"].tolist()  # swap matched pairs
+    [1.0, 0.0, 3.0, 2.0]
   """
-  src = np.asarray(source, dtype=np.int64)
-  if src.ndim != 1 or sorted(src.tolist()) != list(range(len(src))):
-    raise ValueError(f"source must be a permutation of 0..m-1, got {list(src)}.")
-  ctx = shard_context()
-  if ctx is not None:
-    from coopjax.parallel import collectives
-
-    A = np.zeros((len(src), len(src)))
-    A[src, np.arange(len(src))] = 1.0
-    return collectives.apply_worker_matrix(workers, A, ctx)
-
-  def leaf(x):
-    if x.shape[0] != len(src):
-      raise ValueError(f"permute got {x.shape[0]} rows but source has {len(src)} entries.")
-    return x[src]
-
-  return jax.tree.map(leaf, workers)
+  return Mix.permutation(source)(workers)
 
 
 def group_mean(workers: PyTree, groups) -> PyTree:
   r"""Every row becomes the mean of its group: ``x_i ← (1/|g|) Σ_{j ∈ g(i)} x_j``.
 
-  ``groups`` is a static list of lists of row indices partitioning ``0..m-1``.
-  The plain implementation is a segment sum. Contiguous equal groups
-  ``[[0..s-1], [s..2s-1], …]`` map onto a 2-D mesh of shape
-  ``(num_groups, s)`` (across hosts × within a host) on which the group mean is
-  an all-reduce over the within-host axis only.
+  ``groups`` is a static list of lists of row indices partitioning ``0..m-1``
+  (:meth:`Mix.groups`); sharded, no traffic when every group lies within one
+  device.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.group_mean({"w": jnp.arange(4.0)}, [[0, 1], [2, 3]])["w"].tolist()
+    [0.5, 0.5, 2.5, 2.5]
   """
-  groups = [[int(i) for i in g] for g in groups]
-  members = sorted(i for g in groups for i in g)
-  m = len(members)
-  if members != list(range(m)) or any(len(g) == 0 for g in groups):
-    raise ValueError(f"groups must be non-empty lists partitioning 0..m-1, got {groups}.")
-  ids = np.zeros(m, dtype=np.int32)
-  for gi, g in enumerate(groups):
-    ids[g] = gi
-  sizes = np.array([len(g) for g in groups])
-  ctx = shard_context()
-  if ctx is not None:
-    from coopjax.parallel import collectives
-
-    A = (ids[:, None] == ids[None, :]) / sizes[ids][None, :]
-    return collectives.apply_worker_matrix(workers, A, ctx)
-
-  def leaf(x):
-    if x.shape[0] != m:
-      raise ValueError(f"group_mean got {x.shape[0]} rows but the groups cover {m} workers.")
-    sums = jax.ops.segment_sum(x, ids, num_segments=len(groups))
-    inv = jnp.asarray(1.0 / sizes, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-    return (sums * inv)[ids]
-
-  return jax.tree.map(leaf, workers)
+  return Mix.groups(groups)(workers)

@@ -46,18 +46,23 @@ Differently initialised workers come from :func:`stack` over a list of pytrees.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from coopjax._validation import check_int
+from coopjax.parallel import context
 
 PyTree = Any
 
 __all__ = [
   "WORKER_AXIS",
+  "Layout",
+  "layout_of",
   "replicate",
   "stack",
   "worker",
@@ -69,6 +74,68 @@ __all__ = [
 
 WORKER_AXIS = "workers"
 """Name of the worker axis in meshes and collectives."""
+
+
+class Layout(NamedTuple):
+  """How the rows of X are laid out: ``m`` worker rows, then ``v`` auxiliary rows.
+
+  Every coopjax transformation carries its layout (``tx.layout``), so the
+  functions that need m and v (:func:`replicate`, :func:`average`,
+  :func:`coopjax.shard`, …) can take them from the transformation.
+
+  Attributes:
+    num_workers: m, the number of workers.
+    num_aux: v, the number of auxiliary variables (1 for EASGD's anchor).
+
+  Examples:
+    >>> import coopjax
+    >>> layout = coopjax.Layout(num_workers=4, num_aux=1)
+    >>> layout.num_rows
+    5
+  """
+
+  num_workers: int
+  num_aux: int = 0
+
+  @property
+  def num_rows(self) -> int:
+    """``m + v``, the leading-axis size of every leaf of X."""
+    return self.num_workers + self.num_aux
+
+
+def layout_of(spec, num_aux: int | None = None) -> Layout:
+  """The :class:`Layout` described by ``spec``.
+
+  Args:
+    spec: a :class:`Layout`, anything with a ``layout`` attribute (every coopjax
+      transformation), or the number of workers m as an int.
+    num_aux: v, only with an int ``spec`` (default 0); with a layout or a
+      transformation it must be None or agree with it.
+
+  Returns:
+    The layout.
+
+  Examples:
+    >>> import coopjax
+    >>> coopjax.layout_of(4, num_aux=1)
+    Layout(num_workers=4, num_aux=1)
+  """
+  layout = getattr(spec, "layout", spec)
+  if isinstance(layout, Layout):
+    if num_aux is not None and int(num_aux) != layout.num_aux:
+      raise ValueError(
+        f"num_aux={num_aux} disagrees with the layout's {layout.num_aux} auxiliary rows; drop "
+        "num_aux: the transformation knows it."
+      )
+    return layout
+  if isinstance(spec, bool) or not isinstance(spec, numbers.Integral):
+    raise TypeError(
+      f"expected a coopjax transformation, a coopjax.Layout or the number of workers (int), got "
+      f"{spec!r} of type {type(spec).__name__}."
+    )
+  m = check_int("num_workers", spec, 1)
+  v = check_int("num_aux", 0 if num_aux is None else num_aux, 0)
+  return Layout(m, v)
 
 
 def _leaves(tree: PyTree, name: str) -> list:
@@ -129,9 +196,7 @@ def num_rows(X: PyTree, name: str = "X") -> int:
       f"{name} leaves have different leading-axis sizes {sorted(sizes)}; every leaf must "
       "be stacked over the same m + v rows (use coopjax.replicate)."
     )
-  from coopjax.mixing import to_global_rows  # inside a sharded step: the global count
-
-  return to_global_rows(sizes.pop())
+  return context.to_global_rows(sizes.pop())  # inside a sharded step: the global count
 
 
 def check_stacked(X: PyTree, rows: int, name: str = "X") -> None:

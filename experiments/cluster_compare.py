@@ -228,7 +228,7 @@ def node_main(spec_path, out_dir):
       r_alone = []
       _, state = states[keys[2]]
       pending = overlap._only(state).pending
-      reduce = overlap._reduce_program(overlap.default_reduce(type(overlap._only(state))), mesh)
+      reduce = overlap._reduce_program(overlap.default_reduce(type(overlap._only(state)), m), mesh)
       jax.block_until_ready(reduce(pending))
       for _ in range(spec["reps"]):
         t = time.perf_counter()

@@ -23,7 +23,7 @@ def build(name, m, tau):
   if name == "overlap_local_sgd":
     return coopjax.overlap_local_sgd(optax.sgd(LR), tau, 0.5, m), 1, None
   W = topology.ring(m)
-  return coopjax.delayed(optax.sgd(LR), tau, W), 0, mixing.dense_mixer(W)
+  return coopjax.delayed(optax.sgd(LR), tau, W), 0, mixing.Mix(W, m, overlappable=True)
 
 
 def stepwise(tx, v, mesh, A, b, m):
@@ -106,7 +106,7 @@ def test_reduction_runs_on_another_thread():
 
   def reduce(pending):
     seen.append(threading.current_thread() is threading.main_thread())
-    return mixing.worker_sum(pending)
+    return overlap.default_reduce(coopjax.NonBlockingEASGDState, m)(pending)
 
   X = coopjax.replicate(ref.init_params(), m, 1)
   period = overlap.make_overlapped_period(ref.loss_fn, tx, tau=tau, reduce=reduce)
@@ -133,13 +133,6 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="multiple of tau"):
     period(X1, s1, (A[:tau], b[:tau]))
   with pytest.raises(ValueError, match="no default reduction"):
-    overlap.default_reduce(coopjax.DelayedState)
+    overlap.default_reduce(coopjax.DelayedState, m)
   with pytest.raises(ValueError, match="tau must be"):
     overlap.make_overlapped_period(ref.loss_fn, tx, tau=0)
-
-
-def test_doctest():
-  import doctest
-
-  result = doctest.testmod(overlap, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted > 0 and result.failed == 0

@@ -20,18 +20,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax._validation import check_int
-from coopjax.algorithms._cooperative import _check_grads
-from coopjax.algorithms._cooperative import _local_update
-from coopjax.algorithms._cooperative import check_local
-from coopjax.algorithms._cooperative import check_rows
-from coopjax.algorithms._cooperative import check_state_policy
-from coopjax.algorithms._cooperative import check_tau
-from coopjax.algorithms._cooperative import mix_local_state
-from coopjax.algorithms._cooperative import require_params
-from coopjax.algorithms._cooperative import reset_local_state
-from coopjax.algorithms._hierarchical import global_mean
+from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._skeleton import check_tau
+from coopjax.cost import pattern
+from coopjax.workers import Layout
 from coopjax.workers import num_rows
 
 PyTree = Any
@@ -73,7 +68,10 @@ def adacomm(
   lr_schedule: Callable[[Any], Any] | None = None,
   max_tau: int | None = None,
   local_state_policy: str = "keep",
-) -> optax.GradientTransformationExtraArgs:
+  order: str = "step_then_mix",
+  mix_mask: Any = None,
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""AdaComm (Wang & Joshi, 2019): periodic averaging with an adaptive period.
 
   Workers take local steps and average all models (``x_i ← (1/m) Σ_j x_j``)
@@ -113,18 +111,31 @@ def adacomm(
     max_tau: optional upper bound on τ_l.
     local_state_policy: ``"keep"``, ``"mix"`` (average the buffers too) or
       ``"reset"``, as in :func:`coopjax.cooperative`.
+    order: ``"step_then_mix"`` (default) or ``"mix_then_step"``.
+    mix_mask: optional pytree prefix of X of booleans; leaves marked False stay
+      per worker.
+    warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` with state :class:`AdaCommState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.adacomm(optax.sgd(0.1), tau0=2, num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> state = tx.init(X)
+    >>> for _ in range(2):  # the first average is after τ₀ = 2 steps
+    ...   updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X, value=jnp.ones(2))
+    ...   X = optax.apply_updates(X, updates)
+    >>> [round(x, 4) for x in X["w"].tolist()], int(state.tau)  # F unchanged: τ stays τ₀
+    ([-0.4, -0.4], 2)
 
   References:
     J. Wang and G. Joshi, "Adaptive communication strategies to achieve the best
     error-runtime trade-off in local-update SGD", SysML 2019 (arXiv 1810.08313).
   """
-  local = check_local(local)
   tau0 = check_tau(tau0)
   m = check_int("num_workers", num_workers, 1)
-  policy = check_state_policy(local_state_policy)
   if lr_schedule is not None and not callable(lr_schedule):
     raise TypeError(
       f"lr_schedule must be a function count -> learning rate (an optax schedule), got "
@@ -141,15 +152,13 @@ def adacomm(
       raise ValueError(f"lr0 must be > 0, got {lr0}.")
   if max_tau is not None:
     max_tau = check_int("max_tau", max_tau, 1)
+  average = mixing.Mix.average(m, mask=mixing.check_mask(mix_mask))
 
-  def init_fn(params):
-    check_rows(params, m, m, 0)
-    return AdaCommState(
-      count=jnp.zeros([], jnp.int32),
-      local_state=jax.vmap(local.init)(params),
-      tau=jnp.asarray(tau0, jnp.int32),
-      last_mix=jnp.zeros([], jnp.int32),
-      loss0=jnp.zeros([], jnp.float32),
+  def init_extra(params):
+    return (
+      jnp.asarray(tau0, jnp.int32),
+      jnp.zeros([], jnp.int32),
+      jnp.zeros([], jnp.float32),
     )
 
   def next_tau(k, loss, loss0):
@@ -163,40 +172,55 @@ def adacomm(
       tau = jnp.minimum(tau, float(max_tau))
     return tau.astype(jnp.int32)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    require_params(params)
-    check_rows(params, m, m, 0)
-    if extra_args.get("value") is None:
+  def losses_of(args):
+    if args.get("value") is None:
       raise ValueError(
         "adacomm needs the per-worker losses: call tx.update(grads, state, X, value=losses) "
         "with losses of shape [m] (coopjax.make_step passes them)."
       )
-    losses = jnp.asarray(extra_args["value"], jnp.float32)
+    losses = jnp.asarray(args["value"], jnp.float32)
     if losses.ndim != 1 or num_rows(losses, "value") != m:
       raise ValueError(f"value must hold one loss per worker, shape ({m},), got {losses.shape}.")
-    grads = _check_grads(updates, m, m)
-    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
-    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
-    k = optax.safe_int32_increment(state.count)
-    loss0 = jax.lax.cond(k == 1, lambda: mixing.worker_mean(losses), lambda: state.loss0)
+    return losses
 
-    def on_mix(X, opt_state):
-      if policy == "mix":
-        opt_state = mix_local_state(opt_state, global_mean, m, 0)
-      elif policy == "reset":
-        opt_state = reset_local_state(opt_state, jax.vmap(local.init)(params))
-      tau = next_tau(k, mixing.worker_mean(losses), loss0)
-      return global_mean(X), opt_state, tau, k
+  def every_step(k, extra, args):
+    tau, last_mix, loss0 = extra
+    losses = losses_of(args)
+    # F(x_0): an all-reduce at step 1 only (inside the branch).
+    return tau, last_mix, jax.lax.cond(k == 1, lambda: mixing.worker_mean(losses), lambda: loss0)
 
-    def no_mix(X, opt_state):
-      return X, opt_state, state.tau, state.last_mix
+  def on_mix(k, X, extra, inputs):
+    _, _, loss0 = extra
+    tau = next_tau(k, mixing.worker_mean(losses_of(inputs.args)), loss0)
+    return average(X), (tau, k, loss0)
 
-    new, local_state, tau, last_mix = jax.lax.cond(
-      k - state.last_mix == state.tau, on_mix, no_mix, stepped, local_state
-    )
-    out = jax.tree.map(lambda a, x: a - x, new, params)
-    return out, AdaCommState(
-      count=k, local_state=local_state, tau=tau, last_mix=last_mix, loss0=loss0
-    )
+  def comm(k, state):
+    if state is None:
+      raise ValueError(
+        "adacomm's schedule adapts: tx.comm(k, opt_state) needs the state after step k."
+      )
+    found = [
+      s
+      for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, AdaCommState))
+      if isinstance(s, AdaCommState)
+    ]
+    return average.cost if int(found[0].last_mix) == k else pattern.NO_COMM
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _skeleton.transformation(
+    "adacomm",
+    local,
+    Layout(m, 0),
+    state_cls=AdaCommState,
+    should_mix=lambda k, extra: k - extra[1] == extra[0],
+    on_mix=on_mix,
+    init_extra=init_extra,
+    every_step=every_step,
+    state_mix=lambda k: average,
+    comm=comm,
+    mix_cost=average.cost,
+    period=tau0,
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
+  )

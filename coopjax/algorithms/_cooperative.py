@@ -40,25 +40,24 @@ axis of ``m + v``, and returns ``updates`` such that
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 from typing import Literal
 from typing import NamedTuple
 
 import chex
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
+import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
-from coopjax.workers import num_rows
+from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._skeleton import check_tau
+from coopjax.workers import Layout
 
 PyTree = Any
 Order = Literal["step_then_mix", "mix_then_step"]
-ORDERS = ("step_then_mix", "mix_then_step")
 
 __all__ = [
   "CooperativeState",
@@ -86,247 +85,38 @@ class CooperativeState(NamedTuple):
   local_state: optax.OptState
 
 
-def check_tau(tau) -> int:
-  """τ must be an integer >= 1."""
-  if isinstance(tau, bool) or not isinstance(tau, numbers.Integral):
-    raise TypeError(
-      f"tau must be an integer number of local steps (>= 1), got {tau!r} of type "
-      f"{type(tau).__name__}."
-    )
-  if tau < 1:
-    raise ValueError(f"tau must be >= 1 (mix every tau local steps), got {tau}.")
-  return int(tau)
-
-
-def check_local(local) -> optax.GradientTransformation:
-  if not (hasattr(local, "init") and hasattr(local, "update")):
-    raise TypeError(
-      f"local must be an optax GradientTransformation (e.g. optax.sgd(0.1)), got "
-      f"{type(local).__name__}."
-    )
-  return local
-
-
-def check_order(order) -> str:
-  if order not in ORDERS:
-    raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
-  return order
-
-
-def _worker_rows(tree: PyTree, m: int) -> PyTree:
-  return jax.tree.map(lambda x: x[:m], tree)
-
-
-def _check_grads(grads: PyTree, m: int, n: int) -> PyTree:
-  rows = num_rows(grads, "grads")
-  if rows not in (m, n):
-    raise ValueError(
-      f"grads have leading axis {rows} but there are {m} workers"
-      + (f" and {n - m} auxiliary variables" if n > m else "")
-      + f"; pass one gradient per worker (leading axis {m})."
-    )
-  return _worker_rows(grads, m) if rows != m else grads
-
-
-def _local_update(local, grads, local_state, params_w, extra_args):
-  def one(g, s, p, extra):
-    return local.update(g, s, p, **extra)
-
-  local = optax.with_extra_args_support(local)
-  return jax.vmap(one)(grads, local_state, params_w, extra_args)
-
-
-STATE_POLICIES = ("keep", "mix", "reset")
-
-
-def check_state_policy(policy) -> str:
-  if policy not in STATE_POLICIES:
-    raise ValueError(
-      f"local_state_policy must be one of {STATE_POLICIES}, got {policy!r}: 'keep' leaves each "
-      "worker's optimizer state alone, 'mix' mixes it with the same matrix as the models, "
-      "'reset' zeroes its buffers at every mixing step."
-    )
-  return policy
-
-
-def _is_float(x) -> bool:
-  return jnp.issubdtype(x.dtype, jnp.inexact)
-
-
-def mix_local_state(local_state, mix, num_workers: int, num_aux: int):
-  """Mixes the floating-point leaves of the stacked local state with the models' mixer.
-
-  Auxiliary rows have no optimizer state; they enter the mix as zeros and are
-  dropped afterwards. Integer leaves (step counts) are kept.
-  """
-  leaves, treedef = jax.tree.flatten(local_state)
-  float_idx = [i for i, x in enumerate(leaves) if _is_float(x) and x.ndim >= 1]
-  if not float_idx:
-    return local_state
-  workers = [leaves[i] for i in float_idx]
-  aux = jax.tree.map(lambda x: jnp.zeros((num_aux, *x.shape[1:]), x.dtype), workers)
-  stacked = mixing.join_rows(workers, aux)
-  mixed, _ = mixing.split_rows(mix(stacked), num_workers)
-  for i, x in zip(float_idx, mixed, strict=True):
-    leaves[i] = x
-  return jax.tree.unflatten(treedef, leaves)
-
-
-def reset_local_state(local_state, fresh_state):
-  """Floating-point buffers from ``fresh_state``; integer counters kept from ``local_state``."""
-  return jax.tree.map(lambda old, new: new if _is_float(old) else old, local_state, fresh_state)
-
-
-def check_mix_mask(mask):
-  """``mix_mask`` must be None or a pytree of Python/NumPy booleans."""
-  if mask is None:
-    return None
-  for leaf in jax.tree.leaves(mask):
-    if not isinstance(leaf, (bool, np.bool_)):
-      raise TypeError(
-        f"mix_mask leaves must be booleans (True = mix the leaf, False = keep it per worker), "
-        f"got {leaf!r} of type {type(leaf).__name__}."
-      )
-  return mask
-
-
-def _select(mask, a, b):
-  """Leaf-wise: ``a`` where ``mask`` is True, else ``b`` (mask: a pytree prefix of bools)."""
-  if mask is None:
-    return a
-  check_mix_mask(mask)
-  return jax.tree.map(
-    lambda keep, x, y: jax.tree.map(lambda u, w: u if keep else w, x, y), mask, a, b
-  )
-
-
-def local_step_and_mix(
-  local,
-  policy,
-  order,
-  mix_mask,
-  num_workers,
-  num_aux,
-  grads,
-  local_state,
-  params,
-  extra_args,
-  should_mix,
-  mix,
-):
-  """One local step on every worker and, if ``should_mix``, one mix.
-
-  ``mix(X) -> X`` runs inside the taken branch of a ``lax.cond`` only, so its
-  communication happens on mixing steps alone. The local optimizer state
-  follows ``policy`` (``"keep"``, ``"mix"``, ``"reset"``) as in
-  :func:`coopjax.cooperative`. Returns ``(updates, local_state)``.
-  """
-  m, v = num_workers, num_aux
-  workers, aux = mixing.split_rows(params, m)
-  local_updates, local_state = _local_update(local, grads, local_state, workers, extra_args)
-  # U: the local updates with zero rows for the auxiliaries, in the models' dtypes.
-  U = mixing.join_rows(
-    jax.tree.map(lambda w, u: u.astype(w.dtype), workers, local_updates),
-    jax.tree.map(jnp.zeros_like, aux),
-  )
-  add = lambda X, Y: jax.tree.map(jnp.add, X, Y)
-  sub = lambda X, Y: jax.tree.map(jnp.subtract, X, Y)
-
-  def mixed_minus(X, opt_state):
-    """``S X − params`` with the policy applied to the optimizer state."""
-    if policy == "mix":
-      opt_state = mix_local_state(opt_state, mix, m, v)
-    elif policy == "reset":
-      opt_state = reset_local_state(opt_state, jax.vmap(local.init)(workers))
-    return sub(_select(mix_mask, mix(X), X), params), opt_state
-
-  def no_mix(opt_state):
-    return U, opt_state  # off-steps: the update is exactly the local one
-
-  if order == "step_then_mix":
-
-    def on_mix(opt_state):
-      return mixed_minus(add(params, U), opt_state)
-
-  else:
-
-    def on_mix(opt_state):
-      delta, opt_state = mixed_minus(params, opt_state)
-      return add(delta, U), opt_state
-
-  return jax.lax.cond(should_mix, on_mix, no_mix, local_state)
-
-
-def require_params(params):
-  if params is None:
-    raise ValueError(
-      "cooperative transformations need the stacked models: call "
-      "tx.update(grads, state, X) with params=X."
-    )
-
-
-def check_rows(params, n: int, m: int, v: int, name: str = "params"):
-  rows = num_rows(params, name)
-  if rows != n:
-    raise ValueError(
-      f"{name} have leading axis {rows} but W (each mixing matrix) is {n}x{n} ({m} workers + "
-      f"{v} auxiliary); build X with coopjax.replicate(params, num_workers={m}, num_aux={v})."
-    )
-
-
 def scheduled_mixing(
+  name: str,
   local: optax.GradientTransformation,
-  num_workers: int,
-  num_aux: int,
+  layout: Layout,
   schedule,
+  comm,
+  mix_cost,
   *,
-  order: str,
-  policy: str,
-  mix_mask,
-  state_cls=None,
-) -> optax.GradientTransformationExtraArgs:
-  """The transformation skeleton shared by every scheduled-mixing algorithm.
+  state_cls: type = CooperativeState,
+  period: int = 1,
+  **options,
+) -> CooperativeTransformation:
+  """The skeleton for algorithms whose mix is a (scheduled) linear map of the rows.
 
-  Each step k (counted from 1) takes the local step on every worker and, with
-  ``should_mix, mixer = schedule(k)`` (a traced bool and a mixer ``X -> X``,
-  both built at trace time from the traced k), mixes inside the ``lax.cond``
-  of :func:`local_step_and_mix` when ``should_mix``. The state is
-  ``state_cls(count, local_state)`` (default :class:`CooperativeState`).
+  ``schedule(k) -> (should_mix, mix)`` gives, from the traced step k, whether
+  step k mixes and the mix (``X -> X`` over all ``m + v`` rows, built from
+  :class:`coopjax.mixing.Mix` objects); the same mix moves the optimizer
+  state under ``local_state_policy="mix"``.
   """
-  m, v = num_workers, num_aux
-  n = m + v
-  state_cls = CooperativeState if state_cls is None else state_cls
-
-  def init_fn(params):
-    check_rows(params, n, m, v)
-    return state_cls(
-      count=jnp.zeros([], jnp.int32),
-      local_state=jax.vmap(local.init)(mixing.split_rows(params, m)[0]),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    require_params(params)
-    check_rows(params, n, m, v)
-    grads = _check_grads(updates, m, n)
-    k = optax.safe_int32_increment(state.count)
-    should_mix, mixer = schedule(k)
-    out, local_state = local_step_and_mix(
-      local,
-      policy,
-      order,
-      mix_mask,
-      m,
-      v,
-      grads,
-      state.local_state,
-      params,
-      extra_args,
-      should_mix,
-      mixer,
-    )
-    return out, state_cls(count=k, local_state=local_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _skeleton.transformation(
+    name,
+    local,
+    layout,
+    state_cls=state_cls,
+    should_mix=lambda k, extra: schedule(k)[0],
+    on_mix=lambda k, X, extra, _inputs: (schedule(k)[1](X), extra),
+    state_mix=lambda k: schedule(k)[1],
+    comm=comm,
+    mix_cost=mix_cost,
+    period=period,
+    **options,
+  )
 
 
 def cooperative(
@@ -341,7 +131,9 @@ def cooperative(
   mixer: mixing.Mixer | None = None,
   symmetric: bool = True,
   allow_negative: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+  warmup_steps: int = 0,
+  name: str = "cooperative",
+) -> CooperativeTransformation:
   r"""Cooperative SGD A(τ, W, v) with any optax optimizer as the local update.
 
   .. math::
@@ -388,38 +180,53 @@ def cooperative(
       (Remark 1; classic EASGD and D-PSGD).
     local_state_policy: ``"keep"``, ``"mix"`` or ``"reset"`` (see above).
     mix_mask: optional pytree prefix of X of booleans selecting mixed leaves.
-    mixer: how to apply W; defaults to the dense einsum reference.
+    mixer: how to apply W (a callable ``X -> X``); defaults to
+      :class:`coopjax.mixing.Mix` of W (dense reference, sharded lowering). Its
+      cost is described as W's.
     symmetric: require W symmetric (the theory's condition).
     allow_negative: accept negative weights (EASGD with α > 1/m).
+    warmup_steps: steps of fully synchronous SGD before the first step of the
+      algorithm (post-local SGD).
+    name: the algorithm's name in messages and ``tx.name``.
 
   Returns:
-    An optax ``GradientTransformationExtraArgs``; extra keyword arguments of
-    ``update`` are split over the workers (leading axis m) and passed to
-    ``local``.
+    A :class:`coopjax.algorithms.CooperativeTransformation` (an optax
+    ``GradientTransformationExtraArgs``); extra keyword arguments of ``update``
+    are split over the workers (leading axis m) and passed to ``local``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.cooperative(optax.sgd(0.1), tau=1, W=topology.complete(2))
+    >>> X = {"w": jnp.array([0.0, 1.0])}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # mean(-0.1, 0.7)
+    [0.3, 0.3]
 
   References:
     Wang & Joshi, Cooperative SGD, JMLR 22(213), 2021, eqs. 7 and 10, Remark 1.
   """
-  local = check_local(local)
   tau = check_tau(tau)
   v = check_int("num_aux", num_aux, 0)
-  order = check_order(order)
-  policy = check_state_policy(local_state_policy)
-  mix_mask = check_mix_mask(mix_mask)
   W = topology.validate(W, symmetric=symmetric, allow_negative=allow_negative)
   n = W.shape[0]
   m = n - v
   if m < 1:
     raise ValueError(f"W is {n}x{n} but num_aux={v}: no rows are left for workers.")
-  mix = mixer if mixer is not None else mixing.dense_mixer(W)
+  mix = mixing.Mix(W, m, mask=mixing.check_mask(mix_mask))
+  apply = mixer if mixer is not None else mix
   return scheduled_mixing(
+    name,
     local,
-    m,
-    v,
-    lambda k: (k % tau == 0, mix),
+    Layout(m, v),
+    lambda k: (k % tau == 0, apply),
+    _skeleton.every(tau, mix.cost),
+    mix.cost,
+    period=tau,
     order=order,
-    policy=policy,
+    local_state_policy=local_state_policy,
     mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )
 
 
@@ -428,18 +235,34 @@ def sync_sgd(local: optax.GradientTransformation, num_workers: int, **kwargs):
 
   With SGD as ``local`` this equals large-batch SGD on the averaged gradient:
   :math:`x_{k+1} = x_k - \eta \frac1m \sum_i g_i(x_k)`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.sync_sgd(optax.sgd(0.1), num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # −0.1·mean(g)
+    [-0.2, -0.2]
   """
   m = check_int("num_workers", num_workers, 1)
-  return cooperative(local, 1, topology.complete(m), **kwargs)
+  return cooperative(local, 1, topology.complete(m), **{"name": "sync_sgd", **kwargs})
 
 
 def local_sgd(local: optax.GradientTransformation, tau: int, num_workers: int, **kwargs):
   r"""Periodic averaging / local SGD, A(τ, J, 0) (Stich, ICLR 2019).
 
   Workers take τ local steps, then all models are averaged.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # k = 1: no mix
+    [-0.1, -0.3]
   """
   m = check_int("num_workers", num_workers, 1)
-  return cooperative(local, tau, topology.complete(m), **kwargs)
+  return cooperative(local, tau, topology.complete(m), **{"name": "local_sgd", **kwargs})
 
 
 def easgd(local: optax.GradientTransformation, tau: int, alpha: float, num_workers: int, **kwargs):
@@ -456,10 +279,18 @@ def easgd(local: optax.GradientTransformation, tau: int, alpha: float, num_worke
   Valid for ``0 < α < 2/(m+1)``; ``α = 2/(m+2)`` minimises the bound's floor.
   X must be built with ``num_aux=1``. With ``order="mix_then_step"`` this is
   Zhang et al.'s update, where the gradient is taken before the pull.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.easgd(optax.sgd(0.1), tau=1, alpha=0.25, num_workers=2)
+    >>> X = {"w": jnp.array([0.0, 1.0, 2.0])}  # two workers, then the anchor z
+    >>> updates, state = tx.update({"w": jnp.zeros(2)}, tx.init(X), X)
+    >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← .75 x_i + .25 z; z ← .5 z + .25 Σ x_i
+    [0.5, 1.25, 1.25]
   """
   m = check_int("num_workers", num_workers, 1)
   W = topology.easgd(m, alpha)
-  return cooperative(local, tau, W, num_aux=1, allow_negative=True, **kwargs)
+  return cooperative(local, tau, W, num_aux=1, allow_negative=True, **{"name": "easgd", **kwargs})
 
 
 def dpsgd(local: optax.GradientTransformation, W, **kwargs):
@@ -468,8 +299,17 @@ def dpsgd(local: optax.GradientTransformation, W, **kwargs):
   Every step each worker averages its neighbours' models with weights W.
   ``order="mix_then_step"`` gives Lian et al.'s
   :math:`x_i \leftarrow \sum_j W_{ji} x_j - \eta g_i(x_i)`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(4))
+    >>> X = {"w": jnp.array([0.0, 3.0, 6.0, 9.0])}
+    >>> updates, state = tx.update({"w": jnp.zeros(4)}, tx.init(X), X)
+    >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← (x_{i-1} + x_i + x_{i+1}) / 3
+    [4.0, 3.0, 6.0, 5.0]
   """
-  return cooperative(local, 1, W, **kwargs)
+  return cooperative(local, 1, W, **{"name": "dpsgd", **kwargs})
 
 
 def elastic_averaging(local: optax.GradientTransformation, W, alpha: float, tau: int = 1, **kwargs):
@@ -486,9 +326,23 @@ def elastic_averaging(local: optax.GradientTransformation, W, alpha: float, tau:
   ``W = I`` gives EASGD's ``W_α``; ``W = J`` adds full averaging among the workers. The
   bound is smallest at ``α = (1+ζ)/(m+1+ζ)`` (:func:`coopjax.theory.elastic_best_alpha`).
   X must be built with ``num_aux=1``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.elastic_averaging(optax.sgd(0.1), W=topology.complete(2), alpha=0.25)
+    >>> X = {"w": jnp.array([0.0, 2.0, 4.0])}  # two workers, then the anchor
+    >>> updates, state = tx.update({"w": jnp.zeros(2)}, tx.init(X), X)
+    >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← .75·mean(x) + .25 z
+    [1.75, 1.75, 2.5]
   """
   return cooperative(
-    local, tau, topology.elastic(W, alpha), num_aux=1, allow_negative=True, **kwargs
+    local,
+    tau,
+    topology.elastic(W, alpha),
+    num_aux=1,
+    allow_negative=True,
+    **{"name": "elastic_averaging", **kwargs},
   )
 
 
@@ -509,14 +363,39 @@ def elastic_hierarchical(
 
      x_i \leftarrow (1-\alpha) x_i + \alpha z_{g(i)}, \qquad
      z_g \leftarrow \sum_l (W_{aux})_{lg} z_l + \alpha \sum_{i \in g}(x_i - z_g).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.elastic_hierarchical(
+    ...   optax.sgd(0.1), tau=1, groups=[[0, 1], [2, 3]], alpha=0.25
+    ... )
+    >>> X = {"w": jnp.array([0.0, 2.0, 4.0, 6.0, 1.0, 5.0])}  # 4 workers, 2 anchors
+    >>> updates, state = tx.update({"w": jnp.zeros(4)}, tx.init(X), X)
+    >>> optax.apply_updates(X, updates)["w"].tolist()
+    [0.25, 1.75, 4.25, 5.75, 3.0, 3.0]
   """
   W = topology.elastic_hierarchical(groups, alpha, W_aux)
   num_groups = len(groups)
-  return cooperative(local, tau, W, num_aux=num_groups, allow_negative=True, **kwargs)
+  return cooperative(
+    local,
+    tau,
+    W,
+    num_aux=num_groups,
+    allow_negative=True,
+    **{"name": "elastic_hierarchical", **kwargs},
+  )
 
 
 def find_state(opt_state: PyTree, cls: type = CooperativeState):
-  """The first state of type ``cls`` inside ``opt_state`` (e.g. inside ``optax.chain``)."""
+  """The first state of type ``cls`` inside ``opt_state`` (e.g. inside ``optax.chain``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = optax.chain(optax.clip(1.0), coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=2))
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> type(coopjax.algorithms.find_state(state)).__name__
+    'CooperativeState'
+  """
   found = [
     s
     for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
@@ -536,6 +415,14 @@ def step_count(opt_state: PyTree) -> jax.Array:
 
   Finds the first coopjax algorithm state (a NamedTuple with ``count`` and
   ``local_state``) inside ``opt_state``, so it works through ``optax.chain``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = optax.chain(optax.clip(1.0), coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=2))
+    >>> X = {"w": jnp.zeros(2)}
+    >>> _, state = tx.update({"w": jnp.ones(2)}, tx.init(X), X)
+    >>> int(coopjax.step_count(state))
+    1
   """
   for s in jax.tree.leaves(opt_state, is_leaf=_is_cooperative_state):
     if _is_cooperative_state(s):

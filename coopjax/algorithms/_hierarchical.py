@@ -15,15 +15,15 @@ from typing import NamedTuple
 
 import chex
 import jax
-import jax.numpy as jnp
 import optax
 
 from coopjax import mixing
-from coopjax.algorithms._cooperative import check_local
-from coopjax.algorithms._cooperative import check_order
-from coopjax.algorithms._cooperative import check_state_policy
-from coopjax.algorithms._cooperative import check_tau
 from coopjax.algorithms._cooperative import scheduled_mixing
+from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._skeleton import check_tau
+from coopjax.cost import pattern
+from coopjax.workers import Layout
+from coopjax.workers import num_rows
 
 PyTree = Any
 
@@ -43,9 +43,8 @@ class HierarchicalState(NamedTuple):
 
 
 def global_mean(workers: PyTree) -> PyTree:
-  """Every row becomes the mean of all rows (:func:`coopjax.mixing.worker_mean`, broadcast)."""
-  mean = mixing.worker_mean(workers)
-  return jax.tree.map(lambda x, u: jnp.broadcast_to(u, x.shape), workers, mean)
+  """Every row becomes the mean of all rows (:meth:`coopjax.mixing.Mix.average`)."""
+  return mixing.Mix.average(num_rows(workers, "workers"))(workers)
 
 
 def _check_groups(groups) -> list[list[int]]:
@@ -72,7 +71,8 @@ def hierarchical(
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
-) -> optax.GradientTransformationExtraArgs:
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""Hierarchical local SGD (Lin et al., 2020): group averaging every τ₁, global every τ₂.
 
   With steps k counted from 1 and ``g(i)`` worker i's group,
@@ -126,7 +126,6 @@ def hierarchical(
     local SGD", ICLR 2020; PyTorch ``torch.distributed.algorithms.model_averaging.
     hierarchical_model_averager.HierarchicalModelAverager``.
   """
-  local = check_local(local)
   tau1 = check_tau(tau1)
   tau2 = check_tau(tau2)
   if tau2 % tau1:
@@ -135,23 +134,33 @@ def hierarchical(
       f"step); e.g. tau2={tau1 * max(1, round(tau2 / tau1))}."
     )
   groups = _check_groups(groups)
-  order = check_order(order)
-  policy = check_state_policy(local_state_policy)
   m = sum(len(g) for g in groups)
+  mask = mixing.check_mask(mix_mask)
+  everyone = mixing.Mix.average(m, mask=mask)
+  within = mixing.Mix.groups(groups).restrict(mask)
 
   def schedule(k):
     def mix(X):
-      return jax.lax.cond(k % tau2 == 0, global_mean, lambda Y: mixing.group_mean(Y, groups), X)
+      return jax.lax.cond(k % tau2 == 0, everyone, within, X)
 
     return k % tau1 == 0, mix
 
+  def comm(k, _state=None):
+    if k % tau2 == 0:
+      return everyone.cost
+    return within.cost if k % tau1 == 0 else pattern.NO_COMM
+
   return scheduled_mixing(
+    "hierarchical",
     local,
-    m,
-    0,
+    Layout(m, 0),
     schedule,
-    order=order,
-    policy=policy,
-    mix_mask=mix_mask,
+    comm,
+    within.cost,
     state_cls=HierarchicalState,
+    period=tau1,
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )

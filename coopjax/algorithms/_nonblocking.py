@@ -64,18 +64,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
-from coopjax.algorithms._cooperative import _check_grads
-from coopjax.algorithms._cooperative import _local_update
-from coopjax.algorithms._cooperative import check_local
-from coopjax.algorithms._cooperative import check_tau
-from coopjax.workers import num_rows as _num_rows
+from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._skeleton import check_tau
+from coopjax.workers import Layout
+from coopjax.workers import num_rows
 
 PyTree = Any
-# Rows of X counted globally (m or m + v), also inside a per-device sharded step.
-num_rows = getattr(mixing, "global_rows", _num_rows)
 LearningRate = float | Callable[[chex.Numeric], chex.Numeric]
 
 __all__ = [
@@ -208,27 +206,32 @@ def issued_early(early: EarlyReduction) -> Iterator[EarlyReduction]:
     _EARLY.reset(token)
 
 
-def _reduction(state, tau: int, k, reduce: Callable[[PyTree], PyTree]):
-  """``pending -> reduce(pending)``, or the early-issued reduction when one is active for state."""
+def _issue_early(state_cls: type, pending: PyTree, reduce: Callable[[PyTree], PyTree]):
+  """The reduction of the early operand, when one is active for ``state_cls`` (else None).
+
+  Called outside the mixing branch (the skeleton's ``prefetch``), so the
+  collective depends only on the program's inputs.
+  """
   early = _EARLY.get()
-  if early is None or not isinstance(state, early.kind):
-    return reduce
-  if jax.tree.structure(early.operand) != jax.tree.structure(state.pending):
+  if early is None or early.kind is not state_cls:
+    return None
+  if jax.tree.structure(early.operand) != jax.tree.structure(pending):
     raise ValueError(
       f"the early reduction's operand has structure {jax.tree.structure(early.operand)} but "
-      f"state.pending has {jax.tree.structure(state.pending)}; pass the state's own pending."
+      f"state.pending has {jax.tree.structure(pending)}; pass the state's own pending."
     )
   if early.result is not None:
-    issued = early.result  # reduced by a separate program that ran beside the local steps
-  else:
-    with jax.named_scope("early_reduction"):  # outside the mixing branch: overlaps what precedes
-      issued = reduce(early.operand)
-  fresh = k - tau <= early.start
+    return early.result  # reduced by a separate program that ran beside the local steps
+  with jax.named_scope("early_reduction"):  # outside the mixing branch: overlaps what precedes it
+    return reduce(early.operand)
 
-  def reduction(pending):
-    return jax.lax.cond(fresh, lambda p: issued, reduce, pending)
 
-  return reduction
+def _reduction(pending: PyTree, issued, tau: int, k, reduce: Callable[[PyTree], PyTree]):
+  """``reduce(pending)``, or ``issued`` when no mix happened since the program started."""
+  if issued is None:
+    return reduce(pending)
+  fresh = k - tau <= _EARLY.get().start
+  return jax.lax.cond(fresh, lambda p: issued, reduce, pending)
 
 
 def _check_alpha(alpha, name: str = "alpha") -> float:
@@ -255,10 +258,6 @@ def _lr_at(schedule, k):
   return jnp.asarray(schedule(jnp.maximum(k - 1, 0)), jnp.float32)
 
 
-def _add(X, U):
-  return jax.tree.map(lambda x, u: x + u.astype(x.dtype), X, U)
-
-
 def _broadcast_rows(rows: PyTree, like: PyTree) -> PyTree:
   """Each leaf of ``rows`` (shape ``[1, ...]`` or ``[...]``) broadcast to ``like``'s rows."""
   return jax.tree.map(
@@ -278,71 +277,71 @@ def _like_rows(model: PyTree, rows: PyTree) -> PyTree:
   return jax.tree.map(lambda s, x: 0 * x + jnp.expand_dims(s, 0).astype(x.dtype), model, rows)
 
 
-def _anchored(
-  name: str, local, tau, num_workers, init_extra, reduce, on_mix
-) -> optax.GradientTransformation:
-  """Shared skeleton: local step on the workers, then ``on_mix`` at ``k mod τ = 0``.
+def _reduce_into_aux(mix: mixing.Mix) -> Callable[[PyTree], PyTree]:
+  """``pending -> the auxiliary row of mix([pending, 0])`` as one model: the reduction."""
+  m = mix.num_workers
 
-  ``on_mix(k, workers, anchor, reduced, rest) -> (workers, anchor, pending, rest)``
-  where ``anchor`` is X's auxiliary row (``[1, ...]``), ``reduced`` is
-  ``reduce(state.pending)`` (issued early under :func:`issued_early`) and
-  ``rest`` is the tuple of state fields after ``pending``; it runs inside the
-  mixing branch.
+  def reduce(pending):
+    zero = jax.tree.map(lambda x: jnp.zeros_like(x[:1]), pending)
+    return jax.tree.map(
+      lambda z: z[0], mixing.split_rows(mix(mixing.join_rows(pending, zero)), m)[1]
+    )
+
+  return reduce
+
+
+def _anchored(
+  name, local, tau, num_workers, reduction_mix, on_mix, state_cls, settle, options
+) -> CooperativeTransformation:
+  """An anchor row fed by a reduction issued one mix ahead (non-blocking EASGD, Overlap).
+
+  ``on_mix(k, workers, anchor, reduced) -> (workers, anchor, pending)`` where
+  ``anchor`` is X's auxiliary row (``[1, ...]``) and ``reduced`` is the
+  reduction of ``state.pending`` through ``reduction_mix`` (issued early under
+  :func:`issued_early`); it runs inside the mixing branch.
   """
-  local = check_local(local)
   tau = check_tau(tau)
   m = check_int("num_workers", num_workers, 1)
-  n = m + 1
+  reduce = _reduce_into_aux(reduction_mix)
 
-  def check_params(params, what):
-    rows = num_rows(params, what)
-    if rows != n:
-      raise ValueError(
-        f"{what} have leading axis {rows} but {name} needs {m} workers + 1 anchor row; build X "
-        f"with coopjax.replicate(params, num_workers={m}, num_aux=1)."
-      )
-
-  def init_fn(params):
-    check_params(params, "params")
+  def init_extra(params):
     workers, anchor = mixing.split_rows(params, m)
-    return (
-      jnp.zeros([], jnp.int32),
-      jax.vmap(local.init)(workers),
-      _broadcast_rows(anchor, workers),
-      *init_extra(anchor),
-    )
+    return (_broadcast_rows(anchor, workers),)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(f"{name} needs the stacked models: call tx.update(grads, state, X).")
-    check_params(params, "params")
-    grads = _check_grads(updates, m, n)
-    workers, anchor = mixing.split_rows(params, m)
-    local_updates, local_state = _local_update(local, grads, state.local_state, workers, extra_args)
-    k = optax.safe_int32_increment(state.count)
-    stepped = _add(workers, local_updates)
-    rest = tuple(state)[3:]
-    reduction = _reduction(state, tau, k, reduce)
+  def hook(k, X, extra, inputs):
+    (pending,) = extra
+    workers, anchor = mixing.split_rows(X, m)
+    reduced = _reduction(pending, inputs.prefetched, tau, k, reduce)
+    workers, anchor, pending = on_mix(k, workers, anchor, reduced)
+    return mixing.join_rows(workers, anchor), (pending,)
 
-    def mix(workers, anchor, pending, rest):
-      return on_mix(k, workers, anchor, reduction(pending), rest)
-
-    def skip(workers, anchor, pending, rest):
-      return workers, anchor, pending, rest
-
-    workers, anchor, pending, rest = jax.lax.cond(
-      k % tau == 0, mix, skip, stepped, anchor, state.pending, rest
-    )
-    new = mixing.join_rows(workers, anchor)
-    out = jax.tree.map(lambda a, x: a - x, new, params)
-    return out, type(state)(k, local_state, pending, *rest)
-
-  return init_fn, update_fn
+  return _skeleton.transformation(
+    name,
+    local,
+    Layout(m, 1),
+    state_cls=state_cls,
+    on_mix=hook,
+    init_extra=init_extra,
+    prefetch=lambda k, extra: _issue_early(state_cls, extra[0], reduce),
+    settle=settle,
+    overlaps=True,
+    orders=("step_then_mix",),
+    **_skeleton.periodic(tau, reduction_mix.cost),
+    **options,
+  )
 
 
 def nonblocking_easgd(
-  local: optax.GradientTransformation, tau: int, alpha: float, num_workers: int
-) -> optax.GradientTransformationExtraArgs:
+  local: optax.GradientTransformation,
+  tau: int,
+  alpha: float,
+  num_workers: int,
+  *,
+  order: str = "step_then_mix",
+  local_state_policy: str = "keep",
+  mix_mask: PyTree | None = None,
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""Non-blocking EASGD (paper §3.3): blocking EASGD's models, the reduction overlapped.
 
   Blocking EASGD (:func:`coopjax.easgd`, step then mix) at its p-th mix pulls
@@ -368,6 +367,13 @@ def nonblocking_easgd(
     tau: communication period τ.
     alpha: elastic coefficient α (``0 < α < 2/(m+1)`` for convergence).
     num_workers: m; X has m + 1 rows (``coopjax.replicate(p, m, num_aux=1)``).
+    local_state_policy: the local optimizer's state at a mix, ``"keep"``
+      (default) or ``"reset"``.
+    mix_mask: optional pytree prefix of X of booleans; leaves marked False
+      stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
+    warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`NonBlockingEASGDState`.
@@ -380,7 +386,7 @@ def nonblocking_easgd(
   alpha = _check_alpha(alpha)
   m = check_int("num_workers", num_workers, 1)
 
-  def on_mix(k, workers, anchor, total, rest):
+  def on_mix(k, workers, anchor, total):
     # total = Σ_i pending_i: the reduction issued at the previous mix.
     anchor = jax.tree.map(
       lambda z, s: (1 - m * alpha) * z + alpha * jnp.expand_dims(s, 0).astype(z.dtype),
@@ -388,13 +394,23 @@ def nonblocking_easgd(
       total,
     )
     pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, anchor)
-    return pulled, anchor, workers, rest
+    return pulled, anchor, workers
 
-  init_fn, update_fn = _anchored(
-    "nonblocking_easgd", local, tau, m, lambda anchor: (), mixing.worker_sum, on_mix
-  )
-  return optax.GradientTransformationExtraArgs(
-    lambda params: NonBlockingEASGDState(*init_fn(params)), update_fn
+  return _anchored(
+    "nonblocking_easgd",
+    local,
+    tau,
+    m,
+    mixing.Mix.sum_into_aux(m, overlappable=True),
+    on_mix,
+    NonBlockingEASGDState,
+    lambda X, state: settle_easgd(X, state, alpha),
+    dict(
+      order=order,
+      local_state_policy=local_state_policy,
+      mix_mask=mix_mask,
+      warmup_steps=warmup_steps,
+    ),
   )
 
 
@@ -412,7 +428,7 @@ def settle_easgd(X: PyTree, opt_state: NonBlockingEASGDState, alpha: float) -> P
   alpha = _check_alpha(alpha)
   m = num_rows(opt_state.pending, "opt_state.pending")
   workers, anchor = mixing.split_rows(X, m)
-  total = mixing.worker_sum(opt_state.pending)
+  total = _reduce_into_aux(mixing.Mix.sum_into_aux(m))(opt_state.pending)
   anchor = jax.tree.map(
     lambda z, s: (1 - m * alpha) * z + alpha * jnp.expand_dims(s, 0).astype(z.dtype), anchor, total
   )
@@ -426,7 +442,12 @@ def overlap_local_sgd(
   num_workers: int,
   anchor_momentum: float = 0.0,
   lr: LearningRate | None = None,
-) -> optax.GradientTransformationExtraArgs:
+  *,
+  order: str = "step_then_mix",
+  local_state_policy: str = "keep",
+  mix_mask: PyTree | None = None,
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""Overlap Local-SGD (Wang, Liang & Joshi, 2020): local SGD pulled toward a lagging anchor.
 
   At the q-th mix (step ``k_q = qτ``) the workers are pulled toward the
@@ -470,9 +491,27 @@ def overlap_local_sgd(
     anchor_momentum: β, the anchor's momentum.
     lr: η_k, a float or an optax schedule of the step count; None for
       constant.
+    local_state_policy: the local optimizer's state at a mix, ``"keep"``
+      (default) or ``"reset"``.
+    mix_mask: optional pytree prefix of X of booleans; leaves marked False
+      stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
+    warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`OverlapState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.overlap_local_sgd(optax.sgd(0.1), tau=1, alpha=0.5, num_workers=2)
+    >>> X = {"w": jnp.array([0.0, 2.0, 4.0])}  # two workers, then the anchor z_1
+    >>> state = tx.init(X)
+    >>> updates, state = tx.update({"w": jnp.zeros(2)}, state, X)
+    >>> X = optax.apply_updates(X, updates); X["w"].tolist()  # pulled halfway to z_1 = 4
+    [2.0, 3.0, 4.0]
+    >>> coopjax.settle_overlap(X, state)["w"].tolist()  # z_2: the mean of the pulled models
+    [2.0, 3.0, 2.5]
 
   References:
     Wang, Liang & Joshi, Overlap Local-SGD: An algorithmic approach to hide
@@ -486,20 +525,30 @@ def overlap_local_sgd(
   tau = check_tau(tau)
   schedule = as_schedule(1.0 if lr is None else lr)
 
-  def on_mix(k, workers, anchor, mean, rest):
+  def on_mix(k, workers, anchor, mean):
     z = _like_rows(mean, anchor)  # z_q: the reduction issued at mix q-1
     # η_q β u_{q-1} = β (η_q / η_{q-1}) (z_{q-1} − z_q); zero at the first mix (pending = z_1).
     ratio = _lr_at(schedule, k) / _lr_at(schedule, jnp.maximum(k - tau, 1))
     lead = jax.tree.map(lambda old, new: beta * ratio.astype(new.dtype) * (old - new), anchor, z)
     pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, z)
     pending = jax.tree.map(lambda x, d: x - d.astype(x.dtype), pulled, lead)
-    return pulled, z, pending, rest
+    return pulled, z, pending
 
-  init_fn, update_fn = _anchored(
-    "overlap_local_sgd", local, tau, num_workers, lambda a: (), mixing.worker_mean, on_mix
-  )
-  return optax.GradientTransformationExtraArgs(
-    lambda params: OverlapState(*init_fn(params)), update_fn
+  return _anchored(
+    "overlap_local_sgd",
+    local,
+    tau,
+    num_workers,
+    mixing.Mix.mean_into_aux(check_int("num_workers", num_workers, 1), overlappable=True),
+    on_mix,
+    OverlapState,
+    lambda X, state: settle_overlap(X, state),
+    dict(
+      order=order,
+      local_state_policy=local_state_policy,
+      mix_mask=mix_mask,
+      warmup_steps=warmup_steps,
+    ),
   )
 
 
@@ -524,7 +573,8 @@ def settle_overlap(
   del tau, anchor_momentum, lr
   m = num_rows(opt_state.pending, "opt_state.pending")
   workers, anchor = mixing.split_rows(X, m)
-  return mixing.join_rows(workers, _like_rows(mixing.worker_mean(opt_state.pending), anchor))
+  mean = _reduce_into_aux(mixing.Mix.mean_into_aux(m))(opt_state.pending)
+  return mixing.join_rows(workers, _like_rows(mean, anchor))
 
 
 def delayed(
@@ -534,7 +584,11 @@ def delayed(
   *,
   mixer: mixing.Mixer | None = None,
   symmetric: bool = True,
-) -> optax.GradientTransformationExtraArgs:
+  order: str = "step_then_mix",
+  local_state_policy: str = "keep",
+  mix_mask: PyTree | None = None,
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""Delayed mixing: the period's mix acts on the snapshot taken when the period started.
 
   With ``s_i`` worker i's model at the start of the period (just after the
@@ -556,59 +610,63 @@ def delayed(
     local: optax optimizer applied to each worker separately.
     tau: communication period τ.
     W: m × m mixing matrix (validated like :func:`coopjax.cooperative`'s).
-    mixer: how to apply W to the snapshot; defaults to the dense einsum.
+    mixer: how to apply W to the snapshot (a callable ``X -> X``); defaults to
+      :class:`coopjax.mixing.Mix` of W.
     symmetric: require W symmetric.
+    local_state_policy: the local optimizer's state at a mix, ``"keep"``
+      (default) or ``"reset"``.
+    mix_mask: optional pytree prefix of X of booleans; leaves marked False
+      stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
+    warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`DelayedState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.delayed(optax.sgd(0.1), tau=1, W=topology.complete(2))
+    >>> X = {"w": jnp.array([0.0, 2.0])}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # s̄ + (x_i − s_i)
+    [0.9, 0.7]
 
   References:
     Shen, Xu, Liu & Wang, Faster distributed deep net training: computation
     and communication decoupled stochastic gradient descent (CoCoD-SGD),
     IJCAI 2019; Wang, Liang & Joshi, Overlap Local-SGD, ICASSP 2020.
   """
-  local = check_local(local)
   tau = check_tau(tau)
   W = topology.validate(W, symmetric=symmetric)
   m = W.shape[0]
-  mix = mixer if mixer is not None else mixing.dense_mixer(W)
+  snapshot_mix = mixing.Mix(W, m, overlappable=True)
+  mix = mixer if mixer is not None else snapshot_mix
 
-  def check_params(params, what):
-    rows = num_rows(params, what)
-    if rows != m:
-      raise ValueError(
-        f"{what} have leading axis {rows} but W is {m}x{m}; build X with "
-        f"coopjax.replicate(params, num_workers={m})."
-      )
+  def prefetch(k, extra):
+    return _issue_early(DelayedState, extra[0], mix)
 
-  def init_fn(params):
-    check_params(params, "params")
-    return DelayedState(
-      count=jnp.zeros([], jnp.int32),
-      local_state=jax.vmap(local.init)(params),
-      pending=jax.tree.map(jnp.asarray, params),
-    )
+  def on_mix(k, X, extra, inputs):
+    (snapshot,) = extra
+    # The communication: its operand was fixed when the period started.
+    mixed = _reduction(snapshot, inputs.prefetched, tau, k, mix)
+    X = jax.tree.map(lambda x, s, r: x - s + r.astype(x.dtype), X, snapshot, mixed)
+    return X, (X,)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("delayed needs the stacked models: call tx.update(grads, state, X).")
-    check_params(params, "params")
-    grads = _check_grads(updates, m, m)
-    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
-    k = optax.safe_int32_increment(state.count)
-    stepped = _add(params, local_updates)
-    reduction = _reduction(state, tau, k, mix)
-
-    def on_mix(X, snapshot):
-      mixed = reduction(snapshot)  # the communication: operand fixed when the period started
-      X = jax.tree.map(lambda x, s, r: x - s + r.astype(x.dtype), X, snapshot, mixed)
-      return X, X
-
-    def skip(X, snapshot):
-      return X, snapshot
-
-    new, snapshot = jax.lax.cond(k % tau == 0, on_mix, skip, stepped, state.pending)
-    out = jax.tree.map(lambda a, x: a - x, new, params)
-    return out, DelayedState(count=k, local_state=local_state, pending=snapshot)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _skeleton.transformation(
+    "delayed",
+    local,
+    Layout(m, 0),
+    state_cls=DelayedState,
+    on_mix=on_mix,
+    init_extra=lambda params: (jax.tree.map(jnp.asarray, params),),
+    prefetch=prefetch,
+    overlaps=True,
+    orders=("step_then_mix",),
+    **_skeleton.periodic(tau, snapshot_mix.cost),
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
+  )

@@ -39,23 +39,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax._validation import check_int
-from coopjax.algorithms._cooperative import _check_grads
-from coopjax.algorithms._cooperative import _local_update
-from coopjax.algorithms._cooperative import check_local
-from coopjax.algorithms._cooperative import check_tau
-from coopjax.algorithms._cooperative import mix_local_state
-from coopjax.algorithms._cooperative import reset_local_state
 from coopjax.algorithms._nonblocking import LearningRate
 from coopjax.algorithms._nonblocking import _check_alpha
 from coopjax.algorithms._nonblocking import _lr_at
 from coopjax.algorithms._nonblocking import as_schedule
-from coopjax.workers import num_rows as _num_rows
+from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._skeleton import check_tau
+from coopjax.workers import Layout
 
 PyTree = Any
-# Rows of X counted globally (m or m + v), also inside a per-device sharded step.
-num_rows = getattr(mixing, "global_rows", _num_rows)
 
 __all__ = [
   "SlowMoState",
@@ -102,78 +97,50 @@ class DiLoCoState(NamedTuple):
   outer_state: optax.OptState
 
 
-def _mean_mixer(S: PyTree) -> PyTree:
-  """Every worker row replaced by the mean over workers."""
-  return _broadcast(mixing.worker_mean(S), S)
-
-
 def _broadcast(model: PyTree, like: PyTree) -> PyTree:
   """One model (no worker axis) as every worker row of ``like``."""
   # 0·w + s (exact for finite w) varies over devices as ``like`` does on the sharded path.
   return jax.tree.map(lambda s, w: 0 * w + jnp.expand_dims(s, 0).astype(w.dtype), model, like)
 
 
-def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, base_buffers):
-  """Shared skeleton: inner steps; at ``k mod τ = 0``, Δ, ``outer_step``, restart from x_start.
+_POLICIES = {"maintain": "keep", "reset": "reset", "average": "mix"}
 
-  ``outer_step(k, delta, x_start, outer) -> (x_start, outer)``.
+
+def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, **options):
+  """Inner steps; at ``k mod τ = 0``: Δ = x_start − mean_i x_i, ``outer_step``, restart.
+
+  ``outer_step(k, delta, x_start, outer) -> (x_start, outer)``. The mean is the
+  one communication: an all-reduce (:meth:`coopjax.mixing.Mix.mean_into_aux`).
   """
-  local = check_local(local)
   tau = check_tau(tau)
   m = check_int("num_workers", num_workers, 1)
-  if base_buffers not in BASE_BUFFERS:
-    raise ValueError(
-      f"base_buffers must be one of {BASE_BUFFERS}, got {base_buffers!r}: 'maintain' keeps each "
-      "worker's optimizer buffers, 'reset' zeroes them and 'average' averages them at every mix."
-    )
+  mean = mixing.Mix.mean_into_aux(m)
+  average = mixing.Mix.average(m)
 
-  def check_params(params, what):
-    rows = num_rows(params, what)
-    if rows != m:
-      raise ValueError(
-        f"{what} have leading axis {rows} but {name} has {m} workers and no auxiliary rows; "
-        f"build X with coopjax.replicate(params, num_workers={m})."
-      )
-
-  def init_fn(params):
-    check_params(params, "params")
+  def init_extra(params):
     x_start = mixing.worker_mean(params)  # x_0 when X is replicated
-    return (
-      jnp.zeros([], jnp.int32),
-      jax.vmap(local.init)(params),
-      x_start,
-      init_outer(x_start),
-    )
+    return x_start, init_outer(x_start)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(f"{name} needs the stacked models: call tx.update(grads, state, X).")
-    check_params(params, "params")
-    grads = _check_grads(updates, m, m)
-    local_updates, local_state = _local_update(local, grads, state.local_state, params, extra_args)
-    k = optax.safe_int32_increment(state.count)
-    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, local_updates)
+  def on_mix(k, X, extra, _inputs):
+    x_start, outer = extra
+    anchor = jax.tree.map(lambda s: jnp.expand_dims(s, 0), x_start)
+    mean_row = mixing.split_rows(mean(mixing.join_rows(X, anchor)), m)[1]  # the all-reduce
+    delta = jax.tree.map(lambda s, x: s - x[0].astype(s.dtype), x_start, mean_row)
+    x_start, outer = outer_step(k, delta, x_start, outer)
+    return _broadcast(x_start, X), (x_start, outer)
 
-    def on_mix(X, local_state, x_start, outer):
-      mean = mixing.worker_mean(X)  # the all-reduce
-      delta = jax.tree.map(lambda s, x: s - x.astype(s.dtype), x_start, mean)
-      x_start, outer = outer_step(k, delta, x_start, outer)
-      if base_buffers == "reset":
-        local_state = reset_local_state(local_state, jax.vmap(local.init)(X))
-      elif base_buffers == "average":
-        local_state = mix_local_state(local_state, _mean_mixer, m, 0)
-      return _broadcast(x_start, X), local_state, x_start, outer
-
-    def skip(X, local_state, x_start, outer):
-      return X, local_state, x_start, outer
-
-    new, local_state, x_start, outer = jax.lax.cond(
-      k % tau == 0, on_mix, skip, stepped, local_state, state.x_start, state[3]
-    )
-    out = jax.tree.map(lambda a, x: a - x, new, params)
-    return out, type(state)(k, local_state, x_start, outer)
-
-  return init_fn, update_fn
+  return _skeleton.transformation(
+    name,
+    local,
+    Layout(m, 0),
+    state_cls=SlowMoState if name == "slowmo" else DiLoCoState,
+    on_mix=on_mix,
+    init_extra=init_extra,
+    state_mix=lambda k: average,
+    orders=("step_then_mix",),
+    **_skeleton.periodic(tau, mean.cost),
+    **options,
+  )
 
 
 def slowmo(
@@ -184,7 +151,11 @@ def slowmo(
   beta: float,
   lr: LearningRate,
   base_buffers: str = "maintain",
-) -> optax.GradientTransformationExtraArgs:
+  *,
+  order: str = "step_then_mix",
+  mix_mask: PyTree | None = None,
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""SlowMo (Wang, Tantia, Ballas & Rabbat, ICLR 2020) over local SGD.
 
   Every τ steps (after the local step k = pτ):
@@ -214,9 +185,25 @@ def slowmo(
     base_buffers: the base optimizer's buffers at a mix: ``"maintain"``
       (default, fairscale's behaviour), ``"reset"`` (zeroed; counters kept)
       or ``"average"`` (averaged over workers; counters kept).
+    mix_mask: optional pytree prefix of X of booleans; leaves marked False
+      stay per worker (the outer update is applied to the others).
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
+    warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`SlowMoState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.slowmo(optax.sgd(0.1), tau=1, num_workers=2, alpha=1.0, beta=0.5, lr=0.1)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> state = tx.init(X)
+    >>> for _ in range(2):  # Δ = 0.2 each period; the slow momentum adds 0.5·0.2 the second time
+    ...   updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X)
+    ...   X = optax.apply_updates(X, updates)
+    >>> [round(x, 4) for x in X["w"].tolist()]
+    [-0.5, -0.5]
 
   References:
     Wang, Tantia, Ballas & Rabbat, SlowMo: Improving communication-efficient
@@ -235,11 +222,22 @@ def slowmo(
     x_start = jax.tree.map(lambda x, u: x - (alpha * gamma * u).astype(x.dtype), x_start, u)
     return x_start, u
 
-  init_fn, update_fn = _outer_algorithm(
-    "slowmo", local, tau, num_workers, init_outer, outer_step, base_buffers
-  )
-  return optax.GradientTransformationExtraArgs(
-    lambda params: SlowMoState(*init_fn(params)), update_fn
+  if base_buffers not in BASE_BUFFERS:
+    raise ValueError(
+      f"base_buffers must be one of {BASE_BUFFERS}, got {base_buffers!r}: 'maintain' keeps each "
+      "worker's optimizer buffers, 'reset' zeroes them and 'average' averages them at every mix."
+    )
+  return _outer_algorithm(
+    "slowmo",
+    local,
+    tau,
+    num_workers,
+    init_outer,
+    outer_step,
+    order=order,
+    local_state_policy=_POLICIES[base_buffers],
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )
 
 
@@ -248,7 +246,12 @@ def diloco(
   outer: optax.GradientTransformation,
   tau: int,
   num_workers: int,
-) -> optax.GradientTransformationExtraArgs:
+  *,
+  order: str = "step_then_mix",
+  local_state_policy: str = "keep",
+  mix_mask: PyTree | None = None,
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""DiLoCo (Douillard et al., 2023): an outer optimizer on the period's displacement.
 
   Every τ inner steps (after the inner step k = pτ):
@@ -271,9 +274,25 @@ def diloco(
     outer: the outer optax optimizer for ``x_start``.
     tau: communication period τ (H inner steps in the paper).
     num_workers: m; X has m rows.
+    local_state_policy: the inner optimizer's state at a mix: ``"keep"``
+      (default, DiLoCo keeps each worker's AdamW moments), ``"mix"`` (averaged)
+      or ``"reset"``.
+    mix_mask: optional pytree prefix of X of booleans; leaves marked False
+      stay per worker (the outer update is applied to the others).
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
+    warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`DiLoCoState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.diloco(optax.sgd(0.1), outer=optax.sgd(0.5), tau=1, num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # x_start − 0.5·Δ
+    [-0.1, -0.1]
 
   References:
     Douillard et al., DiLoCo: Distributed low-communication training of
@@ -289,9 +308,15 @@ def diloco(
     updates, outer_state = outer.update(delta, outer_state, x_start)
     return optax.apply_updates(x_start, updates), outer_state
 
-  init_fn, update_fn = _outer_algorithm(
-    "diloco", local, tau, num_workers, outer.init, outer_step, "maintain"
-  )
-  return optax.GradientTransformationExtraArgs(
-    lambda params: DiLoCoState(*init_fn(params)), update_fn
+  return _outer_algorithm(
+    "diloco",
+    local,
+    tau,
+    num_workers,
+    outer.init,
+    outer_step,
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )

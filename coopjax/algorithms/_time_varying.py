@@ -38,11 +38,11 @@ import scipy.optimize
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
-from coopjax.algorithms._cooperative import check_local
-from coopjax.algorithms._cooperative import check_order
-from coopjax.algorithms._cooperative import check_state_policy
-from coopjax.algorithms._cooperative import check_tau
 from coopjax.algorithms._cooperative import scheduled_mixing
+from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._skeleton import check_tau
+from coopjax.cost import pattern
+from coopjax.workers import Layout
 
 PyTree = Any
 
@@ -112,7 +112,8 @@ def time_varying(
   mix_mask: PyTree | None = None,
   symmetric: bool = False,
   allow_negative: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""Cooperative SGD with a cycled schedule of mixing matrices.
 
   .. math::
@@ -181,11 +182,8 @@ def time_varying(
     Ying et al., "Exponential graph is provably efficient for decentralized deep
     training", NeurIPS 2021.
   """
-  local = check_local(local)
   tau = check_tau(tau)
   v = check_int("num_aux", num_aux, 0)
-  order = check_order(order)
-  policy = check_state_policy(local_state_policy)
   mats = _schedule_matrices(schedule, period)
   Ws = []
   for r, W in enumerate(mats):
@@ -214,8 +212,9 @@ def time_varying(
       "consensus; make the union of the schedule's graphs connected."
     )
   P = len(Ws)
+  mixes = [mixing.Mix(W, m, mask=mixing.check_mask(mix_mask)) for W in Ws]
   if mixers is None:
-    mixers = [mixing.dense_mixer(W) for W in Ws]
+    mixers = mixes
   else:
     mixers = list(mixers)
     if len(mixers) != P or not all(callable(f) for f in mixers):
@@ -231,15 +230,24 @@ def time_varying(
 
     return k % tau == 0, mix
 
+  costs = [mix.cost for mix in mixes]
+
+  def comm(k, _state=None):
+    return costs[(k // tau - 1) % P] if k % tau == 0 else pattern.NO_COMM
+
   return scheduled_mixing(
+    "time_varying",
     local,
-    m,
-    v,
+    Layout(m, v),
     schedule,
-    order=order,
-    policy=policy,
-    mix_mask=mix_mask,
+    comm,
+    costs[0],
     state_cls=TimeVaryingState,
+    period=tau,
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )
 
 
@@ -443,7 +451,8 @@ def matcha(
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
-) -> optax.GradientTransformationExtraArgs:
+  warmup_steps: int = 0,
+) -> CooperativeTransformation:
   r"""MATCHA: decentralized SGD over randomly activated matchings (Wang et al., 2019).
 
   After every local step,
@@ -481,14 +490,21 @@ def matcha(
     An optax ``GradientTransformationExtraArgs`` with state
     :class:`TimeVaryingState`.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.matcha(optax.sgd(0.1), topology.ring(4), budget=1.0, num_workers=4,
+    ...                     key=jax.random.key(0))  # budget 1: every matching always active
+    >>> X = {"w": jnp.array([0.0, 0.0, 0.0, 4.0])}
+    >>> updates, state = tx.update({"w": jnp.zeros(4)}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # (I − L/3) x
+    [1.3333, 0.0, 1.3333, 1.3333]
+
   References:
     J. Wang, A. K. Sahu, Z. Yang, G. Joshi, S. Kar, "MATCHA: Speeding up
     decentralized SGD via matching decomposition sampling", 2019 (arXiv 1905.09435).
   """
-  local = check_local(local)
   m = check_int("num_workers", num_workers, 1)
-  order = check_order(order)
-  policy = check_state_policy(local_state_policy)
   if np.shape(graph) != (m, m):
     raise ValueError(f"graph must be {m}x{m} for num_workers={m}, got shape {np.shape(graph)}.")
   design = matcha_design(graph, budget)
@@ -512,15 +528,17 @@ def matcha(
       f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}."
     )
 
+  swaps = [mixing.Mix.permutation(perm).restrict(mixing.check_mask(mix_mask)) for perm in perms]
+
   def schedule(k):
     flags = matcha_flags(key, k, p)
 
     def mix(X):
       out = X
-      for j, perm in enumerate(perms):
+      for j, swap in enumerate(swaps):
 
-        def term(acc, perm=perm):
-          diff = jax.tree.map(jnp.subtract, X, mixing.permute(X, perm))
+        def term(acc, swap=swap):
+          diff = jax.tree.map(jnp.subtract, X, swap(X))
           return jax.tree.map(lambda o, d: o - jnp.asarray(a, d.dtype) * d, acc, diff)
 
         out = jax.lax.cond(flags[j], term, lambda acc: acc, out)
@@ -528,13 +546,23 @@ def matcha(
 
     return jnp.any(flags), mix  # no active matching: no mix
 
+  def comm(k, _state=None):
+    # Each active matching is one exchange with one peer (Wang et al., 2019).
+    active = int(np.sum(np.asarray(matcha_flags(key, k, p))))
+    return (
+      pattern.MixCost("neighbor_exchange", float(active), active) if active else pattern.NO_COMM
+    )
+
   return scheduled_mixing(
+    "matcha",
     local,
-    m,
-    0,
+    Layout(m, 0),
     schedule,
-    order=order,
-    policy=policy,
-    mix_mask=mix_mask,
+    comm,
+    pattern.MixCost("neighbor_exchange", float(len(swaps)), len(swaps)),
     state_cls=TimeVaryingState,
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )

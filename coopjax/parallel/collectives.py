@@ -48,8 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from coopjax import mixing
-from coopjax.mixing import ShardContext
+from coopjax.parallel.context import ShardContext
 
 PyTree = Any
 
@@ -83,6 +82,16 @@ class WorkerPlan(NamedTuple):
   rows_sent: int
   offsets: tuple[int, ...]
   apply: Callable[[PyTree], PyTree]
+
+
+def einsum(spec: str, *operands) -> jax.Array:
+  """``jnp.einsum`` at full float32 precision.
+
+  Accelerators otherwise run float32 contractions in reduced precision (TF32
+  on NVIDIA GPUs), which would make a mix with W differ from the exact
+  weighted average by about 1e-3.
+  """
+  return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
 
 
 def _device(ctx: ShardContext):
@@ -127,8 +136,11 @@ def _columns(M: np.ndarray, ctx: ShardContext, axis: int, dtype):
 
 
 def worker_sum(workers: PyTree, ctx: ShardContext) -> PyTree:
-  """``Σ_i x_i`` over all m workers: one all-reduce, replicated on every device."""
-  return jax.tree.map(lambda x: lax.psum(jnp.sum(x, axis=0), ctx.axis_name), workers)
+  """``Σ_i x_i`` over all m workers: one all-reduce per dtype, replicated on every device."""
+  summed = bucketed(
+    lambda bufs: [lax.psum(jnp.sum(x, axis=0, keepdims=True), ctx.axis_name) for x in bufs]
+  )
+  return jax.tree.map(lambda x: x[0], summed(workers))
 
 
 def worker_mean(workers: PyTree, ctx: ShardContext) -> PyTree:
@@ -148,7 +160,7 @@ def _gather_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
     def leaf(x):
       full = lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)
       cols = _columns(A, ctx, axis=1, dtype=x.dtype)
-      return mixing.einsum("ji,j...->i...", cols, full)
+      return einsum("ji,j...->i...", cols, full)
 
     return jax.tree.map(leaf, workers)
 
@@ -232,7 +244,7 @@ def worker_plan(A, ctx: ShardContext) -> WorkerPlan:
 
   Args:
     A: the m × m matrix, ``x_i ← Σ_j A[j, i] x_j``.
-    ctx: the sharded step's :class:`coopjax.mixing.ShardContext`.
+    ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
 
   Returns:
     A :class:`WorkerPlan` (see the module docstring for the rules).
@@ -294,15 +306,69 @@ def _cached_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
 
 
 def _split_local(X: PyTree, n: int, ctx: ShardContext):
+  """The local block as ``(workers, aux)`` for an n × n matrix (``aux`` None when n = m)."""
   m, b = ctx.num_workers, ctx.block
   if n == m:
     return X, None
-  if n != m + ctx.num_aux:
+  if n < m:
+    raise ValueError(f"W is {n}x{n} but the sharded step has m={m} workers; W needs >= m rows.")
+  rows = {x.shape[0] for x in jax.tree.leaves(X)}
+  if rows != {b + n - m}:
     raise ValueError(
-      f"W is {n}x{n} but the sharded step has m={m} workers and v={ctx.num_aux} auxiliary "
-      "rows; W must be m x m (workers only) or (m+v) x (m+v)."
+      f"W is {n}x{n} ({m} workers + {n - m} auxiliary) but the local block has {sorted(rows)} "
+      f"rows; each device needs its b={b} workers' rows followed by the {n - m} replicated "
+      "auxiliary rows."
     )
   return jax.tree.map(lambda x: x[:b], X), jax.tree.map(lambda x: x[b:], X)
+
+
+def bucketed(apply: Callable[[list], list]) -> Callable[[PyTree], PyTree]:
+  """Runs ``apply`` on one buffer per dtype instead of one array per leaf.
+
+  Every leaf ``[rows, ...]`` is flattened to ``[rows, size]`` and the leaves
+  of one dtype are concatenated along the second axis, so that a row-wise
+  collective (a collective-permute of boundary rows, an all-reduce of row
+  sums, an all-gather) is issued once per dtype rather than once per leaf.
+  ``apply`` maps the list of 2-D buffers to a list of buffers of the same
+  shapes; the result is unpacked into X's structure.
+  """
+
+  def run(X: PyTree) -> PyTree:
+    leaves, treedef = jax.tree.flatten(X)
+    if len(leaves) <= 1:
+      return jax.tree.unflatten(
+        treedef,
+        [_unflat(y, x) for y, x in zip(apply([_flat(x) for x in leaves]), leaves, strict=True)],
+      )
+    by_dtype: dict = {}
+    for i, x in enumerate(leaves):
+      by_dtype.setdefault(jnp.dtype(x.dtype), []).append(i)
+    groups = list(by_dtype.values())
+    buffers = [
+      jnp.concatenate([_flat(leaves[i]) for i in idx], axis=1)
+      if len(idx) > 1
+      else _flat(leaves[idx[0]])
+      for idx in groups
+    ]
+    mixed = apply(buffers)
+    out = [None] * len(leaves)
+    for idx, buf in zip(groups, mixed, strict=True):
+      start = 0
+      for i in idx:
+        size = int(np.prod(leaves[i].shape[1:], dtype=np.int64))
+        out[i] = _unflat(buf[:, start : start + size], leaves[i])
+        start += size
+    return jax.tree.unflatten(treedef, out)
+
+  return run
+
+
+def _flat(x):
+  return x.reshape((x.shape[0], -1))
+
+
+def _unflat(y, like):
+  return y.reshape((y.shape[0],) + like.shape[1:])
 
 
 def mix_gathered(X: PyTree, W, ctx: ShardContext) -> PyTree:
@@ -321,10 +387,10 @@ def mix_gathered(X: PyTree, W, ctx: ShardContext) -> PyTree:
       full = jnp.concatenate([full, z.astype(full.dtype)], axis=0)
     w = W.astype(x.dtype)
     own = lax.dynamic_slice_in_dim(w, _device(ctx) * b, b, axis=1)
-    out = mixing.einsum("ji,j...->i...", own, full)
+    out = einsum("ji,j...->i...", own, full)
     if z is None:
       return out
-    return jnp.concatenate([out, mixing.einsum("ji,j...->i...", w[:, m:], full)], axis=0)
+    return jnp.concatenate([out, einsum("ji,j...->i...", w[:, m:], full)], axis=0)
 
   if aux is None:
     return jax.tree.map(lambda x: leaf(x, None), workers)
@@ -332,47 +398,60 @@ def mix_gathered(X: PyTree, W, ctx: ShardContext) -> PyTree:
 
 
 def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
-  r"""The per-device mixer of a static W on ``ctx``'s devices.
+  r"""The per-device mixer of a static W on ``ctx``'s devices, leaves bucketed by dtype.
 
-  W is ``m × m`` (applied to the local workers' rows) or ``(m+v) × (m+v)``
-  (applied to the local block ``[workers, auxiliaries]``).
+  W is ``m × m`` (applied to the local workers' rows) or ``(m+v') × (m+v')``
+  (applied to the local block ``[workers, auxiliaries]``, the v' auxiliary
+  rows replicated on every device).
 
   Args:
     W: the static mixing matrix, ``x_i ← Σ_j W[j, i] x_j``.
-    ctx: the sharded step's :class:`coopjax.mixing.ShardContext`.
+    ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
 
   Returns:
-    ``mix(X_local) -> X_local``, equal to the dense einsum up to rounding.
+    ``mix(X_local) -> X_local``, equal to the dense einsum up to rounding; one
+    collective per neighbour offset (or reduction) per dtype of X's leaves.
   """
   W = np.asarray(W, np.float64)
   n, m = W.shape[0], ctx.num_workers
   plan = _cached_plan(np.ascontiguousarray(W[:m, :m]), ctx)
   if n == m:
-    return plan.apply
-  if n != m + ctx.num_aux:
+    return bucketed(plan.apply)
+  if n < m:
     _split_local({}, n, ctx)
   if plan.kind == "gather":
-    return lambda X: mix_gathered(X, W, ctx)
+    return bucketed(lambda bufs: mix_gathered(bufs, W, ctx))
+  b = ctx.block
   C, B, E = W[m:, :m], W[:m, m:], W[m:, m:]
   has_C = bool(np.any(np.abs(C) > _ATOL))
   has_B = bool(np.any(np.abs(B) > _ATOL))
 
-  def mix(X):
-    workers, aux = _split_local(X, n, ctx)
+  def mix(buffers):
+    workers = [x[:b] for x in buffers]
+    aux = [x[b:] for x in buffers]
     new_w = plan.apply(workers)
     if has_C:
-      new_w = jax.tree.map(
-        lambda y, z: y + mixing.einsum("li,l...->i...", _columns(C, ctx, 1, z.dtype), z), new_w, aux
-      )
+      new_w = [
+        y + einsum("li,l...->i...", _columns(C, ctx, 1, z.dtype), z)
+        for y, z in zip(new_w, aux, strict=True)
+      ]
 
     def new_aux(x, z):
-      out = mixing.einsum("kl,k...->l...", jnp.asarray(E, z.dtype), z)
+      out = einsum("kl,k...->l...", jnp.asarray(E, z.dtype), z)
       if has_B:
-        part = mixing.einsum("il,i...->l...", _columns(B, ctx, 0, x.dtype), x)
+        part = einsum("il,i...->l...", _columns(B, ctx, 0, x.dtype), x)
         out = out + lax.psum(part, ctx.axis_name).astype(z.dtype)
       return out
 
-    new_z = jax.tree.map(new_aux, workers, aux)
-    return jax.tree.map(lambda y, z: jnp.concatenate([y, z.astype(y.dtype)], axis=0), new_w, new_z)
+    new_z = [new_aux(x, z) for x, z in zip(workers, aux, strict=True)]
+    return [
+      jnp.concatenate([y, z.astype(y.dtype)], axis=0) for y, z in zip(new_w, new_z, strict=True)
+    ]
 
-  return mix
+  run = bucketed(mix)
+
+  def checked(X):
+    _split_local(X, n, ctx)
+    return run(X)
+
+  return checked

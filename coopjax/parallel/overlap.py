@@ -67,16 +67,31 @@ PyTree = Any
 __all__ = ["make_overlapped_period", "default_reduce"]
 
 
-def default_reduce(kind: type) -> Callable[[PyTree], PyTree]:
-  """The reduction of the state type ``kind``: Σ_i for non-blocking EASGD, mean_i for Overlap."""
+def default_reduce(kind: type, num_workers: int) -> Callable[[PyTree], PyTree]:
+  """The reduction of the state type ``kind`` over m workers, computed as the algorithm does.
+
+  Non-blocking EASGD: ``Σ_i pending_i``; Overlap Local-SGD: ``mean_i pending_i``,
+  each as the auxiliary row of the algorithm's own mix
+  (``coopjax.mixing.Mix.sum_into_aux`` / ``mean_into_aux``) applied to
+  ``[pending, 0]``, so the result is bit for bit the one its closing step
+  would compute.
+  """
   if kind is nonblocking.NonBlockingEASGDState:
-    return mixing.worker_sum
-  if kind is nonblocking.OverlapState:
-    return mixing.worker_mean
-  raise ValueError(
-    f"no default reduction for {kind.__name__}; pass reduce= (for coopjax.delayed: the mixer it "
-    "was built with, e.g. coopjax.mixing.dense_mixer(W))."
-  )
+    mix = mixing.Mix.sum_into_aux(num_workers, overlappable=True)
+  elif kind is nonblocking.OverlapState:
+    mix = mixing.Mix.mean_into_aux(num_workers, overlappable=True)
+  else:
+    raise ValueError(
+      f"no default reduction for {kind.__name__}; pass reduce= (for coopjax.delayed: the mix "
+      "it was built with, coopjax.mixing.Mix(W, m, overlappable=True), or its mixer)."
+    )
+
+  def reduce(pending):
+    zero = jax.tree.map(lambda x: jnp.zeros_like(x[:1]), pending)
+    aux = mixing.split_rows(mix(mixing.join_rows(pending, zero)), num_workers)[1]
+    return jax.tree.map(lambda z: z[0], aux)
+
+  return reduce
 
 
 class _ResultState(NamedTuple):
@@ -176,9 +191,9 @@ def make_overlapped_period(
 
   head = jax.jit(head_fn)
 
-  def programs(kind):
+  def programs(kind, num_workers):
     if kind not in cache:
-      red = reduce if reduce is not None else default_reduce(kind)
+      red = reduce if reduce is not None else default_reduce(kind, num_workers)
       closing = make_step(loss_fn, _with_result(tx, red), **step_kwargs)
       cache[kind] = (_reduce_program(red, mesh), closing)
     return cache[kind]
@@ -197,7 +212,8 @@ def make_overlapped_period(
         f"the period must start at a step count that is a multiple of tau={tau}, got {start}; "
         "run whole periods from tx.init."
       )
-    reduce_program, closing = programs(type(state))
+    num_workers = jax.tree.leaves(state.pending)[0].shape[0]
+    reduce_program, closing = programs(type(state), num_workers)
     future = executor.submit(lambda: jax.block_until_ready(reduce_program(state.pending)))
     try:
       if tau > 1:

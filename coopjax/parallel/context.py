@@ -1,0 +1,95 @@
+r"""Where a sharded step runs: the worker axis, the device count and the per-device block.
+
+A cooperative transformation is an optax ``GradientTransformation``: its
+``update(grads, state, X)`` sees arrays, not meshes. Under
+``coopjax.make_step(..., mesh=mesh)`` it is traced inside ``jax.shard_map``, where
+every device holds a block of ``b = m / D`` worker rows followed by a replicated
+copy of the ``v`` auxiliary rows. The step activates a :class:`ShardContext`
+while it traces the per-device function (:func:`sharded`), and the row
+primitives of :mod:`coopjax.mixing` (and the row counts of
+:func:`coopjax.workers.num_rows`) read it: this module is the single place
+where that per-device meaning is defined. Outside a sharded step no context is
+active and every primitive has its plain, whole-array meaning.
+
+  >>> from coopjax.parallel import context
+  >>> ctx = context.ShardContext("workers", num_devices=4, num_workers=8, num_aux=1)
+  >>> ctx.block
+  2
+  >>> with context.sharded(ctx):
+  ...   (context.to_global_rows(2), context.to_global_rows(3), context.to_global_rows(1))
+  (8, 9, 1)
+  >>> context.current() is None
+  True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import NamedTuple
+
+__all__ = ["ShardContext", "current", "sharded", "to_global_rows"]
+
+
+class ShardContext(NamedTuple):
+  """Where a sharded step runs: the worker axis and the per-device block.
+
+  Attributes:
+    axis_name: the mesh axis the workers are sharded over (``coopjax.WORKER_AXIS``).
+    num_devices: D, the size of that axis.
+    num_workers: m, the global number of workers (a multiple of D).
+    num_aux: v, the number of auxiliary rows, replicated on every device.
+  """
+
+  axis_name: str
+  num_devices: int
+  num_workers: int
+  num_aux: int
+
+  @property
+  def block(self) -> int:
+    """b = m / D, the number of workers on each device."""
+    return self.num_workers // self.num_devices
+
+
+_CONTEXT: contextvars.ContextVar[ShardContext | None] = contextvars.ContextVar(
+  "coopjax_shard_context", default=None
+)
+
+
+def current() -> ShardContext | None:
+  """The active :class:`ShardContext`, or None outside a sharded step."""
+  return _CONTEXT.get()
+
+
+@contextlib.contextmanager
+def sharded(ctx: ShardContext) -> Iterator[ShardContext]:
+  """Activates ``ctx`` while tracing a per-device (``shard_map``) function."""
+  if ctx.num_workers % ctx.num_devices:
+    raise ValueError(
+      f"num_workers={ctx.num_workers} is not a multiple of the {ctx.num_devices} devices of "
+      f"mesh axis {ctx.axis_name!r}; use m = k * {ctx.num_devices} workers."
+    )
+  token = _CONTEXT.set(ctx)
+  try:
+    yield ctx
+  finally:
+    _CONTEXT.reset(token)
+
+
+def to_global_rows(rows: int) -> int:
+  """A leading-axis size seen on this device, as a global row count.
+
+  Outside a sharded step it is returned unchanged. Inside, a local block of
+  ``b`` rows counts as ``m`` and ``b + v`` as ``m + v``; other sizes (e.g. the
+  ``v`` auxiliary rows alone, which are replicated) are unchanged.
+  """
+  ctx = current()
+  if ctx is None:
+    return rows
+  if rows == ctx.block:
+    return ctx.num_workers
+  if rows == ctx.block + ctx.num_aux:
+    return ctx.num_workers + ctx.num_aux
+  return rows
