@@ -88,33 +88,41 @@ def build(name, spec, m):
   lr, tau = spec["lr"], spec.get("tau", 1)
   local = optax.sgd(lr)
   if name == "compute_only":
-    return coopjax.local_sgd(local, 10**6, m), 0, 10**6
+    return coopjax.local_sgd(local, tau=10**6, num_workers=m), 0, 10**6
   if name == "sync_sgd":
-    return coopjax.sync_sgd(local, m), 0, 1
+    return coopjax.sync_sgd(local, num_workers=m), 0, 1
   if name.startswith("local_sgd"):
-    return coopjax.local_sgd(local, tau, m), 0, tau
+    return coopjax.local_sgd(local, tau=tau, num_workers=m), 0, tau
   if name == "easgd":
-    return coopjax.easgd(local, tau, spec["alpha"], m), 1, tau
+    return coopjax.easgd(local, tau=tau, alpha=spec["alpha"], num_workers=m), 1, tau
   if name == "nonblocking_easgd":
-    return coopjax.nonblocking_easgd(local, tau, spec["alpha"], m), 1, tau
+    return coopjax.nonblocking_easgd(local, tau=tau, alpha=spec["alpha"], num_workers=m), 1, tau
   if name == "overlap_local_sgd":
-    return coopjax.overlap_local_sgd(local, tau, spec["anchor_momentum"], m), 1, tau
+    return (
+      coopjax.overlap_local_sgd(local, tau=tau, alpha=spec["alpha"], num_workers=m),
+      1,
+      tau,
+    )
   if name == "dpsgd_ring":
-    return coopjax.dpsgd(local, topology.ring(m)), 0, 1
+    return coopjax.dpsgd(local, W=topology.ring(m)), 0, 1
   if name == "one_peer_exp":
     period = topology.one_peer_exponential_period(m)
     schedule = [topology.one_peer_exponential(m, r) for r in range(period)]
-    return coopjax.time_varying(local, 1, schedule), 0, 1
+    return coopjax.time_varying(local, tau=1, schedule=schedule), 0, 1
   if name == "matcha":
     key = jax.random.key(spec.get("seed", 0))
-    return coopjax.matcha(local, topology.ring(m), spec["budget"], m, key), 0, 1
+    return (
+      coopjax.matcha(local, graph=topology.ring(m), budget=spec["budget"], num_workers=m, key=key),
+      0,
+      1,
+    )
   if name == "hierarchical":
     size = m // 2
     groups = [list(range(g * size, (g + 1) * size)) for g in range(2)]
-    return coopjax.hierarchical(local, tau, spec["tau2"], groups), 0, spec["tau2"]
+    return coopjax.hierarchical(local, tau1=tau, tau2=spec["tau2"], groups=groups), 0, spec["tau2"]
   if name == "diloco":
     outer = optax.sgd(spec["outer_lr"], momentum=spec["outer_momentum"], nesterov=True)
-    return coopjax.diloco(local, outer, tau, m), 0, tau
+    return coopjax.diloco(local, outer=outer, tau=tau, num_workers=m), 0, tau
   raise ValueError(f"unknown algorithm {name!r}")
 
 
@@ -283,7 +291,7 @@ def algorithm_params(args):
     "easgd": {"lr": args.lr, "tau": args.easgd_tau, "alpha": args.alpha},
     "nonblocking_easgd": {"lr": args.lr, "tau": args.easgd_tau, "alpha": args.alpha},
     "local_sgd_8": {"lr": args.lr, "tau": args.easgd_tau},
-    "overlap_local_sgd": {"lr": args.lr, "tau": args.easgd_tau, "anchor_momentum": 0.5},
+    "overlap_local_sgd": {"lr": args.lr, "tau": args.easgd_tau, "alpha": 0.5},
     "dpsgd_ring": {"lr": args.lr},
     "one_peer_exp": {"lr": args.lr},
     "matcha": {"lr": args.lr, "budget": 0.5, "seed": 0},

@@ -61,7 +61,7 @@ NODE = textwrap.dedent(
   from coopjax import sharding
 
   mesh = coopjax.worker_mesh()
-  tx = coopjax.local_sgd(optax.sgd({LR}), {TAU}, {M})
+  tx = coopjax.local_sgd(optax.sgd({LR}), tau={TAU}, num_workers={M})
   A, b = ref.make_batches({STEPS}, {M})
   X = coopjax.shard(coopjax.replicate(ref.init_params(), {M}), mesh)
   state = sharding.init(tx, X, mesh)
@@ -98,7 +98,7 @@ def alive(pid):
 
 def single_process():
   mesh = coopjax.worker_mesh(M)
-  tx = coopjax.local_sgd(optax.sgd(LR), TAU, M)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=TAU, num_workers=M)
   A, b = ref.make_batches(STEPS, M)
   X = coopjax.shard(coopjax.replicate(ref.init_params(), M), mesh)
   state = sharding.init(tx, X, mesh)

@@ -19,11 +19,15 @@ LR = 0.05
 
 def build(name, m, tau):
   if name == "nonblocking_easgd":
-    return coopjax.nonblocking_easgd(optax.sgd(LR, momentum=0.5), tau, 0.1, m), 1, None
+    return (
+      coopjax.nonblocking_easgd(optax.sgd(LR, momentum=0.5), tau=tau, alpha=0.1, num_workers=m),
+      1,
+      None,
+    )
   if name == "overlap_local_sgd":
-    return coopjax.overlap_local_sgd(optax.sgd(LR), tau, 0.5, m), 1, None
+    return coopjax.overlap_local_sgd(optax.sgd(LR), tau=tau, alpha=0.5, num_workers=m), 1, None
   W = topology.ring(m)
-  return coopjax.delayed(optax.sgd(LR), tau, W), 0, mixing.Mix(W, m, overlappable=True)
+  return coopjax.delayed(optax.sgd(LR), tau=tau, W=W), 0, mixing.Mix(W, m, overlappable=True)
 
 
 def stepwise(tx, v, mesh, A, b, m):
@@ -90,9 +94,11 @@ def test_overlapped_nonblocking_easgd_workers_are_blocking_easgds():
   m, tau, alpha, periods = 8, 4, 0.1, 3
   mesh = coopjax.worker_mesh(8)
   A, b = ref.make_batches(tau * periods, m, seed=9)
-  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau, alpha, m)
+  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau=tau, alpha=alpha, num_workers=m)
   X, state, losses = overlapped(tx, 1, mesh, A, b, m, tau, None)
-  Xb, _, lb = stepwise(coopjax.easgd(optax.sgd(LR), tau, alpha, m), 1, mesh, A, b, m)
+  Xb, _, lb = stepwise(
+    coopjax.easgd(optax.sgd(LR), tau=tau, alpha=alpha, num_workers=m), 1, mesh, A, b, m
+  )
   state = state._replace(pending=coopjax.unshard(state.pending, mesh))
   settled = coopjax.settle_easgd(coopjax.unshard(X, mesh, 1), state, alpha)
   np.testing.assert_allclose(ref.flat(settled), ref.flat(coopjax.unshard(Xb, mesh, 1)), atol=1e-6)
@@ -101,7 +107,7 @@ def test_overlapped_nonblocking_easgd_workers_are_blocking_easgds():
 
 def test_reduction_runs_on_another_thread():
   m, tau = 4, 2
-  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau, 0.1, m)
+  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau=tau, alpha=0.1, num_workers=m)
   seen = []
 
   def reduce(pending):
@@ -120,10 +126,10 @@ def test_bad_inputs():
   m, tau = 4, 2
   X = coopjax.replicate(ref.init_params(), m)
   A, b = ref.make_batches(2 * tau, m)
-  tx = coopjax.local_sgd(optax.sgd(LR), tau, m)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=tau, num_workers=m)
   with pytest.raises(ValueError, match="exactly one state"):
     overlap.make_overlapped_period(ref.loss_fn, tx, tau=tau)(X, tx.init(X), (A[:tau], b[:tau]))
-  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau, 0.1, m)
+  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau=tau, alpha=0.1, num_workers=m)
   X = coopjax.replicate(ref.init_params(), m, 1)
   period = overlap.make_overlapped_period(ref.loss_fn, tx, tau=tau)
   with pytest.raises(ValueError, match="leading period axis"):
