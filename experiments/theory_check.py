@@ -1,6 +1,6 @@
 r"""Measured error of A(τ, W, v) against the Cooperative SGD bounds: a check that can fail.
 
-Runs the library's transformation (``coopjax.cooperative(optax.sgd(lr), τ, W, v)`` driven by
+Runs the library's transformation (``coopjax.cooperative(optax.sgd(lr), tau=τ, W=W, num_aux=v)`` driven by
 ``coopjax.make_step`` inside ``lax.scan``, vmapped over seeds and configurations) on problems with
 exact L and σ²:
 
@@ -802,7 +802,7 @@ def write_summary(path, summary, cells, table):
     f"{s['elapsed_s']:.0f} s). m = {s['m']}, d = {s['d']}, K = {s['K']}, {s['seeds']} seeds, "
     f"σ² = {s['sigma2']} (exact: Gaussian noise added to exact gradients), η L = "
     f"{s['fixed_lr_times_L']} unless marked *max*, step-then-mix through "
-    "`coopjax.cooperative(optax.sgd(lr), τ, W, v)` + `coopjax.make_step`. ζ: "
+    "`coopjax.cooperative(optax.sgd(lr), tau=τ, W=W, num_aux=v)` + `coopjax.make_step`. ζ: "
     + ", ".join(f"{k} {v:.4f}" for k, v in s["zetas"].items())
     + ".\n"
   )

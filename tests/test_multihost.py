@@ -36,8 +36,8 @@ WORKER = textwrap.dedent(
   mesh = coopjax.worker_mesh()
   out = {{}}
   for name, tx, v in [
-    ("ring", coopjax.cooperative(optax.sgd({lr}), {tau}, topology.ring({m})), 0),
-    ("easgd", coopjax.easgd(optax.sgd({lr}), {tau}, 0.05, {m}), 1),
+    ("ring", coopjax.cooperative(optax.sgd({lr}), tau={tau}, W=topology.ring({m})), 0),
+    ("easgd", coopjax.easgd(optax.sgd({lr}), tau={tau}, alpha=0.05, num_workers={m}), 1),
   ]:
     A, b = ref.make_batches({steps}, {m})
     X = coopjax.shard(coopjax.replicate(ref.init_params(), {m}, v), mesh, v)

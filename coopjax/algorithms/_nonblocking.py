@@ -152,11 +152,14 @@ class EarlyReduction(NamedTuple):
     operand: ``state.pending`` when the program started (m worker rows; the
       local block inside a sharded step).
     start: ``state.count`` when the program started (int32 scalar).
+    result: ``reduce(operand)`` already computed by another program
+      (:mod:`coopjax.parallel.overlap`), or None to reduce here.
   """
 
   kind: type
   operand: PyTree
   start: chex.Array
+  result: PyTree = None
 
 
 _EARLY: contextvars.ContextVar[EarlyReduction | None] = contextvars.ContextVar(
@@ -217,6 +220,8 @@ def _issue_early(state_cls: type, pending: PyTree, reduce: Callable[[PyTree], Py
       f"the early reduction's operand has structure {jax.tree.structure(early.operand)} but "
       f"state.pending has {jax.tree.structure(pending)}; pass the state's own pending."
     )
+  if early.result is not None:
+    return early.result  # reduced by a separate program that ran beside the local steps
   with jax.named_scope("early_reduction"):  # outside the mixing branch: overlaps what precedes it
     return reduce(early.operand)
 

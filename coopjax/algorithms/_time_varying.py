@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +37,7 @@ import scipy.optimize
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
+from coopjax.algorithms._cooperative import CooperativeState
 from coopjax.algorithms._cooperative import scheduled_mixing
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
@@ -56,16 +56,8 @@ __all__ = [
 ]
 
 
-class TimeVaryingState(NamedTuple):
-  """State of :func:`time_varying` and :func:`matcha`.
-
-  Attributes:
-    count: number of local steps taken so far (k − 1 before step k), int32.
-    local_state: the local optimizer's state, stacked over the m workers.
-  """
-
-  count: chex.Array
-  local_state: optax.OptState
+TimeVaryingState = CooperativeState
+"""State of :func:`time_varying`: ``(count, local_state)``, as :class:`CooperativeState`."""
 
 
 def _schedule_matrices(schedule, period) -> list:
@@ -165,8 +157,8 @@ def time_varying(
     >>> import jax.numpy as jnp, optax, coopjax
     >>> from coopjax import topology
     >>> m = 4
-    >>> tx = coopjax.time_varying(optax.sgd(0.1), 1,
-    ...                           lambda r: topology.one_peer_exponential(m, r),
+    >>> tx = coopjax.time_varying(optax.sgd(0.1), tau=1,
+    ...                           schedule=lambda r: topology.one_peer_exponential(m, r),
     ...                           period=topology.one_peer_exponential_period(m))
     >>> X = {"w": jnp.arange(4.0)[:, None]}
     >>> state = tx.init(X)
@@ -494,8 +486,8 @@ def matcha(
   Examples:
     >>> import jax, jax.numpy as jnp, optax, coopjax
     >>> from coopjax import topology
-    >>> tx = coopjax.matcha(optax.sgd(0.1), topology.ring(4), budget=1.0, num_workers=4,
-    ...                     key=jax.random.key(0))  # budget 1: every matching always active
+    >>> tx = coopjax.matcha(optax.sgd(0.1), graph=topology.ring(4), budget=1.0,
+    ...                     num_workers=4, key=jax.random.key(0))  # budget 1: every matching always active
     >>> X = {"w": jnp.array([0.0, 0.0, 0.0, 4.0])}
     >>> updates, state = tx.update({"w": jnp.zeros(4)}, tx.init(X), X)
     >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # (I − L/3) x
