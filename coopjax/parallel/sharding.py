@@ -372,3 +372,9 @@ def init(tx: optax.GradientTransformation, X: PyTree, mesh: Mesh, num_aux: int |
 
   mapped = jax.shard_map(body, mesh=mesh, in_specs=P(WORKER_AXIS), out_specs=specs, check_vma=False)
   return jax.jit(mapped)(X)
+
+
+# Earlier private names, still used by scripts outside the package.
+_auto_mesh = auto_mesh
+_context = context_for
+_local_shapes = local_shapes
