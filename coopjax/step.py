@@ -97,16 +97,22 @@ def _check_worker_axis(batch: PyTree, m: int) -> None:
   With the worker axis every example leaf reads ``[m, B, ...]``: per worker,
   each has a leading example axis B, the same for all leaves. A batch
   ``(x [B, d], y [B])`` with ``B = m`` instead gives per-worker shapes
-  ``(d,)`` and ``()``: a per-worker scalar next to arrays, or leading sizes
-  that disagree. A single leaf ``[m, d]`` cannot be told apart from m
-  workers with one example each and passes.
+  ``(d,)`` and ``()``: a per-worker floating-point scalar next to arrays, or
+  leading sizes that disagree among the arrays. What shapes cannot tell
+  passes: a single leaf ``[m, d]`` (m workers with one example each) and
+  integer labels ``[B]`` next to ``[B, d]`` (an integer per worker, e.g. its
+  index, next to a vector).
   """
-  shapes = [jnp.shape(x)[1:] for x in jax.tree.leaves(batch) if _is_example_leaf(x)]
+  leaves = [x for x in jax.tree.leaves(batch) if _is_example_leaf(x)]
+  shapes = [jnp.shape(x)[1:] for x in leaves]
   if len(shapes) < 2:
     return
-  scalars = [s for s in shapes if not s]
+  # A per-worker integer scalar next to arrays may be a worker's id or index: allowed.
+  float_scalars = [
+    x for x, s in zip(leaves, shapes, strict=True) if not s and jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   leading = {s[0] for s in shapes if s}
-  if (scalars and len(scalars) < len(shapes)) or len(leading) > 1:
+  if (float_scalars and len(leading) > 0) or len(leading) > 1:
     raise ValueError(
       f"the batch's leaves have per-worker shapes {[tuple(s) for s in shapes]} after the "
       f"leading axis of size m={m}: they share no example axis, as a batch WITHOUT the worker "

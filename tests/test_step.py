@@ -288,6 +288,15 @@ def test_batch_without_the_worker_axis_is_refused():
     X = coopjax.replicate(ref.init_params(), tx)
     A3, b3 = ref.make_batches(1, 3)
     coopjax.make_step(ref.loss_fn, tx)(X, tx.init(X), (A3[0], b3[0]))
+  # One-hot targets [B, C] next to [B, d]: the leading sizes disagree.
+  onehot = lambda p, batch: jnp.mean((batch[0] @ p["w"] + p["c"]) * batch[1][..., 0])
+  with pytest.raises(ValueError, match="check_batch=False"):
+    _plain(onehot)((A[0, 0], np.ones((m, 2), np.float32)))
+  _plain(onehot, check_batch=False)((A[0, 0], np.ones((m, 2), np.float32)))  # the opt-out
+  # An integer per worker (its index) next to a vector is allowed.
+  indexed = lambda p, batch: jnp.sum((p["w"] - batch[1]) ** 2) + 0.0 * batch[0]
+  _, _, met = _plain(indexed)((np.arange(m), np.ones((m, 3), np.float32)))
+  assert met["worker_loss"].shape == (m,)
   # A per-worker PRNG key is no example leaf.
   keyed = lambda p, batch: ref.loss_fn(p, batch[:2])
   A, b = ref.make_batches(1, m)
