@@ -5,6 +5,7 @@ as optax gradient transformations over a stacked worker axis.
 """
 
 from coopjax import diagnostics
+from coopjax import evaluation
 from coopjax import mixing
 from coopjax import theory
 from coopjax import topology
@@ -40,6 +41,7 @@ from coopjax.algorithms import sync_sgd
 from coopjax.algorithms import time_varying
 from coopjax.cost import netmodel
 from coopjax.cost.report import comm_report
+from coopjax.evaluation import evaluation_model
 from coopjax.parallel import collectives
 from coopjax.parallel import distributed
 from coopjax.parallel import sharding
@@ -88,6 +90,8 @@ __all__ = [
   "easgd",
   "elastic_averaging",
   "elastic_hierarchical",
+  "evaluation",
+  "evaluation_model",
   "hierarchical",
   "Layout",
   "layout_of",
