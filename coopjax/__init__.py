@@ -4,6 +4,7 @@ Communication-efficient distributed SGD, A(τ, W, v) of Wang & Joshi (JMLR 2021)
 as optax gradient transformations over a stacked worker axis.
 """
 
+from coopjax import cost
 from coopjax import diagnostics
 from coopjax import evaluation
 from coopjax import mixing
@@ -11,6 +12,7 @@ from coopjax import theory
 from coopjax import topology
 from coopjax.algorithms import AdaCommState
 from coopjax.algorithms import CooperativeState
+from coopjax.algorithms import CooperativeTransformation
 from coopjax.algorithms import DelayedState
 from coopjax.algorithms import DiLoCoState
 from coopjax.algorithms import HierarchicalState
@@ -40,6 +42,8 @@ from coopjax.algorithms import step_count
 from coopjax.algorithms import sync_sgd
 from coopjax.algorithms import time_varying
 from coopjax.cost import netmodel
+from coopjax.cost.pattern import CommPattern
+from coopjax.cost.pattern import comm_pattern
 from coopjax.cost.report import comm_report
 from coopjax.evaluation import evaluation_model
 from coopjax.parallel import collectives
@@ -49,8 +53,6 @@ from coopjax.parallel.sharding import shard
 from coopjax.parallel.sharding import shard_batch
 from coopjax.parallel.sharding import unshard
 from coopjax.parallel.sharding import worker_mesh
-from coopjax.period import CommPattern
-from coopjax.period import comm_pattern
 from coopjax.period import make_period_step
 from coopjax.step import make_step
 from coopjax.training import checkpoint
@@ -77,8 +79,10 @@ __all__ = [
   "comm_report",
   "CommPattern",
   "consensus_distance",
+  "cost",
   "cooperative",
   "CooperativeState",
+  "CooperativeTransformation",
   "data",
   "delayed",
   "DelayedState",

@@ -30,9 +30,9 @@ input from the collective, so its start can be scheduled before the loop
 and its end after it. Executed step by step (:func:`coopjax.make_step`)
 there is no program to overlap in.
 
-:func:`comm_pattern` describes, per algorithm, what one mix communicates and
-whether it can run during the next period's computation: the inputs of a
-modelled wall clock (an α–β network time model).
+What a mix communicates, and whether it can run during the next period's
+computation, is described by the transformation itself (``tx.comm``,
+``tx.mix_cost``, :func:`coopjax.comm_pattern`).
 """
 
 from __future__ import annotations
@@ -52,12 +52,7 @@ from coopjax.step import make_step
 
 PyTree = Any
 
-__all__ = [
-  "make_period_step",
-  "CommPattern",
-  "comm_pattern",
-  "COMM_ALGORITHMS",
-]
+__all__ = ["make_period_step"]
 
 
 def _period_length(batches: PyTree) -> int:
@@ -225,129 +220,3 @@ def _issue_early(tx: optax.GradientTransformation) -> optax.GradientTransformati
     return updates, _EarlyState(state.operand, state.start, inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class CommPattern(NamedTuple):
-  r"""What one mix communicates, per worker, for a modelled wall clock.
-
-  With model size ``d`` bytes, an α–β model prices one mix at about
-  ``rounds·α + volume·d·β``; a mix with ``overlappable=True`` can run while
-  the workers compute the next period's τ local steps, so a period costs
-  ``max(τ·t_step, t_comm)`` instead of ``τ·t_step + t_comm``.
-
-  Attributes:
-    collective: ``"all_reduce"`` (a sum or mean over all workers),
-      ``"neighbor_exchange"`` (each worker sends its model to its graph
-      neighbours, e.g. collective-permutes) or ``"none"``.
-    volume: model-sized payloads sent per worker per mix: ``2(m−1)/m`` for a
-      ring all-reduce (reduce-scatter + all-gather), the maximum number of
-      neighbours for an exchange (paper Table 3 counts sent + received data,
-      twice these figures).
-    rounds: sequential message rounds per mix (latency terms): ``2(m−1)``
-      for a ring all-reduce, the maximum number of neighbours for an exchange.
-    overlappable: whether the mix's communication can proceed during the
-      next period's local steps (its operand is known at the mix and its
-      result is first needed at the next mix).
-    period: τ, local steps between mixes (the mix happens once per period).
-  """
-
-  collective: str
-  volume: float
-  rounds: int
-  overlappable: bool
-  period: int
-
-
-COMM_ALGORITHMS = (
-  "sync_sgd",
-  "local_sgd",
-  "easgd",
-  "dpsgd",
-  "cooperative",
-  "nonblocking_easgd",
-  "overlap_local_sgd",
-  "delayed",
-  "slowmo",
-  "diloco",
-)
-
-_OVERLAPPABLE = {"nonblocking_easgd", "overlap_local_sgd", "delayed"}
-_ALL_REDUCE = {"sync_sgd", "local_sgd", "easgd", "nonblocking_easgd", "overlap_local_sgd"}
-_ALL_REDUCE |= {"slowmo", "diloco"}
-
-
-def _all_reduce(m: int) -> tuple[float, int]:
-  return (2.0 * (m - 1) / m, 2 * (m - 1)) if m > 1 else (0.0, 0)
-
-
-def comm_pattern(
-  algorithm: str,
-  num_workers: int,
-  tau: int = 1,
-  W=None,
-  num_aux: int = 0,
-) -> CommPattern:
-  r"""The communication of one mix of ``algorithm`` with ``num_workers`` workers.
-
-  * ``sync_sgd`` (τ = 1), ``local_sgd``, ``slowmo``, ``diloco``: an
-    all-reduce of the workers' models (mean); blocking, since the next local
-    step starts from its result.
-  * ``easgd``: an all-reduce of ``Σ_i x_i`` (each worker then updates its
-    replica of the anchor); blocking as :func:`coopjax.easgd` computes it.
-  * ``nonblocking_easgd``, ``overlap_local_sgd``: the same all-reduce, but
-    of models fixed at the previous mix, consumed at the next: overlappable.
-  * ``delayed``: mixing the period-start snapshot with ``W`` (an all-reduce
-    when ``W = J``, else a neighbour exchange); overlappable.
-  * ``dpsgd`` / ``cooperative``: mixing with ``W`` (all-reduce when the
-    workers' block is ``J``, else a neighbour exchange with the graph's
-    maximum degree); an auxiliary row adds nothing when every worker only
-    pulls from replicated auxiliaries (an all-reduce updates them).
-
-  Args:
-    algorithm: one of :data:`COMM_ALGORITHMS`.
-    num_workers: m.
-    tau: communication period τ (1 for ``sync_sgd`` and ``dpsgd``).
-    W: mixing matrix (``delayed``, ``dpsgd``, ``cooperative``), auxiliaries
-      last.
-    num_aux: auxiliary rows of ``W`` (``cooperative``).
-
-  Returns:
-    A :class:`CommPattern`.
-  """
-  if algorithm not in COMM_ALGORITHMS:
-    raise ValueError(f"algorithm must be one of {COMM_ALGORITHMS}, got {algorithm!r}.")
-  if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-    raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
-  if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
-    raise ValueError(f"tau must be a positive integer, got {tau!r}.")
-  m = num_workers
-  if algorithm in ("sync_sgd", "dpsgd"):
-    tau = 1
-  overlappable = algorithm in _OVERLAPPABLE
-  if algorithm in _ALL_REDUCE:
-    volume, rounds = _all_reduce(m)
-    return CommPattern("all_reduce", volume, rounds, overlappable, tau)
-  if W is None:
-    raise ValueError(f"comm_pattern({algorithm!r}) needs the mixing matrix W.")
-  W = np.asarray(W, dtype=np.float64)
-  if W.shape != (m + num_aux, m + num_aux):
-    raise ValueError(
-      f"W has shape {W.shape} but num_workers={m} and num_aux={num_aux} need "
-      f"({m + num_aux}, {m + num_aux})."
-    )
-  block = W[:m, :m]
-  aux_coupled = num_aux > 0 and bool(np.any(np.abs(W[:m, m:]) > 0))
-  off = np.abs(block - np.diag(np.diag(block))) > 0
-  if m > 1 and block[0, 0] > 0 and np.allclose(block, block[0, 0], rtol=0.0, atol=1e-12):
-    volume, rounds = _all_reduce(m)
-    return CommPattern("all_reduce", volume, rounds, overlappable, tau)
-  degree = int(off.sum(0).max()) if m > 1 else 0
-  if degree == 0:
-    if aux_coupled:
-      volume, rounds = _all_reduce(m)
-      return CommPattern("all_reduce", volume, rounds, overlappable, tau)
-    return CommPattern("none", 0.0, 0, True, tau)
-  if aux_coupled:
-    volume, rounds = _all_reduce(m)
-    return CommPattern("neighbor_exchange", degree + volume, degree + rounds, overlappable, tau)
-  return CommPattern("neighbor_exchange", float(degree), degree, overlappable, tau)

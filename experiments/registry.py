@@ -174,24 +174,22 @@ def _graph(config) -> np.ndarray:
 def _dpsgd(config, local, lr, mix_mask):
   W = _graph(config)
   tx = coopjax.dpsgd(local, W, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
-  pattern = coopjax.comm_pattern("dpsgd", config.num_workers, 1, W=W)
+  pattern = coopjax.comm_pattern(tx)
   return Algorithm("dpsgd", tx, 0, _every(1, _pattern_comm(pattern)))
 
 
 def _cooperative(config, local, lr, mix_mask):
   W, tau = _graph(config), config.tau
   tx = coopjax.cooperative(local, tau, W, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
-  pattern = coopjax.comm_pattern("cooperative", config.num_workers, tau, W=W)
+  pattern = coopjax.comm_pattern(tx)
   return Algorithm("cooperative", tx, 0, _every(tau, _pattern_comm(pattern)))
 
 
 def _elastic_averaging(config, local, lr, mix_mask):
-  W, tau, m = _graph(config), config.tau, config.num_workers
+  W, tau = _graph(config), config.tau
   kw = _coop_kwargs(coopjax.cooperative, config, mix_mask)
   tx = coopjax.elastic_averaging(local, W, config.alpha, tau, **kw)
-  pattern = coopjax.comm_pattern(
-    "cooperative", m, tau, W=topology.elastic(W, config.alpha), num_aux=1
-  )
+  pattern = coopjax.comm_pattern(tx)
   return Algorithm("elastic_averaging", tx, 1, _every(tau, _pattern_comm(pattern)))
 
 
@@ -237,7 +235,7 @@ def _overlap_local_sgd(config, local, lr, mix_mask):
 def _delayed(config, local, lr, mix_mask):
   W, tau = _graph(config), config.tau
   tx = coopjax.delayed(local, tau, W)
-  pattern = coopjax.comm_pattern("delayed", config.num_workers, tau, W=W)
+  pattern = coopjax.comm_pattern(tx)
   return Algorithm("delayed", tx, 0, _every(tau, _pattern_comm(pattern)), overlap=True)
 
 

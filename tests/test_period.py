@@ -78,22 +78,31 @@ def test_period_step_checks_shapes():
 
 def test_comm_patterns():
   m = 8
+  sgd = optax.sgd(0.1)
   ring_allreduce = (2 * (m - 1) / m, 2 * (m - 1))
-  for name in ("sync_sgd", "local_sgd", "slowmo", "diloco", "easgd"):
-    pat = coopjax.comm_pattern(name, m, tau=4)
-    assert pat.collective == "all_reduce" and not pat.overlappable
-    assert (pat.volume, pat.rounds) == ring_allreduce
-  assert coopjax.comm_pattern("sync_sgd", m, tau=4).period == 1
-  for name in ("nonblocking_easgd", "overlap_local_sgd"):
-    pat = coopjax.comm_pattern(name, m, tau=4)
-    assert pat == coopjax.CommPattern("all_reduce", *ring_allreduce, True, 4)
+  blocking = {
+    "sync_sgd": coopjax.sync_sgd(sgd, m),
+    "local_sgd": coopjax.local_sgd(sgd, 4, m),
+    "slowmo": coopjax.slowmo(sgd, 4, m, 1.0, 0.5, 0.1),
+    "diloco": coopjax.diloco(sgd, optax.sgd(0.7), 4, m),
+    "easgd": coopjax.easgd(sgd, 4, 0.1, m),
+  }
+  for name, tx in blocking.items():
+    pat = coopjax.comm_pattern(tx)
+    assert pat.collective == "all_reduce" and not pat.overlappable, name
+    assert (pat.volume, pat.rounds) == ring_allreduce, name
+  assert coopjax.comm_pattern(blocking["sync_sgd"]).period == 1
+  for tx in (coopjax.nonblocking_easgd(sgd, 4, 0.1, m), coopjax.overlap_local_sgd(sgd, 4, 0.5, m)):
+    assert coopjax.comm_pattern(tx) == coopjax.CommPattern("all_reduce", *ring_allreduce, True, 4)
   # Delayed mixing: the snapshot's mix overlaps; its kind follows W.
-  assert coopjax.comm_pattern("delayed", m, 2, topology.complete(m)).collective == "all_reduce"
-  ring = coopjax.comm_pattern("delayed", m, 2, topology.ring(m))
+  assert coopjax.comm_pattern(coopjax.delayed(sgd, 2, topology.complete(m))).collective == (
+    "all_reduce"
+  )
+  ring = coopjax.comm_pattern(coopjax.delayed(sgd, 2, topology.ring(m)))
   assert ring == coopjax.CommPattern("neighbor_exchange", 2.0, 2, True, 2)
   # Neighbour counts from the graph: ring 2, 2-D torus 4, hypercube log2 m.
   for W, degree in ((topology.ring(m), 2), (topology.torus(4, 4), 4), (topology.hypercube(m), 3)):
-    pat = coopjax.comm_pattern("dpsgd", W.shape[0], W=W)
+    pat = coopjax.comm_pattern(coopjax.dpsgd(sgd, W))
     assert (pat.collective, pat.volume, pat.rounds, pat.overlappable, pat.period) == (
       "neighbor_exchange",
       degree,
@@ -102,12 +111,32 @@ def test_comm_patterns():
       1,
     )
   # EASGD as a cooperative matrix: workers pull only from the replicated anchor.
-  pat = coopjax.comm_pattern("cooperative", m, 2, topology.easgd(m, 0.1), num_aux=1)
+  pat = coopjax.comm_pattern(
+    coopjax.cooperative(sgd, 2, topology.easgd(m, 0.1), 1, allow_negative=True)
+  )
   assert (pat.collective, pat.volume) == ("all_reduce", ring_allreduce[0])
-  with pytest.raises(ValueError, match="algorithm"):
-    coopjax.comm_pattern("gossip", m)
-  with pytest.raises(ValueError, match="needs the mixing matrix"):
-    coopjax.comm_pattern("dpsgd", m)
+  with pytest.raises(TypeError, match="coopjax factory"):
+    coopjax.comm_pattern(sgd)
+
+
+def test_comm_per_step_follows_the_schedule():
+  """``tx.comm(k, state)``: the mixing steps of every schedule, nothing in between."""
+  m, sgd = 8, optax.sgd(0.1)
+  local = coopjax.local_sgd(sgd, 4, m)
+  assert [local.comm(k).collective for k in range(1, 9)] == ["none"] * 3 + ["all_reduce"] + [
+    "none"
+  ] * 3 + ["all_reduce"]
+  hier = coopjax.hierarchical(sgd, 2, 4, [[0, 1, 2, 3], [4, 5, 6, 7]])
+  kinds = [hier.comm(k) for k in range(1, 5)]
+  assert kinds[0] == kinds[2] == coopjax.cost.NO_COMM
+  assert kinds[3].collective == "all_reduce" and kinds[1].collective == "neighbor_exchange"
+  assert kinds[1].volume == 3.0  # a group of 4 spread over devices: 3 peers
+  warm = coopjax.local_sgd(sgd, 4, m, warmup_steps=3)
+  assert [warm.comm(k).collective for k in range(1, 8)] == ["all_reduce"] * 3 + ["none"] * 3 + [
+    "all_reduce"
+  ]
+  with pytest.raises(ValueError, match="state after step k"):
+    coopjax.adacomm(sgd, 2, m).comm(2, None)
 
 
 def test_doctest():

@@ -39,6 +39,7 @@ from coopjax.algorithms._outer import DiLoCoState
 from coopjax.algorithms._outer import SlowMoState
 from coopjax.algorithms._outer import diloco
 from coopjax.algorithms._outer import slowmo
+from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._time_varying import MatchaDesign
 from coopjax.algorithms._time_varying import TimeVaryingState
 from coopjax.algorithms._time_varying import matcha
@@ -52,6 +53,7 @@ __all__ = [
   "BASE_BUFFERS",
   "cooperative",
   "CooperativeState",
+  "CooperativeTransformation",
   "delayed",
   "DelayedState",
   "diloco",

@@ -174,8 +174,9 @@ def adacomm(
 
   def every_step(k, extra, args):
     tau, last_mix, loss0 = extra
-    mean = mixing.worker_mean(losses_of(args))
-    return tau, last_mix, jax.lax.cond(k == 1, lambda: mean, lambda: loss0)
+    losses = losses_of(args)
+    # F(x_0): an all-reduce at step 1 only (inside the branch).
+    return tau, last_mix, jax.lax.cond(k == 1, lambda: mixing.worker_mean(losses), lambda: loss0)
 
   def on_mix(k, X, extra, inputs):
     _, _, loss0 = extra
@@ -205,6 +206,7 @@ def adacomm(
     every_step=every_step,
     state_mix=lambda k: average,
     comm=comm,
+    mix_cost=average.cost,
     period=tau0,
     order=order,
     local_state_policy=local_state_policy,

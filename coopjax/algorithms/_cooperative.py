@@ -92,6 +92,7 @@ def scheduled_mixing(
   layout: Layout,
   schedule,
   comm,
+  mix_cost,
   *,
   state_cls: type = CooperativeState,
   period: int = 1,
@@ -113,6 +114,7 @@ def scheduled_mixing(
     on_mix=lambda k, X, extra, _inputs: (schedule(k)[1](X), extra),
     state_mix=lambda k: schedule(k)[1],
     comm=comm,
+    mix_cost=mix_cost,
     period=period,
     **options,
   )
@@ -211,6 +213,7 @@ def cooperative(
     Layout(m, v),
     lambda k: (k % tau == 0, apply),
     _skeleton.every(tau, mix.cost),
+    mix.cost,
     period=tau,
     order=order,
     local_state_policy=local_state_policy,

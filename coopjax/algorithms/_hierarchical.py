@@ -156,6 +156,7 @@ def hierarchical(
     Layout(m, 0),
     schedule,
     comm,
+    within.cost,
     state_cls=HierarchicalState,
     period=tau1,
     order=order,

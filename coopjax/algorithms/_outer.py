@@ -141,6 +141,7 @@ def _outer_algorithm(
     init_extra=init_extra,
     state_mix=lambda k: average,
     comm=_skeleton.every(tau, mean.cost),
+    mix_cost=mean.cost,
     period=tau,
     orders=("step_then_mix",),
     local_state_policy=local_state_policy,

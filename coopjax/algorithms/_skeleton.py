@@ -97,6 +97,7 @@ class CooperativeTransformation(optax.GradientTransformationExtraArgs):
   * ``overlaps``: whether a mix's communication runs during the next local steps;
   * ``settle(X, opt_state)``: X with any reduction still in flight completed
     (non-blocking algorithms), else X;
+  * ``mix_cost``: the :class:`coopjax.cost.pattern.MixCost` of its regular mix;
   * ``period``: the steps between mixes (the first period for adaptive algorithms);
   * ``name``: the algorithm's name.
 
@@ -251,6 +252,7 @@ def transformation(
   prefetch: Callable[[jax.Array, tuple], Any] | None = None,
   state_mix: Callable[[jax.Array], Callable[[PyTree], PyTree]] | None = None,
   comm: Callable[[int, Any], pattern.MixCost],
+  mix_cost: pattern.MixCost,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -284,6 +286,7 @@ def transformation(
       ``local_state_policy="mix"`` applies to the optimizer state (None
       refuses that policy).
     comm: ``comm(k, opt_state) -> MixCost`` for k the algorithm's step.
+    mix_cost: the cost of the algorithm's regular mix (``tx.mix_cost``).
     order, local_state_policy, mix_mask, warmup_steps: the user's options.
     settle: ``settle(X, opt_state) -> X`` completing a pending reduction.
     overlaps: whether the mix overlaps the next local steps.
@@ -385,6 +388,7 @@ def transformation(
     layout=layout,
     mix_mask=mix_mask,
     comm=comm_fn,
+    mix_cost=mix_cost,
     overlaps=overlaps,
     settle=settle_fn,
     period=period,

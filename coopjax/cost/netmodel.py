@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from coopjax import topology
+from coopjax.cost import pattern
 
 __all__ = [
   "NetworkModel",
@@ -108,25 +108,27 @@ def mix_degree(W: np.ndarray) -> int:
   return int(off.sum(axis=0).max()) if W.size else 0
 
 
-def mix_time(
-  W: np.ndarray, nbytes: float, net: NetworkModel = DEFAULT_NETWORK, num_aux: int = 0
-) -> float:
-  r"""Modelled time of one mix with W, with the collective coopjax lowers it to.
+def mix_time(mix, nbytes: float, net: NetworkModel = DEFAULT_NETWORK, num_aux: int = 0) -> float:
+  r"""Modelled time of one mix: ``rounds·α + volume·fraction·B·β``.
 
-  ``W = J``: an all-reduce. EASGD-like matrices (``num_aux ≥ 1``): an
-  all-reduce over the workers (the anchor's sum), the pull being local. A
-  sparse W: neighbour exchange with the maximum in-degree. The identity: 0.
+  Args:
+    mix: a :class:`coopjax.cost.pattern.MixCost` (``tx.comm(k, state)``,
+      ``tx.mix_cost``, ``Mix.cost``), or a mixing matrix W, whose cost record is
+      :func:`coopjax.cost.pattern.matrix_cost` (``W = J``: an all-reduce; an
+      anchor fed by the workers: an all-reduce; a sparse W: a neighbour exchange
+      with the largest in-degree; the identity: 0).
+    nbytes: B, the bytes of one model (of the mixed leaves).
+    net: the network.
+    num_aux: with a matrix, its auxiliary rows (the last ones).
+
+  Returns:
+    Seconds.
   """
-  W = np.asarray(W, dtype=np.float64)
-  n = W.shape[0]
-  m = n - num_aux
-  if np.allclose(W, np.eye(n)):
-    return 0.0
-  if num_aux == 0 and topology.is_complete(W):
-    return allreduce_time(nbytes, m, net)
-  if num_aux >= 1:
-    return allreduce_time(nbytes, m, net)
-  return neighbor_exchange_time(nbytes, mix_degree(W), net)
+  net.check()
+  if not isinstance(mix, pattern.MixCost):
+    W = np.asarray(mix, dtype=np.float64)
+    mix = pattern.matrix_cost(W, W.shape[0] - num_aux)
+  return mix.rounds * net.latency + mix.volume * mix.fraction * nbytes / net.bandwidth
 
 
 def modelled_wallclock(

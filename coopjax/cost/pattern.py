@@ -38,7 +38,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["MixCost", "NO_COMM", "COLLECTIVES", "all_reduce", "matrix_cost", "combine"]
+__all__ = [
+  "MixCost",
+  "NO_COMM",
+  "COLLECTIVES",
+  "CommPattern",
+  "all_reduce",
+  "matrix_cost",
+  "combine",
+  "comm_pattern",
+]
 
 COLLECTIVES = ("none", "all_reduce", "neighbor_exchange", "all_gather")
 
@@ -131,3 +140,50 @@ def combine(*costs: MixCost) -> MixCost:
     all(c.overlappable for c in moving),
     fraction,
   )
+
+
+class CommPattern(NamedTuple):
+  r"""What one regular mix of a transformation communicates, and how often.
+
+  With model size ``d`` bytes, an α–β model prices one mix at about
+  ``rounds·α + volume·d·β``; a mix with ``overlappable=True`` can run while
+  the workers compute the next period's τ local steps, so a period costs
+  ``max(τ·t_step, t_comm)`` instead of ``τ·t_step + t_comm``.
+
+  Attributes:
+    collective: one of :data:`COLLECTIVES`.
+    volume: model-sized payloads sent per worker per mix.
+    rounds: sequential message rounds per mix.
+    overlappable: whether the mix overlaps the next period's local steps.
+    period: τ, local steps between mixes.
+  """
+
+  collective: str
+  volume: float
+  rounds: int
+  overlappable: bool
+  period: int
+
+
+def comm_pattern(tx) -> CommPattern:
+  """The :class:`CommPattern` of a coopjax transformation's regular mix.
+
+  Args:
+    tx: a transformation made by a coopjax factory (it describes itself:
+      ``tx.mix_cost``, ``tx.period``).
+
+  Returns:
+    A :class:`CommPattern`.
+
+  Examples:
+    >>> import optax, coopjax
+    >>> coopjax.comm_pattern(coopjax.local_sgd(optax.sgd(0.1), tau=4, num_workers=8))
+    CommPattern(collective='all_reduce', volume=1.75, rounds=14, overlappable=False, period=4)
+  """
+  cost = getattr(tx, "mix_cost", None)
+  if cost is None:
+    raise TypeError(
+      f"comm_pattern needs a transformation made by a coopjax factory (it carries tx.mix_cost), "
+      f"got {type(tx).__name__}; inside optax.chain, pass the coopjax transformation itself."
+    )
+  return CommPattern(cost.collective, cost.volume, cost.rounds, cost.overlappable, tx.period)
