@@ -182,6 +182,33 @@ def parse_args(argv: Sequence[str] | None = None):
     ValueError: an unknown field or argument, or a missing config file.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
+  config, workdir, resume = _parse(argv)
+  spec = [
+    a for i, a in enumerate(argv) if a.startswith("--config=") or argv[i - 1 : i] == ["--config"]
+  ]
+  base = _parse([a if a.startswith("--config=") else f"--config={a}" for a in spec[-1:]])[0]
+  _check_sequences(base, config)
+  return config, workdir, resume
+
+
+def _check_sequences(base, config, prefix: str = "") -> None:
+  """Tuple fields keep their elements' type (``--config.hidden=wide`` is refused)."""
+  for key, default in base.items():
+    value, field = config[key], f"{prefix}{key}"
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_sequences(default, value, field + ".")
+    elif isinstance(default, (tuple, list)) and default and isinstance(value, (tuple, list)):
+      kind = float if isinstance(default[0], float) else type(default[0])
+      ok = (int, float) if kind is float else (kind,)
+      bad = [x for x in value if isinstance(x, bool) or not isinstance(x, ok)]
+      if bad:
+        raise TypeError(
+          f"--config.{field}: {tuple(value)!r} holds {bad[0]!r}; the field holds "
+          f"{kind.__name__}s, e.g. {tuple(default)!r}."
+        )
+
+
+def _parse(argv: list[str]):
   full = [sys.argv[0] if sys.argv else "train.py", *argv]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file(
