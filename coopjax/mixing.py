@@ -97,6 +97,12 @@ def global_rows(tree: PyTree, name: str = "X") -> int:
 
   Same as :func:`coopjax.workers.num_rows`, which counts rows globally inside
   a sharded step (:func:`to_global_rows`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.global_rows({"w": jnp.zeros((4, 3))})
+    4
   """
   return workers.num_rows(tree, name)
 
@@ -109,6 +115,13 @@ def mix_dense(X: PyTree, W: jax.Array | np.ndarray) -> PyTree:
 
   In a sharded step: all-gather of the workers' rows, then the einsum for this
   device's columns of W (the fallback for any W, also a traced one).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing, topology
+    >>> out = mixing.mix_dense({"w": jnp.arange(4.0)}, topology.ring(4))
+    >>> [round(x, 4) for x in out["w"].tolist()]
+    [1.3333, 1.0, 2.0, 1.6667]
   """
   ctx = shard_context()
   if ctx is not None:
@@ -161,6 +174,19 @@ def check_mask(mask: PyTree | None, like: PyTree | None = None, name: str = "mix
   return mask
 
 
+def _averaging(W: np.ndarray, m: int) -> tuple[float, float] | None:
+  """``(a, c)`` when ``W = aI + cJ`` over workers only (full averaging), else None.
+
+  Applied as ``a·x_i + c·Σ_j x_j``: a sum over the rows instead of an einsum,
+  which XLA's CPU backend runs much faster over a small leading axis.
+  """
+  if W.shape[0] != m or m < 2:
+    return None
+  c = W[0, 1]
+  a = W[0, 0] - c
+  return (float(a), float(c)) if np.array_equal(W, a * np.eye(m) + c) else None
+
+
 class Mix:
   r"""The mix ``X ← X·W`` of the stacked rows: reference, sharded lowering, cost.
 
@@ -209,6 +235,7 @@ class Mix:
     self.num_workers = m
     self.mask = check_mask(mask)
     self.overlappable = bool(overlappable)
+    self._averaging = _averaging(W, m)
 
   @property
   def num_rows(self) -> int:
@@ -252,6 +279,12 @@ class Mix:
         f"X has {n} rows but this mix acts on {self.num_rows} ({self.num_workers} workers + "
         f"{self.num_rows - self.num_workers} auxiliary); build X with coopjax.replicate(params, "
         "tx) so that its rows match the transformation's layout."
+      )
+    if self._averaging is not None:
+      a, c = self._averaging
+      total = worker_sum(X)
+      return jax.tree.map(
+        lambda x, t: jnp.asarray(a, x.dtype) * x + jnp.asarray(c, x.dtype) * t[None], X, total
       )
     return mix_dense(X, self.matrix)
 
@@ -308,7 +341,14 @@ class Mix:
 
 
 def dense_mixer(W: np.ndarray) -> Mixer:
-  """``X -> X·W`` as a function (a :class:`Mix` over all rows as workers)."""
+  """``X -> X·W`` as a function (a :class:`Mix` over all rows as workers).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing, topology
+    >>> mixing.dense_mixer(topology.complete(4))({"w": jnp.arange(4.0)})["w"].tolist()
+    [1.5, 1.5, 1.5, 1.5]
+  """
   W = np.asarray(W)
   return Mix(W, W.shape[0])
 
@@ -319,6 +359,13 @@ def split_rows(X: PyTree, num_workers: int) -> tuple[PyTree, PyTree]:
   Algorithms address rows only through :func:`split_rows`, :func:`join_rows`,
   :func:`worker_mean` and :func:`worker_sum` (and the mixers), so that the
   sharded execution path can give these a per-device meaning.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> workers, aux = mixing.split_rows({"w": jnp.arange(5.0)}, num_workers=4)
+    >>> workers["w"].tolist(), aux["w"].tolist()
+    ([0.0, 1.0, 2.0, 3.0], [4.0])
   """
   ctx = shard_context()
   if ctx is not None:
@@ -335,12 +382,26 @@ def split_rows(X: PyTree, num_workers: int) -> tuple[PyTree, PyTree]:
 
 
 def join_rows(workers: PyTree, aux: PyTree) -> PyTree:
-  """Inverse of :func:`split_rows`: stacks worker rows then auxiliary rows."""
+  """Inverse of :func:`split_rows`: stacks worker rows then auxiliary rows.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.join_rows({"w": jnp.zeros(2)}, {"w": jnp.ones(1)})["w"].tolist()
+    [0.0, 0.0, 1.0]
+  """
   return jax.tree.map(lambda w, a: jnp.concatenate([w, a.astype(w.dtype)], axis=0), workers, aux)
 
 
 def worker_mean(workers: PyTree) -> PyTree:
-  """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``."""
+  """Mean over all workers' rows (leading axis), e.g. ``x̄ = (1/m) Σ_i x_i``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.worker_mean({"w": jnp.arange(4.0)})["w"].tolist()
+    1.5
+  """
   ctx = shard_context()
   if ctx is not None:
     return collectives.worker_mean(workers, ctx)
@@ -348,7 +409,14 @@ def worker_mean(workers: PyTree) -> PyTree:
 
 
 def worker_sum(workers: PyTree) -> PyTree:
-  """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``."""
+  """Sum over all workers' rows (leading axis), e.g. ``Σ_i x_i``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.worker_sum({"w": jnp.arange(4.0)})["w"].tolist()
+    6.0
+  """
   ctx = shard_context()
   if ctx is not None:
     return collectives.worker_sum(workers, ctx)
@@ -361,6 +429,12 @@ def permute(workers: PyTree, source) -> PyTree:
   ``source`` is a static permutation of the m rows (a shift, a matching's
   involution); sharded, one collective-permute per device offset
   (:meth:`Mix.permutation`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.permute({"w": jnp.arange(4.0)}, [1, 0, 3, 2])["w"].tolist()  # swap matched pairs
+    [1.0, 0.0, 3.0, 2.0]
   """
   return Mix.permutation(source)(workers)
 
@@ -371,5 +445,11 @@ def group_mean(workers: PyTree, groups) -> PyTree:
   ``groups`` is a static list of lists of row indices partitioning ``0..m-1``
   (:meth:`Mix.groups`); sharded, no traffic when every group lies within one
   device.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing
+    >>> mixing.group_mean({"w": jnp.arange(4.0)}, [[0, 1], [2, 3]])["w"].tolist()
+    [0.5, 0.5, 2.5, 2.5]
   """
   return Mix.groups(groups)(workers)

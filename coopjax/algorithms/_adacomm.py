@@ -119,6 +119,17 @@ def adacomm(
   Returns:
     An optax ``GradientTransformationExtraArgs`` with state :class:`AdaCommState`.
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.adacomm(optax.sgd(0.1), tau0=2, num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> state = tx.init(X)
+    >>> for _ in range(2):  # the first average is after τ₀ = 2 steps
+    ...   updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X, value=jnp.ones(2))
+    ...   X = optax.apply_updates(X, updates)
+    >>> [round(x, 4) for x in X["w"].tolist()], int(state.tau)  # F unchanged: τ stays τ₀
+    ([-0.4, -0.4], 2)
+
   References:
     J. Wang and G. Joshi, "Adaptive communication strategies to achieve the best
     error-runtime trade-off in local-update SGD", SysML 2019 (arXiv 1810.08313).

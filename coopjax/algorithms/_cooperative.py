@@ -70,7 +70,6 @@ __all__ = [
   "elastic_hierarchical",
   "step_count",
   "find_state",
-  "scheduled_mixing",
 ]
 
 
@@ -195,6 +194,15 @@ def cooperative(
     ``GradientTransformationExtraArgs``); extra keyword arguments of ``update``
     are split over the workers (leading axis m) and passed to ``local``.
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.cooperative(optax.sgd(0.1), tau=1, W=topology.complete(2))
+    >>> X = {"w": jnp.array([0.0, 1.0])}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # mean(-0.1, 0.7)
+    [0.3, 0.3]
+
   References:
     Wang & Joshi, Cooperative SGD, JMLR 22(213), 2021, eqs. 7 and 10, Remark 1.
   """
@@ -227,6 +235,14 @@ def sync_sgd(local: optax.GradientTransformation, num_workers: int, **kwargs):
 
   With SGD as ``local`` this equals large-batch SGD on the averaged gradient:
   :math:`x_{k+1} = x_k - \eta \frac1m \sum_i g_i(x_k)`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.sync_sgd(optax.sgd(0.1), num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # −0.1·mean(g)
+    [-0.2, -0.2]
   """
   m = check_int("num_workers", num_workers, 1)
   return cooperative(local, 1, topology.complete(m), **{"name": "sync_sgd", **kwargs})
@@ -236,6 +252,14 @@ def local_sgd(local: optax.GradientTransformation, tau: int, num_workers: int, *
   r"""Periodic averaging / local SGD, A(τ, J, 0) (Stich, ICLR 2019).
 
   Workers take τ local steps, then all models are averaged.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # k = 1: no mix
+    [-0.1, -0.3]
   """
   m = check_int("num_workers", num_workers, 1)
   return cooperative(local, tau, topology.complete(m), **{"name": "local_sgd", **kwargs})
@@ -255,6 +279,14 @@ def easgd(local: optax.GradientTransformation, tau: int, alpha: float, num_worke
   Valid for ``0 < α < 2/(m+1)``; ``α = 2/(m+2)`` minimises the bound's floor.
   X must be built with ``num_aux=1``. With ``order="mix_then_step"`` this is
   Zhang et al.'s update, where the gradient is taken before the pull.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.easgd(optax.sgd(0.1), tau=1, alpha=0.25, num_workers=2)
+    >>> X = {"w": jnp.array([0.0, 1.0, 2.0])}  # two workers, then the anchor z
+    >>> updates, state = tx.update({"w": jnp.zeros(2)}, tx.init(X), X)
+    >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← .75 x_i + .25 z; z ← .5 z + .25 Σ x_i
+    [0.5, 1.25, 1.25]
   """
   m = check_int("num_workers", num_workers, 1)
   W = topology.easgd(m, alpha)
@@ -267,6 +299,15 @@ def dpsgd(local: optax.GradientTransformation, W, **kwargs):
   Every step each worker averages its neighbours' models with weights W.
   ``order="mix_then_step"`` gives Lian et al.'s
   :math:`x_i \leftarrow \sum_j W_{ji} x_j - \eta g_i(x_i)`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(4))
+    >>> X = {"w": jnp.array([0.0, 3.0, 6.0, 9.0])}
+    >>> updates, state = tx.update({"w": jnp.zeros(4)}, tx.init(X), X)
+    >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← (x_{i-1} + x_i + x_{i+1}) / 3
+    [4.0, 3.0, 6.0, 5.0]
   """
   return cooperative(local, 1, W, **{"name": "dpsgd", **kwargs})
 
@@ -285,6 +326,15 @@ def elastic_averaging(local: optax.GradientTransformation, W, alpha: float, tau:
   ``W = I`` gives EASGD's ``W_α``; ``W = J`` adds full averaging among the workers. The
   bound is smallest at ``α = (1+ζ)/(m+1+ζ)`` (:func:`coopjax.theory.elastic_best_alpha`).
   X must be built with ``num_aux=1``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.elastic_averaging(optax.sgd(0.1), W=topology.complete(2), alpha=0.25)
+    >>> X = {"w": jnp.array([0.0, 2.0, 4.0])}  # two workers, then the anchor
+    >>> updates, state = tx.update({"w": jnp.zeros(2)}, tx.init(X), X)
+    >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← .75·mean(x) + .25 z
+    [1.75, 1.75, 2.5]
   """
   return cooperative(
     local,
@@ -313,6 +363,16 @@ def elastic_hierarchical(
 
      x_i \leftarrow (1-\alpha) x_i + \alpha z_{g(i)}, \qquad
      z_g \leftarrow \sum_l (W_{aux})_{lg} z_l + \alpha \sum_{i \in g}(x_i - z_g).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.elastic_hierarchical(
+    ...   optax.sgd(0.1), tau=1, groups=[[0, 1], [2, 3]], alpha=0.25
+    ... )
+    >>> X = {"w": jnp.array([0.0, 2.0, 4.0, 6.0, 1.0, 5.0])}  # 4 workers, 2 anchors
+    >>> updates, state = tx.update({"w": jnp.zeros(4)}, tx.init(X), X)
+    >>> optax.apply_updates(X, updates)["w"].tolist()
+    [0.25, 1.75, 4.25, 5.75, 3.0, 3.0]
   """
   W = topology.elastic_hierarchical(groups, alpha, W_aux)
   num_groups = len(groups)
@@ -327,7 +387,15 @@ def elastic_hierarchical(
 
 
 def find_state(opt_state: PyTree, cls: type = CooperativeState):
-  """The first state of type ``cls`` inside ``opt_state`` (e.g. inside ``optax.chain``)."""
+  """The first state of type ``cls`` inside ``opt_state`` (e.g. inside ``optax.chain``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = optax.chain(optax.clip(1.0), coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=2))
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> type(coopjax.algorithms.find_state(state)).__name__
+    'CooperativeState'
+  """
   found = [
     s
     for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
@@ -347,6 +415,14 @@ def step_count(opt_state: PyTree) -> jax.Array:
 
   Finds the first coopjax algorithm state (a NamedTuple with ``count`` and
   ``local_state``) inside ``opt_state``, so it works through ``optax.chain``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = optax.chain(optax.clip(1.0), coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=2))
+    >>> X = {"w": jnp.zeros(2)}
+    >>> _, state = tx.update({"w": jnp.ones(2)}, tx.init(X), X)
+    >>> int(coopjax.step_count(state))
+    1
   """
   for s in jax.tree.leaves(opt_state, is_leaf=_is_cooperative_state):
     if _is_cooperative_state(s):

@@ -315,16 +315,13 @@ def _anchored(
     local,
     Layout(m, 1),
     state_cls=state_cls,
-    should_mix=lambda k, extra: k % tau == 0,
     on_mix=hook,
     init_extra=init_extra,
     prefetch=lambda k, extra: _issue_early(state_cls, extra[0], reduce),
-    comm=_skeleton.every(tau, reduction_mix.cost),
-    mix_cost=reduction_mix.cost,
     settle=settle,
     overlaps=True,
-    period=tau,
     orders=("step_then_mix",),
+    **_skeleton.periodic(tau, reduction_mix.cost),
     **options,
   )
 
@@ -335,6 +332,7 @@ def nonblocking_easgd(
   alpha: float,
   num_workers: int,
   *,
+  order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -368,6 +366,8 @@ def nonblocking_easgd(
       (default) or ``"reset"``.
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
@@ -400,7 +400,12 @@ def nonblocking_easgd(
     on_mix,
     NonBlockingEASGDState,
     lambda X, state: settle_easgd(X, state, alpha),
-    dict(local_state_policy=local_state_policy, mix_mask=mix_mask, warmup_steps=warmup_steps),
+    dict(
+      order=order,
+      local_state_policy=local_state_policy,
+      mix_mask=mix_mask,
+      warmup_steps=warmup_steps,
+    ),
   )
 
 
@@ -433,6 +438,7 @@ def overlap_local_sgd(
   anchor_momentum: float = 0.0,
   lr: LearningRate | None = None,
   *,
+  order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -484,10 +490,23 @@ def overlap_local_sgd(
       (default) or ``"reset"``.
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`OverlapState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.overlap_local_sgd(optax.sgd(0.1), tau=1, alpha=0.5, num_workers=2)
+    >>> X = {"w": jnp.array([0.0, 2.0, 4.0])}  # two workers, then the anchor z_1
+    >>> state = tx.init(X)
+    >>> updates, state = tx.update({"w": jnp.zeros(2)}, state, X)
+    >>> X = optax.apply_updates(X, updates); X["w"].tolist()  # pulled halfway to z_1 = 4
+    [2.0, 3.0, 4.0]
+    >>> coopjax.settle_overlap(X, state)["w"].tolist()  # z_2: the mean of the pulled models
+    [2.0, 3.0, 2.5]
 
   References:
     Wang, Liang & Joshi, Overlap Local-SGD: An algorithmic approach to hide
@@ -519,7 +538,12 @@ def overlap_local_sgd(
     on_mix,
     OverlapState,
     lambda X, state: settle_overlap(X, state),
-    dict(local_state_policy=local_state_policy, mix_mask=mix_mask, warmup_steps=warmup_steps),
+    dict(
+      order=order,
+      local_state_policy=local_state_policy,
+      mix_mask=mix_mask,
+      warmup_steps=warmup_steps,
+    ),
   )
 
 
@@ -555,6 +579,7 @@ def delayed(
   *,
   mixer: mixing.Mixer | None = None,
   symmetric: bool = True,
+  order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -587,10 +612,21 @@ def delayed(
       (default) or ``"reset"``.
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker.
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`DelayedState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.delayed(optax.sgd(0.1), tau=1, W=topology.complete(2))
+    >>> X = {"w": jnp.array([0.0, 2.0])}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # s̄ + (x_i − s_i)
+    [0.9, 0.7]
 
   References:
     Shen, Xu, Liu & Wang, Faster distributed deep net training: computation
@@ -618,15 +654,13 @@ def delayed(
     local,
     Layout(m, 0),
     state_cls=DelayedState,
-    should_mix=lambda k, extra: k % tau == 0,
     on_mix=on_mix,
     init_extra=lambda params: (jax.tree.map(jnp.asarray, params),),
     prefetch=prefetch,
-    comm=_skeleton.every(tau, snapshot_mix.cost),
-    mix_cost=snapshot_mix.cost,
     overlaps=True,
-    period=tau,
     orders=("step_then_mix",),
+    **_skeleton.periodic(tau, snapshot_mix.cost),
+    order=order,
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,

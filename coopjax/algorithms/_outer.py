@@ -106,9 +106,7 @@ def _broadcast(model: PyTree, like: PyTree) -> PyTree:
 _POLICIES = {"maintain": "keep", "reset": "reset", "average": "mix"}
 
 
-def _outer_algorithm(
-  name, local, tau, num_workers, init_outer, outer_step, local_state_policy, mix_mask, warmup_steps
-):
+def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, **options):
   """Inner steps; at ``k mod τ = 0``: Δ = x_start − mean_i x_i, ``outer_step``, restart.
 
   ``outer_step(k, delta, x_start, outer) -> (x_start, outer)``. The mean is the
@@ -136,17 +134,12 @@ def _outer_algorithm(
     local,
     Layout(m, 0),
     state_cls=SlowMoState if name == "slowmo" else DiLoCoState,
-    should_mix=lambda k, extra: k % tau == 0,
     on_mix=on_mix,
     init_extra=init_extra,
     state_mix=lambda k: average,
-    comm=_skeleton.every(tau, mean.cost),
-    mix_cost=mean.cost,
-    period=tau,
     orders=("step_then_mix",),
-    local_state_policy=local_state_policy,
-    mix_mask=mix_mask,
-    warmup_steps=warmup_steps,
+    **_skeleton.periodic(tau, mean.cost),
+    **options,
   )
 
 
@@ -159,6 +152,7 @@ def slowmo(
   lr: LearningRate,
   base_buffers: str = "maintain",
   *,
+  order: str = "step_then_mix",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
 ) -> CooperativeTransformation:
@@ -193,10 +187,23 @@ def slowmo(
       or ``"average"`` (averaged over workers; counters kept).
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker (the outer update is applied to the others).
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`SlowMoState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.slowmo(optax.sgd(0.1), tau=1, num_workers=2, alpha=1.0, beta=0.5, lr=0.1)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> state = tx.init(X)
+    >>> for _ in range(2):  # Δ = 0.2 each period; the slow momentum adds 0.5·0.2 the second time
+    ...   updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X)
+    ...   X = optax.apply_updates(X, updates)
+    >>> [round(x, 4) for x in X["w"].tolist()]
+    [-0.5, -0.5]
 
   References:
     Wang, Tantia, Ballas & Rabbat, SlowMo: Improving communication-efficient
@@ -227,9 +234,10 @@ def slowmo(
     num_workers,
     init_outer,
     outer_step,
-    _POLICIES[base_buffers],
-    mix_mask,
-    warmup_steps,
+    order=order,
+    local_state_policy=_POLICIES[base_buffers],
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )
 
 
@@ -239,6 +247,7 @@ def diloco(
   tau: int,
   num_workers: int,
   *,
+  order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -270,10 +279,20 @@ def diloco(
       or ``"reset"``.
     mix_mask: optional pytree prefix of X of booleans; leaves marked False
       stay per worker (the outer update is applied to the others).
+    order: only ``"step_then_mix"``: this algorithm's rule fixes the order
+      (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
     An optax transformation with state :class:`DiLoCoState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.diloco(optax.sgd(0.1), outer=optax.sgd(0.5), tau=1, num_workers=2)
+    >>> X = {"w": jnp.zeros(2)}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # x_start − 0.5·Δ
+    [-0.1, -0.1]
 
   References:
     Douillard et al., DiLoCo: Distributed low-communication training of
@@ -296,7 +315,8 @@ def diloco(
     num_workers,
     outer.init,
     outer_step,
-    local_state_policy,
-    mix_mask,
-    warmup_steps,
+    order=order,
+    local_state_policy=local_state_policy,
+    mix_mask=mix_mask,
+    warmup_steps=warmup_steps,
   )

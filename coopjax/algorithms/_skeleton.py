@@ -49,18 +49,7 @@ from coopjax.workers import num_rows
 
 PyTree = Any
 
-__all__ = [
-  "CooperativeTransformation",
-  "ORDERS",
-  "STATE_POLICIES",
-  "transformation",
-  "check_local",
-  "check_tau",
-  "check_order",
-  "check_state_policy",
-  "mix_local_state",
-  "reset_local_state",
-]
+__all__ = ["CooperativeTransformation", "StepInputs", "transformation", "every", "periodic"]
 
 ORDERS = ("step_then_mix", "mix_then_step")
 
@@ -216,7 +205,8 @@ def _check_rows(params, layout: Layout, name: str, what: str = "params"):
     n = m + v
     raise ValueError(
       f"{what} have leading axis {rows} but W (each mixing matrix) is {n}x{n} for {name} "
-      f"({m} workers + {v} auxiliary); build X with coopjax.replicate(params, tx) "
+      + (f"({m} workers + {v} auxiliary)" if v else f"({m} workers and no auxiliary rows)")
+      + "; build X with coopjax.replicate(params, tx) "
       f"(num_workers={m}, num_aux={v})."
     )
 
@@ -295,6 +285,26 @@ def transformation(
 
   Returns:
     A :class:`CooperativeTransformation` with state ``state_cls``.
+
+  Examples:
+    Local SGD written directly on the skeleton: the mix is ``Mix.average``
+    every τ steps, no extra state.
+
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> from coopjax.algorithms import _skeleton
+    >>> from coopjax.algorithms._cooperative import CooperativeState
+    >>> average = coopjax.mixing.Mix.average(4)
+    >>> tx = _skeleton.transformation(
+    ...   "my_local_sgd", optax.sgd(0.1), coopjax.Layout(4), state_cls=CooperativeState,
+    ...   on_mix=lambda k, X, extra, inputs: (average(X), extra),
+    ...   **_skeleton.periodic(2, average.cost))
+    >>> X = {"w": jnp.zeros(4)}
+    >>> state = tx.init(X)
+    >>> for _ in range(2):
+    ...   updates, state = tx.update({"w": jnp.array([1.0, 3.0, 1.0, 3.0])}, state, X)
+    ...   X = optax.apply_updates(X, updates)
+    >>> [round(x, 4) for x in X["w"].tolist()], tx.comm(2).collective
+    ([-0.4, -0.4, -0.4, -0.4], 'all_reduce')
   """
   local = check_local(local)
   m, v = layout
@@ -399,8 +409,33 @@ def transformation(
 
 
 def every(tau: int, cost: pattern.MixCost) -> Callable[[int, Any], pattern.MixCost]:
-  """``comm`` of a fixed period: ``cost`` at steps τ, 2τ, …, nothing otherwise."""
+  """``comm`` of a fixed period: ``cost`` at steps τ, 2τ, …, nothing otherwise.
+
+  Examples:
+    >>> from coopjax.algorithms import _skeleton
+    >>> from coopjax.cost import pattern
+    >>> comm = _skeleton.every(2, pattern.all_reduce(4))
+    >>> [comm(k).collective for k in (1, 2, 3, 4)]
+    ['none', 'all_reduce', 'none', 'all_reduce']
+  """
   return lambda k, _state=None: cost if k % tau == 0 else pattern.NO_COMM
+
+
+def periodic(tau: int, cost: pattern.MixCost) -> dict:
+  """The schedule arguments of :func:`transformation` for a mix of cost ``cost`` every τ steps.
+
+  Examples:
+    >>> from coopjax.algorithms import _skeleton
+    >>> from coopjax.cost import pattern
+    >>> sorted(_skeleton.periodic(4, pattern.all_reduce(8)))
+    ['comm', 'mix_cost', 'period', 'should_mix']
+  """
+  return dict(
+    should_mix=lambda k, extra: k % tau == 0,
+    comm=every(tau, cost),
+    mix_cost=cost,
+    period=tau,
+  )
 
 
 def as_array(x) -> np.ndarray:

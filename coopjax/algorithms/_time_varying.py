@@ -490,6 +490,16 @@ def matcha(
     An optax ``GradientTransformationExtraArgs`` with state
     :class:`TimeVaryingState`.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, coopjax
+    >>> from coopjax import topology
+    >>> tx = coopjax.matcha(optax.sgd(0.1), topology.ring(4), budget=1.0, num_workers=4,
+    ...                     key=jax.random.key(0))  # budget 1: every matching always active
+    >>> X = {"w": jnp.array([0.0, 0.0, 0.0, 4.0])}
+    >>> updates, state = tx.update({"w": jnp.zeros(4)}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # (I − L/3) x
+    [1.3333, 0.0, 1.3333, 1.3333]
+
   References:
     J. Wang, A. K. Sahu, Z. Yang, G. Joshi, S. Kar, "MATCHA: Speeding up
     decentralized SGD via matching decomposition sampling", 2019 (arXiv 1905.09435).
