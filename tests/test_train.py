@@ -168,8 +168,8 @@ def test_outer_optimizer_options_and_deprecated_names():
   assert parsed.slow_momentum == 0.25
   # an option the algorithm does not have is refused, not ignored
   config = train.load_config(RUNLOCAL)
-  config.algorithm, config.order = "diloco", "mix_then_step"
-  with pytest.raises(ValueError, match="order"):
+  config.algorithm, config.local_state_policy = "slowmo", "reset"
+  with pytest.raises(ValueError, match="local_state_policy"):
     registry.options(config, 0.1)
 
 
