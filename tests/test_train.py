@@ -173,18 +173,51 @@ def test_outer_optimizer_options_and_deprecated_names():
     registry.options(config, 0.1)
 
 
-def test_train_evaluation_never_uses_the_anchor_statistics(tmp_path):
-  """EASGD + BatchNorm: the anchor's (initial) statistics never reach the reported accuracy."""
+def test_train_reports_the_evaluation_with_the_workers_statistics(tmp_path):
+  """EASGD + BatchNorm through the CLI: the reported accuracy is that of evaluation_model."""
+  import coopjax
+  from coopjax.training import checkpoint as ckpt
+  from coopjax.training import models as cmodels
+
+  summary, workdir = run(tmp_path, "algorithm=easgd", "model=mlp_bn")
+  assert summary["stopped"] is None
+  config = train.load_config(RUNLOCAL)
+  config.algorithm, config.model = "easgd", "mlp_bn"
+  r, state = train.setup(config, str(tmp_path / "setup"))
+  with ckpt.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    state = manager.restore(target=ckpt.abstract_target(state))
+  # the workers' statistics (mean over rows 0..m-1), the parameters of eq. 13
+  X = state.X
+  u = {
+    "params": coopjax.average(X["params"]),
+    "batch_stats": jax_mean_rows(X["batch_stats"], M),
+  }
+  expected = cmodels.evaluate(r.model, u, r.data.test_x, r.data.test_y)
+  assert summary["final"]["test_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+  assert summary["final"]["test_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def jax_mean_rows(tree, m):
+  import jax
+
+  return jax.tree.map(lambda x: np.asarray(x)[:m].mean(0), tree)
+
+
+@pytest.mark.parametrize(
+  "name",
+  ["easgd", "elastic_averaging", "elastic_hierarchical", "nonblocking_easgd", "overlap_local_sgd"],
+)
+def test_train_evaluation_never_uses_the_auxiliary_statistics(tmp_path, name):
+  """Every algorithm with auxiliary rows: their (initial) statistics never reach an evaluation."""
   import jax
   import jax.numpy as jnp
 
   config = train.load_config(RUNLOCAL)
-  config.algorithm, config.model = "easgd", "mlp_bn"
-  summary, workdir = run(tmp_path, "algorithm=easgd", "model=mlp_bn")
-  assert summary["stopped"] is None and summary["final"]["test_accuracy"] > 0.5
+  config.algorithm, config.model = name, "mlp_bn"
   r, state = train.setup(config, str(tmp_path / "setup"))
+  assert r.tx.layout.num_aux >= 1
   X = state.X
-  poisoned = dict(X, batch_stats=jax.tree.map(lambda x: x.at[M].set(jnp.nan), X["batch_stats"]))
+  poisoned = dict(X, batch_stats=jax.tree.map(lambda x: x.at[M:].set(jnp.nan), X["batch_stats"]))
   clean = train.evaluate(r, state)
   dirty = train.evaluate(r, state._replace(X=poisoned))
   assert dirty == clean and math.isfinite(dirty["test_loss"])
