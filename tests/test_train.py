@@ -181,6 +181,13 @@ def test_train_reports_the_evaluation_with_the_workers_statistics(tmp_path):
 
   summary, workdir = run(tmp_path, "algorithm=easgd", "model=mlp_bn")
   assert summary["stopped"] is None
+  # the statistics stay local: one mix moves the parameters' bytes only
+  params_bytes = 4 * (64 * 16 + 16 + 2 * 16 + 16 * 10 + 10)  # dense, BatchNorm scale/bias, out
+  assert summary["model_bytes"] == params_bytes
+  last = read_jsonl(workdir)[-1]
+  assert last["mixes"] == STEPS // TAU
+  assert last["bytes_sent"] == pytest.approx(last["mixes"] * 2 * (M - 1) / M * params_bytes)
+  assert math.isfinite(last["modelled_time"]) and last["modelled_time"] > last["compute_time"]
   config = train.load_config(RUNLOCAL)
   config.algorithm, config.model = "easgd", "mlp_bn"
   r, state = train.setup(config, str(tmp_path / "setup"))
