@@ -167,7 +167,7 @@ def bench_local_step(model, m, mesh, reps, per_worker=32):
   batch = coopjax.shard_batch(make_data(model, m, per_worker), mesh)
 
   # coopjax: local SGD whose period is never reached, so every timed step is an off-step.
-  tx = coopjax.local_sgd(optax.sgd(LR), 10**9, m)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=10**9, num_workers=m)
   X = coopjax.shard(coopjax.replicate(params, m), mesh)
   state = sharding.init(tx, X, mesh)
   step = coopjax.make_step(loss_fn, tx, mesh=mesh, donate=True)

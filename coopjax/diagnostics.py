@@ -81,6 +81,15 @@ class DivergenceError(FloatingPointError):
     step: the step k at which it happened (None if unknown).
     workers: indices of the workers whose loss, gradient or model was non-finite.
     rows: rows of X (workers then auxiliaries) non-finite after the step.
+
+  Examples:
+    >>> import numpy as np
+    >>> metrics = {"nonfinite_workers": np.array([False, True]), "step": np.array(7)}
+    >>> try:
+    ...   check_finite(metrics)
+    ... except DivergenceError as e:
+    ...   print(e.step, e.workers, e.rows)
+    7 [1] []
   """
 
   def __init__(self, message: str, step: int | None, workers: list[int], rows: list[int]):
@@ -91,7 +100,16 @@ class DivergenceError(FloatingPointError):
 
 
 def check_policy(policy) -> str:
-  """Validates a divergence policy name (``"stop"`` or ``"skip"``)."""
+  """Validates a divergence policy name (``"stop"`` or ``"skip"``).
+
+  Examples:
+    >>> check_policy("skip")
+    'skip'
+    >>> check_policy("retry")
+    Traceback (most recent call last):
+    ...
+    ValueError: on-divergence policy must be one of ('stop', 'skip'), got 'retry': ...
+  """
   if policy not in POLICIES:
     raise ValueError(
       f"on-divergence policy must be one of {POLICIES}, got {policy!r}: 'stop' ends the run "
@@ -109,6 +127,15 @@ def nonfinite_rows(tree: PyTree, num_rows: int | None = None) -> jax.Array:
 
   Returns:
     Boolean ``[rows]``. Integer leaves (counters) are ignored.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> X = {"w": jnp.array([[0.0, 1.0], [jnp.nan, 0.0], [1.0, jnp.inf]]),
+    ...      "count": jnp.zeros(3, jnp.int32)}
+    >>> nonfinite_rows(X).tolist()
+    [False, True, True]
+    >>> nonfinite_rows(X, num_rows=2).tolist()
+    [False, True]
   """
   flags = []
   for x in jax.tree.leaves(tree):
@@ -137,6 +164,19 @@ def finite_metrics(losses, grads: PyTree, X_before: PyTree, X_after: PyTree) -> 
 
   Returns:
     ``{"nonfinite_workers": bool [m], "nonfinite_rows": bool [m + v]}``.
+
+  Examples:
+    Three workers and an anchor (row 3); worker 2's loss is infinite and the
+    update spread it to the anchor:
+
+    >>> import jax.numpy as jnp
+    >>> losses = jnp.array([0.5, 0.4, jnp.inf])
+    >>> grads = jnp.zeros((3, 2))
+    >>> X_before = jnp.zeros((4, 2))
+    >>> X_after = X_before.at[2:].set(jnp.nan)
+    >>> flags = finite_metrics(losses, grads, X_before, X_after)
+    >>> flags["nonfinite_workers"].tolist(), flags["nonfinite_rows"].tolist()
+    ([False, False, True], [False, False, True, True])
   """
   losses = jnp.asarray(losses)
   m = losses.shape[0]
@@ -165,6 +205,18 @@ def check_finite(metrics: dict, step: int | None = None, policy: str = "stop") -
   Raises:
     DivergenceError: under ``"stop"``, naming the workers and the step.
     KeyError: the metrics carry no divergence flags.
+
+  Examples:
+    >>> import numpy as np
+    >>> check_finite({"nonfinite_workers": np.array([False, False])})
+    []
+    >>> bad = {"nonfinite_workers": np.array([False, True]), "step": np.array(3)}
+    >>> check_finite(bad, policy="skip")
+    [1]
+    >>> check_finite(bad)
+    Traceback (most recent call last):
+    ...
+    coopjax.diagnostics.DivergenceError: non-finite values at step 3 on worker(s) [1] ...
   """
   policy = check_policy(policy)
   if "nonfinite_workers" not in metrics:
@@ -213,6 +265,19 @@ def skip_nonfinite(step_fn: Callable, *, jit: bool = True, donate: bool = False)
 
   Returns:
     The guarded step.
+
+  Examples:
+    Worker 1 reads a NaN: the step is discarded, X and the step counter stay:
+
+    >>> import jax.numpy as jnp, optax, coopjax
+    >>> tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=3)
+    >>> loss = lambda p, b: jnp.mean((b @ p["w"] - 1.0) ** 2)
+    >>> step = skip_nonfinite(coopjax.make_step(loss, tx, check_finite=True, jit=False))
+    >>> X = coopjax.replicate({"w": jnp.zeros(2)}, 3)
+    >>> batch = jnp.ones((3, 4, 2)).at[1, 0, 0].set(jnp.nan)
+    >>> new_X, _, metrics = step(X, tx.init(X), batch)
+    >>> bool(metrics["skipped"]), new_X["w"].tolist()
+    (True, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
   """
   if not callable(step_fn):
     raise TypeError(f"step_fn must be a step function, got {type(step_fn).__name__}.")

@@ -61,6 +61,8 @@ __all__ = [
   "periodic_averaging_bound",
   "dpsgd_bound",
   "lemma2_bound",
+  "noniid_coefficient",
+  "noniid_error_bound",
   "easgd_zeta",
   "easgd_best_alpha",
   "elastic_zeta",
@@ -128,7 +130,18 @@ def zeta(W: np.ndarray) -> float:
 
 
 def spectral_gap(W: np.ndarray) -> float:
-  r"""Spectral gap ``1 − ζ(W)``; it enters eq. 16 as ``τ/(1 − ζ)``."""
+  r"""Spectral gap ``1 − ζ(W)``; it enters eq. 16 as ``τ/(1 − ζ)``.
+
+  .. math::
+
+     \delta(W) = 1 - \zeta(W) .
+
+  Examples:
+    The ring of four has eigenvalues 1, 1/3, 1/3, −1/3, so ζ = 1/3:
+
+    >>> round(spectral_gap(topology.ring(4)), 4)
+    0.6667
+  """
   return 1.0 - zeta(W)
 
 
@@ -173,6 +186,16 @@ def network_error_factor(tau: int, zeta: float) -> float:
 
   It is ``τ − 1`` for full averaging (ζ = 0, Corollary 2) and ``2ζ²/(1 − ζ²)`` for
   τ = 1 (D-PSGD, Corollary 3).
+
+  .. math::
+
+     \frac{1 + \zeta^2}{1 - \zeta^2}\,\tau - 1 .
+
+  Examples:
+    >>> network_error_factor(4, 0.0)  # tau - 1
+    3.0
+    >>> round(network_error_factor(1, 0.5), 4)  # 2 (1/4) / (3/4)
+    0.6667
   """
   tau = check_int("tau", tau, 1)
   z = _zeta(zeta)
@@ -196,6 +219,14 @@ class ErrorBound(NamedTuple):
     condition_value: the left-hand side of the learning-rate condition (≤ 1 required).
     condition_holds: whether ``condition_value ≤ 1``; if False the bound is not proven.
     max_lr: the largest learning rate η (not η_eff) for which the condition holds.
+
+  Examples:
+    Fully synchronous SGD (τ = 1, ζ = 0) has no network term, so the floor is
+    ``η L σ²/m = 0.01/4``:
+
+    >>> b = error_bound(0.01, 1.0, 1.0, 4, 0, 1, 0.0, 100, 1.0)
+    >>> b.network, b.floor, b.condition_holds
+    (0.0, 0.0025, True)
   """
 
   optimization: float
@@ -229,6 +260,12 @@ def lr_condition(lr: float, L: float, m: int, v: int, tau: int, zeta: float) -> 
      \Big[\frac{(1 + v/m)\,\tau}{1 - \zeta}\Big]^2 ,
 
   which must be ``≤ 1`` for eq. 17 to hold.
+
+  Examples:
+    ``0.1 + 5 · 0.1² · (2/0.5)² = 0.9``:
+
+    >>> round(lr_condition(0.1, 1.0, 4, 0, 2, 0.5), 4)
+    0.9
   """
   L = _real("L", L, low=0.0, low_open=True)
   x = effective_lr(lr, m, v) * L
@@ -395,6 +432,13 @@ def periodic_averaging_bound(
 
   The terms equal :func:`error_bound` at ζ = 0, v = 0; only the (weaker) learning-rate
   condition differs. Arguments as in :func:`error_bound`.
+
+  Examples:
+    With η = 0.01, L = σ² = 1 and τ = 5 the network term is ``η² L² σ² (τ − 1)``:
+
+    >>> b = periodic_averaging_bound(0.01, 1.0, 1.0, 4, 5, 100, 1.0)
+    >>> round(b.network, 6), round(b.sync_noise, 6), round(b.total, 6)
+    (0.0004, 0.0025, 2.0029)
   """
   lr, L, sigma2, m, _, K, f_gap = _common(lr, L, sigma2, m, 0, K, f_gap)
   tau = check_int("tau", tau, 1)
@@ -437,6 +481,13 @@ def dpsgd_bound(
 
   The terms equal :func:`error_bound` at τ = 1, v = 0; only the learning-rate condition
   differs. Arguments as in :func:`error_bound`.
+
+  Examples:
+    At ζ = 1/2 the network term is ``η² L² σ² · 2ζ²/(1 − ζ²) = 10⁻⁴ · 2/3``:
+
+    >>> b = dpsgd_bound(0.01, 1.0, 1.0, 4, 0.5, 100, 1.0)
+    >>> round(b.network, 8), b.condition_holds
+    (6.667e-05, True)
   """
   lr, L, sigma2, m, _, K, f_gap = _common(lr, L, sigma2, m, 0, K, f_gap)
   z = _zeta(zeta)
@@ -478,6 +529,14 @@ def lemma2_bound(
   valid when ``η_eff L ≤ 1`` (β = 0). ``mean_discrepancy`` is
   ``(1/K) Σ_k ‖X_k(I − J)‖²_F`` over all ``m + v`` columns, e.g. measured in a run with
   :func:`coopjax.workers.consensus_distance`. The ``network`` field holds the last term.
+
+  Examples:
+    A measured mean discrepancy of 0.2 over 4 workers with L = 1 adds
+    ``L² · 0.2/4 = 0.05``:
+
+    >>> b = lemma2_bound(0.01, 1.0, 1.0, 4, 0, 100, 1.0, 0.2)
+    >>> round(b.network, 6), round(b.total, 6)
+    (0.05, 2.0525)
   """
   lr, L, sigma2, m, v, K, f_gap = _common(lr, L, sigma2, m, v, K, f_gap)
   D = _real("mean_discrepancy", mean_discrepancy, low=0.0)
@@ -499,6 +558,89 @@ def lemma2_bound(
   return out._replace(network=net, total=out.total + net, floor=out.floor + net)
 
 
+def noniid_coefficient(lr: float, L: float, tau: int, zeta: float) -> float:
+  r"""The coefficient C of κ² in Theorem 2 (non-IID data).
+
+  .. math::
+
+     C = \frac{6\eta^2 L^2 \tau^2}{1 - \zeta}
+         \Big(\frac{2\zeta^2}{1 + \zeta} + \frac{2\zeta}{1 - \zeta}
+         + \frac{\tau - 1}{\tau}\Big);
+
+  it vanishes for fully synchronous SGD (τ = 1, ζ = 0) and grows as τ².
+
+  >>> round(noniid_coefficient(0.1, 1.0, 2, 0.0), 12)  # 6·0.01·4·(1/2)
+  0.12
+  """
+  lr = _real("lr", lr, low=0.0, low_open=True)
+  L = _real("L", L, low=0.0, low_open=True)
+  tau = check_int("tau", tau, 1)
+  z = _zeta(zeta)
+  inner = 2 * z * z / (1 + z) + 2 * z / (1 - z) + (tau - 1) / tau
+  return 6.0 * lr * lr * L * L * tau * tau / (1.0 - z) * inner
+
+
+def noniid_error_bound(
+  lr: float,
+  L: float,
+  sigma2: float,
+  kappa2: float,
+  m: int,
+  v: int,
+  tau: int,
+  zeta: float,
+  K: int | float,
+  f_gap: float,
+  *,
+  strict: bool = False,
+) -> ErrorBound:
+  r"""Theorem 2's bound for non-IID data, ``(1/m) Σ_i ‖∇F_i − ∇F‖² ≤ κ²``.
+
+  .. math::
+
+     2 \times \text{(eq. 17)} + C \kappa^2,
+     \qquad \text{valid if } \eta_{\text{eff}} L \le 1 \text{ and } C \le \tfrac12,
+
+  with C from :func:`noniid_coefficient`. The fields: ``optimization`` and
+  ``sync_noise`` are twice eq. 17's, ``network`` is ``2 × (eq. 17's network term) + Cκ²``,
+  i.e. all that a run exceeds fully synchronous SGD by (for which C = 0);
+  ``condition_value`` is ``max(η_eff L, 2C)`` (≤ 1 needed) and ``max_lr`` the largest lr
+  meeting both conditions. Other arguments as in :func:`error_bound`.
+
+  >>> b = noniid_error_bound(0.1, 1.0, 1.0, 2.0, 4, 0, 2, 0.0, math.inf, 1.0)
+  >>> round(b.network, 12)  # 2·0.01·(2 − 1) + 0.12·2
+  0.26
+  """
+  lr, L, sigma2, m, v, K, f_gap = _common(lr, L, sigma2, m, v, K, f_gap)
+  kappa2 = _real("kappa2", kappa2, low=0.0)
+  tau = check_int("tau", tau, 1)
+  iid = error_bound(lr, L, sigma2, m, v, tau, zeta, K, f_gap)
+  C = noniid_coefficient(lr, L, tau, zeta)
+  cond = max(iid.lr_eff * L, 2.0 * C)
+  # C is quadratic in lr: C(lr) = c·lr², so 2C ≤ 1 ⇔ lr ≤ 1/√(2c).
+  c = C / (lr * lr)
+  lr_max = min((m + v) / m / L, 1.0 / math.sqrt(2.0 * c) if c > 0 else math.inf)
+  holds = bool(cond <= 1.0 + 1e-12)
+  if strict and not holds:
+    raise ValueError(
+      f"Theorem 2's conditions fail: max(eta_eff L, 2C) = {cond:.6g} > 1 at lr={lr:.6g}; the "
+      f"largest admissible lr is {lr_max:.6g}. Lower lr or tau, or pass strict=False."
+    )
+  opt, sync = 2.0 * iid.optimization, 2.0 * iid.sync_noise
+  net = 2.0 * iid.network + C * kappa2
+  return ErrorBound(
+    optimization=opt,
+    sync_noise=sync,
+    network=net,
+    total=opt + sync + net,
+    floor=sync + net,
+    lr_eff=iid.lr_eff,
+    condition_value=cond,
+    condition_holds=holds,
+    max_lr=lr_max,
+  )
+
+
 # ---------------------------------------------------------------------------
 # Elastic averaging.
 
@@ -512,6 +654,12 @@ def easgd_zeta(m: int, alpha: float) -> float:
      \qquad 0 < \alpha < \frac{2}{m+1} .
 
   Raises ValueError for α outside ``(0, 2/(m+1))``.
+
+  Examples:
+    >>> easgd_zeta(4, 0.25)  # max{3/4, |1 - 5/4|}
+    0.75
+    >>> round(easgd_zeta(4, 1 / 3), 4)  # the two branches cross: m/(m+2)
+    0.6667
   """
   m = check_int("m", m, 1)
   a = _alpha(alpha, m)
@@ -519,10 +667,21 @@ def easgd_zeta(m: int, alpha: float) -> float:
 
 
 def easgd_best_alpha(m: int) -> float:
-  r"""Closed-form error-floor-minimising EASGD α = 2/(m+2) (Lemma 1), where ζ = m/(m+2).
+  r"""EASGD's α = 2/(m+2) minimising ζ(W_α) (Lemma 1), where ζ = m/(m+2).
 
   This is the paper's analytic minimiser of ζ(W_α) (the two branches of eq. 22 cross
-  there); :func:`best_alpha_numerical` minimises the bound numerically instead.
+  there), i.e. of the bound's network factor; :func:`best_alpha_numerical` minimises the
+  bound numerically instead. It is not a measured optimum: on the noisy quadratic and
+  least-squares problems of ``experiments/theory_check.py`` the measured error floor is
+  lowest at much smaller α (``experiments/results/theory/easgd_alpha.csv``).
+
+  .. math::
+
+     \alpha^\star = \frac{2}{m + 2}, \qquad \zeta(W_{\alpha^\star}) = \frac{m}{m + 2} .
+
+  Examples:
+    >>> round(easgd_best_alpha(4), 4), round(easgd_zeta(4, easgd_best_alpha(4)), 4)
+    (0.3333, 0.6667)
   """
   m = check_int("m", m, 1)
   return 2.0 / (m + 2)
@@ -536,6 +695,15 @@ def elastic_zeta(zeta_W: float, m: int, alpha: float) -> float:
      \zeta(W') = \max\{(1 - \alpha)\,\zeta(W),\; |1 - (m+1)\alpha|\} .
 
   ``zeta_W = 1`` (W = I) gives EASGD's eq. 22 for α ≤ 1 (always the case here).
+
+  Examples:
+    A ring of four (ζ = 1/3) with an anchor at α = 0.2: ``max{0.8/3, 0}``, the
+    same as the eigenvalues of :func:`coopjax.topology.elastic` give:
+
+    >>> round(elastic_zeta(1 / 3, 4, 0.2), 4)
+    0.2667
+    >>> round(zeta(topology.elastic(topology.ring(4), 0.2)), 4)
+    0.2667
   """
   zw = _real("zeta_W", zeta_W, low=0.0)
   if zw > 1.0:
@@ -550,6 +718,17 @@ def elastic_best_alpha(zeta_W: float, m: int) -> float:
 
   At α* the two branches of :func:`elastic_zeta` are equal. ``zeta_W = 1`` recovers
   Lemma 1's ``2/(m+2)``.
+
+  .. math::
+
+     \alpha^\star = \frac{1 + \zeta}{m + 1 + \zeta}, \qquad
+     \zeta(W') = \frac{m\,\zeta}{m + 1 + \zeta} .
+
+  Examples:
+    >>> round(elastic_best_alpha(1 / 3, 4), 4)  # (4/3) / (16/3)
+    0.25
+    >>> round(elastic_best_alpha(1.0, 4), 4)  # EASGD: 2/(m+2)
+    0.3333
   """
   zw = _real("zeta_W", zeta_W, low=0.0)
   if zw > 1.0:
@@ -586,6 +765,17 @@ def best_alpha_numerical(
 
   Returns:
     ``(alpha, floor)``: the minimiser and the floor there.
+
+  Examples:
+    The numerical minimiser agrees with the closed forms ``2/(m+2)`` (EASGD) and
+    ``(1 + ζ)/(m + 1 + ζ)`` (a ring of four, ζ = 1/3):
+
+    >>> alpha, _ = best_alpha_numerical(4)
+    >>> round(alpha, 4), round(easgd_best_alpha(4), 4)
+    (0.3333, 0.3333)
+    >>> alpha, _ = best_alpha_numerical(4, W=topology.ring(4))
+    >>> round(alpha, 4), round(elastic_best_alpha(1 / 3, 4), 4)
+    (0.25, 0.25)
   """
   m = check_int("m", m, 1)
   tau = check_int("tau", tau, 1)
@@ -653,6 +843,13 @@ def largest_tau(
   Returns:
     The largest integer τ ≥ 1 satisfying the inequality (and eq. 16 when asked), or 0 when
     even τ = 1 does not (possible when ζ > 0: D-PSGD has a network error at τ = 1).
+
+  Examples:
+    Full averaging (ζ = 0) with ``η L m = 0.4`` and a network error allowed up to
+    the sync-noise term: ``τ ≤ 1 + 1/0.4 = 3.5``:
+
+    >>> largest_tau(1.0, 0.0, 0.1, 1.0, 4)
+    3
   """
   f = _real("fraction", fraction, low=0.0, low_open=True)
   z = _zeta(zeta)
@@ -685,6 +882,13 @@ class CommunicationCost(NamedTuple):
     params_per_iteration: ``params_per_mix / τ``.
     bytes_per_iteration: ``params_per_iteration × dtype_bytes`` (None without a dtype size).
     handshakes_per_mix: connections the busiest node opens per mixing step.
+
+  Examples:
+    All-reduce of ``d = 1000`` float32 parameters every 4 steps: ``2d/τ`` per step.
+
+    >>> c = communication_per_iteration(4, topology.complete(8), 0, 1000, dtype_bytes=4)
+    >>> c.scheme, c.params_per_iteration, c.bytes_per_iteration, c.handshakes_per_mix
+    ('allreduce', 500.0, 2000.0, 8)
   """
 
   scheme: str

@@ -116,6 +116,15 @@ def time_to_reach(steps, losses, times, target: float) -> float | None:
   return None
 
 
+def value_at(xs, values, x: float):
+  """The value at the last evaluation with ``xs <= x`` (None if there is none)."""
+  out = None
+  for xi, v in zip(xs, values, strict=True):
+    if xi <= x + 1e-12:
+      out = v
+  return out
+
+
 def run_compare(
   preset: str = "digits",
   outdir: str = os.path.join(_HERE, "results", "compare"),
@@ -174,13 +183,17 @@ def run_compare(
   ref = results[0]
   target = ref["train_loss"][-1]
   ref_time = time_to_reach(ref["eval_steps"], ref["train_loss"], ref["modelled_time"], target)
+  ref_steps, ref_total = ref["eval_steps"][-1], ref["modelled_time"][-1]
   table = []
   for r in results:
     reach = time_to_reach(r["eval_steps"], r["train_loss"], r["modelled_time"], target)
     table.append(
       {
         "algorithm": r["label"],
+        "steps": r["eval_steps"][-1],
         "final_train_loss": r["train_loss"][-1],
+        "train_loss_at_equal_steps": value_at(r["eval_steps"], r["train_loss"], ref_steps),
+        "train_loss_at_equal_time": value_at(r["modelled_time"], r["train_loss"], ref_total),
         "test_accuracy": r["test_accuracy"][-1],
         "modelled_total_time": r["modelled_time"][-1],
         "time_to_sync_loss": reach,
@@ -246,13 +259,20 @@ def _table_text(out: dict) -> str:
     f"(sync all-reduce {out['sync_comm_time_per_step'] * 1e3:.3f} ms/step, modelled)",
     f"target: sync SGD's final training loss {out['target_train_loss']:.4f}",
     "",
-    "| algorithm | final train loss | test accuracy | modelled time (s) "
-    "| time to sync loss (s) | ratio vs sync |",
-    "|---|---|---|---|---|---|",
+    "Train loss at equal steps: at sync SGD's last step; at equal modelled time: at sync SGD's "
+    "total modelled time (the last evaluation at or before it); final: at the run's own last "
+    "step (steps column).",
+    "",
+    "| algorithm | steps | train loss, equal steps | train loss, equal modelled time "
+    "| final train loss | test accuracy | modelled time (s) | time to sync loss (s) "
+    "| ratio vs sync |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for row in out["table"]:
     lines.append(
-      f"| {row['algorithm']} | {row['final_train_loss']:.4f} | {row['test_accuracy']:.4f} "
+      f"| {row['algorithm']} | {row['steps']} | {_fmt(row['train_loss_at_equal_steps'], '.4f')} "
+      f"| {_fmt(row['train_loss_at_equal_time'], '.4f')} "
+      f"| {row['final_train_loss']:.4f} | {row['test_accuracy']:.4f} "
       f"| {row['modelled_total_time']:.3f} | {_fmt(row['time_to_sync_loss'], '.3f')} "
       f"| {_fmt(row['ratio_vs_sync'], '.3f')} |"
     )

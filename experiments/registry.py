@@ -187,11 +187,14 @@ _OPTIONS: dict[str, Callable[[Any, Any], dict]] = {
     "num_workers": c.num_workers,
     "key": jax.random.key(c.seed),
   },
+  # The factory sees no loss function or evaluation batch, so the CLI uses the per-worker
+  # minibatch losses as F (no extra forward pass), not the averaged model's loss.
   "adacomm": lambda c, lr: {
     "tau0": c.tau,
     "num_workers": c.num_workers,
     "lr_schedule": lr if callable(lr) else None,
     "max_tau": c.max_tau or None,
+    "loss_estimate": "worker_losses",
   },
   "hierarchical": lambda c, lr: {
     "tau1": c.tau,

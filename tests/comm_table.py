@@ -38,25 +38,33 @@ def algorithms():
   groups = [list(range(g * 4, (g + 1) * 4)) for g in range(4)]
   period = topology.one_peer_exponential_period(M)
   return {
-    "sync_sgd": (coopjax.sync_sgd(sgd, M), 0),
-    "local_sgd": (coopjax.local_sgd(sgd, 4, M), 0),
-    "easgd": (coopjax.easgd(sgd, 4, 0.05, M), 1),
-    "dpsgd_ring": (coopjax.dpsgd(sgd, topology.ring(M)), 0),
-    "cooperative_torus": (coopjax.cooperative(sgd, 2, topology.torus(4, 4)), 0),
-    "elastic_averaging": (coopjax.elastic_averaging(sgd, topology.ring(M), 0.05, 2), 1),
-    "elastic_hierarchical": (coopjax.elastic_hierarchical(sgd, 2, groups, 0.05), 4),
-    "nonblocking_easgd": (coopjax.nonblocking_easgd(sgd, 4, 0.05, M), 1),
-    "overlap_local_sgd": (coopjax.overlap_local_sgd(sgd, 4, 0.5, M), 1),
-    "delayed": (coopjax.delayed(sgd, 4, topology.ring(M)), 0),
-    "slowmo": (coopjax.slowmo(sgd, 4, M, 1.0, 0.5, 0.1), 0),
-    "diloco": (coopjax.diloco(sgd, optax.sgd(0.7, momentum=0.9), 4, M), 0),
+    "sync_sgd": (coopjax.sync_sgd(sgd, num_workers=M), 0),
+    "local_sgd": (coopjax.local_sgd(sgd, tau=4, num_workers=M), 0),
+    "easgd": (coopjax.easgd(sgd, tau=4, alpha=0.05, num_workers=M), 1),
+    "dpsgd_ring": (coopjax.dpsgd(sgd, W=topology.ring(M)), 0),
+    "cooperative_torus": (coopjax.cooperative(sgd, tau=2, W=topology.torus(4, 4)), 0),
+    "elastic_averaging": (coopjax.elastic_averaging(sgd, W=topology.ring(M), alpha=0.05, tau=2), 1),
+    "elastic_hierarchical": (
+      coopjax.elastic_hierarchical(sgd, tau=2, groups=groups, alpha=0.05),
+      4,
+    ),
+    "nonblocking_easgd": (coopjax.nonblocking_easgd(sgd, tau=4, alpha=0.05, num_workers=M), 1),
+    "overlap_local_sgd": (coopjax.overlap_local_sgd(sgd, tau=4, alpha=0.5, num_workers=M), 1),
+    "delayed": (coopjax.delayed(sgd, tau=4, W=topology.ring(M)), 0),
+    "slowmo": (coopjax.slowmo(sgd, tau=4, num_workers=M, alpha=1.0, beta=0.5, lr=0.1), 0),
+    "diloco": (coopjax.diloco(sgd, outer=optax.sgd(0.7, momentum=0.9), tau=4, num_workers=M), 0),
     "time_varying": (
-      coopjax.time_varying(sgd, 2, [topology.one_peer_exponential(M, r) for r in range(period)]),
+      coopjax.time_varying(
+        sgd, tau=2, schedule=[topology.one_peer_exponential(M, r) for r in range(period)]
+      ),
       0,
     ),
-    "matcha": (coopjax.matcha(sgd, topology.ring(M), 0.5, M, jax.random.key(0)), 0),
-    "adacomm": (coopjax.adacomm(sgd, 4, M), 0),
-    "hierarchical": (coopjax.hierarchical(sgd, 2, 4, groups), 0),
+    "matcha": (
+      coopjax.matcha(sgd, graph=topology.ring(M), budget=0.5, num_workers=M, key=jax.random.key(0)),
+      0,
+    ),
+    "adacomm": (coopjax.adacomm(sgd, tau0=4, num_workers=M, loss_estimate="worker_losses"), 0),
+    "hierarchical": (coopjax.hierarchical(sgd, tau1=2, tau2=4, groups=groups), 0),
   }
 
 

@@ -47,21 +47,22 @@ def _builders():
   """Every algorithm coopjax offers, by name (a missing one is an error, not a skip)."""
   ring = topology.ring(M)
   return {
-    "sync_sgd": lambda: coopjax.sync_sgd(_local(), M),
-    "local_sgd": lambda: coopjax.local_sgd(_local(), 3, M),
-    "easgd": lambda: coopjax.easgd(_local(), 2, 0.2, M),
-    "dpsgd": lambda: coopjax.dpsgd(_local(), ring),
-    "time_varying": lambda: coopjax.time_varying(_local(), 2, [ring, topology.complete(M)]),
-    "matcha": lambda: coopjax.matcha(_local(), ring, 0.5, M, jax.random.key(7)),
-    "nonblocking_easgd": lambda: coopjax.nonblocking_easgd(_local(), 2, 0.2, M),
-    "overlap_local_sgd": lambda: coopjax.overlap_local_sgd(
-      _local(), 2, 0.5, M, anchor_momentum=0.5
+    "sync_sgd": lambda: coopjax.sync_sgd(_local(), num_workers=M),
+    "local_sgd": lambda: coopjax.local_sgd(_local(), tau=3, num_workers=M),
+    "easgd": lambda: coopjax.easgd(_local(), tau=2, alpha=0.2, num_workers=M),
+    "dpsgd": lambda: coopjax.dpsgd(_local(), W=ring),
+    "time_varying": lambda: coopjax.time_varying(
+      _local(), tau=2, schedule=[ring, topology.complete(M)]
     ),
-    "delayed": lambda: coopjax.delayed(_local(), 2, ring),
-    "slowmo": lambda: coopjax.slowmo(_local(), 2, M, 1.0, 0.5, LR),
-    "diloco": lambda: coopjax.diloco(_local(), optax.sgd(0.7, momentum=0.9, nesterov=True), 2, M),
-    "adacomm": lambda: coopjax.adacomm(_local(), 3, M),
-    "hierarchical": lambda: coopjax.hierarchical(_local(), 2, 4, [[0, 1], [2, 3]]),
+    "delayed": lambda: coopjax.delayed(_local(), tau=2, W=ring),
+    "slowmo": lambda: coopjax.slowmo(_local(), tau=2, num_workers=M, alpha=1.0, beta=0.5, lr=LR),
+    "diloco": lambda: coopjax.diloco(
+      _local(), outer=optax.sgd(0.7, momentum=0.9, nesterov=True), tau=2, num_workers=M
+    ),
+    "adacomm": lambda: coopjax.adacomm(
+      _local(), tau0=3, num_workers=M, loss_estimate="worker_losses"
+    ),
+    "hierarchical": lambda: coopjax.hierarchical(_local(), tau1=2, tau2=4, groups=[[0, 1], [2, 3]]),
   }
 
 
@@ -281,7 +282,7 @@ def test_sharded_state_is_restored_with_its_sharding(tmp_path):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), (coopjax.WORKER_AXIS,))
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(coopjax.WORKER_AXIS))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  tx = coopjax.local_sgd(optax.adam(0.1), 2, 8)
+  tx = coopjax.local_sgd(optax.adam(0.1), tau=2, num_workers=8)
   X = coopjax.replicate({"w": jnp.arange(6.0).reshape(2, 3)}, 8)
   X = jax.tree.map(lambda x: x + jnp.arange(8.0)[:, None, None], X)
   state = {"X": X, "opt_state": tx.init(X), "rng": jax.random.split(jax.random.key(0), 8)}

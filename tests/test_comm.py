@@ -32,7 +32,7 @@ def report(tx, mesh, m, v=0, **kwargs):
 
 @pytest.mark.parametrize("m", [8, 32])
 def test_ring_is_collective_permutes_of_boundary_rows(mesh, m):
-  rep = report(coopjax.dpsgd(optax.sgd(0.1), topology.ring(m)), mesh, m)
+  rep = report(coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(m)), mesh, m)
   assert rep and set(rep.kinds()) == {"collective-permute"}
   assert all(c.in_branch for c in rep)
   # One row to each neighbouring device: with b = m/D rows per device that is 2 rows,
@@ -45,7 +45,7 @@ def test_ring_is_collective_permutes_of_boundary_rows(mesh, m):
 @pytest.mark.parametrize("order", ["step_then_mix", "mix_then_step"])
 def test_full_averaging_is_one_all_reduce_in_branch(mesh, order):
   m = 16
-  rep = report(coopjax.local_sgd(optax.sgd(0.1), 4, m, order=order), mesh, m)
+  rep = report(coopjax.local_sgd(optax.sgd(0.1), tau=4, num_workers=m, order=order), mesh, m)
   assert set(rep.kinds()) == {"all-reduce"}
   assert rep.total_bytes == ROW_BYTES  # the local sums of one model, reduced once
   assert all(c.in_branch for c in rep) and not rep.every_step()
@@ -60,12 +60,12 @@ def test_no_collective_off_step_and_no_all_gather(mesh, name, order):
   m = 16
   v = 0
   if name == "easgd":
-    tx, v = coopjax.easgd(optax.sgd(0.1), 2, 0.05, m, order=order), 1
+    tx, v = coopjax.easgd(optax.sgd(0.1), tau=2, alpha=0.05, num_workers=m, order=order), 1
   elif name == "pasgd":
-    tx = coopjax.local_sgd(optax.sgd(0.1), 3, m, order=order)
+    tx = coopjax.local_sgd(optax.sgd(0.1), tau=3, num_workers=m, order=order)
   elif name == "time_varying":
     Ws = [topology.ring(m), topology.hypercube(m)]
-    tx = coopjax.time_varying(optax.sgd(0.1), 1, Ws, order=order)
+    tx = coopjax.time_varying(optax.sgd(0.1), tau=1, schedule=Ws, order=order)
   else:
     W = {
       "ring": topology.ring(m),
@@ -73,7 +73,7 @@ def test_no_collective_off_step_and_no_all_gather(mesh, name, order):
       "exponential": topology.exponential(m),
       "hypercube": topology.hypercube(m),
     }[name]
-    tx = coopjax.cooperative(optax.sgd(0.1), 2, W, order=order)
+    tx = coopjax.cooperative(optax.sgd(0.1), tau=2, W=W, order=order)
   rep = report(tx, mesh, m, v)
   assert rep, "a mixing algorithm must communicate"
   assert not rep.every_step(), str(rep)
@@ -88,8 +88,8 @@ def test_no_collective_off_step_and_no_all_gather(mesh, name, order):
 def test_orders_use_the_same_collectives(mesh):
   m = 16
   for make in (
-    lambda o: coopjax.dpsgd(optax.sgd(0.1), topology.ring(m), order=o),
-    lambda o: coopjax.cooperative(optax.sgd(0.1), 2, topology.exponential(m), order=o),
+    lambda o: coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(m), order=o),
+    lambda o: coopjax.cooperative(optax.sgd(0.1), tau=2, W=topology.exponential(m), order=o),
   ):
     a = report(make("step_then_mix"), mesh, m)
     b = report(make("mix_then_step"), mesh, m)
@@ -102,7 +102,7 @@ def test_dense_fallback_is_the_only_all_gather(mesh):
   for i in range(0, m, 2):
     adj[i, i + 1] = adj[i + 1, i] = False
   W = topology.metropolis_hastings(adj)
-  rep = report(coopjax.cooperative(optax.sgd(0.1), 2, W), mesh, m)
+  rep = report(coopjax.cooperative(optax.sgd(0.1), tau=2, W=W), mesh, m)
   assert "all-gather" in rep.kinds() and all(c.in_branch for c in rep)
   gathers = [c for c in rep if c.kind == "all-gather"]
   # Each device contributes its block of b rows; the result holds all m rows.
@@ -112,14 +112,14 @@ def test_dense_fallback_is_the_only_all_gather(mesh):
 
 def test_metrics_that_reduce_run_every_step(mesh):
   m = 16
-  tx = coopjax.local_sgd(optax.sgd(0.1), 4, m)
+  tx = coopjax.local_sgd(optax.sgd(0.1), tau=4, num_workers=m)
   rep = report(tx, mesh, m, with_loss=True, with_consensus=True)
   assert rep.every_step() and set(rep.every_step().kinds()) == {"all-reduce"}
 
 
 def test_unsharded_step_has_no_collectives():
   m = 4
-  tx = coopjax.dpsgd(optax.sgd(0.1), topology.ring(m))
+  tx = coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(m))
   X = coopjax.replicate(ref.init_params(), m)
   A, b = ref.make_batches(1, m)
   step = coopjax.make_step(ref.loss_fn, tx)
@@ -206,7 +206,7 @@ def test_bucketing_one_collective_per_neighbour_offset(mesh):
     for i in range(6)
   }
   model_bytes = 6 * 4 * (3 * 2 + 2)
-  tx = coopjax.dpsgd(optax.sgd(0.1), topology.ring(m))
+  tx = coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(m))
   X = coopjax.shard(coopjax.replicate(params, m), mesh)
   state = sharding.init(tx, X, mesh)
   loss = lambda p, x: sum(
@@ -218,7 +218,7 @@ def test_bucketing_one_collective_per_neighbour_offset(mesh):
   assert len(permutes) == 2 and all(c.in_branch for c in permutes)
   assert sum(c.bytes for c in permutes) == 2 * model_bytes
   # EASGD: the anchor's reduction of a 12-leaf model is one all-reduce.
-  tx = coopjax.easgd(optax.sgd(0.1), 2, 0.1, m)
+  tx = coopjax.easgd(optax.sgd(0.1), tau=2, alpha=0.1, num_workers=m)
   X = coopjax.shard(coopjax.replicate(params, m, 1), mesh, 1)
   state = sharding.init(tx, X, mesh, 1)
   step = coopjax.make_step(loss, tx, mesh=mesh)

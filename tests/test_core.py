@@ -29,7 +29,7 @@ def test_sync_sgd_equals_large_batch_sgd():
   m, steps = 4, 6
   A, b = ref.make_batches(steps, m)
   x0 = ref.init_params()
-  X, _, _ = run(coopjax.sync_sgd(optax.sgd(LR), m), x0, A, b, m)
+  X, _, _ = run(coopjax.sync_sgd(optax.sgd(LR), num_workers=m), x0, A, b, m)
   # Large-batch SGD on one model: the gradient is the mean of the m workers' gradients.
   x = ref.flat(coopjax.replicate(x0, 1))[0]
   for k in range(steps):
@@ -43,7 +43,7 @@ def test_independent_workers_equal_separate_sgd_runs():
   A, b = ref.make_batches(steps, m, seed=3)
   x0 = ref.init_params()
   with pytest.warns(UserWarning, match="identity"):
-    tx = coopjax.cooperative(optax.sgd(LR), tau, topology.independent(m))
+    tx = coopjax.cooperative(optax.sgd(LR), tau=tau, W=topology.independent(m))
   X, _, _ = run(tx, x0, A, b, m)
   for i in range(m):
     x = ref.flat(coopjax.replicate(x0, 1))[0]
@@ -53,24 +53,28 @@ def test_independent_workers_equal_separate_sgd_runs():
 
 
 CASES = {
-  "pasgd": lambda m, tau: (coopjax.local_sgd(optax.sgd(LR), tau, m), topology.complete(m), 0),
+  "pasgd": lambda m, tau: (
+    coopjax.local_sgd(optax.sgd(LR), tau=tau, num_workers=m),
+    topology.complete(m),
+    0,
+  ),
   "easgd": lambda m, tau: (
-    coopjax.easgd(optax.sgd(LR), tau, 0.1, m),
+    coopjax.easgd(optax.sgd(LR), tau=tau, alpha=0.1, num_workers=m),
     topology.easgd(m, 0.1),
     1,
   ),
   "dpsgd_ring": lambda m, tau: (
-    coopjax.dpsgd(optax.sgd(LR), topology.ring(m)),
+    coopjax.dpsgd(optax.sgd(LR), W=topology.ring(m)),
     topology.ring(m),
     0,
   ),
   "dpsgd_torus": lambda m, tau: (
-    coopjax.dpsgd(optax.sgd(LR), topology.torus(2, m // 2)),
+    coopjax.dpsgd(optax.sgd(LR), W=topology.torus(2, m // 2)),
     topology.torus(2, m // 2),
     0,
   ),
   "ring_tau3": lambda m, tau: (
-    coopjax.cooperative(optax.sgd(LR), tau, topology.ring(m)),
+    coopjax.cooperative(optax.sgd(LR), tau=tau, W=topology.ring(m)),
     topology.ring(m),
     0,
   ),
@@ -97,7 +101,9 @@ def test_easgd_equals_elastic_update_written_out():
   m, tau, alpha, steps = 4, 2, 0.15, 7
   A, b = ref.make_batches(steps, m, seed=11)
   x0 = ref.init_params()
-  X, _, _ = run(coopjax.easgd(optax.sgd(LR), tau, alpha, m), x0, A, b, m, num_aux=1)
+  X, _, _ = run(
+    coopjax.easgd(optax.sgd(LR), tau=tau, alpha=alpha, num_workers=m), x0, A, b, m, num_aux=1
+  )
   x_init = ref.flat(coopjax.replicate(x0, 1))[0]
   xs = [x_init.copy() for _ in range(m)]
   z = x_init.copy()
@@ -111,13 +117,16 @@ def test_easgd_equals_elastic_update_written_out():
 
 
 ALGORITHMS = {
-  "sync": (lambda m: coopjax.sync_sgd(optax.sgd(LR), m), 0),
-  "pasgd": (lambda m: coopjax.local_sgd(optax.sgd(LR), 3, m), 0),
-  "easgd": (lambda m: coopjax.easgd(optax.sgd(LR), 2, 0.1, m), 1),
-  "dpsgd": (lambda m: coopjax.dpsgd(optax.sgd(LR), topology.ring(m)), 0),
-  "coop_exp_tau2": (lambda m: coopjax.cooperative(optax.sgd(LR), 2, topology.exponential(m)), 0),
+  "sync": (lambda m: coopjax.sync_sgd(optax.sgd(LR), num_workers=m), 0),
+  "pasgd": (lambda m: coopjax.local_sgd(optax.sgd(LR), tau=3, num_workers=m), 0),
+  "easgd": (lambda m: coopjax.easgd(optax.sgd(LR), tau=2, alpha=0.1, num_workers=m), 1),
+  "dpsgd": (lambda m: coopjax.dpsgd(optax.sgd(LR), W=topology.ring(m)), 0),
+  "coop_exp_tau2": (
+    lambda m: coopjax.cooperative(optax.sgd(LR), tau=2, W=topology.exponential(m)),
+    0,
+  ),
   "easgd_mix_first": (
-    lambda m: coopjax.easgd(optax.sgd(LR), 2, 0.1, m, order="mix_then_step"),
+    lambda m: coopjax.easgd(optax.sgd(LR), tau=2, alpha=0.1, num_workers=m, order="mix_then_step"),
     1,
   ),
 }
@@ -165,7 +174,9 @@ def test_momentum_local_optimizer():
   m, tau, steps, beta = 4, 2, 7, 0.9
   A, b = ref.make_batches(steps, m, seed=2)
   x0 = ref.init_params()
-  X, _, _ = run(coopjax.local_sgd(optax.sgd(LR, momentum=beta), tau, m), x0, A, b, m)
+  X, _, _ = run(
+    coopjax.local_sgd(optax.sgd(LR, momentum=beta), tau=tau, num_workers=m), x0, A, b, m
+  )
 
   def momentum(g, buf, k):
     buf = g if buf is None else beta * buf + g
@@ -183,7 +194,7 @@ def test_adam_with_schedule_local_optimizer():
   A, b = ref.make_batches(steps, m, seed=4)
   x0 = ref.init_params()
   W = topology.ring(m)
-  X, _, _ = run(coopjax.cooperative(optax.adam(schedule, b1, b2, eps), tau, W), x0, A, b, m)
+  X, _, _ = run(coopjax.cooperative(optax.adam(schedule, b1, b2, eps), tau=tau, W=W), x0, A, b, m)
 
   def adam(g, st, k):
     mu, nu = (np.zeros_like(g), np.zeros_like(g)) if st is None else st
@@ -204,7 +215,7 @@ def test_clip_by_global_norm_is_per_worker():
   A[:, 0] *= 50.0  # worker 0's gradients are huge, the others' are small
   x0 = ref.init_params()
   local = optax.chain(optax.clip_by_global_norm(max_norm), optax.sgd(LR))
-  X, _, _ = run(coopjax.local_sgd(local, tau, m), x0, A, b, m)
+  X, _, _ = run(coopjax.local_sgd(local, tau=tau, num_workers=m), x0, A, b, m)
 
   def clipped_sgd(g, st, k):
     norm = np.linalg.norm(g)
@@ -225,7 +236,7 @@ def test_clip_by_global_norm_is_per_worker():
 def test_composes_with_optax_chain_and_counts_steps():
   m, tau = 4, 3
   A, b = ref.make_batches(4, m)
-  tx = optax.chain(coopjax.local_sgd(optax.sgd(LR), tau, m), optax.identity())
+  tx = optax.chain(coopjax.local_sgd(optax.sgd(LR), tau=tau, num_workers=m), optax.identity())
   X, state, metrics = run(tx, ref.init_params(), A, b, m)
   assert [int(met["step"]) for met in metrics] == [1, 2, 3, 4]
   assert int(coopjax.step_count(state)) == 4
@@ -237,7 +248,7 @@ def test_composes_with_optax_chain_and_counts_steps():
 def test_shapes_and_single_trace():
   m, v, tau = 4, 1, 2
   A, b = ref.make_batches(5, m)
-  tx = coopjax.easgd(optax.sgd(LR), tau, 0.1, m)
+  tx = coopjax.easgd(optax.sgd(LR), tau=tau, alpha=0.1, num_workers=m)
   X = coopjax.replicate(ref.init_params(), m, v)
   chex.assert_tree_shape_prefix(X, (m + v,))
   chex.assert_shape(X["w"], (m + v, ref.D))
@@ -293,7 +304,7 @@ def test_merge_aux_mixes_fresh_non_trainable_state():
     return {**X, "stat": aux["stat"]}
 
   params = {**ref.init_params(), "stat": np.float32(0.0)}
-  tx = coopjax.local_sgd(optax.sgd(LR), tau, m)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=tau, num_workers=m)
   X = coopjax.replicate(params, m)
   state = tx.init(X)
   step = coopjax.make_step(loss_with_stats, tx, has_aux=True, merge_aux=merge)

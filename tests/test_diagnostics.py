@@ -47,7 +47,7 @@ def _run(step, tx, A, b, num_aux=0, policy="stop"):
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 @pytest.mark.parametrize("bad_worker", [0, 2])
 def test_nan_in_one_workers_batch_names_that_worker_and_step(bad_worker, value):
-  tx = coopjax.local_sgd(optax.sgd(0.05), 2, M)
+  tx = coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=M)
   step = coopjax.make_step(ref.loss_fn, tx, check_finite=True)
   A, b = _batches(6, bad=(3, bad_worker), value=value)
   with pytest.raises(diagnostics.DivergenceError) as info:
@@ -65,7 +65,7 @@ def test_nan_in_one_workers_batch_names_that_worker_and_step(bad_worker, value):
 
 def test_flags_follow_the_mixing_matrix_after_a_mixing_step():
   W = topology.ring(M)
-  tx = coopjax.dpsgd(optax.sgd(0.05), W)  # mixes every step
+  tx = coopjax.dpsgd(optax.sgd(0.05), W=W)  # mixes every step
   step = coopjax.make_step(ref.loss_fn, tx, check_finite=True)
   A, b = _batches(2, bad=(1, 1))
   X = coopjax.replicate(ref.init_params(), M)
@@ -76,7 +76,7 @@ def test_flags_follow_the_mixing_matrix_after_a_mixing_step():
 
 def test_easgd_anchor_row_is_reported_after_the_pull():
   alpha = 0.2
-  tx = coopjax.easgd(optax.sgd(0.05), 1, alpha, M)
+  tx = coopjax.easgd(optax.sgd(0.05), tau=1, alpha=alpha, num_workers=M)
   step = coopjax.make_step(ref.loss_fn, tx, check_finite=True)
   A, b = _batches(1, bad=(1, 3))
   X = coopjax.replicate(ref.init_params(), M, 1)
@@ -90,7 +90,7 @@ def test_easgd_anchor_row_is_reported_after_the_pull():
 
 
 def test_overflow_in_the_update_is_caught_with_finite_losses():
-  tx = coopjax.local_sgd(optax.sgd(1e38), 2, M)
+  tx = coopjax.local_sgd(optax.sgd(1e38), tau=2, num_workers=M)
   step = coopjax.make_step(ref.loss_fn, tx, check_finite=True)
   A, b = _batches(1)
   X = coopjax.replicate(ref.init_params(), M)
@@ -103,7 +103,7 @@ def test_overflow_in_the_update_is_caught_with_finite_losses():
 
 @pytest.mark.parametrize("donate", [False, True])
 def test_skip_policy_discards_the_bad_step_and_matches_a_run_without_that_batch(donate):
-  tx = coopjax.local_sgd(optax.sgd(0.05, momentum=0.9), 2, M)
+  tx = coopjax.local_sgd(optax.sgd(0.05, momentum=0.9), tau=2, num_workers=M)
   raw = coopjax.make_step(ref.loss_fn, tx, check_finite=True, jit=False)
   step = diagnostics.skip_nonfinite(raw, donate=donate)
   A, b = _batches(6, bad=(3, 1))
@@ -138,7 +138,7 @@ def test_bad_policy_and_missing_flags_are_clear_errors():
     diagnostics.check_finite({"worker_loss": np.zeros(2)})
   ok = {"nonfinite_workers": np.zeros(3, bool), "nonfinite_rows": np.zeros(3, bool)}
   assert diagnostics.check_finite(ok, step=1) == []
-  tx = coopjax.local_sgd(optax.sgd(0.1), 2, M)
+  tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=M)
   guarded = diagnostics.skip_nonfinite(coopjax.make_step(ref.loss_fn, tx, jit=False))
   A, b = _batches(1)
   X = coopjax.replicate(ref.init_params(), M)
@@ -149,7 +149,7 @@ def test_bad_policy_and_missing_flags_are_clear_errors():
 def test_sharded_step_reports_the_worker_with_a_nan_batch():
   mesh = coopjax.worker_mesh(8)
   m, bad = 8, 5
-  tx = coopjax.local_sgd(optax.sgd(0.05), 2, m)
+  tx = coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=m)
   X = coopjax.shard(coopjax.replicate(ref.init_params(), m), mesh)
   opt_state = coopjax.sharding.init(tx, X, mesh)
   step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh, check_finite=True)

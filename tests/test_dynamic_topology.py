@@ -91,7 +91,7 @@ def test_time_varying_one_peer_matches_numpy_with_momentum(order):
   steps = 3 * P * tau + 1  # three passes over the schedule
   A, b = ref.make_batches(steps, m, seed=31)
   schedule = [topology.one_peer_exponential(m, r) for r in range(P)]
-  tx = coopjax.time_varying(optax.sgd(LR, momentum=BETA), tau, schedule, order=order)
+  tx = coopjax.time_varying(optax.sgd(LR, momentum=BETA), tau=tau, schedule=schedule, order=order)
   X, state = run(tx, A, b, m)
 
   def matrix_at(k):  # r-th mix after step (r + 1)τ; the first mix uses s = 1
@@ -110,7 +110,7 @@ def test_time_varying_function_schedule_with_auxiliary_and_lr_schedule():
   mats = [topology.easgd(m, 0.1), topology.elastic(topology.ring(m), 0.15)]
   lrs = optax.exponential_decay(0.08, transition_steps=4, decay_rate=0.5)
   tx = coopjax.time_varying(
-    optax.sgd(lrs), tau, lambda r: mats[r], num_aux=v, period=P, allow_negative=True
+    optax.sgd(lrs), tau=tau, schedule=lambda r: mats[r], num_aux=v, period=P, allow_negative=True
   )
   A, b = ref.make_batches(steps, m, seed=32)
   X, _ = run(tx, A, b, m, v)
@@ -130,7 +130,9 @@ def test_time_varying_function_schedule_with_auxiliary_and_lr_schedule():
 def test_time_varying_single_trace_and_state_layout():
   m, tau = 4, 1
   tx = coopjax.time_varying(
-    optax.sgd(LR, momentum=BETA), tau, [topology.one_peer_exponential(m, r) for r in range(2)]
+    optax.sgd(LR, momentum=BETA),
+    tau=tau,
+    schedule=[topology.one_peer_exponential(m, r) for r in range(2)],
   )
   X = coopjax.replicate(ref.init_params(), m)
   state = tx.init(X)
@@ -149,13 +151,15 @@ def test_time_varying_single_trace_and_state_layout():
 def test_time_varying_rejects_bad_schedules():
   m = 4
   with pytest.raises(ValueError, match="period"):
-    coopjax.time_varying(optax.sgd(LR), 1, lambda r: topology.one_peer_exponential(m, r))
+    coopjax.time_varying(
+      optax.sgd(LR), tau=1, schedule=lambda r: topology.one_peer_exponential(m, r)
+    )
   with pytest.raises(TypeError, match="sequence of matrices"):
-    coopjax.time_varying(optax.sgd(LR), 1, topology.ring(m))
+    coopjax.time_varying(optax.sgd(LR), tau=1, schedule=topology.ring(m))
   with pytest.raises(ValueError, match="r=1"):
-    coopjax.time_varying(optax.sgd(LR), 1, [topology.ring(m), np.ones((m, m))])
+    coopjax.time_varying(optax.sgd(LR), tau=1, schedule=[topology.ring(m), np.ones((m, m))])
   with pytest.raises(ValueError, match="zeta"):  # s = 2 alone pairs 0-2 and 1-3: never consensus
-    coopjax.time_varying(optax.sgd(LR), 1, [topology.one_peer_exponential(m, 1)])
+    coopjax.time_varying(optax.sgd(LR), tau=1, schedule=[topology.one_peer_exponential(m, 1)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +185,88 @@ def test_matching_decomposition_is_a_proper_edge_colouring(seed):
   assert len(matchings) <= adj.sum(1).max() + 1  # Vizing / Misra–Gries bound
 
 
+# The base graphs of MATCHA's authors (JYWa/MATCHA, util.select_graph), as the lists of
+# matchings they ship: graph 0 is the 8-node graph of the paper's Fig. 1(a), graph 5 the 8-ring.
+AUTHORS_GRAPHS = {
+  0: [[(1, 5), (6, 7), (0, 4), (2, 3)], [(1, 7), (3, 6)], [(1, 0), (3, 7), (5, 6)],
+      [(1, 2), (7, 0)], [(3, 1)]],
+  1: [[(4, 8), (6, 11), (7, 13), (0, 12), (5, 14), (10, 15), (2, 3), (1, 9)],
+      [(11, 13), (14, 2), (5, 6), (15, 3), (10, 9)], [(11, 8), (2, 5), (13, 4), (14, 3), (0, 10)],
+      [(11, 5), (15, 14), (13, 8)], [(2, 11)]],
+  4: [[(2, 7), (3, 15), (13, 14), (8, 9), (1, 5), (0, 10), (6, 12), (4, 11)],
+      [(12, 11), (5, 6), (14, 1), (9, 10), (15, 2), (8, 13)],
+      [(12, 5), (11, 6), (1, 8), (9, 3), (2, 10)], [(12, 14), (11, 9), (5, 15), (0, 6), (1, 7)],
+      [(12, 8), (5, 2), (11, 14), (1, 6)], [(12, 15), (13, 11), (10, 5), (3, 14)], [(12, 9)],
+      [(0, 12)]],
+  5: [[(0, 1), (2, 3), (4, 5), (6, 7)], [(0, 7), (2, 1), (4, 3), (6, 5)]],
+}  # fmt: skip
+
+
+def graph_of(matchings):
+  n = 1 + max(max(e) for M in matchings for e in M)
+  A = np.zeros((n, n))
+  for M in matchings:
+    for i, j in M:
+      A[i, j] = A[j, i] = 1.0
+  return A
+
+
+def check_matchings(matchings, adj):
+  assert sorted(e for M in matchings for e in M) == edges_of(adj)
+  for M in matchings:
+    nodes = [x for e in M for x in e]
+    assert len(nodes) == len(set(nodes)), M
+
+
+@pytest.mark.parametrize("graph_id", sorted(AUTHORS_GRAPHS))
+def test_matching_count_on_the_authors_graphs(graph_id):
+  """Never more matchings than the authors use; graph 0 takes 5 and the 8-ring 2 (= Δ)."""
+  theirs = AUTHORS_GRAPHS[graph_id]
+  adj = graph_of(theirs)
+  ours = topology.matching_decomposition(adj)
+  check_matchings(ours, adj)
+  assert len(ours) <= len(theirs)
+  assert len(ours) == adj.sum(1).max()  # Δ matchings: the minimum possible
+  assert len(ours) == {0: 5, 1: 5, 4: 8, 5: 2}[graph_id]
+
+
+def test_matching_count_on_rings_and_tori():
+  for m in (4, 8, 16):  # even rings are bipartite: König gives Δ = 2
+    assert len(topology.matching_decomposition(topology.ring(m))) == 2
+  for m in (5, 7):  # odd rings: each matching covers at most (m − 1)/2 of the m edges
+    assert len(topology.matching_decomposition(topology.ring(m))) == 3
+  assert len(topology.matching_decomposition(topology.torus(4, 4))) == 4
+  # 3×3 torus: 4-regular on 9 nodes, 18 edges, at most 4 per matching: 5 needed.
+  assert len(topology.matching_decomposition(topology.torus(3, 3))) == 5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matching_decomposition_of_bipartite_graphs_uses_max_degree(seed):
+  rng = np.random.default_rng(100 + seed)
+  a, b = 5, 7
+  bip = rng.uniform(size=(a, b)) < 0.6
+  adj = np.zeros((a + b, a + b), bool)
+  adj[:a, a:] = bip
+  adj = adj | adj.T
+  matchings = topology.matching_decomposition(adj)
+  check_matchings(matchings, adj)
+  assert len(matchings) == adj.sum(1).max()
+
+
+def test_matching_decomposition_of_random_8_node_graphs_uses_max_degree():
+  """Δ is a lower bound, so a count equal to Δ is optimal; Misra–Gries alone gives Δ + 1 often."""
+  plain = 0
+  for seed in range(20):
+    rng = np.random.default_rng(seed)
+    adj = np.triu(rng.uniform(size=(8, 8)) < 0.5, 1)
+    adj = adj | adj.T
+    ours = topology.matching_decomposition(adj)
+    check_matchings(ours, adj)
+    assert len(ours) == adj.sum(1).max()
+    plain += len(topology.matching_decomposition(adj, max_search_nodes=0)) > adj.sum(1).max()
+  assert plain > 0  # the search is what brings those graphs down to Δ
+
+
 def laplacian(edges, m):
   L = np.zeros((m, m))
   for i, j in edges:
@@ -199,7 +285,9 @@ def test_matcha_matches_numpy_with_redrawn_flags():
   graph = topology.erdos_renyi(m, 0.5, seed=3)
   key = jax.random.key(7)
   design = coopjax.matcha_design(graph, budget)
-  tx = coopjax.matcha(optax.sgd(LR, momentum=BETA), graph, budget, m, key)
+  tx = coopjax.matcha(
+    optax.sgd(LR, momentum=BETA), graph=graph, budget=budget, num_workers=m, key=key
+  )
   A, b = ref.make_batches(steps, m, seed=33)
   X, _ = run(tx, A, b, m)
 
@@ -230,8 +318,10 @@ def test_matcha_with_full_budget_is_dpsgd_with_best_laplacian_weight():
   np.testing.assert_allclose(design.alpha, alpha, rtol=1e-7)
   A, b = ref.make_batches(steps, m, seed=34)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(coopjax.matcha(local, graph, 1.0, m, jax.random.key(0)), A, b, m)
-  Xd, _ = run(coopjax.dpsgd(local, np.eye(m) - alpha * L), A, b, m)
+  X, _ = run(
+    coopjax.matcha(local, graph=graph, budget=1.0, num_workers=m, key=jax.random.key(0)), A, b, m
+  )
+  Xd, _ = run(coopjax.dpsgd(local, W=np.eye(m) - alpha * L), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xd), rtol=1e-5, atol=1e-6)
   expect = momentum_reference(lambda k: np.eye(m) - alpha * L, A, b, m, m)
   np.testing.assert_allclose(ref.flat(X), expect, rtol=1e-4, atol=1e-5)
@@ -278,11 +368,15 @@ def expected_gram_by_enumeration(Ls, p, alpha):
 def test_matcha_rejects_bad_arguments():
   m = 4
   with pytest.raises(ValueError, match="budget"):
-    coopjax.matcha(optax.sgd(LR), topology.ring(m), 0.0, m, jax.random.key(0))
+    coopjax.matcha(
+      optax.sgd(LR), graph=topology.ring(m), budget=0.0, num_workers=m, key=jax.random.key(0)
+    )
   with pytest.raises(ValueError, match="4x4"):
-    coopjax.matcha(optax.sgd(LR), topology.ring(5), 0.5, m, jax.random.key(0))
+    coopjax.matcha(
+      optax.sgd(LR), graph=topology.ring(5), budget=0.5, num_workers=m, key=jax.random.key(0)
+    )
   with pytest.raises(TypeError, match="key"):
-    coopjax.matcha(optax.sgd(LR), topology.ring(m), 0.5, m, 0)
+    coopjax.matcha(optax.sgd(LR), graph=topology.ring(m), budget=0.5, num_workers=m, key=0)
   with pytest.raises(ValueError, match="not connected"):
     coopjax.matcha_design(np.kron(np.eye(2), np.ones((2, 2))), 0.5)
 

@@ -350,7 +350,7 @@ def test_replicate(case):
   bad=st.one_of(bad_count(1), st.just(object()), st.text(max_size=3)),
 )
 def test_make_step_arguments(which, bad):
-  tx = coopjax.local_sgd(SGD, 2, 3)
+  tx = coopjax.local_sgd(SGD, tau=2, num_workers=3)
   kwargs = {"loss_fn": ref.loss_fn, "tx": tx}
   if which == "num_workers":
     if bad is None:
@@ -367,7 +367,11 @@ def mismatched_step(draw):
   m = draw(st.integers(1, 5))
   v = draw(st.sampled_from([0, 1]))
   local = optax.sgd(0.1, momentum=0.9)
-  tx = coopjax.easgd(local, 2, 1.0 / (m + 2), m) if v else coopjax.local_sgd(local, 2, m)
+  tx = (
+    coopjax.easgd(local, tau=2, alpha=1.0 / (m + 2), num_workers=m)
+    if v
+    else coopjax.local_sgd(local, tau=2, num_workers=m)
+  )
   X = coopjax.replicate(ref.init_params(), m, v)
   opt_state = tx.init(X)
   A, b = ref.make_batches(1, m, batch=3)
@@ -414,7 +418,7 @@ def mismatched_step(draw):
   elif kind == "empty_batch":
     A, b = np.zeros((0,) + A.shape[1:], np.float32), np.zeros((0, 3), np.float32)
   elif kind == "state_of_other_tx":
-    other = coopjax.local_sgd(optax.adam(0.1), 2, m + v + delta)
+    other = coopjax.local_sgd(optax.adam(0.1), tau=2, num_workers=m + v + delta)
     opt_state = other.init(coopjax.replicate(ref.init_params(), m + v + delta))
   else:  # X has a leaf the optimizer state was not built for
     X = dict(X, extra=X["c"])

@@ -58,7 +58,9 @@ def test_matches_numpy_with_momentum(groups, order):
   m, tau1, tau2 = 6, 2, 6
   steps = 3 * tau2 + 1
   A, b = ref.make_batches(steps, m, seed=41)
-  tx = coopjax.hierarchical(optax.sgd(LR, momentum=BETA), tau1, tau2, groups, order=order)
+  tx = coopjax.hierarchical(
+    optax.sgd(LR, momentum=BETA), tau1=tau1, tau2=tau2, groups=groups, order=order
+  )
   X, state = run(tx, A, b, m)
   np.testing.assert_allclose(
     ref.flat(X), reference(groups, tau1, tau2, A, b, order=order), rtol=1e-4, atol=1e-5
@@ -71,7 +73,7 @@ def test_mix_policy_averages_momentum_buffers_with_the_same_groups():
   steps = 3 * tau2
   A, b = ref.make_batches(steps, m, seed=42)
   tx = coopjax.hierarchical(
-    optax.sgd(LR, momentum=BETA), tau1, tau2, groups, local_state_policy="mix"
+    optax.sgd(LR, momentum=BETA), tau1=tau1, tau2=tau2, groups=groups, local_state_policy="mix"
   )
   X, _ = run(tx, A, b, m)
   expect = reference(groups, tau1, tau2, A, b, mix_buffers=True)
@@ -83,8 +85,8 @@ def test_one_group_is_local_sgd_with_tau1():
   m, tau1, tau2 = 4, 2, 6
   A, b = ref.make_batches(3 * tau2, m, seed=43)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(coopjax.hierarchical(local, tau1, tau2, [list(range(m))]), A, b, m)
-  Xl, _ = run(coopjax.local_sgd(local, tau1, m), A, b, m)
+  X, _ = run(coopjax.hierarchical(local, tau1=tau1, tau2=tau2, groups=[list(range(m))]), A, b, m)
+  Xl, _ = run(coopjax.local_sgd(local, tau=tau1, num_workers=m), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
 
 
@@ -92,11 +94,13 @@ def test_singleton_groups_are_local_sgd_with_tau2():
   m, tau1, tau2 = 4, 2, 6
   A, b = ref.make_batches(3 * tau2 + 2, m, seed=44)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(coopjax.hierarchical(local, tau1, tau2, [[i] for i in range(m)]), A, b, m)
-  Xl, _ = run(coopjax.local_sgd(local, tau2, m), A, b, m)
+  X, _ = run(
+    coopjax.hierarchical(local, tau1=tau1, tau2=tau2, groups=[[i] for i in range(m)]), A, b, m
+  )
+  Xl, _ = run(coopjax.local_sgd(local, tau=tau2, num_workers=m), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
   # and it is not local SGD with tau1
-  Xs, _ = run(coopjax.local_sgd(local, tau1, m), A, b, m)
+  Xs, _ = run(coopjax.local_sgd(local, tau=tau1, num_workers=m), A, b, m)
   assert not np.allclose(ref.flat(X), ref.flat(Xs), atol=1e-4)
 
 
@@ -115,7 +119,7 @@ def test_group_mean_primitive_against_numpy():
 
 def test_single_trace_and_state_layout():
   m = 4
-  tx = coopjax.hierarchical(optax.sgd(LR, momentum=BETA), 1, 2, [[0, 1], [2, 3]])
+  tx = coopjax.hierarchical(optax.sgd(LR, momentum=BETA), tau1=1, tau2=2, groups=[[0, 1], [2, 3]])
   X = coopjax.replicate(ref.init_params(), m)
   state = tx.init(X)
   assert isinstance(state, coopjax.HierarchicalState)
@@ -131,12 +135,12 @@ def test_single_trace_and_state_layout():
 
 def test_rejects_bad_arguments():
   with pytest.raises(ValueError, match="divide"):
-    coopjax.hierarchical(optax.sgd(LR), 2, 5, [[0, 1], [2, 3]])
+    coopjax.hierarchical(optax.sgd(LR), tau1=2, tau2=5, groups=[[0, 1], [2, 3]])
   with pytest.raises(ValueError, match="partition"):
-    coopjax.hierarchical(optax.sgd(LR), 1, 2, [[0, 1], [3]])
+    coopjax.hierarchical(optax.sgd(LR), tau1=1, tau2=2, groups=[[0, 1], [3]])
   with pytest.raises(ValueError, match="partition"):
-    coopjax.hierarchical(optax.sgd(LR), 1, 2, [[0, 1], []])
-  tx = coopjax.hierarchical(optax.sgd(LR), 1, 2, [[0, 1], [2, 3]])
+    coopjax.hierarchical(optax.sgd(LR), tau1=1, tau2=2, groups=[[0, 1], []])
+  tx = coopjax.hierarchical(optax.sgd(LR), tau1=1, tau2=2, groups=[[0, 1], [2, 3]])
   with pytest.raises(ValueError, match="leading axis 5"):
     tx.init(coopjax.replicate(ref.init_params(), 5))
 

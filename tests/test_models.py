@@ -279,7 +279,9 @@ def test_bn_model_in_cooperative_step_keeps_local_statistics():
   m = 2
   model = models.ResNet20(widths=(4, 8), blocks_per_stage=1, num_classes=3)
   variables = _fake_init(model, jnp.ones((1, 8, 8, 3)))
-  tx = coopjax.local_sgd(optax.sgd(0.1), 2, m, mix_mask=models.params_mask(variables))
+  tx = coopjax.local_sgd(
+    optax.sgd(0.1), tau=2, num_workers=m, mix_mask=models.params_mask(variables)
+  )
   step = coopjax.make_step(models.make_bn_loss_fn(model), tx, has_aux=True)
   X = coopjax.replicate(variables, m)
   opt_state = tx.init(X)

@@ -36,8 +36,8 @@ WORKER = textwrap.dedent(
   mesh = coopjax.worker_mesh()
   out = {{}}
   for name, tx, v in [
-    ("ring", coopjax.cooperative(optax.sgd({lr}), {tau}, topology.ring({m})), 0),
-    ("easgd", coopjax.easgd(optax.sgd({lr}), {tau}, 0.05, {m}), 1),
+    ("ring", coopjax.cooperative(optax.sgd({lr}), tau={tau}, W=topology.ring({m})), 0),
+    ("easgd", coopjax.easgd(optax.sgd({lr}), tau={tau}, alpha=0.05, num_workers={m}), 1),
   ]:
     A, b = ref.make_batches({steps}, {m})
     X = coopjax.shard(coopjax.replicate(ref.init_params(), {m}, v), mesh, v)
@@ -62,9 +62,9 @@ def free_port() -> int:
 def single_process(name):
   mesh = coopjax.worker_mesh(8)
   if name == "ring":
-    tx, v = coopjax.cooperative(optax.sgd(LR), TAU, topology.ring(M)), 0
+    tx, v = coopjax.cooperative(optax.sgd(LR), tau=TAU, W=topology.ring(M)), 0
   else:
-    tx, v = coopjax.easgd(optax.sgd(LR), TAU, 0.05, M), 1
+    tx, v = coopjax.easgd(optax.sgd(LR), tau=TAU, alpha=0.05, num_workers=M), 1
   A, b = ref.make_batches(STEPS, M)
   X = coopjax.shard(coopjax.replicate(ref.init_params(), M, v), mesh, v)
   state = sharding.init(tx, X, mesh, v)

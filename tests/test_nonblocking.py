@@ -66,8 +66,10 @@ def test_nonblocking_easgd_matches_numpy_and_blocking_easgd():
   steps = 3 * tau + 2
   A, b = ref.make_batches(steps, m, seed=31)
   local = optax.sgd(LR, momentum=BETA)
-  nb = run(coopjax.nonblocking_easgd(local, tau, alpha, m), A, b, m, 1)
-  bl = run(coopjax.easgd(local, tau, alpha, m, order="step_then_mix"), A, b, m, 1)
+  nb = run(coopjax.nonblocking_easgd(local, tau=tau, alpha=alpha, num_workers=m), A, b, m, 1)
+  bl = run(
+    coopjax.easgd(local, tau=tau, alpha=alpha, num_workers=m, order="step_then_mix"), A, b, m, 1
+  )
   expect = easgd_reference(m, tau, alpha, A, b)
   for k in range(steps):
     (X, state, met), (Xb, _, metb) = nb[k], bl[k]
@@ -89,7 +91,7 @@ def test_nonblocking_easgd_settled_averaged_model_identity():
   """Settled X obeys eq. 14, u_{k+1} = u_k − η m/(m+1) mean_i g_i, every step (SGD)."""
   m, tau, alpha, steps = 4, 2, 0.1, 6
   A, b = ref.make_batches(steps, m, seed=32)
-  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau, alpha, m)
+  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau=tau, alpha=alpha, num_workers=m)
   X = coopjax.replicate(ref.init_params(), m, 1)
   state = tx.init(X)
   step = coopjax.make_step(ref.loss_fn, tx)
@@ -129,7 +131,12 @@ def test_overlap_local_sgd_matches_numpy_with_schedule(beta):
   schedule = optax.exponential_decay(0.08, transition_steps=1, decay_rate=0.8)
   lr = lambda count: 0.08 * 0.8**count
   tx = coopjax.overlap_local_sgd(
-    optax.sgd(schedule, momentum=BETA), tau, alpha, m, anchor_momentum=beta, lr=schedule
+    optax.sgd(schedule, momentum=BETA),
+    tau=tau,
+    alpha=alpha,
+    num_workers=m,
+    anchor_momentum=beta,
+    lr=schedule,
   )
   out = run(tx, A, b, m, 1)
   expect = overlap_reference(m, tau, alpha, beta, A, b, lr)
@@ -159,8 +166,8 @@ def test_overlap_beta0_is_cooperative_with_column_stochastic_W():
   W[m, :m] = alpha
   W[m, m] = alpha
   local = optax.sgd(LR, momentum=BETA)
-  ov = run(coopjax.overlap_local_sgd(local, tau, alpha, m), A, b, m, 1)
-  coop = run(coopjax.cooperative(local, tau, W, num_aux=1, symmetric=False), A, b, m, 1)
+  ov = run(coopjax.overlap_local_sgd(local, tau=tau, alpha=alpha, num_workers=m), A, b, m, 1)
+  coop = run(coopjax.cooperative(local, tau=tau, W=W, num_aux=1, symmetric=False), A, b, m, 1)
   for (X, state, _), (Xc, _, _) in zip(ov, coop, strict=True):
     settled = coopjax.settle_overlap(X, state)
     np.testing.assert_allclose(ref.flat(settled), ref.flat(Xc), rtol=1e-5, atol=1e-6)
@@ -169,7 +176,15 @@ def test_overlap_beta0_is_cooperative_with_column_stochastic_W():
 def test_overlap_alpha0_is_no_communication():
   m, tau, steps = 3, 2, 7
   A, b = ref.make_batches(steps, m, seed=35)
-  out = run(coopjax.overlap_local_sgd(optax.sgd(LR, momentum=BETA), tau, 0.0, m, 0.5), A, b, m, 1)
+  out = run(
+    coopjax.overlap_local_sgd(
+      optax.sgd(LR, momentum=BETA), tau=tau, alpha=0.0, num_workers=m, anchor_momentum=0.5
+    ),
+    A,
+    b,
+    m,
+    1,
+  )
   opt, xs = Momentum(m), np.tile(x_init(), (m, 1))
   for k in range(1, steps + 1):
     xs = opt.step(xs, k, A, b)
@@ -194,11 +209,11 @@ def test_delayed_matches_numpy(graph):
   steps = 3 * tau + 1
   W = topology.complete(m) if graph == "complete" else topology.ring(m)
   A, b = ref.make_batches(steps, m, seed=36)
-  out = run(coopjax.delayed(optax.sgd(LR, momentum=BETA), tau, W), A, b, m, 0)
+  out = run(coopjax.delayed(optax.sgd(LR, momentum=BETA), tau=tau, W=W), A, b, m, 0)
   expect = delayed_reference(W, tau, A, b)
   np.testing.assert_allclose(ref.flat(out[-1][0]), expect, rtol=1e-5, atol=1e-5)
   # The snapshot is not the current model: the mix differs from mixing x itself.
-  blocking = run(coopjax.cooperative(optax.sgd(LR, momentum=BETA), tau, W), A, b, m, 0)
+  blocking = run(coopjax.cooperative(optax.sgd(LR, momentum=BETA), tau=tau, W=W), A, b, m, 0)
   assert np.abs(ref.flat(blocking[-1][0]) - expect).max() > 1e-4
 
 
@@ -206,7 +221,7 @@ def test_delayed_complete_is_cocod_and_keeps_eq14():
   """W = J: after each mix x_i = s̄ + (x_i − s_i); the averaged model moves as in eq. 14."""
   m, tau, steps = 4, 2, 6
   A, b = ref.make_batches(steps, m, seed=37)
-  tx = coopjax.delayed(optax.sgd(LR), tau, topology.complete(m))
+  tx = coopjax.delayed(optax.sgd(LR), tau=tau, W=topology.complete(m))
   X = coopjax.replicate(ref.init_params(), m)
   state = tx.init(X)
   step = coopjax.make_step(ref.loss_fn, tx)
@@ -222,17 +237,19 @@ def test_delayed_complete_is_cocod_and_keeps_eq14():
 
 def test_validation_errors():
   with pytest.raises(ValueError, match="alpha"):
-    coopjax.overlap_local_sgd(optax.sgd(LR), 2, 1.5, 4)
+    coopjax.overlap_local_sgd(optax.sgd(LR), tau=2, alpha=1.5, num_workers=4)
   with pytest.raises(ValueError, match="lr"):
-    coopjax.overlap_local_sgd(optax.sgd(LR), 2, 0.5, 4, 0.9, lr=0.0)
+    coopjax.overlap_local_sgd(
+      optax.sgd(LR), tau=2, alpha=0.5, num_workers=4, anchor_momentum=0.9, lr=0.0
+    )
   with pytest.raises(TypeError, match="alpha"):
-    coopjax.nonblocking_easgd(optax.sgd(LR), 2, "0.1", 4)
+    coopjax.nonblocking_easgd(optax.sgd(LR), tau=2, alpha="0.1", num_workers=4)
   with pytest.raises(ValueError, match="num_aux=1"):
-    coopjax.nonblocking_easgd(optax.sgd(LR), 2, 0.1, 4).init(
+    coopjax.nonblocking_easgd(optax.sgd(LR), tau=2, alpha=0.1, num_workers=4).init(
       coopjax.replicate(ref.init_params(), 4)
     )
   with pytest.raises(ValueError, match="4x4"):
-    coopjax.delayed(optax.sgd(LR), 2, topology.ring(4)).init(
+    coopjax.delayed(optax.sgd(LR), tau=2, W=topology.ring(4)).init(
       coopjax.replicate(ref.init_params(), 5)
     )
 
@@ -376,12 +393,17 @@ def period_of(t, tau):
 
 
 NONBLOCKING = {
-  "nonblocking_easgd": (lambda m, tau: coopjax.nonblocking_easgd(optax.sgd(LR), tau, 0.1, m), 1),
-  "overlap_local_sgd": (
-    lambda m, tau: coopjax.overlap_local_sgd(optax.sgd(LR), tau, 0.3, m, 0.5, lr=0.1),
+  "nonblocking_easgd": (
+    lambda m, tau: coopjax.nonblocking_easgd(optax.sgd(LR), tau=tau, alpha=0.1, num_workers=m),
     1,
   ),
-  "delayed_ring": (lambda m, tau: coopjax.delayed(optax.sgd(LR), tau, topology.ring(m)), 0),
+  "overlap_local_sgd": (
+    lambda m, tau: coopjax.overlap_local_sgd(
+      optax.sgd(LR), tau=tau, alpha=0.3, num_workers=m, anchor_momentum=0.5, lr=0.1
+    ),
+    1,
+  ),
+  "delayed_ring": (lambda m, tau: coopjax.delayed(optax.sgd(LR), tau=tau, W=topology.ring(m)), 0),
 }
 
 
@@ -416,7 +438,9 @@ def test_reduction_is_independent_of_the_periods_local_steps(name):
 def test_blocking_easgd_reduction_waits_for_the_last_local_step():
   """The contrast: EASGD's mix (a dense W_α product) reads the models of the period's last step."""
   m, tau = 4, 3
-  walk = trace_periods(coopjax.easgd(optax.sgd(LR), tau, 0.1, m), m, 1, tau, 1)
+  walk = trace_periods(
+    coopjax.easgd(optax.sgd(LR), tau=tau, alpha=0.1, num_workers=m), m, 1, tau, 1
+  )
   assert walk.reductions
   for t, labels in walk.reductions:
     assert t == tau - 1 and f"batch@{tau - 1}" in labels
@@ -463,7 +487,7 @@ def test_issued_early_checks_its_arguments():
     with nonblocking.issued_early(nonblocking.EarlyReduction(tuple, {}, jnp.zeros((), jnp.int32))):
       pass
   m, tau = 4, 2
-  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau, 0.1, m)
+  tx = coopjax.nonblocking_easgd(optax.sgd(LR), tau=tau, alpha=0.1, num_workers=m)
   X = coopjax.replicate(ref.init_params(), m, 1)
   state = tx.init(X)
   grads = jax.tree.map(lambda x: jnp.ones_like(x[:m]), X)
@@ -534,10 +558,20 @@ class Graph:
 
 
 OVERLAPPED = {
-  "nonblocking_easgd_m8": (lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), 4, 0.05, m), 8, 1),
-  "nonblocking_easgd_m16": (lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), 4, 0.05, m), 16, 1),
+  "nonblocking_easgd_m8": (
+    lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), tau=4, alpha=0.05, num_workers=m),
+    8,
+    1,
+  ),
+  "nonblocking_easgd_m16": (
+    lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), tau=4, alpha=0.05, num_workers=m),
+    16,
+    1,
+  ),
   "overlap_local_sgd_m8": (
-    lambda m: coopjax.overlap_local_sgd(optax.sgd(LR), 4, 0.3, m, 0.5),
+    lambda m: coopjax.overlap_local_sgd(
+      optax.sgd(LR), tau=4, alpha=0.3, num_workers=m, anchor_momentum=0.5
+    ),
     8,
     1,
   ),
@@ -579,7 +613,7 @@ def test_compiled_period_issues_the_reduction_before_the_loop(name):
 def test_compiled_blocking_easgd_reduces_inside_the_loop():
   """The contrast: blocking EASGD's only all-reduce runs in the loop's mixing branch."""
   m, tau = 8, 4
-  text, report = _hlo(coopjax.easgd(optax.sgd(LR), tau, 0.05, m), m, 1, tau)
+  text, report = _hlo(coopjax.easgd(optax.sgd(LR), tau=tau, alpha=0.05, num_workers=m), m, 1, tau)
   g = Graph(text)
   (loop,) = g.of(g.entry, "while")
   body = re.search(r"body=%([\w.\-]+)", g.comps[g.entry][loop][2]).group(1)

@@ -30,7 +30,7 @@ def test_mix_then_step_easgd_is_zhang_et_al():
   m, tau, alpha = 4, 3, 0.15
   steps = 3 * tau + 1
   A, b = ref.make_batches(steps, m, seed=21)
-  tx = coopjax.easgd(optax.sgd(LR), tau, alpha, m, order="mix_then_step")
+  tx = coopjax.easgd(optax.sgd(LR), tau=tau, alpha=alpha, num_workers=m, order="mix_then_step")
   X, _ = run(tx, A, b, m, v=1)
   xs, z = [x_init() for _ in range(m)], x_init()
   for k in range(1, steps + 1):
@@ -49,7 +49,7 @@ def test_mix_then_step_dpsgd_is_lian_et_al(W):
   """x_i ← Σ_j W_ij x_j − η g_i(x_i)."""
   m, steps = 5, 6
   A, b = ref.make_batches(steps, m, seed=22)
-  X, _ = run(coopjax.dpsgd(optax.sgd(LR), W, order="mix_then_step"), A, b, m)
+  X, _ = run(coopjax.dpsgd(optax.sgd(LR), W=W, order="mix_then_step"), A, b, m)
   xs = np.tile(x_init(), (m, 1))
   for k in range(steps):
     g = np.stack([ref.np_grad(xs[i], A[k, i], b[k, i]) for i in range(m)])
@@ -58,16 +58,16 @@ def test_mix_then_step_dpsgd_is_lian_et_al(W):
 
 
 FAMILY = {
-  "pasgd": (lambda m, o: coopjax.local_sgd(optax.sgd(LR), 2, m, order=o), 0),
-  "easgd": (lambda m, o: coopjax.easgd(optax.sgd(LR), 2, 0.1, m, order=o), 1),
-  "dpsgd": (lambda m, o: coopjax.dpsgd(optax.sgd(LR), topology.torus(2, m // 2), order=o), 0),
+  "pasgd": (lambda m, o: coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m, order=o), 0),
+  "easgd": (lambda m, o: coopjax.easgd(optax.sgd(LR), tau=2, alpha=0.1, num_workers=m, order=o), 1),
+  "dpsgd": (lambda m, o: coopjax.dpsgd(optax.sgd(LR), W=topology.torus(2, m // 2), order=o), 0),
   "elastic_ring": (
-    lambda m, o: coopjax.elastic_averaging(optax.sgd(LR), topology.ring(m), 0.1, order=o),
+    lambda m, o: coopjax.elastic_averaging(optax.sgd(LR), W=topology.ring(m), alpha=0.1, order=o),
     1,
   ),
   "hierarchical": (
     lambda m, o: coopjax.elastic_hierarchical(
-      optax.sgd(LR), 2, [[0, 1, 2], [3, 4, 5]], 0.2, order=o
+      optax.sgd(LR), tau=2, groups=[[0, 1, 2], [3, 4, 5]], alpha=0.2, order=o
     ),
     2,
   ),
@@ -105,15 +105,15 @@ def test_orders_agree_without_mixing_or_gradients():
   m, steps = 4, 4
   A, b = ref.make_batches(steps, m, seed=24)
   with pytest.warns(UserWarning):
-    a = run(coopjax.cooperative(optax.sgd(LR), 1, np.eye(m)), A, b, m, X=_spread_X(m, 0))[0]
+    a = run(coopjax.cooperative(optax.sgd(LR), tau=1, W=np.eye(m)), A, b, m, X=_spread_X(m, 0))[0]
   with pytest.warns(UserWarning):
-    tx = coopjax.cooperative(optax.sgd(LR), 1, np.eye(m), order="mix_then_step")
+    tx = coopjax.cooperative(optax.sgd(LR), tau=1, W=np.eye(m), order="mix_then_step")
     c = run(tx, A, b, m, X=_spread_X(m, 0))[0]
   np.testing.assert_allclose(ref.flat(a), ref.flat(c), rtol=1e-6, atol=1e-6)
   # G = 0 (learning rate 0): both orders are pure mixing X ← X W^k.
   W = topology.ring(m)
   outs = [
-    run(coopjax.cooperative(optax.sgd(0.0), 1, W, order=o), A, b, m, X=_spread_X(m, 0))[0]
+    run(coopjax.cooperative(optax.sgd(0.0), tau=1, W=W, order=o), A, b, m, X=_spread_X(m, 0))[0]
     for o in ("step_then_mix", "mix_then_step")
   ]
   expect = np.linalg.matrix_power(W.T, steps) @ ref.flat(_spread_X(m, 0))
@@ -128,7 +128,7 @@ def test_orders_differ_by_eta_G_times_W_minus_I():
   X0 = _spread_X(m, v, seed=3)
   outs = {}
   for o in ("step_then_mix", "mix_then_step"):
-    tx = coopjax.easgd(optax.sgd(LR), 1, 0.15, m, order=o)
+    tx = coopjax.easgd(optax.sgd(LR), tau=1, alpha=0.15, num_workers=m, order=o)
     outs[o] = ref.flat(run(tx, A, b, m, v, X=X0)[0])
   Xf = ref.flat(X0)
   G = np.zeros_like(Xf)
@@ -147,7 +147,7 @@ def test_local_state_policies_with_momentum(policy, order):
   A, b = ref.make_batches(steps, m, seed=26)
   W = topology.ring(m)
   tx = coopjax.cooperative(
-    optax.sgd(LR, momentum=beta), tau, W, order=order, local_state_policy=policy
+    optax.sgd(LR, momentum=beta), tau=tau, W=W, order=order, local_state_policy=policy
   )
   X, _ = run(tx, A, b, m, X=_spread_X(m, 0, seed=4))
   # NumPy: heavy-ball buf ← β buf + g, update −η buf; the policy acts on buf at mixing steps.
@@ -174,7 +174,7 @@ def test_mix_mask_keeps_leaves_local():
   m, tau = 4, 1
   A, b = ref.make_batches(3, m, seed=27)
   X0 = _spread_X(m, 0, seed=5)
-  tx = coopjax.local_sgd(optax.sgd(0.0), tau, m, mix_mask={"w": True, "c": False})
+  tx = coopjax.local_sgd(optax.sgd(0.0), tau=tau, num_workers=m, mix_mask={"w": True, "c": False})
   X, _ = run(tx, A, b, m, X=X0)
   np.testing.assert_allclose(X["c"], X0["c"], rtol=1e-6)  # never mixed, never moved (lr 0)
   np.testing.assert_allclose(X["w"], np.tile(np.mean(X0["w"], 0), (m, 1)), rtol=1e-5, atol=1e-6)
@@ -182,9 +182,9 @@ def test_mix_mask_keeps_leaves_local():
 
 def test_bad_policy_and_order():
   with pytest.raises(ValueError, match="local_state_policy"):
-    coopjax.local_sgd(optax.sgd(LR), 2, 4, local_state_policy="average")
+    coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=4, local_state_policy="average")
   with pytest.raises(ValueError, match="order"):
-    coopjax.local_sgd(optax.sgd(LR), 2, 4, order="mix_first")
+    coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=4, order="mix_first")
 
 
 def test_hierarchical_matrix_is_valid_and_pulls_groups():

@@ -81,7 +81,9 @@ def test_slowmo_matches_numpy_with_schedule(buffers):
   steps = 3 * tau + 1
   A, b = ref.make_batches(steps, m, seed=41)
   local = optax.sgd(SCHEDULE, momentum=BETA)
-  tx = coopjax.slowmo(local, tau, m, alpha, beta, SCHEDULE, base_buffers=buffers)
+  tx = coopjax.slowmo(
+    local, tau=tau, num_workers=m, alpha=alpha, beta=beta, lr=SCHEDULE, base_buffers=buffers
+  )
   X, state = run(tx, A, b, m)
   xs, x_start = outer_reference(
     m, tau, A, b, schedule_np, slowmo_outer(alpha, beta, schedule_np), buffers
@@ -97,8 +99,15 @@ def test_slowmo_alpha1_beta0_is_periodic_averaging(buffers, policy):
   m, tau, steps = 4, 2, 7
   A, b = ref.make_batches(steps, m, seed=42)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(coopjax.slowmo(local, tau, m, 1.0, 0.0, 0.3, base_buffers=buffers), A, b, m)
-  Xl, _ = run(coopjax.local_sgd(local, tau, m, local_state_policy=policy), A, b, m)
+  X, _ = run(
+    coopjax.slowmo(
+      local, tau=tau, num_workers=m, alpha=1.0, beta=0.0, lr=0.3, base_buffers=buffers
+    ),
+    A,
+    b,
+    m,
+  )
+  Xl, _ = run(coopjax.local_sgd(local, tau=tau, num_workers=m, local_state_policy=policy), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
 
 
@@ -107,7 +116,9 @@ def test_diloco_matches_numpy_with_nesterov_outer():
   steps = 3 * tau + 2
   A, b = ref.make_batches(steps, m, seed=43)
   outer = optax.sgd(outer_lr, momentum=mu, nesterov=True)
-  X, state = run(coopjax.diloco(optax.sgd(LR, momentum=BETA), outer, tau, m), A, b, m)
+  X, state = run(
+    coopjax.diloco(optax.sgd(LR, momentum=BETA), outer=outer, tau=tau, num_workers=m), A, b, m
+  )
   trace = np.zeros(ref.D + 1)
 
   def nesterov(k, delta, x_start):  # optax.trace(nesterov=True): t ← g + μt, step g + μt
@@ -127,8 +138,8 @@ def test_diloco_outer_sgd1_is_periodic_averaging(inner):
   m, tau, steps = 3, 3, 8
   A, b = ref.make_batches(steps, m, seed=44)
   local = optax.sgd(LR, momentum=BETA) if inner == "momentum" else optax.adam(0.02)
-  X, _ = run(coopjax.diloco(local, optax.sgd(1.0), tau, m), A, b, m)
-  Xl, _ = run(coopjax.local_sgd(local, tau, m), A, b, m)
+  X, _ = run(coopjax.diloco(local, outer=optax.sgd(1.0), tau=tau, num_workers=m), A, b, m)
+  Xl, _ = run(coopjax.local_sgd(local, tau=tau, num_workers=m), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
 
 
@@ -143,19 +154,65 @@ def test_slowmo_is_diloco_with_heavy_ball_outer(gamma):
   steps = 4 * tau
   A, b = ref.make_batches(steps, m, seed=45)
   local = optax.sgd(LR, momentum=BETA)
-  Xs, ss = run(coopjax.slowmo(local, tau, m, alpha, beta, gamma), A, b, m)
-  Xd, sd = run(coopjax.diloco(local, optax.sgd(alpha, momentum=beta), tau, m), A, b, m)
+  Xs, ss = run(
+    coopjax.slowmo(local, tau=tau, num_workers=m, alpha=alpha, beta=beta, lr=gamma), A, b, m
+  )
+  Xd, sd = run(
+    coopjax.diloco(local, outer=optax.sgd(alpha, momentum=beta), tau=tau, num_workers=m), A, b, m
+  )
   np.testing.assert_allclose(ref.flat(Xs), ref.flat(Xd), rtol=1e-5, atol=1e-6)
   trace = flat_model(coopjax.algorithms.find_state(sd.outer_state, optax.TraceState).trace)
   np.testing.assert_allclose(gamma * flat_model(ss.momentum), trace, rtol=1e-4, atol=1e-6)
+
+
+def test_slowmo_without_lr_matches_numpy_heavy_ball():
+  """lr=None: t ← βt + Δ, x_start ← x_start − αt (the constant-γ rule, γ cancelled)."""
+  m, tau, alpha, beta = 4, 2, 0.8, 0.6
+  steps = 3 * tau
+  A, b = ref.make_batches(steps, m, seed=48)
+  t = np.zeros(ref.D + 1)
+
+  def outer_step(k, delta, x_start):
+    nonlocal t
+    t = beta * t + delta
+    return x_start - alpha * t
+
+  X, state = run(
+    coopjax.slowmo(optax.sgd(LR, momentum=BETA), tau=tau, num_workers=m, alpha=alpha, beta=beta),
+    A,
+    b,
+    m,
+  )
+  xs, x_start = outer_reference(m, tau, A, b, lambda c: LR, outer_step)
+  np.testing.assert_allclose(ref.flat(X), xs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat_model(state.momentum), t, rtol=1e-4, atol=1e-6)
+
+
+def test_slowmo_learning_rate_in_float64():
+  """In a float64 run γ enters in float64: a γ not representable in float32 is not rounded."""
+  import jax
+
+  gamma = 0.1  # float32(0.1) differs from 0.1 by 1.5e-9
+  with jax.enable_x64(True):
+    X = {"w": jnp.zeros((2, 3), jnp.float64)}
+    tx = coopjax.slowmo(optax.sgd(1.0), tau=1, num_workers=2, alpha=1.0, beta=0.0, lr=gamma)
+    g = {"w": jnp.asarray([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], jnp.float64)}
+    U, state = tx.update(g, tx.init(X), X)
+    # Δ = x_start − x̄ = 2; u = Δ/γ; x_start ← 0 − 1·γ·u = −2 up to float64 rounding.
+    np.testing.assert_allclose(np.asarray(state.momentum["w"]), 2.0 / gamma, rtol=1e-14)
+    assert state.momentum["w"].dtype == jnp.float64
 
 
 def test_slowmo_and_heavy_ball_diloco_differ_under_a_decaying_lr():
   m, tau, alpha, beta = 4, 2, 0.9, 0.7
   A, b = ref.make_batches(4 * tau, m, seed=46)
   local = optax.sgd(SCHEDULE, momentum=BETA)
-  Xs, _ = run(coopjax.slowmo(local, tau, m, alpha, beta, SCHEDULE), A, b, m)
-  Xd, _ = run(coopjax.diloco(local, optax.sgd(alpha, momentum=beta), tau, m), A, b, m)
+  Xs, _ = run(
+    coopjax.slowmo(local, tau=tau, num_workers=m, alpha=alpha, beta=beta, lr=SCHEDULE), A, b, m
+  )
+  Xd, _ = run(
+    coopjax.diloco(local, outer=optax.sgd(alpha, momentum=beta), tau=tau, num_workers=m), A, b, m
+  )
   assert np.abs(ref.flat(Xs) - ref.flat(Xd)).max() > 1e-4
 
 
@@ -163,7 +220,9 @@ def test_averaged_model_moves_as_eq14_off_mixing_steps():
   """Between mixes u_{k+1} = u_k − η mean_i g_i; right after a mix every x_i = x_start."""
   m, tau, steps = 4, 3, 7
   A, b = ref.make_batches(steps, m, seed=47)
-  tx = coopjax.diloco(optax.sgd(LR), optax.sgd(0.7, momentum=0.9, nesterov=True), tau, m)
+  tx = coopjax.diloco(
+    optax.sgd(LR), outer=optax.sgd(0.7, momentum=0.9, nesterov=True), tau=tau, num_workers=m
+  )
   X = coopjax.replicate(ref.init_params(), m)
   state = tx.init(X)
   step = coopjax.make_step(ref.loss_fn, tx)
@@ -179,13 +238,15 @@ def test_averaged_model_moves_as_eq14_off_mixing_steps():
 
 def test_validation_errors():
   with pytest.raises(ValueError, match="base_buffers"):
-    coopjax.slowmo(optax.sgd(LR), 2, 4, 1.0, 0.5, LR, base_buffers="average_all")
+    coopjax.slowmo(
+      optax.sgd(LR), tau=2, num_workers=4, alpha=1.0, beta=0.5, lr=LR, base_buffers="average_all"
+    )
   with pytest.raises(TypeError, match="outer"):
-    coopjax.diloco(optax.sgd(LR), 0.7, 2, 4)
+    coopjax.diloco(optax.sgd(LR), outer=0.7, tau=2, num_workers=4)
   with pytest.raises(ValueError, match="lr"):
-    coopjax.slowmo(optax.sgd(LR), 2, 4, 1.0, 0.5, -0.1)
+    coopjax.slowmo(optax.sgd(LR), tau=2, num_workers=4, alpha=1.0, beta=0.5, lr=-0.1)
   with pytest.raises(ValueError, match="no auxiliary rows"):
-    coopjax.diloco(optax.sgd(LR), optax.sgd(1.0), 2, 4).init(
+    coopjax.diloco(optax.sgd(LR), outer=optax.sgd(1.0), tau=2, num_workers=4).init(
       coopjax.replicate(ref.init_params(), 4, 1)
     )
 

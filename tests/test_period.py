@@ -15,20 +15,38 @@ TAU = 3
 SCHEDULE = optax.exponential_decay(0.08, transition_steps=2, decay_rate=0.7)
 
 ALGORITHMS = {
-  "local_sgd": (lambda m: coopjax.local_sgd(optax.sgd(LR, momentum=0.9), TAU, m), 0),
-  "easgd": (lambda m: coopjax.easgd(optax.sgd(LR), TAU, 0.1, m), 1),
-  "dpsgd_ring": (lambda m: coopjax.dpsgd(optax.sgd(LR), topology.ring(m)), 0),
-  "nonblocking_easgd": (lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), TAU, 0.1, m), 1),
+  "local_sgd": (
+    lambda m: coopjax.local_sgd(optax.sgd(LR, momentum=0.9), tau=TAU, num_workers=m),
+    0,
+  ),
+  "easgd": (lambda m: coopjax.easgd(optax.sgd(LR), tau=TAU, alpha=0.1, num_workers=m), 1),
+  "dpsgd_ring": (lambda m: coopjax.dpsgd(optax.sgd(LR), W=topology.ring(m)), 0),
+  "nonblocking_easgd": (
+    lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), tau=TAU, alpha=0.1, num_workers=m),
+    1,
+  ),
   "overlap_local_sgd": (
     lambda m: coopjax.overlap_local_sgd(
-      optax.sgd(SCHEDULE, momentum=0.9), TAU, 0.4, m, 0.5, lr=SCHEDULE
+      optax.sgd(SCHEDULE, momentum=0.9),
+      tau=TAU,
+      alpha=0.4,
+      num_workers=m,
+      anchor_momentum=0.5,
+      lr=SCHEDULE,
     ),
     1,
   ),
-  "delayed": (lambda m: coopjax.delayed(optax.sgd(LR), TAU, topology.ring(m)), 0),
-  "slowmo": (lambda m: coopjax.slowmo(optax.adam(0.02), TAU, m, 0.8, 0.5, SCHEDULE), 0),
+  "delayed": (lambda m: coopjax.delayed(optax.sgd(LR), tau=TAU, W=topology.ring(m)), 0),
+  "slowmo": (
+    lambda m: coopjax.slowmo(
+      optax.adam(0.02), tau=TAU, num_workers=m, alpha=0.8, beta=0.5, lr=SCHEDULE
+    ),
+    0,
+  ),
   "diloco": (
-    lambda m: coopjax.diloco(optax.adam(0.02), optax.sgd(0.7, momentum=0.9, nesterov=True), TAU, m),
+    lambda m: coopjax.diloco(
+      optax.adam(0.02), outer=optax.sgd(0.7, momentum=0.9, nesterov=True), tau=TAU, num_workers=m
+    ),
     0,
   ),
 }
@@ -64,7 +82,7 @@ def test_period_step_equals_tau_steps(name):
 
 def test_period_step_checks_shapes():
   m = 4
-  tx = coopjax.local_sgd(optax.sgd(LR), TAU, m)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=TAU, num_workers=m)
   X = coopjax.replicate(ref.init_params(), m)
   period = coopjax.make_period_step(ref.loss_fn, tx, tau=TAU)
   A, b = ref.make_batches(TAU + 1, m)
@@ -81,28 +99,31 @@ def test_comm_patterns():
   sgd = optax.sgd(0.1)
   ring_allreduce = (2 * (m - 1) / m, 2 * (m - 1))
   blocking = {
-    "sync_sgd": coopjax.sync_sgd(sgd, m),
-    "local_sgd": coopjax.local_sgd(sgd, 4, m),
-    "slowmo": coopjax.slowmo(sgd, 4, m, 1.0, 0.5, 0.1),
-    "diloco": coopjax.diloco(sgd, optax.sgd(0.7), 4, m),
-    "easgd": coopjax.easgd(sgd, 4, 0.1, m),
+    "sync_sgd": coopjax.sync_sgd(sgd, num_workers=m),
+    "local_sgd": coopjax.local_sgd(sgd, tau=4, num_workers=m),
+    "slowmo": coopjax.slowmo(sgd, tau=4, num_workers=m, alpha=1.0, beta=0.5, lr=0.1),
+    "diloco": coopjax.diloco(sgd, outer=optax.sgd(0.7), tau=4, num_workers=m),
+    "easgd": coopjax.easgd(sgd, tau=4, alpha=0.1, num_workers=m),
   }
   for name, tx in blocking.items():
     pat = coopjax.comm_pattern(tx)
     assert pat.collective == "all_reduce" and not pat.overlappable, name
     assert (pat.volume, pat.rounds) == ring_allreduce, name
   assert coopjax.comm_pattern(blocking["sync_sgd"]).period == 1
-  for tx in (coopjax.nonblocking_easgd(sgd, 4, 0.1, m), coopjax.overlap_local_sgd(sgd, 4, 0.5, m)):
+  for tx in (
+    coopjax.nonblocking_easgd(sgd, tau=4, alpha=0.1, num_workers=m),
+    coopjax.overlap_local_sgd(sgd, tau=4, alpha=0.5, num_workers=m),
+  ):
     assert coopjax.comm_pattern(tx) == coopjax.CommPattern("all_reduce", *ring_allreduce, True, 4)
   # Delayed mixing: the snapshot's mix overlaps; its kind follows W.
-  assert coopjax.comm_pattern(coopjax.delayed(sgd, 2, topology.complete(m))).collective == (
+  assert coopjax.comm_pattern(coopjax.delayed(sgd, tau=2, W=topology.complete(m))).collective == (
     "all_reduce"
   )
-  ring = coopjax.comm_pattern(coopjax.delayed(sgd, 2, topology.ring(m)))
+  ring = coopjax.comm_pattern(coopjax.delayed(sgd, tau=2, W=topology.ring(m)))
   assert ring == coopjax.CommPattern("neighbor_exchange", 2.0, 2, True, 2)
   # Neighbour counts from the graph: ring 2, 2-D torus 4, hypercube log2 m.
   for W, degree in ((topology.ring(m), 2), (topology.torus(4, 4), 4), (topology.hypercube(m), 3)):
-    pat = coopjax.comm_pattern(coopjax.dpsgd(sgd, W))
+    pat = coopjax.comm_pattern(coopjax.dpsgd(sgd, W=W))
     assert (pat.collective, pat.volume, pat.rounds, pat.overlappable, pat.period) == (
       "neighbor_exchange",
       degree,
@@ -112,7 +133,7 @@ def test_comm_patterns():
     )
   # EASGD as a cooperative matrix: workers pull only from the replicated anchor.
   pat = coopjax.comm_pattern(
-    coopjax.cooperative(sgd, 2, topology.easgd(m, 0.1), 1, allow_negative=True)
+    coopjax.cooperative(sgd, tau=2, W=topology.easgd(m, 0.1), num_aux=1, allow_negative=True)
   )
   assert (pat.collective, pat.volume) == ("all_reduce", ring_allreduce[0])
   with pytest.raises(TypeError, match="coopjax factory"):
@@ -122,21 +143,21 @@ def test_comm_patterns():
 def test_comm_per_step_follows_the_schedule():
   """``tx.comm(k, state)``: the mixing steps of every schedule, nothing in between."""
   m, sgd = 8, optax.sgd(0.1)
-  local = coopjax.local_sgd(sgd, 4, m)
+  local = coopjax.local_sgd(sgd, tau=4, num_workers=m)
   assert [local.comm(k).collective for k in range(1, 9)] == ["none"] * 3 + ["all_reduce"] + [
     "none"
   ] * 3 + ["all_reduce"]
-  hier = coopjax.hierarchical(sgd, 2, 4, [[0, 1, 2, 3], [4, 5, 6, 7]])
+  hier = coopjax.hierarchical(sgd, tau1=2, tau2=4, groups=[[0, 1, 2, 3], [4, 5, 6, 7]])
   kinds = [hier.comm(k) for k in range(1, 5)]
   assert kinds[0] == kinds[2] == coopjax.cost.NO_COMM
   assert kinds[3].collective == "all_reduce" and kinds[1].collective == "neighbor_exchange"
   assert kinds[1].volume == 3.0  # a group of 4 spread over devices: 3 peers
-  warm = coopjax.local_sgd(sgd, 4, m, warmup_steps=3)
+  warm = coopjax.local_sgd(sgd, tau=4, num_workers=m, warmup_steps=3)
   assert [warm.comm(k).collective for k in range(1, 8)] == ["all_reduce"] * 3 + ["none"] * 3 + [
     "all_reduce"
   ]
   with pytest.raises(ValueError, match="state after step k"):
-    coopjax.adacomm(sgd, 2, m).comm(2, None)
+    coopjax.adacomm(sgd, tau0=2, num_workers=m, loss_estimate="worker_losses").comm(2, None)
 
 
 def test_doctest():
@@ -149,19 +170,35 @@ def test_doctest():
 
 
 SHARDED = {
-  "nonblocking_easgd": (lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), TAU, 0.05, m), 1),
-  "overlap_local_sgd": (
-    lambda m: coopjax.overlap_local_sgd(optax.sgd(LR), TAU, 0.3, m, 0.5, lr=SCHEDULE),
+  "nonblocking_easgd": (
+    lambda m: coopjax.nonblocking_easgd(optax.sgd(LR), tau=TAU, alpha=0.05, num_workers=m),
     1,
   ),
-  "delayed": (lambda m: coopjax.delayed(optax.sgd(LR), TAU, topology.ring(m)), 0),
+  "overlap_local_sgd": (
+    lambda m: coopjax.overlap_local_sgd(
+      optax.sgd(LR), tau=TAU, alpha=0.3, num_workers=m, anchor_momentum=0.5, lr=SCHEDULE
+    ),
+    1,
+  ),
+  "delayed": (lambda m: coopjax.delayed(optax.sgd(LR), tau=TAU, W=topology.ring(m)), 0),
   "slowmo": (
     lambda m: coopjax.slowmo(
-      optax.sgd(LR, momentum=0.9), TAU, m, 0.8, 0.5, SCHEDULE, base_buffers="average"
+      optax.sgd(LR, momentum=0.9),
+      tau=TAU,
+      num_workers=m,
+      alpha=0.8,
+      beta=0.5,
+      lr=SCHEDULE,
+      base_buffers="average",
     ),
     0,
   ),
-  "diloco": (lambda m: coopjax.diloco(optax.adam(0.02), optax.sgd(0.7, momentum=0.9), TAU, m), 0),
+  "diloco": (
+    lambda m: coopjax.diloco(
+      optax.adam(0.02), outer=optax.sgd(0.7, momentum=0.9), tau=TAU, num_workers=m
+    ),
+    0,
+  ),
 }
 
 

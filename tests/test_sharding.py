@@ -47,18 +47,23 @@ def case(name, m, order="step_then_mix"):
   """(transformation, W, v, tau) for each algorithm of the framework."""
   kw = {"order": order}
   if name == "sync":
-    return coopjax.sync_sgd(optax.sgd(LR), m, **kw), topology.complete(m), 0, 1
+    return coopjax.sync_sgd(optax.sgd(LR), num_workers=m, **kw), topology.complete(m), 0, 1
   if name == "pasgd":
-    return coopjax.local_sgd(optax.sgd(LR), 2, m, **kw), topology.complete(m), 0, 2
+    return coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m, **kw), topology.complete(m), 0, 2
   if name == "easgd":
     alpha = 0.9 / m
-    return coopjax.easgd(optax.sgd(LR), 2, alpha, m, **kw), topology.easgd(m, alpha), 1, 2
+    return (
+      coopjax.easgd(optax.sgd(LR), tau=2, alpha=alpha, num_workers=m, **kw),
+      topology.easgd(m, alpha),
+      1,
+      2,
+    )
   W = {
     "ring": topology.ring(m),
     "torus": topology.torus(4, m // 4),
     "exponential": topology.exponential(m),
   }[name]
-  return coopjax.dpsgd(optax.sgd(LR), W, **kw), W, 0, 1
+  return coopjax.dpsgd(optax.sgd(LR), W=W, **kw), W, 0, 1
 
 
 @pytest.mark.parametrize("m", [8, 16, 32])
@@ -94,7 +99,7 @@ def test_explicit_mesh_from_make_mesh():
 def test_momentum_state_sharded_and_metrics_match_unsharded(mesh):
   m = 16
   local = optax.sgd(LR, momentum=0.9)
-  tx = coopjax.cooperative(local, 2, topology.ring(m), local_state_policy="mix")
+  tx = coopjax.cooperative(local, tau=2, W=topology.ring(m), local_state_policy="mix")
   X, state, metrics, (A, b, x0) = run_sharded(
     tx, mesh, m, 0, steps=4, with_loss=True, with_consensus=True, with_grad_norm=True
   )
@@ -246,7 +251,7 @@ def test_plan_kinds():
 
 
 def test_errors(mesh):
-  tx = coopjax.local_sgd(optax.sgd(LR), 2, 12)
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=12)
   step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh)
   X = coopjax.replicate(ref.init_params(), 12)
   A, b = ref.make_batches(1, 12)
@@ -259,29 +264,53 @@ def test_errors(mesh):
     coopjax.make_step(ref.loss_fn, tx, mesh=other)
 
 
+# AdaComm's fixed evaluation batch (the averaged model's loss is evaluated on it).
+ADACOMM_EVAL = tuple(jnp.asarray(x[0, 0]) for x in ref.make_batches(1, 1, batch=6, seed=9))
+
 OTHER_ALGORITHMS = {
   "hierarchical": lambda m: (
-    coopjax.hierarchical(optax.sgd(LR), 2, 4, [list(range(i, i + 4)) for i in range(0, m, 4)]),
+    coopjax.hierarchical(
+      optax.sgd(LR), tau1=2, tau2=4, groups=[list(range(i, i + 4)) for i in range(0, m, 4)]
+    ),
     0,
   ),
-  "slowmo": lambda m: (coopjax.slowmo(optax.sgd(LR), 2, m, 1.0, 0.5, LR), 0),
-  "nonblocking_easgd": lambda m: (coopjax.nonblocking_easgd(optax.sgd(LR), 2, 0.05, m), 1),
+  "slowmo": lambda m: (
+    coopjax.slowmo(optax.sgd(LR), tau=2, num_workers=m, alpha=1.0, beta=0.5, lr=LR),
+    0,
+  ),
+  "nonblocking_easgd": lambda m: (
+    coopjax.nonblocking_easgd(optax.sgd(LR), tau=2, alpha=0.05, num_workers=m),
+    1,
+  ),
   "matcha": lambda m: (
-    coopjax.matcha(optax.sgd(LR), topology.ring(m), 0.5, m, jax.random.key(0)),
+    coopjax.matcha(
+      optax.sgd(LR), graph=topology.ring(m), budget=0.5, num_workers=m, key=jax.random.key(0)
+    ),
     0,
   ),
   "one_peer_exponential": lambda m: (
-    coopjax.time_varying(optax.sgd(LR), 1, [topology.one_peer_exponential(m, r) for r in range(4)]),
+    coopjax.time_varying(
+      optax.sgd(LR), tau=1, schedule=[topology.one_peer_exponential(m, r) for r in range(4)]
+    ),
     0,
   ),
-  "adacomm": lambda m: (coopjax.adacomm(optax.sgd(LR), 2, m), 0),
+  "adacomm": lambda m: (
+    coopjax.adacomm(
+      optax.sgd(LR), tau0=2, num_workers=m, loss_fn=ref.loss_fn, eval_batch=ADACOMM_EVAL
+    ),
+    0,
+  ),
+  "adacomm_worker_losses": lambda m: (
+    coopjax.adacomm(optax.sgd(LR), tau0=2, num_workers=m, loss_estimate="worker_losses"),
+    0,
+  ),
   "elastic_averaging": lambda m: (
-    coopjax.elastic_averaging(optax.sgd(LR), topology.ring(m), 0.05, tau=2),
+    coopjax.elastic_averaging(optax.sgd(LR), W=topology.ring(m), alpha=0.05, tau=2),
     1,
   ),
   "elastic_hierarchical": lambda m: (
     coopjax.elastic_hierarchical(
-      optax.sgd(LR), 2, [list(range(i, i + 4)) for i in range(0, m, 4)], 0.1
+      optax.sgd(LR), tau=2, groups=[list(range(i, i + 4)) for i in range(0, m, 4)], alpha=0.1
     ),
     m // 4,
   ),

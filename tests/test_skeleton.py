@@ -47,12 +47,20 @@ def test_warmup_is_sync_sgd_then_the_algorithm(name):
   x0 = ref.init_params()
   sgd = optax.sgd(LR)
   if name == "local_sgd":
-    tx, W, v = coopjax.local_sgd(sgd, tau, m, warmup_steps=warmup), topology.complete(m), 0
+    tx, W, v = (
+      coopjax.local_sgd(sgd, tau=tau, num_workers=m, warmup_steps=warmup),
+      topology.complete(m),
+      0,
+    )
   elif name == "easgd":
-    tx, W, v = coopjax.easgd(sgd, tau, 0.2, m, warmup_steps=warmup), topology.easgd(m, 0.2), 1
+    tx, W, v = (
+      coopjax.easgd(sgd, tau=tau, alpha=0.2, num_workers=m, warmup_steps=warmup),
+      topology.easgd(m, 0.2),
+      1,
+    )
   else:
     tau = 1
-    tx, W, v = coopjax.dpsgd(sgd, topology.ring(m), warmup_steps=warmup), topology.ring(m), 0
+    tx, W, v = coopjax.dpsgd(sgd, W=topology.ring(m), warmup_steps=warmup), topology.ring(m), 0
   X, state = run(tx, x0, A, b, m, v)
   expected = warmup_reference(ref.flat(coopjax.replicate(x0, 1))[0], W, tau, warmup, A, b, v)
   np.testing.assert_allclose(ref.flat(X), expected, rtol=1e-5, atol=1e-6)
@@ -63,7 +71,9 @@ def test_warmup_restarts_diloco_from_the_synchronised_model():
   """After the warm-up DiLoCo's x_start is the synchronised model (else Δ spans the warm-up)."""
   m, warmup, steps = 4, 3, 3
   A, b = ref.make_batches(steps, m, seed=2)
-  tx = coopjax.diloco(optax.sgd(LR), optax.sgd(0.7, momentum=0.9), 4, m, warmup_steps=warmup)
+  tx = coopjax.diloco(
+    optax.sgd(LR), outer=optax.sgd(0.7, momentum=0.9), tau=4, num_workers=m, warmup_steps=warmup
+  )
   X, state = run(tx, ref.init_params(), A, b, m)
   np.testing.assert_allclose(ref.flat(X), np.tile(ref.flat(X)[0], (m, 1)), rtol=0, atol=0)
   np.testing.assert_allclose(np.asarray(state.x_start["w"]), np.asarray(X["w"][0]), atol=0)
@@ -72,17 +82,17 @@ def test_warmup_restarts_diloco_from_the_synchronised_model():
 def test_options_that_do_not_apply_are_refused():
   sgd = optax.sgd(LR)
   with pytest.raises(ValueError, match="order='mix_then_step' is not defined for diloco"):
-    coopjax.diloco(sgd, optax.sgd(1.0), 2, 4, order="mix_then_step")
+    coopjax.diloco(sgd, outer=optax.sgd(1.0), tau=2, num_workers=4, order="mix_then_step")
   with pytest.raises(ValueError, match="not defined for nonblocking_easgd"):
-    coopjax.nonblocking_easgd(sgd, 2, 0.1, 4, order="mix_then_step")
+    coopjax.nonblocking_easgd(sgd, tau=2, alpha=0.1, num_workers=4, order="mix_then_step")
   with pytest.raises(ValueError, match="local_state_policy='mix' is not defined"):
-    coopjax.overlap_local_sgd(sgd, 2, 0.5, 4, local_state_policy="mix")
+    coopjax.overlap_local_sgd(sgd, tau=2, alpha=0.5, num_workers=4, local_state_policy="mix")
   with pytest.raises(ValueError, match="not defined for slowmo"):
-    coopjax.slowmo(sgd, 2, 4, 1.0, 0.5, 0.1, order="mix_then_step")
+    coopjax.slowmo(sgd, tau=2, num_workers=4, alpha=1.0, beta=0.5, lr=0.1, order="mix_then_step")
   with pytest.raises(ValueError, match="not defined for delayed"):
-    coopjax.delayed(sgd, 2, topology.ring(4), order="mix_then_step")
+    coopjax.delayed(sgd, tau=2, W=topology.ring(4), order="mix_then_step")
   with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
-    coopjax.local_sgd(sgd, 2, 4, warmup_steps=-1)
+    coopjax.local_sgd(sgd, tau=2, num_workers=4, warmup_steps=-1)
 
 
 @pytest.mark.parametrize("name", ["diloco", "nonblocking_easgd", "delayed", "adacomm"])
@@ -93,20 +103,26 @@ def test_mix_mask_keeps_leaves_local_for_every_family(name):
   sgd = optax.sgd(LR)
   mask = {"w": True, "c": False}
   tx, v = {
-    "diloco": (coopjax.diloco(sgd, optax.sgd(1.0), tau, m, mix_mask=mask), 0),
-    "nonblocking_easgd": (coopjax.nonblocking_easgd(sgd, tau, 0.2, m, mix_mask=mask), 1),
-    "delayed": (coopjax.delayed(sgd, tau, topology.complete(m), mix_mask=mask), 0),
-    "adacomm": (coopjax.adacomm(sgd, tau, m, mix_mask=mask), 0),
+    "diloco": (coopjax.diloco(sgd, outer=optax.sgd(1.0), tau=tau, num_workers=m, mix_mask=mask), 0),
+    "nonblocking_easgd": (
+      coopjax.nonblocking_easgd(sgd, tau=tau, alpha=0.2, num_workers=m, mix_mask=mask),
+      1,
+    ),
+    "delayed": (coopjax.delayed(sgd, tau=tau, W=topology.complete(m), mix_mask=mask), 0),
+    "adacomm": (
+      coopjax.adacomm(sgd, tau0=tau, num_workers=m, mix_mask=mask, loss_estimate="worker_losses"),
+      0,
+    ),
   }[name]
   X, _ = run(tx, ref.init_params(), A, b, m, v)
   # The bias c of worker i follows its own SGD on the gradient at the (mixed) w.
   assert not np.allclose(np.asarray(X["c"][:m]), np.asarray(X["c"][0]))
   unmasked, _ = run(
     {
-      "diloco": coopjax.diloco(sgd, optax.sgd(1.0), tau, m),
-      "nonblocking_easgd": coopjax.nonblocking_easgd(sgd, tau, 0.2, m),
-      "delayed": coopjax.delayed(sgd, tau, topology.complete(m)),
-      "adacomm": coopjax.adacomm(sgd, tau, m),
+      "diloco": coopjax.diloco(sgd, outer=optax.sgd(1.0), tau=tau, num_workers=m),
+      "nonblocking_easgd": coopjax.nonblocking_easgd(sgd, tau=tau, alpha=0.2, num_workers=m),
+      "delayed": coopjax.delayed(sgd, tau=tau, W=topology.complete(m)),
+      "adacomm": coopjax.adacomm(sgd, tau0=tau, num_workers=m, loss_estimate="worker_losses"),
     }[name],
     ref.init_params(),
     A,
@@ -121,18 +137,22 @@ def test_every_factory_describes_itself():
   m, sgd = 8, optax.sgd(LR)
   groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
   cases = {
-    "sync_sgd": (coopjax.sync_sgd(sgd, m), 0, 1),
-    "local_sgd": (coopjax.local_sgd(sgd, 4, m), 0, 4),
-    "easgd": (coopjax.easgd(sgd, 4, 0.1, m), 1, 4),
-    "dpsgd": (coopjax.dpsgd(sgd, topology.ring(m)), 0, 1),
-    "elastic_hierarchical": (coopjax.elastic_hierarchical(sgd, 2, groups, 0.1), 2, 2),
-    "nonblocking_easgd": (coopjax.nonblocking_easgd(sgd, 4, 0.1, m), 1, 4),
-    "overlap_local_sgd": (coopjax.overlap_local_sgd(sgd, 4, 0.5, m), 1, 4),
-    "delayed": (coopjax.delayed(sgd, 4, topology.ring(m)), 0, 4),
-    "slowmo": (coopjax.slowmo(sgd, 4, m, 1.0, 0.5, 0.1), 0, 4),
-    "diloco": (coopjax.diloco(sgd, optax.sgd(0.7), 4, m), 0, 4),
-    "hierarchical": (coopjax.hierarchical(sgd, 2, 4, groups), 0, 2),
-    "adacomm": (coopjax.adacomm(sgd, 4, m), 0, 4),
+    "sync_sgd": (coopjax.sync_sgd(sgd, num_workers=m), 0, 1),
+    "local_sgd": (coopjax.local_sgd(sgd, tau=4, num_workers=m), 0, 4),
+    "easgd": (coopjax.easgd(sgd, tau=4, alpha=0.1, num_workers=m), 1, 4),
+    "dpsgd": (coopjax.dpsgd(sgd, W=topology.ring(m)), 0, 1),
+    "elastic_hierarchical": (
+      coopjax.elastic_hierarchical(sgd, tau=2, groups=groups, alpha=0.1),
+      2,
+      2,
+    ),
+    "nonblocking_easgd": (coopjax.nonblocking_easgd(sgd, tau=4, alpha=0.1, num_workers=m), 1, 4),
+    "overlap_local_sgd": (coopjax.overlap_local_sgd(sgd, tau=4, alpha=0.5, num_workers=m), 1, 4),
+    "delayed": (coopjax.delayed(sgd, tau=4, W=topology.ring(m)), 0, 4),
+    "slowmo": (coopjax.slowmo(sgd, tau=4, num_workers=m, alpha=1.0, beta=0.5, lr=0.1), 0, 4),
+    "diloco": (coopjax.diloco(sgd, outer=optax.sgd(0.7), tau=4, num_workers=m), 0, 4),
+    "hierarchical": (coopjax.hierarchical(sgd, tau1=2, tau2=4, groups=groups), 0, 2),
+    "adacomm": (coopjax.adacomm(sgd, tau0=4, num_workers=m, loss_estimate="worker_losses"), 0, 4),
   }
   for name, (tx, v, period) in cases.items():
     assert tx.name == name
@@ -142,12 +162,12 @@ def test_every_factory_describes_itself():
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
   # settle: the pending reduction of non-blocking EASGD completes to blocking EASGD's anchor.
   A, b = ref.make_batches(4, m, seed=1)
-  nb = coopjax.nonblocking_easgd(sgd, 2, 0.1, m)
+  nb = coopjax.nonblocking_easgd(sgd, tau=2, alpha=0.1, num_workers=m)
   X, state = run(nb, ref.init_params(), A, b, m, 1)
-  bl, _ = run(coopjax.easgd(sgd, 2, 0.1, m), ref.init_params(), A, b, m, 1)
+  bl, _ = run(coopjax.easgd(sgd, tau=2, alpha=0.1, num_workers=m), ref.init_params(), A, b, m, 1)
   np.testing.assert_allclose(ref.flat(nb.settle(X, state)), ref.flat(bl), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(
-    ref.flat(coopjax.local_sgd(sgd, 2, m).settle(X, state)), ref.flat(X)
+    ref.flat(coopjax.local_sgd(sgd, tau=2, num_workers=m).settle(X, state)), ref.flat(X)
   )
 
 
@@ -156,11 +176,11 @@ def test_priced_costs_equal_the_collective_formulas():
   m, B = 8, 4e6
   net = coopjax.netmodel.NetworkModel(latency=1e-4, bandwidth=1.25e8)
   sgd = optax.sgd(LR)
-  ring = coopjax.dpsgd(sgd, topology.ring(m)).mix_cost
+  ring = coopjax.dpsgd(sgd, W=topology.ring(m)).mix_cost
   assert coopjax.netmodel.mix_time(ring, B, net) == pytest.approx(
     coopjax.netmodel.neighbor_exchange_time(B, 2, net)
   )
-  local = coopjax.local_sgd(sgd, 4, m).mix_cost
+  local = coopjax.local_sgd(sgd, tau=4, num_workers=m).mix_cost
   assert coopjax.netmodel.mix_time(local, B, net) == pytest.approx(
     coopjax.netmodel.allreduce_time(B, m, net)
   )

@@ -255,3 +255,58 @@ def test_communication_table3():
   ez = theory.communication_per_iteration(5, _quiet(topology.easgd, m, 0.1), 1, d)
   assert ez.params_per_mix == 2 * d * m  # the anchor talks to all m workers
   assert theory.communication_per_iteration(1, np.eye(m), 0, d).params_per_iteration == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Theorem 2 (non-IID)
+
+
+def test_noniid_coefficient_hand_evaluated():
+  lr, L, tau, z = 0.02, 2.0, 3, 0.5
+  inner = 2 * 0.25 / 1.5 + 2 * 0.5 / 0.5 + 2 / 3
+  expected = 6 * lr**2 * L**2 * 9 / 0.5 * inner
+  assert theory.noniid_coefficient(lr, L, tau, z) == pytest.approx(expected, rel=1e-12)
+  assert theory.noniid_coefficient(lr, L, 1, 0.0) == 0.0  # sync SGD: no κ² term
+  # Full averaging: C = 6η²L²τ(τ − 1), quadratic in τ.
+  assert theory.noniid_coefficient(lr, L, 5, 0.0) == pytest.approx(6 * lr**2 * L**2 * 20)
+
+
+def test_noniid_bound_is_twice_eq17_plus_c_kappa2():
+  lr, L, s2, k2, m, tau, z, K, gap = 0.01, 1.0, 1.0, 3.0, 8, 4, 0.3, 1000, 2.0
+  iid = theory.error_bound(lr, L, s2, m, 0, tau, z, K, gap)
+  b = theory.noniid_error_bound(lr, L, s2, k2, m, 0, tau, z, K, gap)
+  C = theory.noniid_coefficient(lr, L, tau, z)
+  assert b.total == pytest.approx(2 * iid.total + C * k2, rel=1e-12)
+  assert b.network == pytest.approx(2 * iid.network + C * k2, rel=1e-12)
+  assert b.condition_value == pytest.approx(max(lr * L, 2 * C))
+  assert b.condition_holds
+  # max_lr: the larger of the two conditions binds; at max_lr the binding one equals 1.
+  at = theory.noniid_error_bound(b.max_lr, L, s2, k2, m, 0, tau, z, K, gap)
+  assert at.condition_value == pytest.approx(1.0, rel=1e-9)
+  with pytest.raises(ValueError, match="Theorem 2"):
+    theory.noniid_error_bound(10 * b.max_lr, L, s2, k2, m, 0, tau, z, K, gap, strict=True)
+
+
+def test_theory_check_control_fails_on_a_tiny_run(tmp_path):
+  """The experiment's no-mixing control fails the check; the real runs of the tiny grid pass."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [
+    sys.executable,
+    os.path.join(root, "experiments", "theory_check.py"),
+    *("--m", "4", "--d", "4", "--K", "64", "--seeds", "3", "--taus", "1", "2"),
+    *("--problems", "least_squares_noniid", "--no-easgd", "--out", str(tmp_path)),
+  ]
+  env = {**os.environ, "PYTHONPATH": root}
+  subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+  cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+  ctrl = {(r["control"], r["tau"]): r for r in cells if r["control"]}
+  assert ctrl[("no_mixing", 1)]["verdict"] == "FAIL"
+  assert ctrl[("no_mixing", 1)]["excess"] > 10 * ctrl[("no_mixing", 1)]["excess_se"]
+  real = [r for r in cells if not r["control"] and r["lr_kind"] == "fixed"]
+  assert all(r["verdict"] != "FAIL" for r in real)
+  assert (tmp_path / "summary.md").exists()

@@ -28,20 +28,20 @@ SGD = optax.sgd(0.1)
 )
 def test_bad_mixing_matrix(W, match):
   with pytest.raises((ValueError, TypeError), match=match):
-    coopjax.cooperative(SGD, 1, W)
+    coopjax.cooperative(SGD, tau=1, W=W)
 
 
 def test_identity_warns_but_is_allowed():
   with pytest.warns(UserWarning, match="never communicate"):
-    coopjax.cooperative(SGD, 2, topology.independent(3))
+    coopjax.cooperative(SGD, tau=2, W=topology.independent(3))
 
 
 def test_wrong_size_for_workers_and_aux():
-  tx = coopjax.cooperative(SGD, 1, topology.ring(4), num_aux=1)  # 3 workers + 1 aux
+  tx = coopjax.cooperative(SGD, tau=1, W=topology.ring(4), num_aux=1)  # 3 workers + 1 aux
   with pytest.raises(ValueError, match="leading axis 4 .* W is 4x4|leading axis 5"):
     tx.init(coopjax.replicate(ref.init_params(), 4, 1))
   with pytest.raises(ValueError, match="num_aux"):
-    coopjax.cooperative(SGD, 1, topology.complete(2), num_aux=2)
+    coopjax.cooperative(SGD, tau=1, W=topology.complete(2), num_aux=2)
 
 
 @pytest.mark.parametrize(
@@ -50,26 +50,28 @@ def test_wrong_size_for_workers_and_aux():
 )
 def test_bad_tau(tau, exc):
   with pytest.raises(exc, match="tau"):
-    coopjax.local_sgd(SGD, tau, 4)
+    coopjax.local_sgd(SGD, tau=tau, num_workers=4)
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.1, 2 / 9, 0.5, float("nan")])
 def test_bad_easgd_alpha(alpha):
   with pytest.raises(ValueError, match="alpha"):
-    coopjax.easgd(SGD, 1, alpha, 8)
+    coopjax.easgd(SGD, tau=1, alpha=alpha, num_workers=8)
 
 
 def test_easgd_alpha_above_one_over_m_warns():
   with pytest.warns(UserWarning, match="1 - m\\*alpha"):
-    coopjax.easgd(SGD, 1, 0.2, 8)  # the best alpha 2/(m+2) has a negative anchor weight
+    coopjax.easgd(
+      SGD, tau=1, alpha=0.2, num_workers=8
+    )  # the best alpha 2/(m+2) has a negative anchor weight
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    coopjax.easgd(SGD, 1, 0.1, 8)
+    coopjax.easgd(SGD, tau=1, alpha=0.1, num_workers=8)
 
 
 def test_local_must_be_an_optax_transformation():
   with pytest.raises(TypeError, match="GradientTransformation"):
-    coopjax.sync_sgd(lambda g: g, 4)
+    coopjax.sync_sgd(lambda g: g, num_workers=4)
 
 
 def test_bad_replicate_arguments():
@@ -86,7 +88,11 @@ def test_bad_replicate_arguments():
 
 
 def _setup(m=4, v=0):
-  tx = coopjax.local_sgd(SGD, 2, m) if v == 0 else coopjax.easgd(SGD, 2, 0.1, m)
+  tx = (
+    coopjax.local_sgd(SGD, tau=2, num_workers=m)
+    if v == 0
+    else coopjax.easgd(SGD, tau=2, alpha=0.1, num_workers=m)
+  )
   X = coopjax.replicate(ref.init_params(), m, v)
   return tx, X, tx.init(X)
 

@@ -121,10 +121,10 @@ def scheduled_mixing(
 
 def cooperative(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   W,
   num_aux: int = 0,
-  *,
   order: Order = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -230,7 +230,7 @@ def cooperative(
   )
 
 
-def sync_sgd(local: optax.GradientTransformation, num_workers: int, **kwargs):
+def sync_sgd(local: optax.GradientTransformation, *, num_workers: int, **kwargs):
   r"""Fully synchronous SGD, A(1, J, 0): average the models after every step.
 
   With SGD as ``local`` this equals large-batch SGD on the averaged gradient:
@@ -245,10 +245,10 @@ def sync_sgd(local: optax.GradientTransformation, num_workers: int, **kwargs):
     [-0.2, -0.2]
   """
   m = check_int("num_workers", num_workers, 1)
-  return cooperative(local, 1, topology.complete(m), **{"name": "sync_sgd", **kwargs})
+  return cooperative(local, tau=1, W=topology.complete(m), **{"name": "sync_sgd", **kwargs})
 
 
-def local_sgd(local: optax.GradientTransformation, tau: int, num_workers: int, **kwargs):
+def local_sgd(local: optax.GradientTransformation, *, tau: int, num_workers: int, **kwargs):
   r"""Periodic averaging / local SGD, A(τ, J, 0) (Stich, ICLR 2019).
 
   Workers take τ local steps, then all models are averaged.
@@ -262,10 +262,12 @@ def local_sgd(local: optax.GradientTransformation, tau: int, num_workers: int, *
     [-0.1, -0.3]
   """
   m = check_int("num_workers", num_workers, 1)
-  return cooperative(local, tau, topology.complete(m), **{"name": "local_sgd", **kwargs})
+  return cooperative(local, tau=tau, W=topology.complete(m), **{"name": "local_sgd", **kwargs})
 
 
-def easgd(local: optax.GradientTransformation, tau: int, alpha: float, num_workers: int, **kwargs):
+def easgd(
+  local: optax.GradientTransformation, *, tau: int, alpha: float, num_workers: int, **kwargs
+):
   r"""Elastic averaging SGD, A(τ, W_α, 1) (Zhang et al., NeurIPS 2015; paper eq. 11).
 
   At every mixing step each worker and the anchor z (the last row of X) pull
@@ -290,10 +292,12 @@ def easgd(local: optax.GradientTransformation, tau: int, alpha: float, num_worke
   """
   m = check_int("num_workers", num_workers, 1)
   W = topology.easgd(m, alpha)
-  return cooperative(local, tau, W, num_aux=1, allow_negative=True, **{"name": "easgd", **kwargs})
+  return cooperative(
+    local, tau=tau, W=W, num_aux=1, allow_negative=True, **{"name": "easgd", **kwargs}
+  )
 
 
-def dpsgd(local: optax.GradientTransformation, W, **kwargs):
+def dpsgd(local: optax.GradientTransformation, *, W, **kwargs):
   r"""Decentralized parallel SGD, A(1, W, 0) (Lian et al., NeurIPS 2017).
 
   Every step each worker averages its neighbours' models with weights W.
@@ -309,10 +313,12 @@ def dpsgd(local: optax.GradientTransformation, W, **kwargs):
     >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← (x_{i-1} + x_i + x_{i+1}) / 3
     [4.0, 3.0, 6.0, 5.0]
   """
-  return cooperative(local, 1, W, **{"name": "dpsgd", **kwargs})
+  return cooperative(local, tau=1, W=W, **{"name": "dpsgd", **kwargs})
 
 
-def elastic_averaging(local: optax.GradientTransformation, W, alpha: float, tau: int = 1, **kwargs):
+def elastic_averaging(
+  local: optax.GradientTransformation, *, W, alpha: float, tau: int = 1, **kwargs
+):
   r"""Generalised elastic averaging A(τ, W′, 1) (paper §6.2, Theorem 4).
 
   Workers mix among themselves through W and pull toward one anchor:
@@ -338,8 +344,8 @@ def elastic_averaging(local: optax.GradientTransformation, W, alpha: float, tau:
   """
   return cooperative(
     local,
-    tau,
-    topology.elastic(W, alpha),
+    tau=tau,
+    W=topology.elastic(W, alpha),
     num_aux=1,
     allow_negative=True,
     **{"name": "elastic_averaging", **kwargs},
@@ -348,6 +354,7 @@ def elastic_averaging(local: optax.GradientTransformation, W, alpha: float, tau:
 
 def elastic_hierarchical(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   groups,
   alpha: float,
@@ -364,6 +371,11 @@ def elastic_hierarchical(
      x_i \leftarrow (1-\alpha) x_i + \alpha z_{g(i)}, \qquad
      z_g \leftarrow \sum_l (W_{aux})_{lg} z_l + \alpha \sum_{i \in g}(x_i - z_g).
 
+  Difference from the paper: in §6.3 the auxiliaries communicate among
+  themselves (through ``W_aux``) during the workers' local steps; here they
+  mix at the same step as the workers, in the one matrix above, every τ
+  steps.
+
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
     >>> tx = coopjax.elastic_hierarchical(
@@ -378,8 +390,8 @@ def elastic_hierarchical(
   num_groups = len(groups)
   return cooperative(
     local,
-    tau,
-    W,
+    tau=tau,
+    W=W,
     num_aux=num_groups,
     allow_negative=True,
     **{"name": "elastic_hierarchical", **kwargs},

@@ -11,13 +11,12 @@ group-averaging matrix otherwise.
 from __future__ import annotations
 
 from typing import Any
-from typing import NamedTuple
 
-import chex
 import jax
 import optax
 
 from coopjax import mixing
+from coopjax.algorithms._cooperative import CooperativeState
 from coopjax.algorithms._cooperative import scheduled_mixing
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
@@ -30,16 +29,8 @@ PyTree = Any
 __all__ = ["HierarchicalState", "hierarchical", "global_mean"]
 
 
-class HierarchicalState(NamedTuple):
-  """State of :func:`hierarchical`.
-
-  Attributes:
-    count: number of local steps taken so far (k − 1 before step k), int32.
-    local_state: the local optimizer's state, stacked over the m workers.
-  """
-
-  count: chex.Array
-  local_state: optax.OptState
+HierarchicalState = CooperativeState
+"""State of :func:`hierarchical`: ``(count, local_state)``, as :class:`CooperativeState`."""
 
 
 def global_mean(workers: PyTree) -> PyTree:
@@ -64,10 +55,10 @@ def _check_groups(groups) -> list[list[int]]:
 
 def hierarchical(
   local: optax.GradientTransformation,
+  *,
   tau1: int,
   tau2: int,
   groups,
-  *,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -110,7 +101,7 @@ def hierarchical(
 
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
-    >>> tx = coopjax.hierarchical(optax.sgd(0.1), 1, 2, [[0, 1], [2, 3]])
+    >>> tx = coopjax.hierarchical(optax.sgd(0.1), tau1=1, tau2=2, groups=[[0, 1], [2, 3]])
     >>> X = {"w": jnp.arange(4.0)[:, None]}
     >>> state = tx.init(X)
     >>> zero = {"w": jnp.zeros((4, 1))}

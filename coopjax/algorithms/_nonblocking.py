@@ -61,13 +61,13 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
+from coopjax._validation import check_real
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
 from coopjax.workers import Layout
@@ -152,11 +152,14 @@ class EarlyReduction(NamedTuple):
     operand: ``state.pending`` when the program started (m worker rows; the
       local block inside a sharded step).
     start: ``state.count`` when the program started (int32 scalar).
+    result: ``reduce(operand)`` already computed by another program
+      (:mod:`coopjax.parallel.overlap`), or None to reduce here.
   """
 
   kind: type
   operand: PyTree
   start: chex.Array
+  result: PyTree = None
 
 
 _EARLY: contextvars.ContextVar[EarlyReduction | None] = contextvars.ContextVar(
@@ -217,6 +220,8 @@ def _issue_early(state_cls: type, pending: PyTree, reduce: Callable[[PyTree], Py
       f"the early reduction's operand has structure {jax.tree.structure(early.operand)} but "
       f"state.pending has {jax.tree.structure(pending)}; pass the state's own pending."
     )
+  if early.result is not None:
+    return early.result  # reduced by a separate program that ran beside the local steps
   with jax.named_scope("early_reduction"):  # outside the mixing branch: overlaps what precedes it
     return reduce(early.operand)
 
@@ -229,28 +234,31 @@ def _reduction(pending: PyTree, issued, tau: int, k, reduce: Callable[[PyTree], 
   return jax.lax.cond(fresh, lambda p: issued, reduce, pending)
 
 
-def _check_alpha(alpha, name: str = "alpha") -> float:
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
-    raise TypeError(f"{name} must be a real number, got {alpha!r} of type {type(alpha).__name__}.")
-  alpha = float(alpha)
-  if not np.isfinite(alpha):
-    raise ValueError(f"{name} must be finite, got {alpha}.")
-  return alpha
-
-
 def as_schedule(lr, name: str = "lr") -> Callable[[chex.Numeric], chex.Numeric]:
   """A float or an optax schedule ``count -> lr`` as a schedule; floats must be > 0."""
   if callable(lr):
     return lr
-  lr = _check_alpha(lr, name)
+  lr = check_real(name, lr)
   if lr <= 0:
     raise ValueError(f"{name} must be > 0 (it divides the displacement), got {lr}.")
   return lambda count: lr
 
 
-def _lr_at(schedule, k):
-  """η_k: the learning rate of step k (counted from 1), i.e. ``schedule(k − 1)`` as optax does."""
-  return jnp.asarray(schedule(jnp.maximum(k - 1, 0)), jnp.float32)
+def _lr_at(schedule, k, dtype):
+  """η_k in ``dtype``: the learning rate of step k (counted from 1), ``schedule(k − 1)`` as optax does.
+
+  ``dtype`` is the parameters' dtype, so a float64 run does not see its learning rate rounded
+  to float32.
+  """
+  return jnp.asarray(schedule(jnp.maximum(k - 1, 0))).astype(dtype)
+
+
+def _leaf_dtype(tree):
+  """The dtype of the first floating leaf of ``tree`` (float32 when there is none)."""
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      return jnp.result_type(x)
+  return jnp.float32
 
 
 def _broadcast_rows(rows: PyTree, like: PyTree) -> PyTree:
@@ -328,10 +336,10 @@ def _anchored(
 
 def nonblocking_easgd(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   alpha: float,
   num_workers: int,
-  *,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -378,7 +386,7 @@ def nonblocking_easgd(
     Zhang, Choromanska & LeCun, Deep learning with Elastic Averaging SGD,
     NeurIPS 2015.
   """
-  alpha = _check_alpha(alpha)
+  alpha = check_real("alpha", alpha)
   m = check_int("num_workers", num_workers, 1)
 
   def on_mix(k, workers, anchor, total):
@@ -420,7 +428,7 @@ def settle_easgd(X: PyTree, opt_state: NonBlockingEASGDState, alpha: float) -> P
   on the anchor row; the worker rows are unchanged. Use it to evaluate the
   anchor model or to compare with :func:`coopjax.easgd`.
   """
-  alpha = _check_alpha(alpha)
+  alpha = check_real("alpha", alpha)
   m = num_rows(opt_state.pending, "opt_state.pending")
   workers, anchor = mixing.split_rows(X, m)
   total = _reduce_into_aux(mixing.Mix.sum_into_aux(m))(opt_state.pending)
@@ -432,12 +440,12 @@ def settle_easgd(X: PyTree, opt_state: NonBlockingEASGDState, alpha: float) -> P
 
 def overlap_local_sgd(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   alpha: float,
   num_workers: int,
   anchor_momentum: float = 0.0,
   lr: LearningRate | None = None,
-  *,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -513,17 +521,18 @@ def overlap_local_sgd(
     communication delays in distributed SGD, ICASSP 2020 (arXiv 2002.09539),
     Algorithm 1; Wang & Joshi, Cooperative SGD, JMLR 2021, §3.3.
   """
-  alpha = _check_alpha(alpha)
+  alpha = check_real("alpha", alpha)
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1] (a convex pull), got {alpha}.")
-  beta = _check_alpha(anchor_momentum, "anchor_momentum")
+  beta = check_real("anchor_momentum", anchor_momentum)
   tau = check_tau(tau)
   schedule = as_schedule(1.0 if lr is None else lr)
 
   def on_mix(k, workers, anchor, mean):
     z = _like_rows(mean, anchor)  # z_q: the reduction issued at mix q-1
     # η_q β u_{q-1} = β (η_q / η_{q-1}) (z_{q-1} − z_q); zero at the first mix (pending = z_1).
-    ratio = _lr_at(schedule, k) / _lr_at(schedule, jnp.maximum(k - tau, 1))
+    dt = _leaf_dtype(workers)
+    ratio = _lr_at(schedule, k, dt) / _lr_at(schedule, jnp.maximum(k - tau, 1), dt)
     lead = jax.tree.map(lambda old, new: beta * ratio.astype(new.dtype) * (old - new), anchor, z)
     pulled = jax.tree.map(lambda x, z: (1 - alpha) * x + alpha * z.astype(x.dtype), workers, z)
     pending = jax.tree.map(lambda x, d: x - d.astype(x.dtype), pulled, lead)
@@ -574,9 +583,9 @@ def settle_overlap(
 
 def delayed(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   W,
-  *,
   mixer: mixing.Mixer | None = None,
   symmetric: bool = True,
   order: str = "step_then_mix",

@@ -20,7 +20,7 @@ replicated). X has the m worker rows only (v = 0). The averaged model
 step without a mix, and equals ``x_start`` right after each mix.
 
   >>> import jax.numpy as jnp, optax, coopjax
-  >>> tx = coopjax.diloco(optax.sgd(0.1), optax.sgd(1.0), tau=1, num_workers=2)
+  >>> tx = coopjax.diloco(optax.sgd(0.1), outer=optax.sgd(1.0), tau=1, num_workers=2)
   >>> X = coopjax.replicate({"w": jnp.zeros(())}, 2)
   >>> state = tx.init(X)
   >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, state, X)
@@ -42,8 +42,8 @@ import optax
 import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax._validation import check_int
+from coopjax._validation import check_real
 from coopjax.algorithms._nonblocking import LearningRate
-from coopjax.algorithms._nonblocking import _check_alpha
 from coopjax.algorithms._nonblocking import _lr_at
 from coopjax.algorithms._nonblocking import as_schedule
 from coopjax.algorithms._skeleton import CooperativeTransformation
@@ -145,13 +145,13 @@ def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, **op
 
 def slowmo(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   num_workers: int,
   alpha: float,
   beta: float,
-  lr: LearningRate,
+  lr: LearningRate | None = None,
   base_buffers: str = "maintain",
-  *,
   order: str = "step_then_mix",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
@@ -173,7 +173,8 @@ def slowmo(
   step (fairscale's SlowMo reads the base optimizer's current lr). α = 1,
   β = 0 is periodic averaging. With a constant γ the rule is DiLoCo with the
   outer optimizer ``optax.sgd(α, momentum=β)`` on Δ (``t = γu`` is its
-  momentum trace), whatever γ.
+  momentum trace), whatever γ: ``lr=None`` (default) computes exactly that,
+  ``t ← βt + Δ``, ``x_start ← x_start − α t``.
 
   Args:
     local: the base optimizer, applied to each worker separately.
@@ -181,7 +182,8 @@ def slowmo(
     num_workers: m; X has m rows.
     alpha: slow learning rate α.
     beta: slow momentum β.
-    lr: γ, a float or an optax schedule of the step count.
+    lr: γ, a float or an optax schedule of the step count; None (default) for
+      a constant γ, which cancels out.
     base_buffers: the base optimizer's buffers at a mix: ``"maintain"``
       (default, fairscale's behaviour), ``"reset"`` (zeroed; counters kept)
       or ``"average"`` (averaged over workers; counters kept).
@@ -209,17 +211,18 @@ def slowmo(
     Wang, Tantia, Ballas & Rabbat, SlowMo: Improving communication-efficient
     distributed SGD with slow momentum, ICLR 2020, Algorithm 1.
   """
-  alpha = _check_alpha(alpha)
-  beta = _check_alpha(beta, "beta")
-  schedule = as_schedule(lr)
+  alpha = check_real("alpha", alpha)
+  beta = check_real("beta", beta)
+  schedule = as_schedule(1.0 if lr is None else lr)
 
   def init_outer(x_start):
     return jax.tree.map(jnp.zeros_like, x_start)
 
   def outer_step(k, delta, x_start, u):
-    gamma = _lr_at(schedule, k)
-    u = jax.tree.map(lambda u, d: beta * u + d / gamma.astype(d.dtype), u, delta)
-    x_start = jax.tree.map(lambda x, u: x - (alpha * gamma * u).astype(x.dtype), x_start, u)
+    u = jax.tree.map(lambda u, d: beta * u + d / _lr_at(schedule, k, d.dtype), u, delta)
+    x_start = jax.tree.map(
+      lambda x, u: x - (alpha * _lr_at(schedule, k, u.dtype) * u).astype(x.dtype), x_start, u
+    )
     return x_start, u
 
   if base_buffers not in BASE_BUFFERS:
@@ -243,10 +246,10 @@ def slowmo(
 
 def diloco(
   local: optax.GradientTransformation,
+  *,
   outer: optax.GradientTransformation,
   tau: int,
   num_workers: int,
-  *,
   order: str = "step_then_mix",
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
@@ -296,7 +299,7 @@ def diloco(
 
   References:
     Douillard et al., DiLoCo: Distributed low-communication training of
-    language models, arXiv 2311.08455, 2023, Algorithm 1.
+    language models, arXiv 2311.08105, 2023, Algorithm 1.
   """
   if not (hasattr(outer, "init") and hasattr(outer, "update")):
     raise TypeError(

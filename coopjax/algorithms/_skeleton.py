@@ -31,7 +31,6 @@ What the skeleton does for every algorithm alike:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -116,15 +115,8 @@ def check_local(local) -> optax.GradientTransformation:
 
 
 def check_tau(tau, name: str = "tau") -> int:
-  """τ must be an integer >= 1."""
-  if isinstance(tau, bool) or not isinstance(tau, numbers.Integral):
-    raise TypeError(
-      f"{name} must be an integer number of local steps (>= 1), got {tau!r} of type "
-      f"{type(tau).__name__}."
-    )
-  if tau < 1:
-    raise ValueError(f"{name} must be >= 1 (mix every {name} local steps), got {tau}.")
-  return int(tau)
+  """τ (the steps between mixes) must be an integer >= 1."""
+  return check_int(name, tau, 1)
 
 
 def check_order(order, allowed=ORDERS, name: str = "this algorithm") -> str:
@@ -160,7 +152,9 @@ def mix_local_state(local_state, mix: Callable[[PyTree], PyTree], num_workers: i
   """Mixes the floating-point leaves of the stacked local state with the models' mix.
 
   Auxiliary rows have no optimizer state; they enter the mix as zeros and are
-  dropped afterwards. Integer leaves (step counts) are kept.
+  dropped afterwards, so a worker's buffers lose the auxiliaries' weight: with
+  EASGD's W_α each worker's momentum becomes ``(1 − α)·buf_i`` at every mix.
+  Integer leaves (step counts) are kept.
   """
   leaves, treedef = jax.tree.flatten(local_state)
   float_idx = [i for i, x in enumerate(leaves) if _is_float(x) and x.ndim >= 1]

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +37,7 @@ import scipy.optimize
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
+from coopjax.algorithms._cooperative import CooperativeState
 from coopjax.algorithms._cooperative import scheduled_mixing
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
@@ -56,16 +56,8 @@ __all__ = [
 ]
 
 
-class TimeVaryingState(NamedTuple):
-  """State of :func:`time_varying` and :func:`matcha`.
-
-  Attributes:
-    count: number of local steps taken so far (k − 1 before step k), int32.
-    local_state: the local optimizer's state, stacked over the m workers.
-  """
-
-  count: chex.Array
-  local_state: optax.OptState
+TimeVaryingState = CooperativeState
+"""State of :func:`time_varying`: ``(count, local_state)``, as :class:`CooperativeState`."""
 
 
 def _schedule_matrices(schedule, period) -> list:
@@ -101,10 +93,10 @@ def _schedule_matrices(schedule, period) -> list:
 
 def time_varying(
   local: optax.GradientTransformation,
+  *,
   tau: int,
   schedule: Sequence[Any] | Callable[[int], Any],
   num_aux: int = 0,
-  *,
   period: int | None = None,
   mixers: Sequence[mixing.Mixer] | None = None,
   order: str = "step_then_mix",
@@ -165,8 +157,8 @@ def time_varying(
     >>> import jax.numpy as jnp, optax, coopjax
     >>> from coopjax import topology
     >>> m = 4
-    >>> tx = coopjax.time_varying(optax.sgd(0.1), 1,
-    ...                           lambda r: topology.one_peer_exponential(m, r),
+    >>> tx = coopjax.time_varying(optax.sgd(0.1), tau=1,
+    ...                           schedule=lambda r: topology.one_peer_exponential(m, r),
     ...                           period=topology.one_peer_exponential_period(m))
     >>> X = {"w": jnp.arange(4.0)[:, None]}
     >>> state = tx.init(X)
@@ -374,9 +366,10 @@ def _alpha(Ls: np.ndarray, p: np.ndarray) -> float:
 def matcha_design(graph, budget: float) -> MatchaDesign:
   r"""MATCHA's matchings, activation probabilities and mixing weight (Wang et al., 2019).
 
-  1. Split the base graph into matchings ``M_1..M_M`` by Misra–Gries edge
-     colouring (:func:`coopjax.topology.matching_decomposition`, at most
-     ``Δ + 1`` matchings) with Laplacians ``L_j``.
+  1. Split the base graph into matchings ``M_1..M_M`` by edge colouring
+     (:func:`coopjax.topology.matching_decomposition`: Δ matchings, the
+     minimum, for bipartite graphs and whenever its search finds a
+     Δ-colouring; otherwise Δ + 1) with Laplacians ``L_j``.
   2. Choose activation probabilities
 
      .. math::
@@ -441,11 +434,11 @@ def matcha_flags(key: jax.Array, k, probabilities) -> jax.Array:
 
 def matcha(
   local: optax.GradientTransformation,
+  *,
   graph,
   budget: float,
   num_workers: int,
   key: jax.Array,
-  *,
   alpha: float | None = None,
   probabilities: Sequence[float] | None = None,
   order: str = "step_then_mix",
@@ -493,8 +486,8 @@ def matcha(
   Examples:
     >>> import jax, jax.numpy as jnp, optax, coopjax
     >>> from coopjax import topology
-    >>> tx = coopjax.matcha(optax.sgd(0.1), topology.ring(4), budget=1.0, num_workers=4,
-    ...                     key=jax.random.key(0))  # budget 1: every matching always active
+    >>> tx = coopjax.matcha(optax.sgd(0.1), graph=topology.ring(4), budget=1.0,
+    ...                     num_workers=4, key=jax.random.key(0))  # budget 1: every matching always active
     >>> X = {"w": jnp.array([0.0, 0.0, 0.0, 4.0])}
     >>> updates, state = tx.update({"w": jnp.zeros(4)}, tx.init(X), X)
     >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # (I − L/3) x

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from coopjax.cost import pattern
+import coopjax.cost.pattern as pattern
 
 __all__ = [
   "NetworkModel",
@@ -57,6 +57,14 @@ class NetworkModel(NamedTuple):
   Attributes:
     latency: α, seconds per message (default 50 µs, commodity Ethernet + MPI).
     bandwidth: bytes per second per link (default 1.25e9 = 10 Gbit/s).
+
+  Examples:
+    >>> NetworkModel()
+    NetworkModel(latency=5e-05, bandwidth=1250000000.0)
+    >>> NetworkModel(latency=1e-3, bandwidth=0.0).check()
+    Traceback (most recent call last):
+    ...
+    ValueError: NetworkModel.bandwidth must be a finite positive number, got 0.0.
   """
 
   latency: float = 50e-6
@@ -74,7 +82,20 @@ DEFAULT_NETWORK = NetworkModel()
 
 
 def allreduce_time(nbytes: float, m: int, net: NetworkModel = DEFAULT_NETWORK) -> float:
-  """Ring all-reduce of ``nbytes`` over ``m`` nodes."""
+  r"""Ring all-reduce of ``nbytes`` over ``m`` nodes (reduce-scatter + all-gather).
+
+  .. math::
+
+     T = 2(m - 1)\,\alpha + 2\frac{m - 1}{m}\,\beta B .
+
+  Examples:
+    A slow toy network, 1 ms per message and 1 MB/s, makes the terms easy to
+    check; :data:`DEFAULT_NETWORK` is 50 µs and 10 Gbit/s.
+
+    >>> net = NetworkModel(latency=1e-3, bandwidth=1e6)
+    >>> round(allreduce_time(1e6, 4, net), 6)  # 6 ms + 1.5 s
+    1.506
+  """
   net.check()
   if m <= 1:
     return 0.0
@@ -82,7 +103,20 @@ def allreduce_time(nbytes: float, m: int, net: NetworkModel = DEFAULT_NETWORK) -
 
 
 def allgather_time(nbytes: float, m: int, net: NetworkModel = DEFAULT_NETWORK) -> float:
-  """Ring all-gather of one ``nbytes`` block per node."""
+  r"""Ring all-gather of one ``nbytes`` block per node.
+
+  .. math::
+
+     T = (m - 1)(\alpha + \beta B) .
+
+  Examples:
+    A slow toy network, 1 ms per message and 1 MB/s, makes the terms easy to
+    check; :data:`DEFAULT_NETWORK` is 50 µs and 10 Gbit/s.
+
+    >>> net = NetworkModel(latency=1e-3, bandwidth=1e6)
+    >>> round(allgather_time(1e6, 4, net), 6)  # 3 x (1 ms + 1 s)
+    3.003
+  """
   net.check()
   return (m - 1) * (net.latency + nbytes / net.bandwidth)
 
@@ -90,19 +124,52 @@ def allgather_time(nbytes: float, m: int, net: NetworkModel = DEFAULT_NETWORK) -
 def neighbor_exchange_time(
   nbytes: float, degree: int, net: NetworkModel = DEFAULT_NETWORK
 ) -> float:
-  """Each node sends its model to ``degree`` peers (one message each)."""
+  r"""Each node sends its model to ``degree`` peers (one message each).
+
+  .. math::
+
+     T = \Delta(\alpha + \beta B) .
+
+  Examples:
+    A slow toy network, 1 ms per message and 1 MB/s, makes the terms easy to
+    check; :data:`DEFAULT_NETWORK` is 50 µs and 10 Gbit/s.
+
+    >>> net = NetworkModel(latency=1e-3, bandwidth=1e6)
+    >>> round(neighbor_exchange_time(1e6, 2, net), 6)  # a ring: 2 peers
+    2.002
+  """
   net.check()
   return degree * (net.latency + nbytes / net.bandwidth)
 
 
 def parameter_server_time(nbytes: float, m: int, net: NetworkModel = DEFAULT_NETWORK) -> float:
-  """Push to and pull from one parameter server over its single link."""
+  r"""Push to and pull from one parameter server over its single link.
+
+  .. math::
+
+     T = 2\alpha + 2 m \beta B .
+
+  Examples:
+    A slow toy network, 1 ms per message and 1 MB/s, makes the terms easy to
+    check; :data:`DEFAULT_NETWORK` is 50 µs and 10 Gbit/s.
+
+    >>> net = NetworkModel(latency=1e-3, bandwidth=1e6)
+    >>> round(parameter_server_time(1e6, 4, net), 6)  # 2 ms + 8 s
+    8.002
+  """
   net.check()
   return 2 * net.latency + 2 * m * nbytes / net.bandwidth
 
 
 def mix_degree(W: np.ndarray) -> int:
-  """Largest number of other nodes any node receives from (non-zero off-diagonal entries)."""
+  """Largest number of other nodes any node receives from (non-zero off-diagonal entries).
+
+  Examples:
+    >>> import numpy as np
+    >>> from coopjax import topology
+    >>> mix_degree(topology.ring(8)), mix_degree(topology.exponential(8)), mix_degree(np.eye(3))
+    (2, 5, 0)
+  """
   W = np.asarray(W)
   off = np.abs(W - np.diag(np.diag(W))) > 1e-12
   return int(off.sum(axis=0).max()) if W.size else 0
@@ -123,6 +190,22 @@ def mix_time(mix, nbytes: float, net: NetworkModel = DEFAULT_NETWORK, num_aux: i
 
   Returns:
     Seconds.
+
+  .. math::
+
+     T_{\text{mix}} = \text{rounds}\cdot\alpha
+     + \text{volume}\cdot\text{fraction}\cdot B\beta .
+
+  Examples:
+    A ring (two peers: 2 rounds, 2 payloads) and full averaging over four
+    workers (a ring all-reduce: 6 rounds, 1.5 payloads):
+
+    >>> from coopjax import topology
+    >>> net = NetworkModel(latency=1e-3, bandwidth=1e6)
+    >>> round(mix_time(topology.ring(8), 1e6, net), 6)
+    2.002
+    >>> round(mix_time(topology.complete(4), 1e6, net), 6)
+    1.506
   """
   net.check()
   if not isinstance(mix, pattern.MixCost):
@@ -151,6 +234,17 @@ def modelled_wallclock(
   Returns:
     Array of the same length as ``compute_times``: wall-clock at the end of
     each step.
+
+  Examples:
+    Four 1-second steps mixing after steps 2 and 4, a mix taking 2.5 s. Blocking,
+    each mix adds 2.5 s; overlapped, the first mix hides behind steps 3 and 4
+    and only the last one is waited for (by the next mix, at 4.5 s):
+
+    >>> mixed = [False, True, False, True]
+    >>> modelled_wallclock([1.0] * 4, mixed, 2.5).tolist()
+    [1.0, 4.5, 5.5, 9.0]
+    >>> modelled_wallclock([1.0] * 4, mixed, 2.5, overlap=True).tolist()
+    [1.0, 2.0, 3.0, 4.5]
   """
   compute_times = np.asarray(compute_times, dtype=np.float64)
   mixed = np.asarray(mixed, dtype=bool)

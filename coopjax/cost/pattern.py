@@ -68,6 +68,11 @@ class MixCost(NamedTuple):
       ``max(τ·t_step, t_comm)`` instead of ``τ·t_step + t_comm``.
     fraction: the part of the model's bytes each payload carries (1 for a
       whole model; less for a mix of some leaves only).
+
+  Examples:
+    >>> cost = MixCost("all_reduce", volume=1.5, rounds=6)
+    >>> cost.bytes_sent(100.0)  # 1.5 payloads of 100 bytes
+    150.0
   """
 
   collective: str
@@ -86,7 +91,14 @@ NO_COMM = MixCost("none", 0.0, 0, False)
 
 
 def all_reduce(num_workers: int, *, overlappable: bool = False) -> MixCost:
-  """A ring all-reduce over ``num_workers`` workers: ``2(m−1)/m`` payloads in ``2(m−1)`` rounds."""
+  """A ring all-reduce over ``num_workers`` workers: ``2(m−1)/m`` payloads in ``2(m−1)`` rounds.
+
+  Examples:
+    >>> all_reduce(4)
+    MixCost(collective='all_reduce', volume=1.5, rounds=6, overlappable=False, fraction=1.0)
+    >>> all_reduce(1).collective
+    'none'
+  """
   m = int(num_workers)
   if m <= 1:
     return NO_COMM._replace(overlappable=overlappable)
@@ -103,6 +115,19 @@ def matrix_cost(W, num_workers: int, *, overlappable: bool = False) -> MixCost:
 
   Returns:
     A :class:`MixCost` (see the module docstring for the rules).
+
+  Examples:
+    A ring sends to two peers; EASGD's anchor (the last row) is fed by an
+    all-reduce of the workers; the identity sends nothing:
+
+    >>> import numpy as np
+    >>> from coopjax import topology
+    >>> matrix_cost(topology.ring(8), 8)
+    MixCost(collective='neighbor_exchange', volume=2.0, rounds=2, overlappable=False, fraction=1.0)
+    >>> matrix_cost(topology.easgd(4, 0.2), 4).collective
+    'all_reduce'
+    >>> matrix_cost(np.eye(4), 4).collective
+    'none'
   """
   W = np.asarray(W, dtype=np.float64)
   m = int(num_workers)
@@ -127,6 +152,14 @@ def combine(*costs: MixCost) -> MixCost:
 
   The collective is the first one that communicates; the result overlaps only
   if every part does.
+
+  Examples:
+    A ring exchange (2 payloads, 2 rounds) followed by an all-reduce over 8
+    workers (1.75 payloads, 14 rounds):
+
+    >>> ring = MixCost("neighbor_exchange", 2.0, 2)
+    >>> combine(ring, all_reduce(8))
+    MixCost(collective='neighbor_exchange', volume=3.75, rounds=16, overlappable=False, fraction=1.0)
   """
   moving = [c for c in costs if c.collective != "none"]
   if not moving:
@@ -156,6 +189,11 @@ class CommPattern(NamedTuple):
     rounds: sequential message rounds per mix.
     overlappable: whether the mix overlaps the next period's local steps.
     period: τ, local steps between mixes.
+
+  Examples:
+    >>> p = CommPattern("all_reduce", volume=1.5, rounds=6, overlappable=False, period=4)
+    >>> p.volume / p.period  # payloads per worker per step
+    0.375
   """
 
   collective: str

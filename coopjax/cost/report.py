@@ -95,6 +95,19 @@ class Collective(NamedTuple):
     in_branch: True when it runs only inside a branch of a conditional.
     conditional: the conditional whose branch holds it (None if in_branch is False).
     branch: that branch's index (for ``lax.cond(p, f, g)``: 1 is ``f``, 0 is ``g``).
+
+  Examples:
+    An all-reduce of four float32 values in the entry computation runs on every
+    step and moves 16 bytes:
+
+    >>> text = '''
+    ... ENTRY %main (x: f32[4]) -> f32[4] {
+    ...   %x = f32[4]{0} parameter(0)
+    ...   ROOT %ar = f32[4]{0} all-reduce(%x), replica_groups={}, to_apply=%add
+    ... }'''
+    >>> (c,) = parse_hlo(text)
+    >>> c.kind, c.name, c.bytes, c.result_bytes, c.in_branch
+    ('all-reduce', 'ar', 16, 16, False)
   """
 
   kind: str
@@ -109,7 +122,26 @@ class Collective(NamedTuple):
 
 
 class CommReport(list):
-  """A list of :class:`Collective` with totals and a printable table."""
+  """A list of :class:`Collective` with totals and a printable table.
+
+  Examples:
+    An all-reduce on every step and a collective-permute inside branch 1 of a
+    conditional:
+
+    >>> ar = Collective("all-reduce", "ar", "main", "f32[4]{0}", 16, 16, False, None, None)
+    >>> cp = Collective("collective-permute", "cp", "mix", "f32[8]{0}", 32, 32, True, "c", 1)
+    >>> report = CommReport([ar, cp])
+    >>> report.kinds(), report.total_bytes
+    (['all-reduce', 'collective-permute'], 48)
+    >>> report.every_step().kinds()
+    ['all-reduce']
+    >>> print(report)  # doctest: +NORMALIZE_WHITESPACE
+    kind                         bytes  in branch result shape                      name
+    ------------------------------------------------------------------------------------
+    all-reduce                      16  NO        f32[4]{0}                         ar
+    collective-permute              32  yes (1)   f32[8]{0}                         cp
+    2 collectives, 48 bytes in operands
+  """
 
   @property
   def total_bytes(self) -> int:
@@ -240,7 +272,23 @@ def _parse(text: str):
 
 
 def parse_hlo(text: str) -> CommReport:
-  """The collectives of an HLO module's text (see the module docstring)."""
+  """The collectives of an HLO module's text (see the module docstring).
+
+  Args:
+    text: an HLO module as text, e.g. ``jitted.lower(*args).compile().as_text()``.
+
+  Returns:
+    A :class:`CommReport`, the collectives in the order of the text.
+
+  Examples:
+    >>> text = '''
+    ... ENTRY %main (x: f32[2,3]) -> f32[2,3] {
+    ...   %x = f32[2,3]{1,0} parameter(0)
+    ...   ROOT %ar = f32[2,3]{1,0} all-reduce(%x), replica_groups={}, to_apply=%add
+    ... }'''
+    >>> [(c.kind, c.bytes, c.in_branch) for c in parse_hlo(text)]  # 2 x 3 x 4 bytes
+    [('all-reduce', 24, False)]
+  """
   comps, types, entry = _parse(text)
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text; pass compiled.as_text().")
@@ -306,7 +354,21 @@ def comm_report(step: Callable[..., Any], *args, **kwargs) -> CommReport:
     A :class:`CommReport` (a list of :class:`Collective`); ``print`` it for a table.
 
   Examples:
-    ``print(coopjax.comm_report(step, X, opt_state, batch))``
+    ``print(coopjax.comm_report(step, X, opt_state, batch))`` shows what a
+    cooperative step sends. A smaller case: the mean over a row-sharded axis
+    reduces each device's four float32 partial sums (16 bytes) with one
+    all-reduce (none on a single device):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> n = len(jax.devices())
+    >>> mesh = jax.make_mesh((n,), ("workers",))
+    >>> x = jax.device_put(jnp.ones((n, 4)), NamedSharding(mesh, P("workers")))
+    >>> report = comm_report(lambda x: x.mean(axis=0), x)
+    >>> [(c.kind, c.bytes, c.in_branch) for c in report] == (
+    ...   [("all-reduce", 16, False)] if n > 1 else []
+    ... )
+    True
   """
   lower = getattr(step, "lower", None)
   if lower is None:

@@ -76,6 +76,17 @@ class WorkerPlan(NamedTuple):
       ``gather``: ``(D−1)·b``; 0 when no worker rows move).
     offsets: device offsets δ with one collective-permute each (``permute``).
     apply: ``apply(workers_local) -> workers_local`` inside ``shard_map``.
+
+  Examples:
+    A ring of eight workers on four devices (two each): every device sends one
+    boundary row to the device ahead and one to the device behind (offsets 3
+    and 1, i.e. −1 and +1 modulo 4). Planning is static; no device is needed.
+
+    >>> from coopjax import topology
+    >>> from coopjax.parallel.context import ShardContext
+    >>> plan = worker_plan(topology.ring(8), ShardContext("workers", 4, 8, 0))
+    >>> plan.kind, plan.rows_sent, plan.offsets
+    ('permute', 2, (3, 1))
   """
 
   kind: str
@@ -136,7 +147,26 @@ def _columns(M: np.ndarray, ctx: ShardContext, axis: int, dtype):
 
 
 def worker_sum(workers: PyTree, ctx: ShardContext) -> PyTree:
-  """``Σ_i x_i`` over all m workers: one all-reduce per dtype, replicated on every device."""
+  """``Σ_i x_i`` over all m workers: one all-reduce per dtype, replicated on every device.
+
+  Call it inside ``jax.shard_map`` over ``ctx.axis_name``.
+
+  Examples:
+    With ``x_i = i`` the sum is ``m(m − 1)/2`` on any number of devices:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from coopjax import topology, worker_mesh
+    >>> from coopjax.parallel.context import ShardContext
+    >>> D = len(jax.devices())
+    >>> m = 4 * D  # four workers per device
+    >>> ctx = ShardContext("workers", num_devices=D, num_workers=m, num_aux=0)
+    >>> f = jax.jit(jax.shard_map(
+    ...   lambda x: worker_sum(x, ctx), mesh=worker_mesh(), in_specs=P("workers"), out_specs=P()
+    ... ))
+    >>> float(f(jnp.arange(m, dtype=jnp.float32))) == m * (m - 1) / 2
+    True
+  """
   summed = bucketed(
     lambda bufs: [lax.psum(jnp.sum(x, axis=0, keepdims=True), ctx.axis_name) for x in bufs]
   )
@@ -144,7 +174,26 @@ def worker_sum(workers: PyTree, ctx: ShardContext) -> PyTree:
 
 
 def worker_mean(workers: PyTree, ctx: ShardContext) -> PyTree:
-  """``(1/m) Σ_i x_i`` over all m workers: one all-reduce, replicated."""
+  """``(1/m) Σ_i x_i`` over all m workers: one all-reduce, replicated.
+
+  Call it inside ``jax.shard_map`` over ``ctx.axis_name``.
+
+  Examples:
+    With ``x_i = i`` the mean is ``(m − 1)/2`` on any number of devices:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from coopjax import topology, worker_mesh
+    >>> from coopjax.parallel.context import ShardContext
+    >>> D = len(jax.devices())
+    >>> m = 4 * D  # four workers per device
+    >>> ctx = ShardContext("workers", num_devices=D, num_workers=m, num_aux=0)
+    >>> f = jax.jit(jax.shard_map(
+    ...   lambda x: worker_mean(x, ctx), mesh=worker_mesh(), in_specs=P("workers"), out_specs=P()
+    ... ))
+    >>> float(f(jnp.arange(m, dtype=jnp.float32))) == (m - 1) / 2
+    True
+  """
   m = ctx.num_workers
   return jax.tree.map(lambda s: s / jnp.asarray(m, s.dtype), worker_sum(workers, ctx))
 
@@ -248,6 +297,22 @@ def worker_plan(A, ctx: ShardContext) -> WorkerPlan:
 
   Returns:
     A :class:`WorkerPlan` (see the module docstring for the rules).
+
+  Examples:
+    Eight workers on four devices. Full averaging is one all-reduce; a dense
+    random A would send ``(D − 1)·b = 6`` rows through any permutation
+    scheme, so it is all-gathered:
+
+    >>> import numpy as np
+    >>> from coopjax import topology
+    >>> from coopjax.parallel.context import ShardContext
+    >>> ctx = ShardContext("workers", num_devices=4, num_workers=8, num_aux=0)
+    >>> worker_plan(topology.complete(8), ctx).kind
+    'allreduce'
+    >>> A = np.random.default_rng(0).random((8, 8))
+    >>> plan = worker_plan(A / A.sum(axis=0), ctx)
+    >>> plan.kind, plan.rows_sent
+    ('gather', 6)
   """
   A = np.asarray(A, np.float64)
   m = ctx.num_workers
@@ -282,14 +347,52 @@ def worker_plan(A, ctx: ShardContext) -> WorkerPlan:
 
 
 def plan_kind(W, ctx: ShardContext) -> str:
-  """The :class:`WorkerPlan` kind chosen for the workers' block of ``W``."""
+  """The :class:`WorkerPlan` kind chosen for the workers' block of ``W``.
+
+  Examples:
+    >>> import numpy as np
+    >>> from coopjax import topology
+    >>> from coopjax.parallel.context import ShardContext
+    >>> ctx = ShardContext("workers", num_devices=4, num_workers=8, num_aux=0)
+    >>> [plan_kind(W, ctx) for W in (np.eye(8), topology.complete(8), topology.ring(8))]
+    ['identity', 'allreduce', 'permute']
+    >>> plan_kind(topology.easgd(8, 0.1), ctx)  # workers' block (1 - alpha) I
+    'diagonal'
+  """
   W = np.asarray(W, np.float64)
   m = ctx.num_workers
   return worker_plan(W[:m, :m], ctx).kind
 
 
 def apply_worker_matrix(workers: PyTree, A, ctx: ShardContext) -> PyTree:
-  """``x_i ← Σ_j A[j, i] x_j`` on the local block of worker rows (A static, m × m)."""
+  r"""``x_i ← Σ_j A[j, i] x_j`` on the local block of worker rows (A static, m × m).
+
+  .. math::
+
+     x_i \leftarrow \sum_{j < m} A_{ji}\, x_j .
+
+  Call it inside ``jax.shard_map`` over ``ctx.axis_name``; the plan of each A
+  (:func:`worker_plan`) is cached.
+
+  Examples:
+    Worker 0 holds 1, the others 0; after a ring mix worker 0 and its two
+    neighbours hold 1/3:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from coopjax import topology, worker_mesh
+    >>> from coopjax.parallel.context import ShardContext
+    >>> D = len(jax.devices())
+    >>> m = 4 * D  # four workers per device
+    >>> ctx = ShardContext("workers", num_devices=D, num_workers=m, num_aux=0)
+    >>> mix = jax.jit(jax.shard_map(
+    ...   lambda x: apply_worker_matrix(x, topology.ring(m), ctx),
+    ...   mesh=worker_mesh(), in_specs=P("workers"), out_specs=P("workers"),
+    ... ))
+    >>> X = jnp.zeros((m, 1)).at[0].set(1.0)
+    >>> np.round(3 * mix(X)[jnp.array([m - 1, 0, 1, 2]), 0], 4).tolist()
+    [1.0, 1.0, 1.0, 0.0]
+  """
   return _cached_plan(np.asarray(A, np.float64), ctx).apply(workers)
 
 
@@ -375,6 +478,25 @@ def mix_gathered(X: PyTree, W, ctx: ShardContext) -> PyTree:
   """The dense fallback: all-gather the workers' rows, einsum with this device's columns.
 
   Works for any W, also a traced one (e.g. a matrix drawn at run time).
+
+  Examples:
+    W passed as a (replicated) argument, as a matrix drawn at run time would be:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from coopjax import topology, worker_mesh
+    >>> from coopjax.parallel.context import ShardContext
+    >>> D = len(jax.devices())
+    >>> m = 4 * D  # four workers per device
+    >>> ctx = ShardContext("workers", num_devices=D, num_workers=m, num_aux=0)
+    >>> mix = jax.jit(jax.shard_map(
+    ...   lambda x, w: mix_gathered(x, w, ctx),
+    ...   mesh=worker_mesh(), in_specs=(P("workers"), P()), out_specs=P("workers"),
+    ... ))
+    >>> X = jnp.zeros((m, 1)).at[0].set(1.0)
+    >>> W = jnp.asarray(topology.ring(m), jnp.float32)
+    >>> np.round(3 * mix(X, W)[jnp.array([m - 1, 0, 1, 2]), 0], 4).tolist()
+    [1.0, 1.0, 1.0, 0.0]
   """
   n = W.shape[0]
   m, b = ctx.num_workers, ctx.block
@@ -411,6 +533,27 @@ def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
   Returns:
     ``mix(X_local) -> X_local``, equal to the dense einsum up to rounding; one
     collective per neighbour offset (or reduction) per dtype of X's leaves.
+
+  Examples:
+    A ring mix of a pytree, compared with the dense reference ``Wᵀ X``:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from coopjax import topology, worker_mesh
+    >>> from coopjax.parallel.context import ShardContext
+    >>> D = len(jax.devices())
+    >>> m = 4 * D  # four workers per device
+    >>> ctx = ShardContext("workers", num_devices=D, num_workers=m, num_aux=0)
+    >>> W = topology.ring(m)
+    >>> mix = jax.jit(jax.shard_map(
+    ...   lower(W, ctx), mesh=worker_mesh(), in_specs=P("workers"), out_specs=P("workers")
+    ... ))
+    >>> X = {"w": jnp.arange(2.0 * m).reshape(m, 2), "b": jnp.ones(m)}
+    >>> out = mix(X)
+    >>> bool(np.allclose(out["w"], W.T @ np.asarray(X["w"]), atol=1e-5))
+    True
+    >>> np.asarray(out["b"]).round(4).tolist() == [1.0] * m
+    True
   """
   W = np.asarray(W, np.float64)
   n, m = W.shape[0], ctx.num_workers

@@ -40,6 +40,14 @@ class ShardContext(NamedTuple):
     num_devices: D, the size of that axis.
     num_workers: m, the global number of workers (a multiple of D).
     num_aux: v, the number of auxiliary rows, replicated on every device.
+
+  Examples:
+    Eight workers and one anchor over four devices: each device holds
+    ``b = 8/4 = 2`` worker rows and a copy of the anchor.
+
+    >>> ctx = ShardContext("workers", num_devices=4, num_workers=8, num_aux=1)
+    >>> ctx.block
+    2
   """
 
   axis_name: str
@@ -59,13 +67,33 @@ _CONTEXT: contextvars.ContextVar[ShardContext | None] = contextvars.ContextVar(
 
 
 def current() -> ShardContext | None:
-  """The active :class:`ShardContext`, or None outside a sharded step."""
+  """The active :class:`ShardContext`, or None outside a sharded step.
+
+  Examples:
+    >>> ctx = ShardContext("workers", num_devices=2, num_workers=4, num_aux=0)
+    >>> current() is None
+    True
+    >>> with sharded(ctx):
+    ...   current() == ctx
+    True
+  """
   return _CONTEXT.get()
 
 
 @contextlib.contextmanager
 def sharded(ctx: ShardContext) -> Iterator[ShardContext]:
-  """Activates ``ctx`` while tracing a per-device (``shard_map``) function."""
+  """Activates ``ctx`` while tracing a per-device (``shard_map``) function.
+
+  Examples:
+    >>> with sharded(ShardContext("workers", 2, 4, 0)) as ctx:
+    ...   current().block
+    2
+    >>> with sharded(ShardContext("workers", 4, 6, 0)):
+    ...   pass
+    Traceback (most recent call last):
+    ...
+    ValueError: num_workers=6 is not a multiple of the 4 devices of mesh axis 'workers'; ...
+  """
   if ctx.num_workers % ctx.num_devices:
     raise ValueError(
       f"num_workers={ctx.num_workers} is not a multiple of the {ctx.num_devices} devices of "
@@ -84,6 +112,16 @@ def to_global_rows(rows: int) -> int:
   Outside a sharded step it is returned unchanged. Inside, a local block of
   ``b`` rows counts as ``m`` and ``b + v`` as ``m + v``; other sizes (e.g. the
   ``v`` auxiliary rows alone, which are replicated) are unchanged.
+
+  Examples:
+    With ``m = 8`` workers and ``v = 1`` anchor on four devices (``b = 2``):
+
+    >>> ctx = ShardContext("workers", num_devices=4, num_workers=8, num_aux=1)
+    >>> with sharded(ctx):
+    ...   to_global_rows(2), to_global_rows(3), to_global_rows(1)
+    (8, 9, 1)
+    >>> to_global_rows(2)  # outside a sharded step
+    2
   """
   ctx = current()
   if ctx is None:

@@ -36,6 +36,13 @@ class ProcessInfo(NamedTuple):
     process_count: the number of processes.
     local_device_count: devices attached to this process.
     device_count: devices of all processes together.
+
+  Examples:
+    The second of two hosts with four devices each:
+
+    >>> info = ProcessInfo(process_index=1, process_count=2, local_device_count=4, device_count=8)
+    >>> info.device_count // info.process_count
+    4
   """
 
   process_index: int
@@ -45,7 +52,18 @@ class ProcessInfo(NamedTuple):
 
 
 def process_info() -> ProcessInfo:
-  """The :class:`ProcessInfo` of the running process (initializes the backends)."""
+  """The :class:`ProcessInfo` of the running process (initializes the backends).
+
+  Examples:
+    A single process (no :func:`initialize`) sees only its own devices:
+
+    >>> import jax
+    >>> info = process_info()
+    >>> info.process_index, info.process_count
+    (0, 1)
+    >>> info.local_device_count == info.device_count == len(jax.devices())
+    True
+  """
   return ProcessInfo(
     jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count()
   )
@@ -92,6 +110,21 @@ def initialize(
 
   Raises:
     ValueError: on an inconsistent ``num_processes`` / ``process_id``.
+
+  Examples:
+    A two-host run calls, first thing in each process (``process_id`` 0 on the
+    host that runs the coordinator, 1 on the other)::
+
+      info = coopjax.distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=0)
+      mesh = coopjax.worker_mesh()  # spans the devices of both hosts
+
+    That cannot run inside one process whose devices are already in use, but
+    the arguments are checked before anything starts:
+
+    >>> initialize("localhost:1234", num_processes=2, process_id=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: process_id must be an integer in [0, num_processes=2), got 2.
   """
   if num_processes is not None and (not isinstance(num_processes, int) or num_processes < 1):
     raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}.")

@@ -116,6 +116,12 @@ def abstract_target(state: PyTree) -> PyTree:
 
   Returns:
     The same pytree with ``ShapeDtypeStruct`` leaves.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> target = abstract_target({"w": jnp.zeros((2, 3)), "rng": jax.random.key(0)})
+    >>> target["w"].shape, target["w"].dtype, target["rng"].dtype
+    ((2, 3), dtype('float32'), key<fry>)
   """
   return jax.tree.map(_abstract_leaf, state)
 
@@ -173,6 +179,17 @@ def to_json(obj: Any, name: str = "meta") -> Any:
 
   Raises:
     TypeError: naming the path of a value that has no JSON form.
+
+  Examples:
+    >>> import numpy as np
+    >>> from coopjax.training.data import IteratorState
+    >>> to_json({"tau": np.int64(4), "data": IteratorState(1, 2), "lr": np.float32(0.5),
+    ...          "shape": (2, 3)})
+    {'tau': 4, 'data': {'epoch': 1, 'position': 2}, 'lr': 0.5, 'shape': [2, 3]}
+    >>> to_json({"f": object()})
+    Traceback (most recent call last):
+    ...
+    TypeError: meta['f'] = <object object at ...> of type object cannot be stored as JSON; ...
   """
   if hasattr(obj, "to_dict") and callable(obj.to_dict):
     obj = obj.to_dict()
@@ -257,6 +274,25 @@ class CheckpointManager:
       ``force=True`` (use ``force`` at the end of a run or on a stop signal).
     cleanup_tmp: remove partial directories left by a process killed during a
       save (safe when this is the only writer, as when resuming).
+
+  Examples:
+    Saving every second step and keeping the newest two: of steps 0..5, steps
+    0, 2 and 4 are written and step 0 is then dropped.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from coopjax.training.data import IteratorState
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with CheckpointManager(directory, max_to_keep=2, save_interval_steps=2) as mgr:
+    ...     for k in range(6):
+    ...       _ = mgr.save(k, {"w": jnp.full(3, float(k))}, meta={"data": IteratorState(0, k)})
+    ...     target = abstract_target({"w": jnp.zeros(3)})
+    ...     restored = mgr.restore(target=target)
+    ...     print(mgr.all_steps(), mgr.latest_step(), mgr.should_save(7))
+    ...     print(restored["w"].tolist(), mgr.meta())
+    ...     print(mgr.restore(2, target=target)["w"].tolist(), mgr.meta(2))
+    [2, 4] 4 False
+    [4.0, 4.0, 4.0] {'data': {'epoch': 0, 'position': 4}}
+    [2.0, 2.0, 2.0] {'data': {'epoch': 0, 'position': 2}}
   """
 
   def __init__(
