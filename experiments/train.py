@@ -69,6 +69,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -217,8 +218,10 @@ def _parse(argv: list[str]):
   flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "output folder", flag_values=fv)
   flags.DEFINE_bool("resume", False, "continue from the latest checkpoint", flag_values=fv)
   try:
-    rest = fv(full)
-    config = fv.config
+    with warnings.catch_warnings():  # config_flags loads the file with importlib's load_module
+      warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+      rest = fv(full)
+      config = fv.config
   except flags.IllegalFlagValueError as error:
     raise TypeError(f"{error}: the value does not fit the field's type.") from None
   except flags.UnrecognizedFlagError as error:
