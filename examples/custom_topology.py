@@ -5,8 +5,8 @@
 Any connected undirected graph gives a symmetric doubly stochastic W with
 Metropolis–Hastings weights (``topology.from_adjacency``); ``topology.zeta``
 is its second-largest eigenvalue modulus, which sets the network error of the
-paper's bound (larger ζ: slower consensus). ``coopjax.cooperative(local, tau,
-W)`` mixes with it every τ steps; the transformation says what one mix sends
+paper's bound (larger ζ: slower consensus). ``coopjax.cooperative(local, tau=tau,
+W=W)`` mixes with it every τ steps; the transformation says what one mix sends
 (``tx.comm``).
 """
 

@@ -616,16 +616,6 @@ def _compile(run: Run, state: TrainState, batch):
   return compiled, compile_time
 
 
-def _mixed_cost(cost):
-  """``cost`` per byte of the mixed leaves (``Run.nbytes``).
-
-  A mix restricted by a ``mix_mask`` leaves its payload's ``fraction`` of the
-  whole model to the caller (NaN); ``nbytes`` already counts the mixed leaves
-  only, so each payload is all of them.
-  """
-  return cost._replace(fraction=1.0) if math.isnan(cost.fraction) else cost
-
-
 class _Outcome(NamedTuple):
   state: TrainState
   clocks: _Clocks
@@ -675,7 +665,7 @@ def loop(
         stopped = {"step": k, "workers": bad, "message": message}
         print(f"{message} Stopping; the last checkpoint is kept.", file=sys.stderr)
         break
-      cost = _mixed_cost(coopjax.cost.NO_COMM if skip else tx.comm(k, opt_state))
+      cost = coopjax.cost.NO_COMM if skip else tx.comm(k, opt_state)
       seconds = netmodel.mix_time(cost, run.nbytes, run.net)
       clocks = clocks.advance(fixed or measured, measured, cost, seconds, run.nbytes)
       clocks = clocks._replace(real_time=time.perf_counter() - loop_start)

@@ -9,7 +9,7 @@ that :func:`coopjax.models.params_mask` and
 1. ``graphdef, variables = split(model)``
    (``nnx.split(model, nnx.Param, nnx.BatchStat)``);
 2. ``X = coopjax.replicate(variables, m, num_aux)``;
-3. ``tx = coopjax.easgd(local, ..., mix_mask=coopjax.models.params_mask(variables))``
+3. ``tx = coopjax.easgd(local, tau=..., mix_mask=coopjax.models.params_mask(variables))``
    (the statistics stay per worker);
 4. ``loss_fn = make_loss_fn(graphdef)``: merges the module in training mode and
    returns ``(loss, new_batch_stats)``; ``coopjax.make_step(loss_fn, tx,
