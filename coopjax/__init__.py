@@ -6,6 +6,7 @@ as optax gradient transformations over a stacked worker axis.
 
 from coopjax import cost
 from coopjax import diagnostics
+from coopjax import evaluation
 from coopjax import mixing
 from coopjax import theory
 from coopjax import topology
@@ -45,6 +46,7 @@ from coopjax.cost.pattern import CommPattern
 from coopjax.cost.pattern import comm_pattern
 from coopjax.cost.report import comm_report
 from coopjax.diagnostics import consensus_distance
+from coopjax.evaluation import evaluation_model
 from coopjax.parallel import collectives
 from coopjax.parallel import distributed
 from coopjax.parallel import sharding
@@ -92,6 +94,8 @@ __all__ = [
   "easgd",
   "elastic_averaging",
   "elastic_hierarchical",
+  "evaluation",
+  "evaluation_model",
   "hierarchical",
   "Layout",
   "layout_of",

@@ -245,11 +245,12 @@ class Mix:
 
   @property
   def cost(self) -> pattern.MixCost:
-    """What one application communicates (:func:`coopjax.cost.pattern.matrix_cost`)."""
-    cost = pattern.matrix_cost(self.matrix, self.num_workers, overlappable=self.overlappable)
-    if self.mask is not None and cost.collective != "none":
-      cost = cost._replace(fraction=float("nan"))  # set by the caller, who knows leaf sizes
-    return cost
+    """What one application communicates (:func:`coopjax.cost.pattern.matrix_cost`).
+
+    Payloads are counted in models of the mixed leaves: with a ``mask``, price
+    them with the bytes of the leaves the mask selects.
+    """
+    return pattern.matrix_cost(self.matrix, self.num_workers, overlappable=self.overlappable)
 
   def restrict(self, mask: PyTree | None) -> Mix:
     """The same mix on the leaves ``mask`` selects only (a fragment selector)."""

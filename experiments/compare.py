@@ -1,6 +1,7 @@
 r"""Training loss vs iterations and vs modelled wall-clock: the seed's comparison.
 
   python experiments/compare.py                         # digits, m = 8, MLP, CPU, ~1–2 min
+  python experiments/compare.py --quick                 # a 20-step smoke run into a temp folder
   python experiments/compare.py --preset cifar10_vgg16 --data_dir DIR   # the paper's setup (GPU)
 
 Runs, with the same data, model, local SGD and learning rate,
@@ -15,21 +16,24 @@ sync SGD runs ``num_steps`` steps and sets the target (its final training
 loss); every other algorithm runs twice as many steps (``budget``), so that
 it can reach the target even if it needs more iterations;
 
-through ``experiments/train.py`` and writes to ``--outdir`` (default
+through ``experiments/train.py`` and writes to ``--out`` (default
 ``experiments/results/compare/``): ``loss_vs_iterations.png``,
 ``loss_vs_wallclock.png``, ``nonblocking_easgd.png``, ``results.json`` and
 ``summary.md`` (the table also printed).
 
 Modelled wall-clock. Each algorithm's local step is the same computation, so
-every run is charged one per-step compute time :math:`t_c` (the median over
-the runs of the measured mean step time, so that noise from other processes
-on a shared machine does not decide the ranking), plus its communication in
-the α–β model (:mod:`coopjax.netmodel`): a ring all-reduce of the B-byte
-model costs :math:`2(m-1)\alpha + 2\frac{m-1}{m}B\beta`, a ring exchange
-:math:`2(\alpha + B\beta)`; blocking mixes add to the step, non-blocking ones
-overlap the next steps (:func:`coopjax.netmodel.modelled_wallclock`). The
-default network (latency 100 µs, 1 Gbit/s) makes sync SGD
+every run is charged the same fixed compute time per step :math:`t_c`
+(``config.compute_time``, ``--compute_time``; default 1 ms, about this
+machine's measured step), so that timing noise from other processes does not
+decide the ranking, plus its communication in the α–β model
+(:mod:`coopjax.netmodel`, the transformation's own ``tx.comm``): a ring
+all-reduce of the B-byte model costs :math:`2(m-1)\alpha + 2\frac{m-1}{m}B\beta`,
+a ring exchange :math:`2(\alpha + B\beta)`; blocking mixes add to the step,
+non-blocking ones overlap the next steps
+(:func:`coopjax.netmodel.modelled_wallclock`). The network is the one every
+CLI uses by default (latency 100 µs, 1 Gbit/s), which makes sync SGD
 communication-bound: one all-reduce costs more than one local step.
+``--compute_time 0`` charges each run its own measured step times instead.
 
 The table reports, per algorithm, the averaged model's final training loss
 and test accuracy, the modelled time at which its training loss (on the
@@ -55,7 +59,8 @@ if _HERE not in sys.path:
 import registry  # noqa: E402
 import train  # noqa: E402
 
-from coopjax import netmodel  # noqa: E402
+from coopjax.cost import netmodel  # noqa: E402
+from coopjax.cost import pattern  # noqa: E402
 
 # EASGD's α = 2/(m+2) > 1/m gives the anchor a negative self-weight, on purpose.
 warnings.filterwarnings("ignore", message="alpha=.*the anchor keeps weight")
@@ -83,7 +88,6 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
       "log_every": 10,
       "lr": 0.1,
       "alpha": 0.2,  # 2 / (m + 2), the EASGD bound's best α for m = 8
-      "network": {"latency": 100e-6, "bandwidth": 1.25e8},  # 1 Gbit/s
       "progress": False,
     },
   ),
@@ -119,33 +123,6 @@ def value_at(xs, values, x: float):
     if xi <= x + 1e-12:
       out = v
   return out
-
-
-def _modelled_times(summary: dict, rows: list[dict], t_c: float, config) -> np.ndarray:
-  """Modelled wall-clock at each row's step with the common compute time ``t_c``."""
-  alg = registry.build(config, train.make_local_optimizer(config, config.lr), config.lr)
-  steps = int(summary["steps"])
-  net = summary["network"]
-  try:
-    comms = [alg.comm(k, None) for k in range(1, steps + 1)]
-  except (AttributeError, TypeError):  # the schedule depends on the run's state (AdaComm)
-    return np.array([r["modelled_time"] for r in rows])
-  seconds = [
-    train.mix_seconds(c, summary["model_bytes"], net["latency"], net["bandwidth"]) for c in comms
-  ]
-  mixed = [c.rounds > 0 or c.volume > 0 for c in comms]
-  distinct = {s for s, mix in zip(seconds, mixed, strict=True) if mix}
-  if len(distinct) <= 1:  # one collective at every mix: the netmodel formula
-    clock = netmodel.modelled_wallclock(
-      np.full(steps, t_c), mixed, max(distinct, default=0.0), overlap=summary["overlap"]
-    )
-  else:
-    clocks, clock = train._Clocks(), []
-    for s, c in zip(seconds, comms, strict=True):
-      clocks = train._advance(clocks, t_c, t_c, s, c.volume, summary["overlap"])
-      clock.append(clocks.modelled_time)
-  clock = np.concatenate([[0.0], clock])
-  return np.array([clock[r["step"]] for r in rows])
 
 
 def run_compare(
@@ -189,13 +166,19 @@ def run_compare(
     results.append({"label": label, "summary": summary, "rows": rows})
     configs.append(config)
 
-  t_c = float(np.median([r["summary"]["compute_time_per_step"] for r in results]))
-  for r, config in zip(results, configs, strict=True):
+  for r in results:
     evals = [row for row in r["rows"] if row.get("train_loss") is not None]
     r["eval_steps"] = [row["step"] for row in evals]
     r["train_loss"] = [row["train_loss"] for row in evals]
     r["test_accuracy"] = [row["test_accuracy"] for row in evals]
-    r["modelled_time"] = _modelled_times(r["summary"], evals, t_c, config).tolist()
+    r["modelled_time"] = [row["modelled_time"] for row in evals]
+  sources = {r["summary"]["compute_source"] for r in results}
+  fixed = sources == {"fixed"}
+  t_c = (
+    float(configs[0].compute_time)
+    if fixed
+    else float(np.median([r["summary"]["compute_time_per_step"] for r in results]))
+  )
 
   ref = results[0]
   target = ref["train_loss"][-1]
@@ -222,17 +205,14 @@ def run_compare(
     "preset": preset,
     "target_train_loss": target,
     "compute_time_per_step": t_c,
+    "compute_source": "fixed" if fixed else "measured (each run its own)",
     "network": net,
     "model_bytes": results[0]["summary"]["model_bytes"],
     "num_workers": configs[0].num_workers,
-    "sync_comm_time_per_step": train.mix_seconds(
-      registry.Comm(
-        2.0 * (configs[0].num_workers - 1),
-        2.0 * (configs[0].num_workers - 1) / configs[0].num_workers,
-      ),
+    "sync_comm_time_per_step": netmodel.mix_time(
+      pattern.all_reduce(configs[0].num_workers),
       results[0]["summary"]["model_bytes"],
-      net["latency"],
-      net["bandwidth"],
+      netmodel.NetworkModel(net["latency"], net["bandwidth"]),
     ),
     "table": table,
     "runs": [
@@ -274,7 +254,7 @@ def _table_text(out: dict) -> str:
   net = out["network"]
   lines = [
     f"preset {out['preset']}: m = {out['num_workers']}, model {out['model_bytes']} bytes, "
-    f"compute {out['compute_time_per_step'] * 1e3:.3f} ms/step (measured median), network "
+    f"compute {out['compute_time_per_step'] * 1e3:.3f} ms/step ({out['compute_source']}), network "
     f"latency {net['latency'] * 1e6:.0f} µs, bandwidth {net['bandwidth'] * 8 / 1e9:.2f} Gbit/s "
     f"(sync all-reduce {out['sync_comm_time_per_step'] * 1e3:.3f} ms/step, modelled)",
     f"target: sync SGD's final training loss {out['target_train_loss']:.4f}",
@@ -367,27 +347,49 @@ def main(argv=None) -> dict | None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="digits", choices=tuple(PRESETS))
   parser.add_argument(
-    "--outdir", default=None, help="default: experiments/results/compare[/PRESET]"
+    "--out",
+    "--outdir",
+    dest="outdir",
+    default=None,
+    help="output folder (default: experiments/results/compare[/PRESET])",
   )
   parser.add_argument("--data_dir", default=None, help="TFDS data folder (cifar10_vgg16)")
   parser.add_argument("--steps", type=int, default=None, help="override num_steps")
+  parser.add_argument(
+    "--quick", action="store_true", help="a smoke run: 20 steps, into a temporary folder"
+  )
   parser.add_argument("--epochs", type=float, default=None, help="override num_epochs")
+  parser.add_argument(
+    "--compute_time",
+    type=float,
+    default=None,
+    help="seconds of compute charged per step to every run (default: the config's, 1 ms; "
+    "0: each run's measured time)",
+  )
   parser.add_argument(
     "--algorithms",
     default=None,
     help="comma-separated registry names to add to the comparison (e.g. slowmo,diloco)",
   )
   args = parser.parse_args(argv)
+  if args.quick and args.outdir is None:
+    import tempfile
+
+    args.outdir = tempfile.mkdtemp(prefix="coopjax_compare_")
   outdir = args.outdir or os.path.join(
     _HERE, "results", "compare", *(() if args.preset == "digits" else (args.preset,))
   )
   extra: dict[str, Any] = {}
   if args.data_dir:
     extra["data_dir"] = args.data_dir
+  if args.quick:
+    extra.update(num_steps=20, eval_every=10, log_every=10)
   if args.steps is not None:
     extra["num_steps"] = args.steps
   if args.epochs is not None:
     extra["num_steps"], extra["num_epochs"] = 0, args.epochs
+  if args.compute_time is not None:
+    extra["compute_time"] = args.compute_time
   runs = list(RUNS)
   for name in filter(None, (args.algorithms or "").split(",")):
     if registry.ALIASES.get(name, name) not in registry.ALGORITHMS:

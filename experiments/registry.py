@@ -1,34 +1,30 @@
-r"""Algorithm registry: a name and a config give the transformation and its communication.
+r"""Algorithm registry: a name gives a coopjax factory; a config gives its keywords.
 
-Every entry of :data:`ALGORITHMS` maps a name to a builder
-``build(config, local, lr, mix_mask) -> Algorithm``. The :class:`Algorithm`
-holds the optax transformation, the number of auxiliary rows v of X, and a
-host-side description of what each step communicates, so that the training
-loop can price it with the α–β model of :mod:`coopjax.netmodel`:
-
-.. math::
-
-   T_{\text{mix}} = r\,\alpha + \nu\, B\, \beta, \qquad \text{bytes sent per worker} = \nu B,
-
-with r the sequential message rounds, ν the model-sized payloads each worker
-sends (:class:`coopjax.CommPattern`: ring all-reduce ``r = 2(m−1)``,
-``ν = 2(m−1)/m``; neighbour exchange with Δ peers ``r = ν = Δ``), B the
-model's bytes, α the latency and β = 1/bandwidth.
+:data:`ALGORITHMS` maps every name to its factory (``coopjax.easgd``, …); every
+factory is called the same way, ``factory(local, **keywords)``, with the local
+optimizer first and the rest keyword. :func:`options` reads an algorithm's own
+keywords from the config, :func:`build` adds the options every algorithm takes
+(``order``, ``local_state_policy``, ``mix_mask``, ``warmup_steps``) and calls
+the factory. What the returned transformation communicates at each step is its
+own description (``tx.comm(k, opt_state)``, ``tx.overlaps``, ``tx.layout``):
+nothing about costs lives here.
 
 Config fields read (see ``experiments/configs/default.py``): ``num_workers``,
 ``tau``, ``alpha``, ``topology``, ``erdos_renyi_p``, ``order``,
-``local_state_policy``, ``tau2``, ``num_groups``, ``slow_lr``,
-``slow_momentum``, ``outer_optimizer``, ``matcha_budget``,
-``anchor_momentum``, ``max_tau``, ``seed``.
+``local_state_policy``, ``warmup_steps``, ``tau2``, ``num_groups``,
+``outer_lr``, ``outer_momentum``, ``outer_optimizer`` (SlowMo's and DiLoCo's
+outer optimizer; the old names ``slow_lr`` / ``slow_momentum`` still work,
+with a deprecation warning), ``matcha_budget``, ``anchor_momentum``,
+``max_tau``, ``seed``.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -37,67 +33,43 @@ import optax
 import coopjax
 from coopjax import topology
 
-__all__ = [
-  "Algorithm",
-  "Comm",
-  "ALGORITHMS",
-  "ALIASES",
-  "TOPOLOGIES",
-  "build",
-  "make_topology",
-  "names",
-]
+__all__ = ["ALGORITHMS", "ALIASES", "TOPOLOGIES", "build", "options", "make_topology", "names"]
 
 PyTree = Any
 
 #: Topology names accepted by ``config.topology``.
 TOPOLOGIES = ("complete", "ring", "torus", "hypercube", "exponential", "erdos_renyi", "independent")
 
+#: name → coopjax factory, called as ``factory(local, **options(name, config, lr))``.
+ALGORITHMS: dict[str, Callable[..., optax.GradientTransformation]] = {
+  "sync_sgd": coopjax.sync_sgd,
+  "local_sgd": coopjax.local_sgd,
+  "easgd": coopjax.easgd,
+  "dpsgd": coopjax.dpsgd,
+  "cooperative": coopjax.cooperative,
+  "elastic_averaging": coopjax.elastic_averaging,
+  "elastic_hierarchical": coopjax.elastic_hierarchical,
+  "nonblocking_easgd": coopjax.nonblocking_easgd,
+  "overlap_local_sgd": coopjax.overlap_local_sgd,
+  "delayed": coopjax.delayed,
+  "slowmo": coopjax.slowmo,
+  "diloco": coopjax.diloco,
+  "time_varying": coopjax.time_varying,
+  "matcha": coopjax.matcha,
+  "adacomm": coopjax.adacomm,
+  "hierarchical": coopjax.hierarchical,
+}
 
-class Comm(NamedTuple):
-  """One communication event: ``rounds`` latency terms and ``volume`` model-sized payloads."""
+#: Short names accepted as well.
+ALIASES = {"sync": "sync_sgd", "pasgd": "local_sgd", "periodic": "local_sgd", "d-psgd": "dpsgd"}
 
-  rounds: float
-  volume: float
-
-
-NO_COMM = Comm(0.0, 0.0)
-
-
-class Algorithm(NamedTuple):
-  """A built algorithm.
-
-  Attributes:
-    name: registry name.
-    tx: the coopjax optax transformation.
-    num_aux: v, auxiliary rows of X (``coopjax.replicate(p, m, num_aux)``).
-    comm: ``comm(k, opt_state) -> Comm``: what step k (counted from 1)
-      communicates, ``opt_state`` being the state after step k; ``NO_COMM``
-      when the step does not mix.
-    overlap: whether a mix runs during the following local steps
-      (non-blocking; :func:`coopjax.netmodel.modelled_wallclock` ``overlap=``).
-    settle: ``settle(X, opt_state) -> X`` completing pending communication
-      before evaluation (non-blocking algorithms), or None.
-  """
-
-  name: str
-  tx: optax.GradientTransformation
-  num_aux: int
-  comm: Callable[[int, Any], Comm]
-  overlap: bool = False
-  settle: Callable[[PyTree, Any], PyTree] | None = None
+# Options every algorithm may take, with the value that means "not asked for".
+_COMMON = {"order": "step_then_mix", "local_state_policy": "keep", "warmup_steps": 0}
 
 
-def _all_reduce(m: int) -> Comm:
-  return Comm(2.0 * (m - 1), 2.0 * (m - 1) / m) if m > 1 else NO_COMM
-
-
-def _pattern_comm(pattern) -> Comm:
-  return Comm(float(pattern.rounds), float(pattern.volume))
-
-
-def _every(tau: int, comm: Comm) -> Callable[[int, Any], Comm]:
-  return lambda k, _state: comm if k % tau == 0 else NO_COMM
+def names() -> tuple[str, ...]:
+  """Registered algorithm names."""
+  return tuple(ALGORITHMS)
 
 
 def make_topology(name: str, m: int, *, p: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -133,237 +105,152 @@ def _groups(m: int, num_groups: int) -> list[list[int]]:
   return [list(range(g * size, (g + 1) * size)) for g in range(num_groups)]
 
 
-def _coop_kwargs(fn, config, mix_mask) -> dict:
-  """``order``, ``local_state_policy`` and ``mix_mask`` where ``fn`` accepts them."""
-  params = inspect.signature(fn).parameters
-  out = {}
-  if "order" in params:
-    out["order"] = config.order
-  if "local_state_policy" in params:
-    out["local_state_policy"] = config.local_state_policy
-  if mix_mask is not None and "mix_mask" in params:
-    out["mix_mask"] = mix_mask
-  return out
-
-
-def _sync(config, local, lr, mix_mask):
-  m = config.num_workers
-  tx = coopjax.sync_sgd(local, num_workers=m, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
-  return Algorithm("sync_sgd", tx, 0, _every(1, _all_reduce(m)))
-
-
-def _local_sgd(config, local, lr, mix_mask):
-  m, tau = config.num_workers, config.tau
-  tx = coopjax.local_sgd(
-    local, tau=tau, num_workers=m, **_coop_kwargs(coopjax.cooperative, config, mix_mask)
-  )
-  return Algorithm("local_sgd", tx, 0, _every(tau, _all_reduce(m)))
-
-
-def _easgd(config, local, lr, mix_mask):
-  m, tau = config.num_workers, config.tau
-  kw = _coop_kwargs(coopjax.cooperative, config, mix_mask)
-  tx = coopjax.easgd(local, tau=tau, alpha=config.alpha, num_workers=m, **kw)
-  return Algorithm("easgd", tx, 1, _every(tau, _all_reduce(m)))
-
-
 def _graph(config) -> np.ndarray:
   return make_topology(
     config.topology, config.num_workers, p=config.erdos_renyi_p, seed=config.seed
   )
 
 
-def _dpsgd(config, local, lr, mix_mask):
-  W = _graph(config)
-  tx = coopjax.dpsgd(local, W=W, **_coop_kwargs(coopjax.cooperative, config, mix_mask))
-  pattern = coopjax.comm_pattern(tx)
-  return Algorithm("dpsgd", tx, 0, _every(1, _pattern_comm(pattern)))
+def _outer(config) -> tuple[float, float]:
+  """``(outer_lr, outer_momentum)``, honouring the deprecated ``slow_lr`` / ``slow_momentum``."""
+  lr, momentum = float(config.outer_lr), float(config.outer_momentum)
+  for old, new in (("slow_lr", "outer_lr"), ("slow_momentum", "outer_momentum")):
+    value = config.get(old)
+    if value is not None:
+      warnings.warn(
+        f"config.{old} is deprecated: it is the outer optimizer's option, use config.{new}.",
+        DeprecationWarning,
+        stacklevel=3,
+      )
+      if new == "outer_lr":
+        lr = float(value)
+      else:
+        momentum = float(value)
+  return lr, momentum
 
 
-def _cooperative(config, local, lr, mix_mask):
-  W, tau = _graph(config), config.tau
-  tx = coopjax.cooperative(
-    local, tau=tau, W=W, **_coop_kwargs(coopjax.cooperative, config, mix_mask)
-  )
-  pattern = coopjax.comm_pattern(tx)
-  return Algorithm("cooperative", tx, 0, _every(tau, _pattern_comm(pattern)))
-
-
-def _elastic_averaging(config, local, lr, mix_mask):
-  W, tau = _graph(config), config.tau
-  kw = _coop_kwargs(coopjax.cooperative, config, mix_mask)
-  tx = coopjax.elastic_averaging(local, W=W, alpha=config.alpha, tau=tau, **kw)
-  pattern = coopjax.comm_pattern(tx)
-  return Algorithm("elastic_averaging", tx, 1, _every(tau, _pattern_comm(pattern)))
-
-
-def _elastic_hierarchical(config, local, lr, mix_mask):
-  m, tau = config.num_workers, config.tau
-  groups = _groups(m, config.num_groups)
-  kw = _coop_kwargs(coopjax.cooperative, config, mix_mask)
-  tx = coopjax.elastic_hierarchical(local, tau=tau, groups=groups, alpha=config.alpha, **kw)
-  # Each group's workers all-reduce their sum for their group's anchor; the
-  # anchors then mix with W_aux (complete by default): one all-reduce over groups.
-  size = len(groups[0])
-  group, anchors = _all_reduce(size), _all_reduce(len(groups))
-  comm = Comm(group.rounds + anchors.rounds, group.volume + anchors.volume)
-  return Algorithm("elastic_hierarchical", tx, len(groups), _every(tau, comm))
-
-
-def _nonblocking_easgd(config, local, lr, mix_mask):
-  m, tau, a = config.num_workers, config.tau, config.alpha
-  tx = coopjax.nonblocking_easgd(local, tau=tau, alpha=a, num_workers=m)
-  return Algorithm(
-    "nonblocking_easgd",
-    tx,
-    1,
-    _every(tau, _all_reduce(m)),
-    overlap=True,
-    settle=lambda X, s: coopjax.settle_easgd(X, s, a),
-  )
-
-
-def _overlap_local_sgd(config, local, lr, mix_mask):
-  m, tau, a, beta = config.num_workers, config.tau, config.alpha, config.anchor_momentum
-  tx = coopjax.overlap_local_sgd(
-    local, tau=tau, alpha=a, num_workers=m, anchor_momentum=beta, lr=lr
-  )
-  return Algorithm(
-    "overlap_local_sgd",
-    tx,
-    1,
-    _every(tau, _all_reduce(m)),
-    overlap=True,
-    settle=lambda X, s: coopjax.settle_overlap(X, s),
-  )
-
-
-def _delayed(config, local, lr, mix_mask):
-  W, tau = _graph(config), config.tau
-  tx = coopjax.delayed(local, tau=tau, W=W)
-  pattern = coopjax.comm_pattern(tx)
-  return Algorithm("delayed", tx, 0, _every(tau, _pattern_comm(pattern)), overlap=True)
-
-
-def _slowmo(config, local, lr, mix_mask):
-  m, tau = config.num_workers, config.tau
-  tx = coopjax.slowmo(
-    local, tau=tau, num_workers=m, alpha=config.slow_lr, beta=config.slow_momentum, lr=lr
-  )
-  return Algorithm("slowmo", tx, 0, _every(tau, _all_reduce(m)))
-
-
-def _diloco(config, local, lr, mix_mask):
-  m, tau = config.num_workers, config.tau
-  outer = optax.sgd(config.slow_lr, momentum=config.slow_momentum or None, nesterov=True)
+def _diloco_outer(config) -> optax.GradientTransformation:
+  lr, momentum = _outer(config)
+  if config.outer_optimizer == "nesterov":
+    return optax.sgd(lr, momentum=momentum or None, nesterov=True)
   if config.outer_optimizer == "sgd":
-    outer = optax.sgd(config.slow_lr, momentum=config.slow_momentum or None)
-  elif config.outer_optimizer != "nesterov":
-    raise ValueError(
-      f"outer_optimizer must be 'nesterov' or 'sgd', got {config.outer_optimizer!r}."
-    )
-  tx = coopjax.diloco(local, outer=outer, tau=tau, num_workers=m)
-  return Algorithm("diloco", tx, 0, _every(tau, _all_reduce(m)))
+    return optax.sgd(lr, momentum=momentum or None)
+  raise ValueError(f"outer_optimizer must be 'nesterov' or 'sgd', got {config.outer_optimizer!r}.")
 
 
-def _time_varying(config, local, lr, mix_mask):
-  m, tau = config.num_workers, config.tau
+def _time_varying_schedule(m: int) -> list[np.ndarray]:
   period = topology.one_peer_exponential_period(m)
-  schedule = [topology.one_peer_exponential(m, r) for r in range(period)]
-  kw = _coop_kwargs(coopjax.time_varying, config, mix_mask)
-  tx = coopjax.time_varying(local, tau=tau, schedule=schedule, **kw)
-  # One-peer exponential graph: every worker sends to one peer per mix.
-  return Algorithm("time_varying", tx, 0, _every(tau, Comm(1.0, 1.0) if m > 1 else NO_COMM))
+  return [topology.one_peer_exponential(m, r) for r in range(period)]
 
 
-def _matcha(config, local, lr, mix_mask):
-  from coopjax.algorithms._time_varying import matcha_flags
-
-  m = config.num_workers
-  graph = _graph(config)
-  design = coopjax.matcha_design(graph, config.matcha_budget)
-  key = jax.random.key(config.seed)
-  kw = _coop_kwargs(coopjax.matcha, config, mix_mask)
-  tx = coopjax.matcha(local, graph=graph, budget=config.matcha_budget, num_workers=m, key=key, **kw)
-  probabilities = np.asarray(design.probabilities)
-
-  def comm(k, _state):
-    # Each active matching is one exchange with one peer (Wang et al., 2019).
-    active = float(np.sum(np.asarray(matcha_flags(key, k, probabilities))))
-    return Comm(active, active)
-
-  return Algorithm("matcha", tx, 0, comm)
-
-
-def _adacomm(config, local, lr, mix_mask):
-  m = config.num_workers
-  lr_schedule = lr if callable(lr) else None
-  kw = _coop_kwargs(coopjax.adacomm, config, mix_mask)
-  # The builder sees no loss function or evaluation batch, so the CLI uses the per-worker
+# name → options(config, lr): the algorithm's own keywords.
+_OPTIONS: dict[str, Callable[[Any, Any], dict]] = {
+  "sync_sgd": lambda c, lr: {"num_workers": c.num_workers},
+  "local_sgd": lambda c, lr: {"tau": c.tau, "num_workers": c.num_workers},
+  "easgd": lambda c, lr: {"tau": c.tau, "alpha": c.alpha, "num_workers": c.num_workers},
+  "dpsgd": lambda c, lr: {"W": _graph(c)},
+  "cooperative": lambda c, lr: {"tau": c.tau, "W": _graph(c)},
+  "elastic_averaging": lambda c, lr: {"W": _graph(c), "alpha": c.alpha, "tau": c.tau},
+  "elastic_hierarchical": lambda c, lr: {
+    "tau": c.tau,
+    "groups": _groups(c.num_workers, c.num_groups),
+    "alpha": c.alpha,
+  },
+  "nonblocking_easgd": lambda c, lr: {
+    "tau": c.tau,
+    "alpha": c.alpha,
+    "num_workers": c.num_workers,
+  },
+  "overlap_local_sgd": lambda c, lr: {
+    "tau": c.tau,
+    "alpha": c.alpha,
+    "num_workers": c.num_workers,
+    "anchor_momentum": c.anchor_momentum,
+    "lr": lr,
+  },
+  "delayed": lambda c, lr: {"tau": c.tau, "W": _graph(c)},
+  "slowmo": lambda c, lr: dict(
+    zip(("alpha", "beta"), _outer(c), strict=True),
+    tau=c.tau,
+    num_workers=c.num_workers,
+    lr=lr,
+  ),
+  "diloco": lambda c, lr: {
+    "outer": _diloco_outer(c),
+    "tau": c.tau,
+    "num_workers": c.num_workers,
+  },
+  "time_varying": lambda c, lr: {"tau": c.tau, "schedule": _time_varying_schedule(c.num_workers)},
+  "matcha": lambda c, lr: {
+    "graph": _graph(c),
+    "budget": c.matcha_budget,
+    "num_workers": c.num_workers,
+    "key": jax.random.key(c.seed),
+  },
+  # The factory sees no loss function or evaluation batch, so the CLI uses the per-worker
   # minibatch losses as F (no extra forward pass), not the averaged model's loss.
-  tx = coopjax.adacomm(
-    local,
-    tau0=config.tau,
-    num_workers=m,
-    lr_schedule=lr_schedule,
-    max_tau=config.max_tau or None,
-    loss_estimate="worker_losses",
-    **kw,
-  )
-  reduce = _all_reduce(m)
-
-  def comm(k, state):
-    return reduce if int(state.last_mix) == k else NO_COMM
-
-  return Algorithm("adacomm", tx, 0, comm)
-
-
-def _hierarchical(config, local, lr, mix_mask):
-  m, tau1, tau2 = config.num_workers, config.tau, config.tau2
-  groups = _groups(m, config.num_groups)
-  kw = _coop_kwargs(coopjax.hierarchical, config, mix_mask)
-  tx = coopjax.hierarchical(local, tau1=tau1, tau2=tau2, groups=groups, **kw)
-  full, group = _all_reduce(m), _all_reduce(len(groups[0]))
-
-  def comm(k, _state):
-    if k % tau2 == 0:
-      return full
-    return group if k % tau1 == 0 else NO_COMM
-
-  return Algorithm("hierarchical", tx, 0, comm)
-
-
-#: name → builder(config, local, lr, mix_mask) -> Algorithm.
-ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
-  "sync_sgd": _sync,
-  "local_sgd": _local_sgd,
-  "easgd": _easgd,
-  "dpsgd": _dpsgd,
-  "cooperative": _cooperative,
-  "elastic_averaging": _elastic_averaging,
-  "elastic_hierarchical": _elastic_hierarchical,
-  "nonblocking_easgd": _nonblocking_easgd,
-  "overlap_local_sgd": _overlap_local_sgd,
-  "delayed": _delayed,
-  "slowmo": _slowmo,
-  "diloco": _diloco,
-  "time_varying": _time_varying,
-  "matcha": _matcha,
-  "adacomm": _adacomm,
-  "hierarchical": _hierarchical,
+  "adacomm": lambda c, lr: {
+    "tau0": c.tau,
+    "num_workers": c.num_workers,
+    "lr_schedule": lr if callable(lr) else None,
+    "max_tau": c.max_tau or None,
+    "loss_estimate": "worker_losses",
+  },
+  "hierarchical": lambda c, lr: {
+    "tau1": c.tau,
+    "tau2": c.tau2,
+    "groups": _groups(c.num_workers, c.num_groups),
+  },
 }
 
-#: Short names accepted as well.
-ALIASES = {"sync": "sync_sgd", "pasgd": "local_sgd", "periodic": "local_sgd", "d-psgd": "dpsgd"}
+
+def _accepts(factory, keyword: str) -> bool:
+  params = inspect.signature(factory).parameters
+  if keyword in params:
+    return True
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    # forwards its keywords to coopjax.cooperative
+    return keyword in inspect.signature(coopjax.cooperative).parameters
+  return False
 
 
-def names() -> tuple[str, ...]:
-  """Registered algorithm names."""
-  return tuple(ALGORITHMS)
+def _name(config) -> str:
+  name = ALIASES.get(config.algorithm, config.algorithm)
+  if name not in ALGORITHMS:
+    raise ValueError(
+      f"unknown algorithm {config.algorithm!r}; expected one of {names()} "
+      f"(or aliases {tuple(ALIASES)})."
+    )
+  return name
 
 
-def build(config, local: optax.GradientTransformation, lr, mix_mask=None) -> Algorithm:
-  """Builds ``config.algorithm`` with ``local`` as each worker's optimizer.
+def options(config, lr=None, mix_mask: PyTree | None = None) -> dict:
+  """The keywords ``build`` passes to ``config.algorithm``'s factory after ``local``.
+
+  Options that every algorithm may take (``order``, ``local_state_policy``,
+  ``warmup_steps``, ``mix_mask``) are passed when the factory accepts them; one
+  set to a non-default value for an algorithm that has no such option is an
+  error rather than silently ignored.
+  """
+  name = _name(config)
+  factory = ALGORITHMS[name]
+  kwargs = _OPTIONS[name](config, lr)
+  common = {key: config.get(key, default) for key, default in _COMMON.items()}
+  if mix_mask is not None:
+    common["mix_mask"] = mix_mask
+  for key, value in common.items():
+    if _accepts(factory, key):
+      kwargs[key] = value
+    elif value != _COMMON.get(key):
+      raise ValueError(
+        f"{name} has no option {key!r} (config.{key}={value!r}); leave it at its default "
+        f"{_COMMON.get(key)!r} for this algorithm."
+      )
+  return kwargs
+
+
+def build(config, local: optax.GradientTransformation, lr, mix_mask=None):
+  """``ALGORITHMS[config.algorithm](local, **options(config, lr, mix_mask))``.
 
   Args:
     config: the run's config (``ml_collections.ConfigDict``).
@@ -373,15 +260,10 @@ def build(config, local: optax.GradientTransformation, lr, mix_mask=None) -> Alg
       AdaComm) receive it.
     mix_mask: optional pytree prefix of one model selecting the mixed leaves
       (e.g. :func:`coopjax.models.params_mask` to keep BatchNorm statistics
-      local), passed to the algorithms that accept it.
+      local).
 
   Returns:
-    An :class:`Algorithm`.
+    The coopjax transformation; it describes itself (``tx.layout``,
+    ``tx.comm(k, opt_state)``, ``tx.overlaps``, ``tx.settle``, ``tx.mix_mask``).
   """
-  name = ALIASES.get(config.algorithm, config.algorithm)
-  if name not in ALGORITHMS:
-    raise ValueError(
-      f"unknown algorithm {config.algorithm!r}; expected one of {names()} "
-      f"(or aliases {tuple(ALIASES)})."
-    )
-  return ALGORITHMS[name](config, local, lr, mix_mask)
+  return ALGORITHMS[_name(config)](local, **options(config, lr, mix_mask))

@@ -7,11 +7,10 @@ Usage (from the repository root)::
   python experiments/train.py --config experiments/configs/default.py:runlocal --workdir /tmp/t
   python experiments/train.py --config experiments/configs/default.py --workdir /tmp/run --resume
 
-``--config PATH[:ARG]`` loads ``get_config(ARG)`` from a Python file;
-``--config.FIELD=VALUE`` (or ``--config.FIELD VALUE``) overrides a field, nested
-fields with dots. Values are read as Python literals (``8``, ``0.1``,
-``(100, 150)``, ``True``) and otherwise as strings; they must match the
-field's type (an int is accepted for a float field).
+The command line is parsed by ``ml_collections.config_flags``: ``--config
+PATH[:ARG]`` loads ``get_config(ARG)`` from a Python file (it must come before
+the overrides); ``--config.FIELD=VALUE`` (or ``--config.FIELD VALUE``)
+overrides a field, nested fields with dots, parsed as the field's type.
 
 One step (paper eq. 10, :func:`coopjax.make_step`) is
 
@@ -22,27 +21,34 @@ One step (paper eq. 10, :func:`coopjax.make_step`) is
 Every ``log_every`` steps a row goes to ``WORKDIR/metrics.jsonl`` and
 ``WORKDIR/metrics.csv`` (the same columns, see :data:`COLUMNS`); every
 ``eval_every`` steps (and at steps 0 and the last) the row also holds the
-loss and accuracy of the averaged model :math:`u_k = X_k\mathbf 1/(m+v)`
-(paper eq. 13) on the test set and on a fixed training subset.
+loss and accuracy on the test set and on a fixed training subset of the model
+of :func:`coopjax.evaluation_model`: the averaged model of paper eq. 13
+:math:`u_k = X_k\mathbf 1/(m+v)` for the mixed leaves, the workers' mean for
+leaves kept per worker (BatchNorm statistics), after settling a reduction in
+flight.
 
-Time. ``compute_time`` is measured: wall time of the jitted step with
-``jax.block_until_ready`` after every step (compilation excluded). The
-communication is *modelled* (one machine cannot measure a cluster's network):
-each mix is priced with the α–β model of :mod:`coopjax.netmodel`,
+Time. The modelled wall-clock charges every step ``config.compute_time``
+seconds of compute (a fixed figure, the default, so that two runs differ only
+by their communication; ``compute_source`` says ``fixed``), or with
+``compute_time=0`` the step's measured time (``measured``: wall time of the
+jitted step with ``jax.block_until_ready``, compilation and the first
+execution excluded; ``measured_compute_time`` always holds it). The
+communication is *modelled* (one machine cannot measure a cluster's
+network): the transformation says what step k sends (``tx.comm(k, state)``,
+a :class:`coopjax.cost.MixCost`) and :func:`coopjax.netmodel.mix_time` prices
+it with the α–β model,
 
 .. math::
 
    T_{\text{mix}} = r\,\alpha + \nu\,B\,\beta ,
 
-r latency rounds and ν model-sized payloads per worker from
-``experiments/registry.py`` (ring all-reduce: ``r = 2(m−1)``,
-``ν = 2(m−1)/m``; neighbour exchange with Δ peers: ``r = ν = Δ``), B the bytes
-of one model's mixed leaves, α = ``network.latency``, 1/β =
-``network.bandwidth``. The modelled wall-clock adds T_mix to the step that
-mixes (blocking), or, for non-blocking algorithms, lets it run during the
-following steps and waits only if it is still in flight at the next mix
-(:func:`coopjax.netmodel.modelled_wallclock`). ``real_time`` is the measured
-wall time of the loop on this machine.
+r latency rounds and ν model-sized payloads per worker, B the bytes of one
+model's mixed leaves, α = ``network.latency``, 1/β = ``network.bandwidth``.
+The modelled wall-clock adds T_mix to the step that mixes (blocking), or, for
+transformations whose mixes overlap the next steps (``tx.overlaps``), lets it
+run during the following steps and waits only if it is still in flight at the
+next mix (:func:`coopjax.netmodel.modelled_wallclock`). ``real_time`` is the
+measured wall time of the loop on this machine.
 
 Checkpoints (``WORKDIR/checkpoints``, :class:`coopjax.checkpoint.CheckpointManager`)
 hold :class:`TrainState` ``(step, X, opt_state, rng)`` and, as JSON, the
@@ -54,11 +60,8 @@ and the workers.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import csv
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -66,6 +69,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -75,8 +79,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
+from ml_collections import config_flags
 
 import coopjax
+from coopjax import diagnostics
+from coopjax.cost import netmodel
+from coopjax.training import checkpoint as ckpt
 from coopjax.training import data as cdata
 from coopjax.training import models as cmodels
 
@@ -90,19 +99,23 @@ PyTree = Any
 
 __all__ = [
   "TrainState",
+  "Run",
   "COLUMNS",
   "load_config",
-  "apply_overrides",
   "parse_args",
   "make_schedule",
   "make_local_optimizer",
   "make_model",
-  "mix_seconds",
+  "setup",
+  "evaluate",
+  "loop",
+  "write_summary",
   "train",
   "main",
 ]
 
 DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
+DEFAULT_WORKDIR = os.path.join(tempfile.gettempdir(), "coopjax_train")
 
 #: Columns of ``metrics.csv`` (and keys of every ``metrics.jsonl`` row; eval
 #: columns are empty / null on rows without an evaluation).
@@ -119,6 +132,8 @@ COLUMNS = (
   "mixes",
   "bytes_sent",
   "compute_time",
+  "compute_source",
+  "measured_compute_time",
   "comm_time",
   "modelled_time",
   "real_time",
@@ -154,110 +169,82 @@ class TrainState(NamedTuple):
 
 
 # ---------------------------------------------------------------------------
-# config
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads ``get_config(arg)`` from ``PATH[:ARG]`` (a Python config file)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found; e.g. {DEFAULT_CONFIG}.")
-  module_spec = importlib.util.spec_from_file_location("_coopjax_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} defines no get_config().")
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def _literal(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def _coerce(field: str, old, new):
-  if old is None or new is None:
-    return new
-  if isinstance(old, bool):
-    if isinstance(new, bool):
-      return new
-    if isinstance(new, str) and new.lower() in ("true", "false"):
-      return new.lower() == "true"
-  elif isinstance(old, int) and isinstance(new, int) and not isinstance(new, bool):
-    return new
-  elif isinstance(old, float) and isinstance(new, (int, float)) and not isinstance(new, bool):
-    return float(new)
-  elif isinstance(old, str) and isinstance(new, str):
-    return new
-  elif isinstance(old, str):
-    return str(new)
-  elif isinstance(old, (tuple, list)):
-    if isinstance(new, (int, float)) and not isinstance(new, bool):
-      new = (new,)
-    if isinstance(new, (tuple, list)):
-      return tuple(new)
-  raise TypeError(
-    f"--config.{field}: value {new!r} ({type(new).__name__}) does not fit the field's type "
-    f"{type(old).__name__} (current value {old!r})."
-  )
-
-
-def apply_overrides(
-  config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]
-) -> ml_collections.ConfigDict:
-  """Sets ``config.<field> = value`` for each ``(field, text)`` (dotted fields nest)."""
-  for field, text in overrides:
-    *parents, leaf = field.split(".")
-    node = config
-    for name in parents:
-      if name not in node:
-        raise ValueError(f"--config.{field}: no field {name!r} in the config.")
-      node = node[name]
-      if not isinstance(node, ml_collections.ConfigDict):
-        raise ValueError(f"--config.{field}: {name!r} is a value, not a group of fields.")
-    if leaf not in node:
-      raise ValueError(
-        f"--config.{field}: unknown field {leaf!r}; known fields: {sorted(node.keys())}."
-      )
-    value = _coerce(field, node[leaf], _literal(text))
-    with node.ignore_type():
-      node[leaf] = value
-  return config
+# command line
 
 
 def parse_args(argv: Sequence[str] | None = None):
-  """Parses the command line: ``(config, workdir, resume)``."""
-  parser = argparse.ArgumentParser(
-    description=__doc__.splitlines()[0],
-    epilog="Override config fields with --config.FIELD=VALUE.",
+  """Parses the command line with ``ml_collections.config_flags``: ``(config, workdir, resume)``.
+
+  ``--config PATH[:ARG]`` (default ``experiments/configs/default.py``), then any
+  ``--config.FIELD=VALUE`` overrides, ``--workdir DIR`` and ``--resume``.
+
+  Raises:
+    TypeError: a value that does not parse as its field's type.
+    ValueError: an unknown field or argument, or a missing config file.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  config, workdir, resume = _parse(argv)
+  spec = [
+    a for i, a in enumerate(argv) if a.startswith("--config=") or argv[i - 1 : i] == ["--config"]
+  ]
+  base = _parse([a if a.startswith("--config=") else f"--config={a}" for a in spec[-1:]])[0]
+  _check_sequences(base, config)
+  return config, workdir, resume
+
+
+def _check_sequences(base, config, prefix: str = "") -> None:
+  """Tuple fields keep their elements' type (``--config.hidden=wide`` is refused)."""
+  for key, default in base.items():
+    value, field = config[key], f"{prefix}{key}"
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_sequences(default, value, field + ".")
+    elif isinstance(default, (tuple, list)) and default and isinstance(value, (tuple, list)):
+      kind = float if isinstance(default[0], float) else type(default[0])
+      ok = (int, float) if kind is float else (kind,)
+      bad = [x for x in value if isinstance(x, bool) or not isinstance(x, ok)]
+      if bad:
+        raise TypeError(
+          f"--config.{field}: {tuple(value)!r} holds {bad[0]!r}; the field holds "
+          f"{kind.__name__}s, e.g. {tuple(default)!r}."
+        )
+
+
+def _parse(argv: list[str]):
+  full = [sys.argv[0] if sys.argv else "train.py", *argv]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "PATH[:ARG] of a config file", flag_values=fv, sys_argv=full
   )
-  parser.add_argument("--config", default=DEFAULT_CONFIG, help="PATH[:ARG] of a config file")
-  parser.add_argument(
-    "--workdir",
-    default=os.path.join(tempfile.gettempdir(), "coopjax_train"),
-    help="output folder (metrics, summary, checkpoints)",
-  )
-  parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-  args, rest = parser.parse_known_args(list(argv) if argv is not None else None)
-  overrides, i = [], 0
-  while i < len(rest):
-    item = rest[i]
-    if not item.startswith("--config."):
-      parser.error(f"unrecognised argument {item!r}; fields are set with --config.FIELD=VALUE.")
-    field = item[len("--config.") :]
-    if "=" in field:
-      field, text = field.split("=", 1)
-    elif i + 1 < len(rest):
-      i += 1
-      text = rest[i]
-    else:
-      parser.error(f"{item} needs a value.")
-    overrides.append((field, text))
-    i += 1
-  config = apply_overrides(load_config(args.config), overrides)
-  return config, args.workdir, args.resume
+  flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "output folder", flag_values=fv)
+  flags.DEFINE_bool("resume", False, "continue from the latest checkpoint", flag_values=fv)
+  try:
+    with warnings.catch_warnings():  # config_flags loads the file with importlib's load_module
+      warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+      rest = fv(full)
+      config = fv.config
+  except flags.IllegalFlagValueError as error:
+    raise TypeError(f"{error}: the value does not fit the field's type.") from None
+  except flags.UnrecognizedFlagError as error:
+    raise ValueError(f"{error}; fields are set with --config.FIELD=VALUE.") from None
+  except (AttributeError, KeyError) as error:  # an override naming no field
+    field = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "--config.?")
+    raise ValueError(
+      f"{field}: unknown field {error}; see the fields of {DEFAULT_CONFIG}."
+    ) from None
+  except flags.Error as error:
+    raise ValueError(str(error)) from None
+  except OSError as error:
+    raise ValueError(f"cannot load the config: {error}") from None
+  if len(rest) > 1:
+    raise ValueError(
+      f"unrecognised argument {rest[1]!r}; fields are set with --config.FIELD=VALUE."
+    )
+  return ml_collections.ConfigDict(config.to_dict()), fv.workdir, fv.resume
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``get_config(ARG)`` of the config file ``PATH[:ARG]``, parsed as by the command line."""
+  return parse_args(["--config", spec])[0]
 
 
 # ---------------------------------------------------------------------------
@@ -310,17 +297,22 @@ def make_local_optimizer(config, lr, decay_mask=None) -> optax.GradientTransform
   return opt
 
 
+MODELS = ("mlp", "mlp_bn", "cnn", "resnet20", "vgg16")
+
+
 def make_model(config, num_classes: int):
-  """The flax module named by ``config.model``."""
+  """The flax module named by ``config.model`` (see :data:`MODELS`)."""
   if config.model == "mlp":
     return cmodels.MLP(features=tuple(config.hidden), num_classes=num_classes)
+  if config.model == "mlp_bn":
+    return cmodels.MLP(features=tuple(config.hidden), num_classes=num_classes, norm="batch")
   if config.model == "cnn":
     return cmodels.CNN(num_classes=num_classes)
   if config.model == "resnet20":
     return cmodels.ResNet20(num_classes=num_classes, norm=config.norm)
   if config.model == "vgg16":
     return cmodels.VGG16(num_classes=num_classes, norm=config.norm)
-  raise ValueError(f"model must be one of mlp, cnn, resnet20, vgg16; got {config.model!r}.")
+  raise ValueError(f"model must be one of {', '.join(MODELS)}; got {config.model!r}.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -334,17 +326,15 @@ def _load_data(name: str, data_dir: str):
   return cdata.load_dataset(name, data_dir or None)
 
 
-def mix_seconds(comm: registry.Comm, nbytes: float, latency: float, bandwidth: float) -> float:
-  r"""α–β time of one communication event: :math:`r\alpha + \nu B / \text{bandwidth}`."""
-  return comm.rounds * latency + comm.volume * nbytes / bandwidth
-
-
 def _tree_bytes(tree, bytes_per_param: int) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree))) * int(bytes_per_param)
 
 
 class _Clocks(NamedTuple):
+  """The run's clocks, advanced one step at a time (saved with checkpoints)."""
+
   compute_time: float = 0.0
+  measured_compute_time: float = 0.0
   comm_time: float = 0.0
   modelled_time: float = 0.0
   pending_until: float = 0.0
@@ -352,38 +342,34 @@ class _Clocks(NamedTuple):
   mixes: int = 0
   real_time: float = 0.0
 
+  def advance(self, compute: float, measured: float, cost, seconds: float, nbytes: float):
+    """One step of :func:`coopjax.netmodel.modelled_wallclock`, incrementally.
 
-def _advance(
-  clocks: _Clocks, measured: float, compute: float, comm_s: float, sent: float, overlap: bool
-) -> _Clocks:
-  """One step of :func:`coopjax.netmodel.modelled_wallclock`, incrementally.
-
-  ``measured`` is the step's measured compute time, ``compute`` the compute
-  time the model charges (the measured one unless ``config.compute_time``).
-  """
-  modelled, pending = clocks.modelled_time + compute, clocks.pending_until
-  mixes = clocks.mixes
-  if comm_s > 0 or sent > 0:
-    mixes += 1
-    if overlap:
-      modelled = max(modelled, pending)
-      pending = modelled + comm_s
-    else:
-      modelled += comm_s
-  return clocks._replace(
-    compute_time=clocks.compute_time + measured,
-    comm_time=clocks.comm_time + comm_s,
-    modelled_time=modelled,
-    pending_until=pending,
-    bytes_sent=clocks.bytes_sent + sent,
-    mixes=mixes,
-  )
+    ``compute`` is the compute time charged, ``measured`` the step's measured
+    time, ``cost`` what it communicates (a ``MixCost``) and ``seconds`` its
+    priced time (:func:`coopjax.netmodel.mix_time`).
+    """
+    modelled, pending, mixes = self.modelled_time + compute, self.pending_until, self.mixes
+    if cost.collective != "none":
+      mixes += 1
+      if cost.overlappable:
+        modelled = max(modelled, pending)
+        pending = modelled + seconds
+      else:
+        modelled += seconds
+    return self._replace(
+      compute_time=self.compute_time + compute,
+      measured_compute_time=self.measured_compute_time + measured,
+      comm_time=self.comm_time + seconds,
+      modelled_time=modelled,
+      pending_until=pending,
+      bytes_sent=self.bytes_sent + cost.volume * cost.fraction * nbytes,
+      mixes=mixes,
+    )
 
 
 def _nonfinite(metrics: dict, step: int) -> tuple[list[int], str]:
   """Workers whose loss, gradient or model went NaN/Inf at ``step``, and a message."""
-  from coopjax import diagnostics
-
   try:
     diagnostics.check_finite(metrics, step=step)
   except diagnostics.DivergenceError as error:
@@ -441,33 +427,54 @@ def _lr_at(lr, step: int) -> float:
 
 
 # ---------------------------------------------------------------------------
-# the run
+# setup
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
-  """Runs ``config`` and writes metrics, checkpoints and ``summary.json`` under ``workdir``.
+class Run(NamedTuple):
+  """What :func:`setup` builds and the loop, evaluation and output use.
 
-  Args:
-    config: the run's config (see ``experiments/configs/default.py``).
-    workdir: output folder (created).
-    resume: continue from the latest checkpoint in ``workdir/checkpoints``
-      (starts fresh when there is none).
-
-  Returns:
-    The summary dict (also written to ``workdir/summary.json``): final
-    metrics, clocks, the initial loss, ``stopped`` (None, or the step and
-    workers where a loss became non-finite, with ``on_nonfinite="stop"``) and
-    ``skipped`` (the discarded steps, with ``on_nonfinite="skip"``).
+  Attributes:
+    config: the run's config.
+    workdir: the output folder.
+    data: the dataset (:class:`coopjax.data.Dataset`).
+    batches: the per-worker batch iterator.
+    eval_train: the fixed training subset ``(x, y)`` for the training loss.
+    model: the flax module.
+    variables: one model's initial variables.
+    tx: the algorithm (a self-describing coopjax transformation).
+    step_fn: the jitted step ``(X, opt_state, batch) -> (X, opt_state, metrics)``.
+    place: puts a batch where the step wants it (sharded or not).
+    mesh: the device mesh, or None.
+    lr: the learning rate (float or schedule).
+    num_steps: K, the steps of the run.
+    steps_per_epoch: batches per epoch.
+    nbytes: B, the bytes of one model's mixed leaves.
+    net: the α–β network model.
+    policy: ``on_nonfinite``, ``"stop"`` or ``"skip"``.
   """
-  from coopjax.training import checkpoint as ckpt
 
-  config = ml_collections.ConfigDict(config.to_dict())
-  os.makedirs(workdir, exist_ok=True)
-  m = int(config.num_workers)
+  config: ml_collections.ConfigDict
+  workdir: str
+  data: Any
+  batches: Any
+  eval_train: tuple
+  model: Any
+  variables: PyTree
+  tx: Any
+  step_fn: Any
+  place: Any
+  mesh: Any
+  lr: Any
+  num_steps: int
+  steps_per_epoch: int
+  nbytes: int
+  net: netmodel.NetworkModel
+  policy: str
 
-  # data
+
+def _data(config):
   try:
-    ds = _load_data(config.dataset, config.data_dir or "")
+    return _load_data(config.dataset, config.data_dir or "")
   except FileNotFoundError as error:
     raise FileNotFoundError(f"dataset {config.dataset!r} is not available: {error}") from error
   except (KeyError, AssertionError, OSError) as error:  # TFDS folders without prepared splits
@@ -479,6 +486,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       f"({type(error).__name__}: {error}). Build it in array_record format: "
       f"tfds build {config.dataset} --file_format=array_record --data_dir DIR."
     ) from error
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
+  """Data, model, algorithm and step of ``config``, and the initial :class:`TrainState`."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  os.makedirs(workdir, exist_ok=True)
+  m = int(config.num_workers)
+  ds = _data(config)
   n_train = len(ds.train_y)
   if config.split == "iid":
     shards = cdata.split_iid(n_train, m, seed=config.seed)
@@ -498,20 +513,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       raise ValueError(f"config.{name} must be >= 1 (steps between rows), got {config[name]}.")
   if not float(config.lr) > 0:
     raise ValueError(f"config.lr must be > 0, got {config.lr}.")
+  if not float(config.compute_time) >= 0:
+    raise ValueError(
+      f"config.compute_time must be >= 0 (seconds per step; 0: measured), got "
+      f"{config.compute_time}."
+    )
   eval_idx = np.random.default_rng(config.seed).permutation(n_train)[: config.eval_train_size]
   eval_train = (ds.train_x[eval_idx], ds.train_y[eval_idx])
 
-  # model, loss, algorithm
   model = make_model(config, ds.num_classes)
   variables = _init_variables(model, tuple(ds.train_x.shape[1:]), int(config.seed))
   bn = cmodels.has_batch_stats(model)
   mask = cmodels.params_mask(variables) if bn else None
   lr = make_schedule(config, spe, num_steps)
   local = make_local_optimizer(config, lr, decay_mask=mask)
-  mix_mask = mask if (bn and config.bn_policy == "local") else None
   if bn and config.bn_policy not in ("local", "mixed"):
     raise ValueError(f"bn_policy must be 'local' or 'mixed', got {config.bn_policy!r}.")
-  alg = registry.build(config, local, lr, mix_mask)
+  mix_mask = mask if (bn and config.bn_policy == "local") else None
+  tx = registry.build(config, local, lr, mix_mask)
   mesh = None
   if config.get("sharded", False):
     # the worker axis sharded over the devices (m a multiple of their number)
@@ -519,30 +538,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
   sharded = {"mesh": mesh, "with_loss": True, "with_consensus": True} if mesh else {}
   if bn:
     loss_fn = cmodels.make_bn_loss_fn(model, ds.num_classes)
-    step_fn = coopjax.make_step(
-      loss_fn,
-      alg.tx,
-      num_workers=m,
-      has_aux=True,
-      merge_aux=cmodels.merge_batch_stats,
-      with_grad_norm=False,
-      check_finite=True,
-      jit=False,
-      **sharded,
-    )
+    sharded.update(has_aux=True, merge_aux=cmodels.merge_batch_stats)
   else:
     loss_fn = cmodels.make_loss_fn(model, ds.num_classes)
-    step_fn = coopjax.make_step(
-      loss_fn,
-      alg.tx,
-      num_workers=m,
-      with_grad_norm=False,
-      check_finite=True,
-      jit=False,
-      **sharded,
-    )
-  from coopjax import diagnostics
-
+  step_fn = coopjax.make_step(
+    loss_fn, tx, num_workers=m, with_grad_norm=False, check_finite=True, jit=False, **sharded
+  )
   policy = diagnostics.check_policy(config.get("on_nonfinite", "stop"))
   if policy == "skip":  # a non-finite step is discarded inside the compiled step
     step_fn = diagnostics.skip_nonfinite(step_fn, donate=True)
@@ -550,29 +551,204 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
   mixed_tree = variables["params"] if mix_mask is not None else variables
   nbytes = _tree_bytes(mixed_tree, config.bytes_per_param)
-  net = coopjax.netmodel.NetworkModel(
-    float(config.network.latency), float(config.network.bandwidth)
-  ).check()
+  net = netmodel.NetworkModel(float(config.network.latency), float(config.network.bandwidth))
+  net.check()
 
-  X0 = coopjax.replicate(variables, m, alg.num_aux)
+  X0 = coopjax.replicate(variables, m, tx.layout.num_aux)
   if mesh is None:
     # jit: one compilation instead of many small ones, and fresh buffers (some states
     # start as snapshots of X, and X and the state are both donated to the step)
-    opt_state = jax.jit(alg.tx.init)(X0)
-    place = lambda batch: batch
+    opt_state = jax.jit(tx.init)(X0)
+    place = lambda batch: batch  # noqa: E731
   else:
-    X0 = coopjax.shard(X0, mesh, alg.num_aux)
-    opt_state = coopjax.sharding.init(alg.tx, X0, mesh, alg.num_aux)
-    place = lambda batch: coopjax.shard_batch(batch, mesh)
+    X0 = coopjax.shard(X0, mesh, tx.layout.num_aux)
+    opt_state = coopjax.sharding.init(tx, X0, mesh, tx.layout.num_aux)
+    place = lambda batch: coopjax.shard_batch(batch, mesh)  # noqa: E731
   state = TrainState(jnp.zeros([], jnp.int32), X0, opt_state, jax.random.key(config.seed))
+  run = Run(
+    config, workdir, ds, batches, eval_train, model, variables, tx, step_fn, place, mesh, lr,
+    num_steps, spe, nbytes, net, policy,
+  )  # fmt: skip
+  return run, state
 
-  # resume
+
+# ---------------------------------------------------------------------------
+# evaluation
+
+
+def evaluation_params(run: Run, state: TrainState) -> PyTree:
+  """The model to evaluate: :func:`coopjax.evaluation_model` of the state's X."""
+  X = state.X
+  if run.mesh is not None:
+    X = coopjax.unshard(X, run.mesh, run.tx.layout.num_aux)
+  return coopjax.evaluation_model(X, run.tx, state.opt_state)
+
+
+def evaluate(run: Run, state: TrainState) -> dict:
+  """Loss and accuracy of :func:`evaluation_params` on the training subset and the test set."""
+  u = evaluation_params(run, state)
+  tr = cmodels.evaluate(run.model, u, *run.eval_train)
+  te = cmodels.evaluate(run.model, u, run.data.test_x, run.data.test_y)
+  return {
+    "train_loss": tr["loss"],
+    "train_accuracy": tr["accuracy"],
+    "test_loss": te["loss"],
+    "test_accuracy": te["accuracy"],
+  }
+
+
+# ---------------------------------------------------------------------------
+# the loop
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+def _compile(run: Run, state: TrainState, batch):
+  """The compiled step, and its compile time; one untimed execution on a copy warms it up."""
+  t0 = time.perf_counter()
+  options = {"xla_backend_optimization_level": 0} if run.config.get("fast_compile") else None
+  compiled = run.step_fn.lower(state.X, state.opt_state, batch).compile(compiler_options=options)
+  compile_time = time.perf_counter() - t0
+  # the first execution allocates and warms caches: keep it off the measured clock
+  jax.block_until_ready(compiled(_copy(state.X), _copy(state.opt_state), batch))
+  return compiled, compile_time
+
+
+class _Outcome(NamedTuple):
+  state: TrainState
+  clocks: _Clocks
+  stopped: dict | None
+  skipped: list
+  compile_time: float
+
+
+def loop(
+  run: Run,
+  state: TrainState,
+  clocks: _Clocks,
+  writer: _MetricsWriter,
+  save,
+) -> _Outcome:
+  """Steps ``state.step + 1 … num_steps``: logs rows, evaluates, checkpoints; stops on NaN."""
+  config, tx, num_steps = run.config, run.tx, run.num_steps
+  start = int(state.step)
+  first = run.place(next(run.batches))
+  compiled, compile_time = _compile(run, state, first)
+  pending_batch = first
+  fixed = float(config.compute_time)
+  source = "fixed" if fixed > 0 else "measured"
+
+  from tqdm import tqdm
+
+  stopped, skipped = None, []
+  bar = tqdm(
+    total=num_steps, initial=start, desc=config.algorithm, disable=not config.progress, leave=False
+  )
+  loop_start = time.perf_counter() - clocks.real_time
+  try:
+    for k in range(start + 1, num_steps + 1):
+      batch = pending_batch if pending_batch is not None else run.place(next(run.batches))
+      pending_batch = None
+      t = time.perf_counter()
+      X, opt_state, metrics = compiled(state.X, state.opt_state, batch)
+      jax.block_until_ready((X, opt_state, metrics))
+      measured = time.perf_counter() - t
+      state = TrainState(jnp.asarray(k, jnp.int32), X, opt_state, state.rng)
+      bad, message = _nonfinite(metrics, k)
+      skip = bool(bad) and run.policy == "skip"
+      if skip:  # the step kept X and the state as they were: no mix, nothing sent
+        skipped.append({"step": k, "workers": bad})
+        print(f"{message} Skipping this batch (on_nonfinite='skip').", file=sys.stderr)
+      elif bad:
+        stopped = {"step": k, "workers": bad, "message": message}
+        print(f"{message} Stopping; the last checkpoint is kept.", file=sys.stderr)
+        break
+      cost = coopjax.cost.NO_COMM if skip else tx.comm(k, opt_state)
+      seconds = netmodel.mix_time(cost, run.nbytes, run.net)
+      clocks = clocks.advance(fixed or measured, measured, cost, seconds, run.nbytes)
+      clocks = clocks._replace(real_time=time.perf_counter() - loop_start)
+      bar.update(1)
+      is_eval = k % config.eval_every == 0 or k == num_steps
+      if k % config.log_every == 0 or is_eval:
+        row = {
+          "step": k,
+          "epoch": k / run.steps_per_epoch,
+          "lr": _lr_at(run.lr, k - 1),
+          "loss": None if skip else float(metrics["loss"]),
+          "consensus_distance": None if skip else float(metrics["consensus_distance"]),
+          "compute_source": source,
+          **clocks._asdict(),
+        }
+        if is_eval:
+          row.update(evaluate(run, state))
+        writer.write(row)
+        if row["loss"] is not None:
+          bar.set_postfix(loss=f"{row['loss']:.4f}")
+      if config.checkpoint_every and k % config.checkpoint_every == 0:
+        save(state, clocks, force=False)
+    if stopped is None:
+      save(state, clocks, force=True)
+  finally:
+    bar.close()
+  return _Outcome(state, clocks, stopped, skipped, compile_time)
+
+
+# ---------------------------------------------------------------------------
+# output
+
+
+def write_summary(run: Run, outcome: _Outcome, rows: list[dict], initial_loss) -> dict:
+  """The run's summary dict, also written to ``workdir/summary.json``."""
+  steps = int(outcome.state.step)
+  clocks = outcome.clocks
+  last_eval = next((r for r in reversed(rows) if r.get("test_accuracy") is not None), {})
+  summary = {
+    "algorithm": run.config.algorithm,
+    "steps": steps,
+    "num_params": cmodels.num_params(run.variables),
+    "model_bytes": run.nbytes,
+    "initial_loss": initial_loss,
+    "final": last_eval,
+    "compile_time": outcome.compile_time,
+    "compute_time_per_step": clocks.compute_time / max(1, steps),
+    "compute_source": "fixed" if float(run.config.compute_time) > 0 else "measured",
+    "measured_compute_time_per_step": clocks.measured_compute_time / max(1, steps),
+    "clocks": clocks._asdict(),
+    "network": {"latency": run.net.latency, "bandwidth": run.net.bandwidth},
+    "overlap": bool(run.tx.overlaps),
+    "stopped": outcome.stopped,
+    "skipped": outcome.skipped,
+    "config": run.config.to_dict(),
+  }
+  with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+    json.dump(_jsonable(summary), f, indent=1)
+  return summary
+
+
+def _jsonable(obj):
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, (np.generic,)):
+    return obj.item()
+  return obj
+
+
+# ---------------------------------------------------------------------------
+# the run
+
+
+def _checkpoints(run: Run, state: TrainState, resume: bool):
+  """The checkpoint manager, and the state, clocks, initial loss and kept rows to go on from."""
+  config, workdir = run.config, run.workdir
   manager = ckpt.CheckpointManager(
     os.path.join(workdir, "checkpoints"),
     max_to_keep=int(config.checkpoint_keep),
-    save_interval_steps=int(config.checkpoint_every) or max(num_steps, 1) * 10,
+    save_interval_steps=int(config.checkpoint_every) or max(run.num_steps, 1) * 10,
   )
-  clocks, initial_loss, keep_until = _Clocks(), None, None
   if resume and manager.latest_step() is not None:
     meta = manager.meta()
     saved = meta.get("config", {})
@@ -588,11 +764,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
         f"use the saved config or a new --workdir."
       )
     state = manager.restore(target=ckpt.abstract_target(state))
-    batches.restore(cdata.IteratorState(**meta["data"]))
-    clocks = _Clocks(**meta["clocks"])
-    initial_loss = meta.get("initial_loss")
-    keep_until = int(state.step)
-  elif os.path.isdir(manager.directory) and manager.all_steps():
+    run.batches.restore(cdata.IteratorState(**meta["data"]))
+    return manager, state, _Clocks(**meta["clocks"]), meta.get("initial_loss"), int(state.step)
+  if os.path.isdir(manager.directory) and manager.all_steps():
     # a fresh run replaces an earlier run's checkpoints in this workdir
     manager.close()
     shutil.rmtree(manager.directory)
@@ -601,144 +775,55 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       max_to_keep=int(config.checkpoint_keep),
       save_interval_steps=manager.save_interval_steps,
     )
+  return manager, state, _Clocks(), None, None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
+  """Runs ``config`` and writes metrics, checkpoints and ``summary.json`` under ``workdir``.
+
+  :func:`setup`, then :func:`loop` (which calls :func:`evaluate`), then
+  :func:`write_summary`.
+
+  Args:
+    config: the run's config (see ``experiments/configs/default.py``).
+    workdir: output folder (created).
+    resume: continue from the latest checkpoint in ``workdir/checkpoints``
+      (starts fresh when there is none).
+
+  Returns:
+    The summary dict (also written to ``workdir/summary.json``): final
+    metrics, clocks, the initial loss, ``stopped`` (None, or the step and
+    workers where a loss became non-finite, with ``on_nonfinite="stop"``) and
+    ``skipped`` (the discarded steps, with ``on_nonfinite="skip"``).
+  """
+  run, state = setup(config, workdir)
+  manager, state, clocks, initial_loss, keep_until = _checkpoints(run, state, resume)
   writer = _MetricsWriter(workdir, keep_until)
-  start = int(state.step)
-
-  def averaged(st: TrainState):
-    X = st.X if mesh is None else coopjax.unshard(st.X, mesh, alg.num_aux)
-    X = alg.settle(X, st.opt_state) if alg.settle is not None else X
-    return coopjax.average(X)
-
-  def evaluate(st: TrainState) -> dict:
-    u = averaged(st)
-    tr = cmodels.evaluate(model, u, *eval_train)
-    te = cmodels.evaluate(model, u, ds.test_x, ds.test_y)
-    return {
-      "train_loss": tr["loss"],
-      "train_accuracy": tr["accuracy"],
-      "test_loss": te["loss"],
-      "test_accuracy": te["accuracy"],
-    }
-
-  def save(st: TrainState, clk: _Clocks, force: bool) -> None:
-    manager.save(
-      int(st.step),
-      st,
-      meta={
-        "config": config.to_dict(),
-        "data": batches.state._asdict(),
-        "clocks": clk._asdict(),
-        "initial_loss": initial_loss,
-      },
-      force=force,
+  if int(state.step) == 0:
+    ev = evaluate(run, state)
+    initial_loss = ev["train_loss"]
+    source = "fixed" if float(run.config.compute_time) > 0 else "measured"
+    writer.write(
+      {"step": 0, "epoch": 0.0, "lr": _lr_at(run.lr, 0), "compute_source": source}
+      | clocks._asdict()
+      | ev
     )
 
-  if start == 0:
-    ev = evaluate(state)
-    initial_loss = ev["train_loss"]
-    writer.write({"step": 0, "epoch": 0.0, "lr": _lr_at(lr, 0), **clocks._asdict(), **ev})
+  def save(st: TrainState, clk: _Clocks, force: bool) -> None:
+    meta = {
+      "config": run.config.to_dict(),
+      "data": run.batches.state._asdict(),
+      "clocks": clk._asdict(),
+      "initial_loss": initial_loss,
+    }
+    manager.save(int(st.step), st, meta=meta, force=force)
 
-  # compile once, outside the timed loop
-  first = place(next(batches))
-  t0 = time.perf_counter()
-  options = {"xla_backend_optimization_level": 0} if config.get("fast_compile") else None
-  compiled = step_fn.lower(state.X, state.opt_state, first).compile(compiler_options=options)
-  compile_time = time.perf_counter() - t0
-  pending_batch = first
-
-  from tqdm import tqdm
-
-  stopped = None
-  skipped = []
-  metrics = {}
-  bar = tqdm(
-    total=num_steps, initial=start, desc=config.algorithm, disable=not config.progress, leave=False
-  )
-  loop_start = time.perf_counter() - clocks.real_time
   try:
-    for k in range(start + 1, num_steps + 1):
-      batch = pending_batch if pending_batch is not None else place(next(batches))
-      pending_batch = None
-      t = time.perf_counter()
-      X, opt_state, metrics = compiled(state.X, state.opt_state, batch)
-      jax.block_until_ready((X, opt_state, metrics))
-      compute = time.perf_counter() - t
-      state = TrainState(jnp.asarray(k, jnp.int32), X, opt_state, state.rng)
-      bad, message = _nonfinite(metrics, k)
-      skip = bool(bad) and policy == "skip"
-      if skip:  # the step kept X and the state as they were: no mix, nothing sent
-        skipped.append({"step": k, "workers": bad})
-        print(f"{message} Skipping this batch (on_nonfinite='skip').", file=sys.stderr)
-      elif bad:
-        stopped = {"step": k, "workers": bad, "message": message}
-        print(f"{message} Stopping; the last checkpoint is kept.", file=sys.stderr)
-        break
-      comm = alg.comm(k, opt_state)
-      clocks = _advance(
-        clocks,
-        compute,
-        float(config.compute_time) or compute,
-        0.0 if skip else mix_seconds(comm, nbytes, net.latency, net.bandwidth),
-        0.0 if skip else comm.volume * nbytes,
-        alg.overlap,
-      )
-      clocks = clocks._replace(real_time=time.perf_counter() - loop_start)
-      bar.update(1)
-      is_eval = k % config.eval_every == 0 or k == num_steps
-      if k % config.log_every == 0 or is_eval:
-        row = {
-          "step": k,
-          "epoch": k / spe,
-          "lr": _lr_at(lr, k - 1),
-          "loss": None if skip else float(metrics["loss"]),
-          "consensus_distance": None if skip else float(metrics["consensus_distance"]),
-          **clocks._asdict(),
-        }
-        if is_eval:
-          row.update(evaluate(state))
-        writer.write(row)
-        if row["loss"] is not None:
-          bar.set_postfix(loss=f"{row['loss']:.4f}")
-      if config.checkpoint_every and k % config.checkpoint_every == 0:
-        save(state, clocks, force=False)
-    if stopped is None:
-      save(state, clocks, force=True)
+    outcome = loop(run, state, clocks, writer, save)
   finally:
-    bar.close()
     writer.close()
     manager.close()
-
-  rows = writer.rows
-  last_eval = next((r for r in reversed(rows) if r.get("test_accuracy") is not None), {})
-  summary = {
-    "algorithm": config.algorithm,
-    "steps": int(state.step),
-    "num_params": cmodels.num_params(variables),
-    "model_bytes": nbytes,
-    "initial_loss": initial_loss,
-    "final": last_eval,
-    "compile_time": compile_time,
-    "compute_time_per_step": clocks.compute_time / max(1, int(state.step)),
-    "clocks": clocks._asdict(),
-    "network": {"latency": net.latency, "bandwidth": net.bandwidth},
-    "overlap": alg.overlap,
-    "stopped": stopped,
-    "skipped": skipped,
-    "config": config.to_dict(),
-  }
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(_jsonable(summary), f, indent=1)
-  return summary
-
-
-def _jsonable(obj):
-  if isinstance(obj, dict):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, (np.generic,)):
-    return obj.item()
-  return obj
+  return write_summary(run, outcome, writer.rows, initial_loss)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -750,7 +835,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(
       f"{config.algorithm}: step {summary['steps']}, train loss {final['train_loss']:.4f}, "
       f"test accuracy {final['test_accuracy']:.4f}, modelled time "
-      f"{summary['clocks']['modelled_time']:.3f} s; metrics in {workdir}"
+      f"{summary['clocks']['modelled_time']:.3f} s ({summary['compute_source']} compute); "
+      f"metrics in {workdir}"
     )
   return summary
 

@@ -230,3 +230,34 @@ def test_bucketing_one_collective_per_neighbour_offset(mesh):
   )
   rep = coopjax.comm_report(step, X, state, coopjax.shard_batch(np.ones(m, np.float32), mesh))
   assert [c.kind for c in rep] == ["all-reduce"] and rep[0].bytes == model_bytes
+
+
+def test_group_mean_sends_only_to_the_devices_that_read(mesh):
+  """Pairs of workers on neighbouring devices: each collective-permute has D/2 pairs, not D."""
+  import re
+
+  from jax.sharding import PartitionSpec as P
+
+  from coopjax import mixing
+  from coopjax.parallel.context import ShardContext
+  from coopjax.parallel.context import sharded
+
+  m = D
+  groups = [[i, i + 1] for i in range(0, m, 2)]
+  ctx = ShardContext(coopjax.WORKER_AXIS, D, m, 0)
+
+  def body(x):
+    with sharded(ctx):
+      return mixing.Mix.groups(groups)({"w": x})["w"]
+
+  f = jax.jit(
+    jax.shard_map(
+      body, mesh=mesh, in_specs=P(coopjax.WORKER_AXIS), out_specs=P(coopjax.WORKER_AXIS)
+    )
+  )
+  x = np.arange(m, dtype=np.float32)
+  np.testing.assert_allclose(np.asarray(f(x)), np.repeat(x.reshape(-1, 2).mean(1), 2))
+  text = f.lower(x).compile().as_text()
+  pairs = re.findall(r"source_target_pairs=\{((?:\{\d+,\d+\},?)+)\}", text)
+  assert len(pairs) == 2
+  assert all(p.count("{") == D // 2 for p in pairs), pairs

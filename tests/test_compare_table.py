@@ -34,6 +34,7 @@ def test_table_labels_both_comparisons():
     num_workers=8,
     model_bytes=100,
     compute_time_per_step=1e-3,
+    compute_source="fixed",
     network=dict(latency=1e-4, bandwidth=1.25e8),
     sync_comm_time_per_step=1e-3,
     target_train_loss=0.13,

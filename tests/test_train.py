@@ -107,17 +107,127 @@ def test_modelled_wallclock_non_blocking_overlaps(tmp_path):
 
 def test_clock_matches_netmodel():
   from coopjax.cost import netmodel
+  from coopjax.cost import pattern
 
   rng = np.random.default_rng(0)
   compute = rng.uniform(1e-3, 3e-3, 40)
   mixed = np.arange(1, 41) % 3 == 0
   for overlap in (False, True):
     expected = netmodel.modelled_wallclock(compute, mixed, 4e-3, overlap=overlap)
+    cost = pattern.MixCost("all_reduce", 1.0, 1, overlap)
     clocks, got = train._Clocks(), []
     for t, mix in zip(compute, mixed, strict=True):
-      clocks = train._advance(clocks, t, t, 4e-3 if mix else 0.0, 1.0 if mix else 0.0, overlap)
+      c = cost if mix else pattern.NO_COMM
+      clocks = clocks.advance(t, t, c, 4e-3 if mix else 0.0, 1.0)
       got.append(clocks.modelled_time)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_two_runs_report_identical_modelled_times(tmp_path):
+  """The default charges a fixed compute time per step: the same run gives the same clock."""
+  a, dir_a = run(tmp_path, "algorithm=easgd", name="a")
+  b, dir_b = run(tmp_path, "algorithm=easgd", name="b")
+  rows_a, rows_b = read_jsonl(dir_a), read_jsonl(dir_b)
+  assert [r["modelled_time"] for r in rows_a] == [r["modelled_time"] for r in rows_b]
+  assert {r["compute_source"] for r in rows_a} == {"fixed"}
+  t_c = train.load_config(RUNLOCAL).compute_time
+  assert rows_a[-1]["compute_time"] == pytest.approx(STEPS * t_c, rel=1e-12)
+  # the measured time is still reported, and differs between the runs' own clocks
+  assert rows_a[-1]["measured_compute_time"] > 0 and rows_b[-1]["measured_compute_time"] > 0
+  # compute_time=0 charges the measured time, and the column says so
+  c, dir_c = run(tmp_path, "algorithm=easgd", "compute_time=0.0", name="c")
+  rows_c = read_jsonl(dir_c)
+  assert {r["compute_source"] for r in rows_c} == {"measured"}
+  assert rows_c[-1]["compute_time"] == rows_c[-1]["measured_compute_time"]
+
+
+def test_warmup_steps_run_synchronous_sgd_first(tmp_path):
+  """warmup_steps=w: steps 1..w are sync SGD (one mix each), then local SGD counts from 1."""
+  w = 6
+  sync, sync_dir = run(tmp_path, "algorithm=sync_sgd", name="sync")
+  warm, warm_dir = run(tmp_path, "algorithm=local_sgd", f"warmup_steps={w}", name="warm")
+  a, b = read_jsonl(sync_dir), read_jsonl(warm_dir)
+  for ra, rb in zip(a, b, strict=True):
+    k = rb["step"]
+    assert rb["mixes"] == min(k, w) + max(0, k - w) // TAU
+    if 0 < k <= w:  # the same iterates as synchronous SGD
+      assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+  assert b[-1]["mixes"] < a[-1]["mixes"]
+
+
+def test_outer_optimizer_options_and_deprecated_names():
+  config = train.load_config(RUNLOCAL)
+  config.algorithm, config.outer_lr, config.outer_momentum = "slowmo", 0.7, 0.3
+  kwargs = registry.options(config, 0.1)
+  assert (kwargs["alpha"], kwargs["beta"]) == (0.7, 0.3)
+  config.slow_lr = 0.5
+  with pytest.warns(DeprecationWarning, match="outer_lr"):
+    kwargs = registry.options(config, 0.1)
+  assert (kwargs["alpha"], kwargs["beta"]) == (0.5, 0.3)
+  parsed, _, _ = train.parse_args(["--config", RUNLOCAL, "--config.slow_momentum=0.25"])
+  assert parsed.slow_momentum == 0.25
+  # an option the algorithm does not have is refused, not ignored
+  config = train.load_config(RUNLOCAL)
+  config.algorithm, config.local_state_policy = "slowmo", "reset"
+  with pytest.raises(ValueError, match="local_state_policy"):
+    registry.options(config, 0.1)
+
+
+def test_train_reports_the_evaluation_with_the_workers_statistics(tmp_path):
+  """EASGD + BatchNorm through the CLI: the reported accuracy is that of evaluation_model."""
+  import coopjax
+  from coopjax.training import checkpoint as ckpt
+  from coopjax.training import models as cmodels
+
+  summary, workdir = run(tmp_path, "algorithm=easgd", "model=mlp_bn")
+  assert summary["stopped"] is None
+  # the statistics stay local: one mix moves the parameters' bytes only
+  params_bytes = 4 * (64 * 16 + 16 + 2 * 16 + 16 * 10 + 10)  # dense, BatchNorm scale/bias, out
+  assert summary["model_bytes"] == params_bytes
+  last = read_jsonl(workdir)[-1]
+  assert last["mixes"] == STEPS // TAU
+  assert last["bytes_sent"] == pytest.approx(last["mixes"] * 2 * (M - 1) / M * params_bytes)
+  assert math.isfinite(last["modelled_time"]) and last["modelled_time"] > last["compute_time"]
+  config = train.load_config(RUNLOCAL)
+  config.algorithm, config.model = "easgd", "mlp_bn"
+  r, state = train.setup(config, str(tmp_path / "setup"))
+  with ckpt.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    state = manager.restore(target=ckpt.abstract_target(state))
+  # the workers' statistics (mean over rows 0..m-1), the parameters of eq. 13
+  X = state.X
+  u = {
+    "params": coopjax.average(X["params"]),
+    "batch_stats": jax_mean_rows(X["batch_stats"], M),
+  }
+  expected = cmodels.evaluate(r.model, u, r.data.test_x, r.data.test_y)
+  assert summary["final"]["test_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+  assert summary["final"]["test_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def jax_mean_rows(tree, m):
+  import jax
+
+  return jax.tree.map(lambda x: np.asarray(x)[:m].mean(0), tree)
+
+
+@pytest.mark.parametrize(
+  "name",
+  ["easgd", "elastic_averaging", "elastic_hierarchical", "nonblocking_easgd", "overlap_local_sgd"],
+)
+def test_train_evaluation_never_uses_the_auxiliary_statistics(tmp_path, name):
+  """Every algorithm with auxiliary rows: their (initial) statistics never reach an evaluation."""
+  import jax
+  import jax.numpy as jnp
+
+  config = train.load_config(RUNLOCAL)
+  config.algorithm, config.model = name, "mlp_bn"
+  r, state = train.setup(config, str(tmp_path / "setup"))
+  assert r.tx.layout.num_aux >= 1
+  X = state.X
+  poisoned = dict(X, batch_stats=jax.tree.map(lambda x: x.at[M:].set(jnp.nan), X["batch_stats"]))
+  clean = train.evaluate(r, state)
+  dirty = train.evaluate(r, state._replace(X=poisoned))
+  assert dirty == clean and math.isfinite(dirty["test_loss"])
 
 
 def test_resume_continues_exactly(tmp_path):

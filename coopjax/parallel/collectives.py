@@ -272,7 +272,9 @@ def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
     def leaf(x):
       received = {}
       for delta in deltas:
-        pairs = [(e, (e - delta) % D) for e in range(D)]
+        # Only devices that read rows from δ places ahead receive (a matching or a group
+        # mean leaves the others out); the rest get zeros, which no weight reads.
+        pairs = [(e, (e - delta) % D) for e in range(D) if need.get(((e - delta) % D, delta))]
         received[delta] = lax.ppermute(_rows(x, send[delta], ctx), ctx.axis_name, pairs)
       parts = [received[delta] for delta in behind] + [x]
       parts += [received[delta] for delta in deltas if delta not in behind]

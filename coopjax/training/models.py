@@ -144,6 +144,9 @@ class MLP(nn.Module):
   Attributes:
     features: hidden widths (empty: multinomial logistic regression).
     num_classes: output width.
+    norm: ``"none"`` (default), or ``"batch"`` / ``"group"`` to normalise every
+      hidden layer before its ReLU (``"batch"`` keeps ``batch_stats``).
+    num_groups: groups of ``norm="group"``.
 
   Examples:
     One hidden layer of 3 on 4 inputs, 2 classes: ``(4 + 1)·3 + (3 + 1)·2 = 23``
@@ -158,13 +161,20 @@ class MLP(nn.Module):
 
   features: Sequence[int] = (256,)
   num_classes: int = 10
+  norm: str = "none"
+  num_groups: int = 2
+
+  @property
+  def has_batch_stats(self) -> bool:
+    return self.norm == "batch"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    del train
+    _check_norm(self.norm)
     x = x.reshape((x.shape[0], -1))
     for width in self.features:
-      x = nn.relu(nn.Dense(width)(x))
+      x = nn.Dense(width)(x)
+      x = nn.relu(_norm_layer(self.norm, train, self.num_groups)(x))
     return nn.Dense(self.num_classes)(x)
 
 

@@ -19,13 +19,21 @@ Fields:
     ``elastic_averaging``: complete, ring, torus, hypercube, exponential, erdos_renyi.
   optimizer: local optimizer: sgd, momentum, nesterov, adam, adamw.
   schedule: constant, step (×``decay_factor`` at ``decay_epochs``) or cosine.
+  warmup_steps: steps of synchronous SGD before the algorithm's own schedule
+    (post-local SGD, Lin et al. 2020).
+  outer_lr, outer_momentum, outer_optimizer: the outer optimizer of ``slowmo``
+    (α, β) and ``diloco`` (``slow_lr`` / ``slow_momentum`` are deprecated names).
   network: α–β model (``latency`` seconds, ``bandwidth`` bytes/s) of the
     modelled communication time; ``bytes_per_param`` the wire size of a value.
+  compute_time: seconds of compute charged per step in the modelled time (a
+    fixed figure, so that two runs differ only by their communication); 0
+    charges each step's measured time instead.
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,9 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.local_state_policy = "keep"
   c.tau2 = 16  # hierarchical: global period (multiple of tau)
   c.num_groups = 2  # hierarchical, elastic_hierarchical
-  c.slow_lr = 1.0  # slowmo α, diloco outer lr
-  c.slow_momentum = 0.5  # slowmo β, diloco outer momentum
+  c.warmup_steps = 0  # steps of synchronous SGD before the algorithm starts (post-local SGD)
+  c.outer_lr = 1.0  # the outer optimizer's learning rate: slowmo α, diloco's outer lr
+  c.outer_momentum = 0.5  # the outer optimizer's momentum: slowmo β, diloco's outer momentum
   c.outer_optimizer = "nesterov"  # diloco: nesterov or sgd
+  c.slow_lr = placeholder(float)  # deprecated name of outer_lr
+  c.slow_momentum = placeholder(float)  # deprecated name of outer_momentum
   c.matcha_budget = 0.5
   c.anchor_momentum = 0.0  # overlap_local_sgd
   c.max_tau = 0  # adacomm (0: no bound)
@@ -61,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data_dir = ""
   c.split = "iid"  # iid or dirichlet
   c.concentration = 0.5  # dirichlet α
-  c.model = "mlp"  # mlp, cnn, resnet20, vgg16
+  c.model = "mlp"  # mlp, mlp_bn (BatchNorm), cnn, resnet20, vgg16
   c.hidden = (64,)  # mlp widths
   c.norm = "batch"  # resnet20 / vgg16: batch, group, none
   c.bn_policy = "local"  # BatchNorm statistics: local (per worker) or mixed
@@ -80,10 +91,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sharded = False  # shard the worker axis over the devices (jax.shard_map step)
   c.num_devices = 0  # with sharded: how many devices (0: all); num_workers must be a multiple
   c.fast_compile = False  # XLA backend optimisation off: faster compile, slower steps
-  # α–β network model for modelled communication time
-  c.network = ml_collections.ConfigDict({"latency": 50e-6, "bandwidth": 1.25e9})
+  # α–β network model for modelled communication time (the same for every CLI):
+  # latency 100 µs, 1 Gbit/s; one sync all-reduce costs more than one local step
+  c.network = ml_collections.ConfigDict({"latency": 100e-6, "bandwidth": 1.25e8})
   c.bytes_per_param = 4
-  c.compute_time = 0.0  # > 0: model every step's compute as this many seconds
+  # the compute time charged per step: a fixed number of seconds, so that runs compare
+  # their algorithms and not this machine's timing noise; 0 charges the measured time
+  c.compute_time = 1e-3
 
   if arg == "runlocal":
     c.num_workers = 4

@@ -1,6 +1,6 @@
 """Quick start: the four classic algorithms on scikit-learn's digits, on the CPU.
 
-  python experiments/quickstart.py
+  python examples/quickstart.py
 
 Trains softmax regression on the 1797 8×8 digits shipped with scikit-learn
 (no download), split across m = 8 workers, with fully synchronous SGD, local
@@ -25,7 +25,7 @@ from coopjax import topology
 
 def loss_fn(params, batch):
   x, y = batch
-  logits = x @ params["w"] + params["b"]
+  logits = x @ params["w"] + params["b"][None, :]
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
@@ -46,24 +46,24 @@ def main(argv=None):
   shards = np.array_split(rng.permutation(train), m)
 
   algorithms = {
-    "sync": (coopjax.sync_sgd(optax.sgd(args.lr), num_workers=m), 0),
-    "local_sgd(tau=8)": (coopjax.local_sgd(optax.sgd(args.lr), tau=8, num_workers=m), 0),
-    "easgd(tau=4)": (coopjax.easgd(optax.sgd(args.lr), tau=4, alpha=0.1, num_workers=m), 1),
-    "dpsgd(ring)": (coopjax.dpsgd(optax.sgd(args.lr), W=topology.ring(m)), 0),
+    "sync": coopjax.sync_sgd(optax.sgd(args.lr), num_workers=m),
+    "local_sgd(tau=8)": coopjax.local_sgd(optax.sgd(args.lr), tau=8, num_workers=m),
+    "easgd(tau=4)": coopjax.easgd(optax.sgd(args.lr), tau=4, alpha=0.1, num_workers=m),
+    "dpsgd(ring)": coopjax.dpsgd(optax.sgd(args.lr), W=topology.ring(m)),
   }
   params = {"w": jnp.zeros((64, 10)), "b": jnp.zeros((10,))}
   print(f"{'algorithm':<18} {'train loss':>10} {'test acc':>9}")
-  for name, (tx, v) in algorithms.items():
-    X = coopjax.replicate(params, m, v)
+  for name, tx in algorithms.items():
+    X = coopjax.replicate(params, m, tx.layout.num_aux)
     state = tx.init(X)
     step = coopjax.make_step(loss_fn, tx, num_workers=m, donate=True)
     batch_rng = np.random.default_rng(1)
     for _ in tqdm(range(args.steps), desc=name, leave=False):
       idx = np.stack([batch_rng.choice(s, args.batch) for s in shards])
       X, state, metrics = step(X, state, (jnp.asarray(x[idx]), jnp.asarray(y[idx])))
-    u = coopjax.average(X)
+    u = coopjax.evaluation_model(X, tx)  # the averaged model of eq. 13
     train_loss = float(loss_fn(u, (x[train], y[train])))
-    acc = float(jnp.mean(jnp.argmax(x[test] @ u["w"] + u["b"], -1) == y[test]))
+    acc = float(jnp.mean(jnp.argmax(x[test] @ u["w"] + u["b"][None, :], -1) == y[test]))
     print(f"{name:<18} {train_loss:>10.4f} {acc:>9.3f}")
   jax.block_until_ready(X)
 
