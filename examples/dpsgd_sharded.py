@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     X, opt_state, metrics = step(X, opt_state, coopjax.shard_batch(next(batches), mesh))
     jax.block_until_ready(X)  # fake CPU devices: one step in flight at a time
 
-  u = coopjax.evaluation_model(coopjax.unshard(X, mesh), tx)
+  u = coopjax.evaluation_model(coopjax.unshard(X, mesh, tx), tx)
   result = models.evaluate(model, u, ds.test_x, ds.test_y)
   print(
     f"D-PSGD ring, {m} workers on {len(jax.devices())} devices: "
