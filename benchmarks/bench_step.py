@@ -70,28 +70,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from bench_devices import mlp_init  # noqa: E402
+from bench_devices import mlp_loss  # noqa: E402
 
 import coopjax  # noqa: E402
 
 LR = 0.01
 TAU = 4
 PER_WORKER = 32
-
-
-def mlp_init(key, sizes=(784, 256, 10)):
-  params = {}
-  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-    key, sub = jax.random.split(key)
-    params[f"w{i}"] = jax.random.normal(sub, (a, b), jnp.float32) / np.sqrt(a)
-    params[f"b{i}"] = jnp.zeros((b,), jnp.float32)
-  return params
-
-
-def mlp_loss(params, batch):
-  x, y = batch
-  h = jax.nn.relu(x @ params["w0"] + params["b0"])
-  logits = h @ params["w1"] + params["b1"]
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
 def make_batches(m, count, seed=0):

@@ -430,7 +430,3 @@ def periodic(tau: int, cost: pattern.MixCost) -> dict:
     mix_cost=cost,
     period=tau,
   )
-
-
-def as_array(x) -> np.ndarray:
-  return np.asarray(x, dtype=np.float64)
