@@ -4,6 +4,7 @@ Communication-efficient distributed SGD, A(τ, W, v) of Wang & Joshi (JMLR 2021)
 as optax gradient transformations over a stacked worker axis.
 """
 
+from coopjax import compress
 from coopjax import cost
 from coopjax import diagnostics
 from coopjax import evaluation
@@ -76,6 +77,7 @@ __all__ = [
   "checkpoint",
   "collectives",
   "comm_pattern",
+  "compress",
   "comm_report",
   "CommPattern",
   "consensus_distance",
