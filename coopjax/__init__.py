@@ -12,10 +12,12 @@ from coopjax import mixing
 from coopjax import theory
 from coopjax import topology
 from coopjax.algorithms import AdaCommState
+from coopjax.algorithms import ChocoState
 from coopjax.algorithms import CooperativeState
 from coopjax.algorithms import CooperativeTransformation
 from coopjax.algorithms import DelayedState
 from coopjax.algorithms import DiLoCoState
+from coopjax.algorithms import ErrorFeedbackState
 from coopjax.algorithms import HierarchicalState
 from coopjax.algorithms import MatchaDesign
 from coopjax.algorithms import NonBlockingEASGDState
@@ -23,6 +25,7 @@ from coopjax.algorithms import OverlapState
 from coopjax.algorithms import SlowMoState
 from coopjax.algorithms import TimeVaryingState
 from coopjax.algorithms import adacomm
+from coopjax.algorithms import choco
 from coopjax.algorithms import cooperative
 from coopjax.algorithms import delayed
 from coopjax.algorithms import diloco
@@ -75,6 +78,8 @@ __all__ = [
   "AdaCommState",
   "average",
   "checkpoint",
+  "choco",
+  "ChocoState",
   "collectives",
   "comm_pattern",
   "compress",
@@ -96,6 +101,7 @@ __all__ = [
   "easgd",
   "elastic_averaging",
   "elastic_hierarchical",
+  "ErrorFeedbackState",
   "evaluation",
   "evaluation_model",
   "hierarchical",

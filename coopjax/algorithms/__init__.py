@@ -2,13 +2,17 @@
 
 One private module per family: ``_cooperative`` (A(τ, W, v) and its special cases),
 ``_nonblocking`` (reductions overlapped with the next period), ``_outer`` (SlowMo,
-DiLoCo), ``_time_varying`` (cycled schedules, MATCHA), ``_adacomm`` (adaptive period)
+DiLoCo), ``_choco`` (CHOCO-SGD, compressed gossip), ``_compressed`` (error-feedback
+averaging for local SGD, DiLoCo and SlowMo with a compressor), ``_time_varying`` (cycled schedules, MATCHA), ``_adacomm`` (adaptive period)
 and ``_hierarchical`` (group and global averaging). Every public name is
 re-exported here and from :mod:`coopjax`.
 """
 
 from coopjax.algorithms._adacomm import AdaCommState
 from coopjax.algorithms._adacomm import adacomm
+from coopjax.algorithms._choco import ChocoState
+from coopjax.algorithms._choco import choco
+from coopjax.algorithms._compressed import ErrorFeedbackState
 from coopjax.algorithms._cooperative import CooperativeState
 from coopjax.algorithms._cooperative import cooperative
 from coopjax.algorithms._cooperative import dpsgd
@@ -51,6 +55,8 @@ __all__ = [
   "adacomm",
   "AdaCommState",
   "BASE_BUFFERS",
+  "choco",
+  "ChocoState",
   "cooperative",
   "CooperativeState",
   "CooperativeTransformation",
@@ -60,6 +66,7 @@ __all__ = [
   "DiLoCoState",
   "dpsgd",
   "EarlyReduction",
+  "ErrorFeedbackState",
   "easgd",
   "elastic_averaging",
   "elastic_hierarchical",
