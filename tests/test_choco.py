@@ -318,11 +318,11 @@ def test_comm_prices_the_payload():
   assert tx.comm(1, state).collective == "none"
   cost = tx.comm(2, state)
   assert cost.collective == "neighbor_exchange" and cost.volume == 2.0
-  assert cost.fraction == pytest.approx(fraction)
-  assert tx.mix_cost.fraction == pytest.approx(fraction)
-  assert tx.comm(4).fraction == pytest.approx(fraction)  # the model init saw
+  assert cost.wire_fraction == pytest.approx(fraction)
+  assert tx.mix_cost.wire_fraction == pytest.approx(fraction)
+  assert tx.comm(4).wire_fraction == pytest.approx(fraction)  # the model init saw
   chained = optax.chain(optax.identity(), tx)
-  assert chained.init(X) and tx.comm(2, chained.init(X)).fraction == pytest.approx(fraction)
+  assert chained.init(X) and tx.comm(2, chained.init(X)).wire_fraction == pytest.approx(fraction)
 
 
 def test_validation_errors():

@@ -212,7 +212,7 @@ def test_comm_is_a_gather_of_payloads():
   assert tx.comm(3, state).collective == "none"
   cost = tx.comm(4, state)
   assert (cost.collective, cost.volume, cost.rounds) == ("all_gather", m - 1.0, m - 1)
-  assert cost.fraction == pytest.approx(34 * 2 / 100)  # 34 values + 34 int32 indices
+  assert cost.wire_fraction == pytest.approx(34 * 2 / 100)  # 34 values + 34 int32 indices
   assert tx.mix_cost == cost
 
 

@@ -55,6 +55,7 @@ from coopjax.algorithms._compressed import compressed_comm
 from coopjax.algorithms._compressed import default_key
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
+from coopjax.cost import pattern
 from coopjax.workers import Layout
 
 PyTree = Any
@@ -160,8 +161,9 @@ def choco(
 
   Returns:
     An optax transformation with state :class:`ChocoState`. Its ``comm(k,
-    opt_state)`` is W's exchange with ``fraction`` the payload's share of
-    the model's bytes.
+    opt_state)`` is :meth:`coopjax.mixing.Mix.compressed_cost`: W's
+    neighbour exchange (an all-gather for a dense W) with ``wire_fraction``
+    the payload's bytes over the message's.
 
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
@@ -202,15 +204,13 @@ def choco(
   key = default_key(key)
   mix_mask = mixing.check_mask(mix_mask)
   mix = mixing.Mix(W, m, mask=mix_mask)
-  comm, record = compressed_comm(
-    _skeleton.every(tau, mix.cost), compressor, ChocoState, lambda st: st.hat, mix_mask
-  )
+  comm, record = compressed_comm(tau, mix, compressor, ChocoState, lambda state: state.hat)
   described = {}
 
   def init_extra(params):
-    record(params)
+    cost = record(params)
     if "tx" in described:
-      described["tx"].mix_cost = comm(tau)
+      described["tx"].mix_cost = cost  # the payload's share known from the model's shapes
     if hat_init == "zeros":
       zeros = jax.tree.map(jnp.zeros_like, params)
       return zeros, zeros
@@ -244,7 +244,7 @@ def choco(
     on_mix=on_mix,
     init_extra=init_extra,
     comm=comm,
-    mix_cost=mix.cost,
+    mix_cost=pattern.compressed_cost(W, m, 1.0),  # priced by the model once init sees it
     period=tau,
     overlaps=False,
     orders=("step_then_mix",),

@@ -70,8 +70,6 @@ __all__ = [
   "check_error_decay",
   "default_key",
   "error_feedback_mean",
-  "gathered_cost",
-  "payload_fraction",
   "compressed_comm",
   "error_feedback_averaging",
   "check_uncompressed_options",
@@ -149,45 +147,6 @@ def error_feedback_mean(
   return jax.tree.map(lambda c: c[0], mixed), error
 
 
-def gathered_cost(num_workers: int) -> pattern.MixCost:
-  """The mean of compressed messages: every worker's payload to every other (a ring all-gather).
-
-  ``m − 1`` payloads sent per worker in ``m − 1`` rounds (the payload's share
-  of the model in ``fraction``, see :func:`compressed_comm`).
-
-  Examples:
-    >>> from coopjax.algorithms import _compressed
-    >>> _compressed.gathered_cost(8)
-    MixCost(collective='all_gather', volume=7.0, rounds=7, overlappable=False, fraction=1.0)
-  """
-  m = int(num_workers)
-  if m <= 1:
-    return pattern.NO_COMM
-  return pattern.MixCost("all_gather", float(m - 1), m - 1, False)
-
-
-def payload_fraction(compressor: compress.Compressor, model: PyTree, mask=None) -> float:
-  """Payload bytes of one worker's message over the bytes of its whole model.
-
-  Only the leaves ``mask`` selects are sent (all when None).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from coopjax import compress
-    >>> from coopjax.algorithms import _compressed
-    >>> _compressed.payload_fraction(compress.identity(), {"w": jnp.zeros(8), "b": jnp.zeros(8)},
-    ...                              mask={"w": True, "b": False})
-    0.5
-  """
-  leaves = jax.tree.leaves(model)
-  dense = sum(int(np.prod(np.shape(x))) * jnp.dtype(x.dtype).itemsize for x in leaves)
-  flags = mixing.leaf_flags(mask, model)
-  sent = [x for x, keep in zip(leaves, flags, strict=True) if keep]
-  if not sent or dense == 0:
-    return 0.0
-  return compress.payload_bytes(compressor, sent) / dense
-
-
 def _find(opt_state, state_cls):
   is_state = lambda x: isinstance(x, state_cls)
   for s in jax.tree.leaves(opt_state, is_leaf=is_state):
@@ -197,53 +156,45 @@ def _find(opt_state, state_cls):
 
 
 def compressed_comm(
-  base: Callable[[int, Any], pattern.MixCost],
+  tau: int,
+  mix: mixing.Mix,
   compressor: compress.Compressor,
   state_cls: type,
   rows_of: Callable[[Any], PyTree],
-  mask=None,
 ):
-  """``comm(k, opt_state)`` pricing each mix of ``base`` by the compressor's payload.
+  """``comm(k, opt_state)``: ``mix``'s compressed cost at steps τ, 2τ, …, nothing otherwise.
 
-  The payload's share of the model (``MixCost.fraction``) comes from the
-  static shapes of one worker's row of ``rows_of(state)`` (the state of type
-  ``state_cls`` found inside ``opt_state``, also through ``optax.chain``),
-  or from the model last seen by ``init`` when no state is given. Returns
-  ``(comm, record)``: ``record(rows)`` stores the shapes of one row of the
-  stacked ``rows`` (called by ``init``).
+  The cost is :meth:`coopjax.mixing.Mix.compressed_cost` on one worker's
+  message, whose shapes come from one row of ``rows_of(state)`` (the state
+  of type ``state_cls`` found inside ``opt_state``, also through
+  ``optax.chain``), or from the model last seen by ``init`` when no state is
+  given. Returns ``(comm, record)``: ``record(rows)`` stores the shapes of one
+  row of the stacked ``rows`` (called by ``init``) and returns the cost.
   """
   seen = {}
 
-  def fraction_of(model) -> float:
-    shapes = tuple((np.shape(x), jnp.dtype(x.dtype).name) for x in jax.tree.leaves(model))
+  def cost_of(rows) -> pattern.MixCost:
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), rows)
+    shapes = tuple((x.shape, jnp.dtype(x.dtype).name) for x in jax.tree.leaves(like))
     if shapes not in seen:
-      seen[shapes] = payload_fraction(compressor, model, mask)
+      seen[shapes] = mix.compressed_cost(compressor, like)
     seen["last"] = seen[shapes]
     return seen[shapes]
 
-  def record(rows):
-    fraction_of(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), rows))
-
   def comm(k: int, opt_state=None) -> pattern.MixCost:
-    cost = base(k, opt_state)
-    if cost.collective == "none":
-      return cost
+    if k % tau:
+      return pattern.NO_COMM
     state = _find(opt_state, state_cls) if opt_state is not None else None
     if state is not None:
-      rows = rows_of(state)
-      fraction = fraction_of(
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), rows)
-      )
-    elif "last" in seen:
-      fraction = seen["last"]
-    else:
-      raise ValueError(
-        "the cost of a compressed mix depends on the model's shapes: call tx.init(X) first or "
-        "pass the optimizer state, tx.comm(k, opt_state)."
-      )
-    return cost._replace(fraction=fraction)
+      return cost_of(rows_of(state))
+    if "last" in seen:
+      return seen["last"]
+    raise ValueError(
+      "the cost of a compressed mix depends on the model's shapes: call tx.init(X) first or "
+      "pass the optimizer state, tx.comm(k, opt_state)."
+    )
 
-  return comm, record
+  return comm, cost_of
 
 
 def error_feedback_averaging(
@@ -275,20 +226,13 @@ def error_feedback_averaging(
   key = default_key(key)
   mix_mask = mixing.check_mask(mix_mask)
   average = mixing.Mix.average(m, mask=mix_mask)
-  cost = gathered_cost(m)
-  comm, record = compressed_comm(
-    lambda k, _state=None: cost if k % tau == 0 else pattern.NO_COMM,
-    compressor,
-    ErrorFeedbackState,
-    lambda st: st.error,
-    mix_mask,
-  )
+  comm, record = compressed_comm(tau, average, compressor, ErrorFeedbackState, lambda s: s.error)
   described = {}
 
   def init_extra(params):
-    record(params)
+    cost = record(params)
     if "tx" in described:
-      described["tx"].mix_cost = comm(tau)
+      described["tx"].mix_cost = cost
     x_ref = mixing.worker_mean(params)  # x_0 when X is replicated
     return x_ref, init_outer(x_ref), jax.tree.map(jnp.zeros_like, params)
 
@@ -312,7 +256,7 @@ def error_feedback_averaging(
     init_extra=init_extra,
     state_mix=lambda k: mixing.Mix.average(m),
     comm=comm,
-    mix_cost=cost,
+    mix_cost=pattern.compressed_cost(average.matrix, m, 1.0),  # priced by the model at init
     period=tau,
     orders=("step_then_mix",),
     order=order,
