@@ -342,3 +342,41 @@ def test_validation_errors():
     coopjax.choco(local, tau=1, W=W, compressor="top_k", gamma=1.0)
   with pytest.raises(ValueError, match="local_state_policy"):
     coopjax.choco(local, tau=1, W=W, compressor=q, gamma=1.0, local_state_policy="mix")
+
+
+def run_both(tx, m, steps, seed=0):
+  """The same run unsharded and sharded over 8 devices (distinct initial rows): (plain, sharded)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), (coopjax.WORKER_AXIS,))
+  A, b = ref.make_batches(steps, m, seed=seed)
+  _, X0 = x0_rows(m)
+  plain, plain_state = run(tx, X0, A, b)
+  X = coopjax.shard(X0, mesh, 0)
+  state = coopjax.sharding.init(tx, X, mesh, 0)
+  step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh)
+  for k in range(steps):
+    X, state, _ = step(X, state, coopjax.shard_batch((A[k], b[k]), mesh))
+    jax.block_until_ready(X)  # fake CPU devices deadlock on unblocked loops
+  return (plain, plain_state), (coopjax.unshard(X, mesh, 0), state)
+
+
+@pytest.mark.parametrize(
+  "graph,order,hat_init,name",
+  [("ring", "paper", "zeros", "random_sign"), ("exponential", "overlap", "x0", "top_k")],
+)
+def test_sharded_equals_unsharded(graph, order, hat_init, name):
+  m = 16  # two workers per device
+  W = topology.ring(m) if graph == "ring" else topology.exponential(m)
+  tx = coopjax.choco(
+    optax.sgd(LR, momentum=MOMENTUM),
+    tau=2,
+    W=W,
+    compressor=COMPRESSORS[name],
+    gamma=0.6,
+    order=order,
+    hat_init=hat_init,
+    key=KEY,
+  )
+  (plain, ps), (sharded, ss) = run_both(tx, m, steps=5)
+  np.testing.assert_allclose(ref.flat(sharded), ref.flat(plain), rtol=2e-5, atol=2e-6)
+  hat = jax.tree.map(np.asarray, ss.hat)
+  np.testing.assert_allclose(ref.flat(hat), ref.flat(ps.hat), rtol=2e-5, atol=2e-6)

@@ -8,6 +8,7 @@ import pytest
 import reference as ref
 from test_choco import COMPRESSORS
 from test_choco import np_compress
+from test_choco import run_both
 from test_choco import x0_rows
 
 import coopjax
@@ -232,3 +233,24 @@ def test_validation_errors():
     coopjax.local_sgd(
       local, tau=2, num_workers=4, compressor=compress.identity(), order="mix_then_step"
     )
+
+
+@pytest.mark.parametrize("name", ["top_k", "random_sign"])
+def test_sharded_equals_unsharded(name):
+  m = 16
+  tx = coopjax.local_sgd(
+    optax.sgd(LR, momentum=MOMENTUM),
+    tau=2,
+    num_workers=m,
+    compressor=COMPRESSORS[name],
+    error_decay=0.8,
+    key=KEY,
+  )
+  (plain, ps), (sharded, ss) = run_both(tx, m, steps=5)
+  np.testing.assert_allclose(ref.flat(sharded), ref.flat(plain), rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(
+    ref.flat(jax.tree.map(np.asarray, ss.error)), ref.flat(ps.error), rtol=2e-5, atol=2e-6
+  )
+  np.testing.assert_allclose(
+    flat_model(jax.tree.map(np.asarray, ss.x_ref)), flat_model(ps.x_ref), rtol=2e-5, atol=2e-6
+  )
