@@ -17,53 +17,14 @@ LR, MOMENTUM = 0.05, 0.9
 KEY = jax.random.key(7)
 
 
-def np_top_k(x, fraction):
-  """NumPy top-k of one leaf: the k = max(1, ⌊d·fraction⌋) largest |x_j|, ties to the lower index."""
-  flat = np.asarray(x).ravel()
-  k = max(1, int(np.floor(flat.size * fraction)))
-  keep = np.argsort(-np.abs(flat), kind="stable")[:k]
-  out = np.zeros_like(flat)
-  out[keep] = flat[keep]
-  return out.reshape(np.shape(x))
-
-
-def top_k_standin(fraction):
-  """A top-k compressor (values + int32 indices), checked leaf by leaf against :func:`np_top_k`."""
-
-  def encode(x, key):
-    flat = x.ravel()
-    k = max(1, int(np.floor(flat.size * fraction)))
-    idx = jnp.argsort(-jnp.abs(flat), stable=True)[:k].astype(jnp.int32)
-    return {"values": flat[idx], "indices": idx}
-
-  def decode(payload, like, key):
-    out = jnp.zeros(int(np.prod(like.shape)), like.dtype)
-    return out.at[payload["indices"]].set(payload["values"]).reshape(like.shape)
-
-  return compress.Compressor(f"top_k(fraction={fraction})", encode, decode)
-
-
-def random_sign_standin():
-  """A random compressor: ‖x‖₁/d · sign(x) on coordinates drawn from the key, else 0."""
-
-  def mask(key, shape):
-    return jax.random.bernoulli(key, 0.5, shape)
-
-  def encode(x, key):
-    keep = mask(key, x.shape)
-    scale = jnp.sum(jnp.abs(x)) / max(x.size, 1)
-    return {"scale": scale, "signs": jnp.where(keep, jnp.sign(x), 0).astype(jnp.int8)}
-
-  def decode(payload, like, key):
-    return (payload["scale"] * payload["signs"]).astype(like.dtype)
-
-  return compress.Compressor("random_sign", encode, decode)
-
-
 COMPRESSORS = {
   "identity": compress.identity(),
-  "top_k": top_k_standin(0.34),
-  "random_sign": random_sign_standin(),
+  "top_k": compress.top_k(fraction=0.34),  # 1 of w's 3 coordinates, c whole
+  "qsgd": compress.qsgd(2),  # random levels drawn from the message keys
+  "random_k": compress.random_k(fraction=0.5, unbiased=True),
+  "sign": compress.scaled_sign(),
+  "int8": compress.int8(),
+  "int4": compress.int4(),
 }
 
 
@@ -135,8 +96,8 @@ def choco_reference(x0, W, tau, gamma, A, b, compressor, order, hat_init, key):
   "order,hat_init,name",
   [
     ("paper", "zeros", "top_k"),
-    ("paper", "x0", "random_sign"),
-    ("overlap", "zeros", "random_sign"),
+    ("paper", "x0", "qsgd"),
+    ("overlap", "zeros", "qsgd"),
     ("overlap", "x0", "top_k"),
   ],
 )
@@ -252,7 +213,7 @@ def test_every_mix_preserves_the_worker_mean(order, hat_init):
     local,
     tau=tau,
     W=W,
-    compressor=COMPRESSORS["random_sign"],
+    compressor=COMPRESSORS["qsgd"],
     gamma=0.7,
     order=order,
     hat_init=hat_init,
@@ -361,7 +322,7 @@ def run_both(tx, m, steps, seed=0):
 
 @pytest.mark.parametrize(
   "graph,order,hat_init,name",
-  [("ring", "paper", "zeros", "random_sign"), ("exponential", "overlap", "x0", "top_k")],
+  [("ring", "paper", "zeros", "qsgd"), ("exponential", "overlap", "x0", "top_k")],
 )
 def test_sharded_equals_unsharded(graph, order, hat_init, name):
   m = 16  # two workers per device
