@@ -82,13 +82,24 @@ _COMMON = {"order": "step_then_mix", "local_state_policy": "keep", "warmup_steps
 
 
 #: ``config.compressor`` names: ``name`` or ``name:argument`` (see :func:`make_compressor`).
-COMPRESSORS = ("none", "identity", "top_k", "random_k", "qsgd", "sign", "int8", "int4")
+COMPRESSORS = (
+  "none",
+  "identity",
+  "top_k",
+  "random_k",
+  "qsgd",
+  "qsgd_biased",
+  "sign",
+  "int8",
+  "int4",
+)
 
 
 def make_compressor(spec: str) -> compress.Compressor | None:
   """A compressor from its config name: ``"none"`` (no compression), ``"identity"``,
-  ``"top_k:F"`` / ``"random_k:F"`` (F the fraction kept), ``"qsgd:B"`` (B bits),
-  ``"sign"`` (scaled sign), ``"int8"``, ``"int4"``.
+  ``"top_k:F"`` / ``"random_k:F"`` (F the fraction kept), ``"qsgd:B"`` (B bits,
+  unbiased) and ``"qsgd_biased:B"`` (scaled by 1/(1 + ω): a contraction, as CHOCO
+  needs), ``"sign"`` (scaled sign), ``"int8"``, ``"int4"``.
 
   Examples:
     >>> make_compressor("none") is None
@@ -104,7 +115,7 @@ def make_compressor(spec: str) -> compress.Compressor | None:
     )
   if name == "none":
     return None
-  if name in ("top_k", "random_k", "qsgd") and not arg:
+  if name in ("top_k", "random_k", "qsgd", "qsgd_biased") and not arg:
     raise ValueError(f"compressor {name!r} needs an argument, e.g. 'top_k:0.01' or 'qsgd:4'.")
   if name == "identity":
     return compress.identity()
@@ -114,6 +125,8 @@ def make_compressor(spec: str) -> compress.Compressor | None:
     return compress.random_k(fraction=float(arg))
   if name == "qsgd":
     return compress.qsgd(int(arg))
+  if name == "qsgd_biased":
+    return compress.qsgd(int(arg), unbiased=False)
   if name == "sign":
     return compress.scaled_sign()
   return getattr(compress, name)()
