@@ -13,7 +13,9 @@ number of steps, through ``experiments/train.py``:
   variance factor ω = min(d/s², √d/s) exceeds 1 on these layers, diverged);
 * periodic averaging, τ = 4: local SGD (an all-reduce of the models) and
   error-feedback local SGD (Qsparse-local-SGD, ``local_sgd(...,
-  compressor=...)``) with QSGD 4 bits and top-k 1 %.
+  compressor=...)``) with QSGD 4 bits (biased, as for CHOCO: with the
+  unbiased QSGD, ``E‖v − Q(v)‖² = ω‖v‖²`` with ω > 1 makes the error
+  memory grow, and the run diverged at step 320) and top-k 1 %.
 
 Bytes sent per worker are the transformations' own cost records
 (``tx.comm(k, state).bytes_sent(model_bytes)``): payload bytes of the
@@ -84,7 +86,7 @@ RUNS: tuple[tuple[str, str, dict[str, Any]], ...] = (
   ),
   ("CHOCO sign", "ring", {"algorithm": "choco", "compressor": "sign", "gamma": 0.3, **RING}),
   ("local SGD τ=4", "local", dict(LOCAL)),
-  ("EF local SGD qsgd 4 bits", "local", {**LOCAL, "compressor": "qsgd:4"}),
+  ("EF local SGD qsgd 4 bits", "local", {**LOCAL, "compressor": "qsgd_biased:4"}),
   ("EF local SGD top-k 1%", "local", {**LOCAL, "compressor": "top_k:0.01"}),
 )
 
