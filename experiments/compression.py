@@ -110,13 +110,18 @@ def _set(config, overrides: dict[str, Any]):
 
 
 def run_compression(outdir: str, *, extra: dict[str, Any] | None = None, plots: bool = True):
-  """Runs :data:`RUNS` and writes ``results.json``, ``summary.md`` and the figures."""
+  """Runs :data:`RUNS` and writes ``results.json``, ``summary.md`` and the figures.
+
+  Each run's own metrics and checkpoints go to a temporary folder; what the
+  figures and the table need is copied into ``results.json``.
+  """
   os.makedirs(outdir, exist_ok=True)
   base = os.path.join(_HERE, "configs", "default.py")
   runs = []
+  scratch = tempfile.TemporaryDirectory(prefix="coopjax_compression_runs_")
   for i, (label, group, overrides) in enumerate(RUNS):
     config = _set(_set(train.load_config(base), SHARED), {**(extra or {}), **overrides})
-    workdir = os.path.join(outdir, "runs", f"{i}_{config.algorithm}")
+    workdir = os.path.join(scratch.name, f"{i}_{config.algorithm}")
     print(f"[{i + 1}/{len(RUNS)}] {label} ...", flush=True)
     summary = train.train(config, workdir)
     evals = [
@@ -137,6 +142,7 @@ def run_compression(outdir: str, *, extra: dict[str, Any] | None = None, plots: 
         "rows": evals,
       }
     )
+  scratch.cleanup()
   by_label = {r["label"]: r for r in runs}
   reference = {g: next(r for r in runs if r["group"] == g) for g in ("ring", "local")}
   table = []
@@ -230,9 +236,9 @@ def _plot(out: dict, outdir: str) -> None:
       (axes[1], "local", "periodic averaging, τ = 4"),
     ):
       for r in out["runs"]:
-        if r["group"] == group:
-          xs = [max(b, 1.0) for b in r["bytes_sent"]]
-          ax.plot(xs, r[key], label=r["label"], marker=".", markersize=3)
+        if r["group"] == group:  # from the first evaluation after a mix (log scale)
+          points = [(b, y) for b, y in zip(r["bytes_sent"], r[key], strict=True) if b > 0]
+          ax.plot(*zip(*points, strict=True), label=r["label"], marker=".", markersize=3)
       ax.set_xscale("log")
       ax.set_xlabel("bytes sent per worker")
       ax.set_title(title)

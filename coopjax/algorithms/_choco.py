@@ -126,6 +126,10 @@ def choco(
   the key :func:`coopjax.compress.message_key` ``(key, k, i)``; k is the
   algorithm's step (counted from 1 after ``warmup_steps``).
 
+  The theory needs a contraction, ``E‖Q(x) − x‖² ≤ (1 − δ)‖x‖²`` with
+  δ > 0 (top-k, scaled sign, ``qsgd(bits, unbiased=False)``), and γ of
+  order δ; the unbiased QSGD at few bits is not one and can diverge.
+
   Initial copies. ``hat_init="zeros"`` (default): ``x̂ = s = 0``, as the
   authors' deep-learning code and the MATCHA code base; the first messages
   are then compressed whole models. ``"x0"``: ``x̂ = X_0`` and
