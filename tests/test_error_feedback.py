@@ -261,3 +261,17 @@ def test_sharded_equals_unsharded(name):
   np.testing.assert_allclose(
     flat_model(jax.tree.map(np.asarray, ss.x_ref)), flat_model(ps.x_ref), rtol=2e-5, atol=2e-6
   )
+
+
+def test_mix_mask_leaves_stay_per_worker_without_error():
+  """Leaves outside mix_mask are not sent: they stay per worker, their errors stay 0."""
+  A, b = ref.make_batches(4, 4, seed=26)
+  _, X = x0_rows(4)
+  local = optax.sgd(LR)
+  mask = {"w": True, "c": False}
+  tx = coopjax.local_sgd(local, tau=2, num_workers=4, compressor=compress.identity(), mix_mask=mask)
+  Xc, state = run(tx, X, A, b)
+  Xp, _ = run(coopjax.local_sgd(local, tau=2, num_workers=4, mix_mask=mask), X, A, b)
+  np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xp), rtol=1e-5, atol=1e-6)
+  assert np.ptp(np.asarray(Xc["c"])) > 1e-3  # c was not averaged
+  assert not np.any(np.asarray(state.error["c"]))
