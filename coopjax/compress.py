@@ -14,6 +14,27 @@ The key of a message is derived from the step k and the sender i
 (:func:`message_key`), never drawn from hidden state, so sender and receiver
 agree on it without sending it.
 
+The compressors, with their payloads (d the leaf's size):
+
+=======================  ==========================================  ==============================
+compressor               payload                                     bytes
+=======================  ==========================================  ==============================
+:func:`identity`         ``x``                                       ``d·itemsize``
+:func:`top_k`            ``{"values", "indices": int32}``            ``k·(itemsize + 4)``
+:func:`random_k`         ``{"values"}`` (indices from the key)       ``k·itemsize``
+:func:`qsgd`             ``{"norm": float32, "codes": uint8}``       ``4 + ⌈d·(bits+1)/8⌉``
+:func:`scaled_sign`      ``{"scale": float32, "signs": uint8}``      ``4 + ⌈d/8⌉``
+:func:`int8`             ``{"scales": float32, "q": uint8}``         ``4·rows + d``
+:func:`int4`             ``{"scales": float32, "q": uint8}``         ``4·rows + ⌈d/2⌉``
+=======================  ==========================================  ==============================
+
+Values travel as ``float32`` or, for any other float dtype, as their bytes
+(``uint8``); codes are packed by :func:`pack_bits` and int8 codes bitcast to
+``uint8`` (``lax.bitcast_convert_type``): a collective on a float8/int4 array
+would be lowered at 16 or 8 bits per value, one on the packed ``uint8`` moves
+exactly the payload. :func:`tune_gamma` picks CHOCO's consensus step size for
+a mixing matrix and a compressor by simulation.
+
   >>> import jax, jax.numpy as jnp
   >>> from coopjax import compress
   >>> q = compress.identity()

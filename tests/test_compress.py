@@ -111,8 +111,15 @@ def test_pack_bits_rejects_a_bad_width():
 # --- sparsifiers ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(1000,), (7, 13), ()])
-@pytest.mark.parametrize("spec", [{"k": 5}, {"fraction": 0.01}, {"fraction": 0.3}])
+@pytest.mark.parametrize(
+  "shape,spec",
+  [
+    ((1000,), {"fraction": 0.01}),
+    ((7, 13), {"k": 5}),
+    ((7, 13), {"fraction": 0.3}),
+    ((), {"k": 5}),
+  ],
+)
 def test_top_k_is_the_numpy_definition(shape, spec):
   x = sample(shape, seed=1)
   d = int(np.prod(shape))
@@ -177,9 +184,16 @@ def test_random_k_unbiased_in_expectation_over_keys():
 # --- quantizers ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("unbiased", [True, False])
-@pytest.mark.parametrize("shape", [(300,), (6, 11)])
+@pytest.mark.parametrize(
+  "bits,unbiased,shape",
+  [
+    (1, True, (300,)),
+    (2, False, (300,)),
+    (4, True, (6, 11)),
+    (4, False, (6, 11)),
+    (8, True, (300,)),
+  ],
+)
 def test_qsgd_is_the_numpy_definition_with_the_keys_uniforms(bits, unbiased, shape):
   x = sample(shape, seed=bits)
   u = np.asarray(jax.random.uniform(KEY, (x.size,), jnp.float32))
@@ -292,13 +306,19 @@ def test_payload_dtypes_and_bytes(q):
 
 
 @pytest.mark.parametrize("q", COMPRESSORS[1:], ids=NAMES[1:])
-def test_jit_equals_eager_and_zero_stays_zero(q):
+def test_zero_stays_zero(q):
+  zero = np.asarray(roundtrip(q, np.zeros((64, 3), np.float32)))
+  assert np.all(zero == 0)
+
+
+@pytest.mark.parametrize(
+  "q", [COMPRESSORS[1], COMPRESSORS[3], COMPRESSORS[8]], ids=lambda q: q.name
+)
+def test_jit_equals_eager(q):
   x = sample((64, 3), seed=11)
   eager = eager_roundtrip(q, x)
   jitted = jax.jit(lambda x, k: eager_roundtrip(q, x, k))(x, KEY)
   np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
-  zero = np.asarray(roundtrip(q, np.zeros((64, 3), np.float32)))
-  assert np.all(zero == 0)
 
 
 def test_payload_bytes_figures():
