@@ -510,8 +510,9 @@ def scaled_sign() -> Compressor:
 
 def _rows(x: jax.Array) -> jax.Array:
   """A leaf as rows over its last axis (a 0-d leaf is one row of length 1), in float32."""
-  n = x.shape[-1] if x.ndim else 1
-  return x.astype(jnp.float32).reshape(-1, n)
+  if not x.ndim:
+    return x.astype(jnp.float32).reshape(1, 1)
+  return x.astype(jnp.float32).reshape(int(np.prod(x.shape[:-1])), x.shape[-1])
 
 
 def _absmax_quantize(x: jax.Array, levels: int) -> tuple[jax.Array, jax.Array]:
@@ -620,7 +621,8 @@ def int4() -> Compressor:
     n = int(np.prod(np.shape(like)))
     nibble = unpack_bits(payload["q"], 4, n).astype(jnp.int32)
     q = (nibble ^ 8) - 8  # sign-extend the two's complement nibble
-    return _dequantize(payload["scales"], q.reshape(payload["scales"].shape[0], -1), like)
+    rows = payload["scales"].shape[0]
+    return _dequantize(payload["scales"], q.reshape(rows, n // max(rows, 1)), like)
 
   return Compressor(name="int4", encode=encode, decode=decode)
 

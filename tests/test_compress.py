@@ -295,7 +295,12 @@ NAMES = [q.name for q in COMPRESSORS]
 
 @pytest.mark.parametrize("q", COMPRESSORS, ids=NAMES)
 def test_payload_dtypes_and_bytes(q):
-  tree = {"a": sample((17, 9), seed=9), "b": sample((5,), seed=10), "c": np.float32(2.0)}
+  tree = {
+    "a": sample((17, 9), seed=9),
+    "b": sample((5,), seed=10),
+    "c": np.float32(2.0),
+    "empty": np.zeros((3, 0), np.float32),
+  }
   payloads = jax.jit(lambda t: compress.encode_tree(q, t, KEY))(tree)
   leaves = jax.tree.leaves(payloads)
   assert {np.dtype(a.dtype) for a in leaves} <= WIRE
