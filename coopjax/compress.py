@@ -372,7 +372,7 @@ def random_k(
     d = int(np.prod(shape))
     idx, kept = indices(key, d)
     values = _values_from_wire(payload["values"], dtype)
-    if unbiased:
+    if unbiased and kept:
       values = (values.astype(jnp.float32) * jnp.float32(d / kept)).astype(dtype)
     return jnp.zeros(d, dtype).at[idx].set(values).reshape(shape)
 
