@@ -137,7 +137,9 @@ def numpy_reference(args, fail_step: int, dropped) -> tuple[np.ndarray, np.ndarr
   X = np.zeros((m + v, args.dim))
   buf = np.zeros((m, args.dim))
   split = lambda m: data.split_iid(args.examples, m, seed=args.seed)  # noqa: E731
-  batches = data.make_worker_batches(p.x, p.y, split(m), args.batch_size, args.seed, keys=("x", "y"))
+  batches = data.make_worker_batches(
+    p.x, p.y, split(m), args.batch_size, args.seed, keys=("x", "y")
+  )
   for k in range(1, args.steps + 1):
     if k == fail_step:
       keep = [i for i in range(m) if i not in set(dropped)]
@@ -250,14 +252,25 @@ def run(args) -> dict:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(":") if p])
+  env["PYTHONPATH"] = os.pathsep.join(
+    [ROOT] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
+  )
   argv = _forward(args)
   procs, logs = [], []
   for i in range(args.processes):
     out = os.path.join(workdir, f"out{i}.json")
     procs.append(
       subprocess.Popen(
-        [sys.executable, "-u", os.path.abspath(__file__), *argv, "--worker", str(i), str(port), out],
+        [
+          sys.executable,
+          "-u",
+          os.path.abspath(__file__),
+          *argv,
+          "--worker",
+          str(i),
+          str(port),
+          out,
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -281,7 +294,7 @@ def run(args) -> dict:
     t.start()
   deadline = time.monotonic() + args.timeout
   try:
-    for i, p in enumerate(procs):
+    for p in procs:
       p.wait(timeout=max(deadline - time.monotonic(), 1))
   except subprocess.TimeoutExpired:
     pass
@@ -295,7 +308,9 @@ def run(args) -> dict:
   survivors = [i for i in range(args.processes) if i != args.victim]
   text = {i: "".join(logs[i]) for i in range(args.processes)}
   if not killed.is_set():
-    raise RuntimeError(f"the victim never reached step {args.kill_at}:\n{text[args.victim][-3000:]}")
+    raise RuntimeError(
+      f"the victim never reached step {args.kill_at}:\n{text[args.victim][-3000:]}"
+    )
   bad = [i for i in survivors if procs[i].returncode != 0]
   if bad:
     raise RuntimeError(
@@ -306,7 +321,10 @@ def run(args) -> dict:
     with open(os.path.join(workdir, f"out{i}.json"), encoding="utf-8") as f:
       results.append(json.load(f))
   failures = [r["failures"] for r in results]
-  if any(len(f) != 1 for f in failures) or len({(f[0]["step"], tuple(f[0]["dropped_workers"])) for f in failures}) != 1:
+  if (
+    any(len(f) != 1 for f in failures)
+    or len({(f[0]["step"], tuple(f[0]["dropped_workers"])) for f in failures}) != 1
+  ):
     raise RuntimeError(f"the survivors disagree on the failure (or saw none): {failures}")
   failure = failures[0][0]
   v = int(args.algorithm == "easgd")

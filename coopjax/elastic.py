@@ -129,7 +129,9 @@ def row_map(num_workers: int, new_num_workers: int, keep: Sequence[int] | None =
   if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in keep_list):
     raise ValueError(f"keep must hold integer worker indices, got {keep_list!r}.")
   keep_t = tuple(int(i) for i in keep_list)
-  if any(i < 0 or i >= m for i in keep_t) or any(a >= b for a, b in zip(keep_t, keep_t[1:])):
+  if any(i < 0 or i >= m for i in keep_t) or any(
+    a >= b for a, b in zip(keep_t[:-1], keep_t[1:], strict=True)
+  ):
     raise ValueError(
       f"keep must be strictly increasing worker indices in [0, {m}), got {list(keep_t)}."
     )
@@ -353,7 +355,6 @@ def scale_alpha(alpha: float, num_workers: int, new_num_workers: int) -> float:
   upper = 2.0 / (m + 1)
   if not 0.0 < float(alpha) < upper:
     raise ValueError(
-      f"alpha={alpha} is outside EASGD's stability range (0, 2/(m+1)) = (0, {upper:.6g}) for "
-      f"m={m}."
+      f"alpha={alpha} is outside EASGD's stability range (0, 2/(m+1)) = (0, {upper:.6g}) for m={m}."
     )
   return float(alpha) * (m + 1) / (m_new + 1)

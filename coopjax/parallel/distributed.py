@@ -34,7 +34,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from coopjax import elastic
 from coopjax.algorithms import step_count
