@@ -49,6 +49,7 @@ __all__ = [
   "initialize",
   "process_info",
   "resilient_loop",
+  "shutdown",
 ]
 
 
@@ -474,6 +475,47 @@ def resilient_loop(
     if on_step is not None:
       on_step(k, metrics)
   return LoopResult(X, opt_state, tx, mesh, batches, tuple(failures))
+
+
+def shutdown(timeout_seconds: float = 60.0) -> None:
+  """Leaves a multi-process run that may have lost processes: process 0 disconnects last.
+
+  With ``jax_enable_recoverability`` JAX's shutdown barrier no longer holds the
+  processes together, and a process still disconnecting when process 0 (the
+  coordination service's host) has exited aborts. So: a barrier of the live
+  processes; then every process but 0 disconnects, and process 0 waits until
+  they have (at most ``timeout_seconds``) before it disconnects. Call it at the
+  end of every process of a :func:`resilient_loop` run; without
+  recoverability, or in a single process, it is ``jax.distributed.shutdown``.
+
+  Examples:
+    In one process that never joined a multi-process run it does nothing:
+
+    >>> shutdown()
+  """
+  if jax.process_count() == 1 or not jax.config.jax_enable_recoverability:
+    jax.distributed.shutdown()
+    return
+  devices = jax.devices()
+  try:
+    with multihost_utils.live_devices(devices):
+      pass
+  except multihost_utils.ProcessFailureError:
+    pass  # one more process gone: the others are still together
+  if jax.process_index() != 0:
+    jax.distributed.shutdown()
+    return
+  deadline = time.monotonic() + float(timeout_seconds)
+  while time.monotonic() < deadline:
+    try:
+      with multihost_utils.live_devices(devices) as live:
+        pass
+    except multihost_utils.ProcessFailureError:
+      continue  # a process disconnected: look again
+    if {d.process_index for d in live} <= {0}:
+      break
+    time.sleep(0.01)
+  jax.distributed.shutdown()
 
 
 class _NoDetection:
