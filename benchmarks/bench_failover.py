@@ -392,6 +392,7 @@ def main(argv=None) -> dict | None:
   result["max_abs_error_X"] = max(r["max_abs_error_X"] for r in runs)
   result["max_abs_error_momentum"] = max(r["max_abs_error_momentum"] for r in runs)
   result["repeats"] = len(runs)
+  result["command"] += f" --repeats {len(runs)}"
   result["failed_steps_all"] = [r["failed_step"] for r in runs]
   summary = {k: result[k] for k in result if not k.startswith(("X", "momentum"))}
   print(json.dumps(summary, indent=1))

@@ -48,6 +48,7 @@ __all__ = [
   "ProcessInfo",
   "initialize",
   "process_info",
+  "drop_devices",
   "resilient_loop",
   "shutdown",
 ]
@@ -285,6 +286,19 @@ def drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh):
 
   Returns:
     ``(X′, opt_state′)`` on ``new_mesh``.
+
+  Examples:
+    Four workers on two devices; the second device is lost, its workers 2 and 3
+    with it:
+
+    >>> import jax, jax.numpy as jnp, optax, coopjax
+    >>> make_tx = lambda m: coopjax.local_sgd(optax.sgd(0.1, momentum=0.9), tau=2, num_workers=m)
+    >>> mesh = coopjax.worker_mesh(2)
+    >>> X = coopjax.shard(jnp.arange(4.0)[:, None], mesh, make_tx(4))
+    >>> state = coopjax.sharding.init(make_tx(4), X, mesh)
+    >>> X1, state1 = drop_devices(X, state, make_tx(4), make_tx(2), mesh, coopjax.worker_mesh(1))
+    >>> X1.ravel().tolist(), coopjax.step_count(state1).tolist()
+    ([0.0, 1.0], 0)
   """
   m, v = tx.layout
   D, D_new = sharding.num_devices(mesh), sharding.num_devices(new_mesh)
@@ -330,9 +344,12 @@ def resilient_loop(
 ) -> LoopResult:
   r"""Runs steps up to ``num_steps``, surviving the death of processes other than process 0.
 
-  Every step runs inside ``jax.experimental.multihost_utils.live_devices``:
-  either all live processes complete it, or all of them get
-  ``ProcessFailureError``. On a failure at step k the survivors
+  Every step runs inside ``jax.experimental.multihost_utils.live_devices``,
+  after an empty ``live_devices`` block that acts as a barrier of the live
+  processes (a process that died since the last step is found there, before
+  the step's collectives start): either all live processes complete the step,
+  or all of them get ``ProcessFailureError``. Each block costs one round trip
+  to the coordination service. On a failure at step k the survivors
 
   1. build the mesh of the live devices (same order);
   2. drop the rows of the dead devices' workers from X and from every
@@ -381,11 +398,11 @@ def resilient_loop(
     mesh: the mesh X lives on (default: :func:`coopjax.worker_mesh` over all
       devices).
     step_options: keyword arguments for :func:`coopjax.make_step`.
-    on_step: ``on_step(k, metrics)`` after each completed step (metrics on the
-      host's side are still JAX arrays).
+    on_step: ``on_step(k, metrics)`` after each completed step k (``metrics``
+      as returned by the step, JAX arrays).
 
   Returns:
-    A :class:`LoopResult`.
+    A :class:`LoopResult`. End each process with :func:`shutdown`.
 
   Raises:
     RuntimeError: in a multi-process run without ``jax_enable_recoverability``.
