@@ -39,6 +39,7 @@ def test_survivors_finish_and_match_numpy_with_the_dead_rows_dropped():
     pytest.skip("this jax has no jax_cpu_collectives_implementation option (gloo)")
   args = bench_failover.parse_args(
     ["--algorithm", "easgd", "--victim", "1", "--kill-at", "5", "--steps", "14", "--timeout", "60"]
+    + ["--step-sleep", "0.2"]  # the kill lands between steps (see docs/elastic.md on CPUs)
   )
   try:
     result = bench_failover.run(args)
