@@ -101,3 +101,22 @@ def test_drop_devices_equals_resize_of_the_unsharded_state(name):
   batch = {"x": np.ones((6, 4, 3), np.float32), "y": np.ones((6, 4), np.float32)}
   X_new, state_new, _ = step(X_new, state_new, coopjax.shard_batch(batch, new_mesh))
   assert int(coopjax.step_count(state_new)) == steps + 1
+
+
+def test_initialize_checks_recoverable_before_joining():
+  with pytest.raises(TypeError, match="recoverable"):
+    distributed.initialize("127.0.0.1:1", 2, 0, cpu_collectives=None, recoverable="yes")
+  assert not jax.config.jax_enable_recoverability
+
+
+def test_resilient_loop_refuses_donation():
+  make_tx = lambda m: coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=m)  # noqa: E731
+  mesh = sharding.worker_mesh(devices=jax.devices()[:2])
+  tx = make_tx(2)
+  X = coopjax.shard(coopjax.replicate(jnp.zeros(2), tx), mesh, tx)
+  with pytest.raises(ValueError, match="donate"):
+    distributed.resilient_loop(
+      lambda w, b: jnp.sum(w), tx, X, sharding.init(tx, X, mesh), iter([]),
+      make_tx=make_tx, make_shards=lambda m: None, num_steps=1, mesh=mesh,
+      step_options={"donate": True},
+    )  # fmt: skip
