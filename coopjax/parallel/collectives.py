@@ -35,6 +35,14 @@ workers' block ``A`` is lowered by :func:`worker_plan` to the first that fits:
 
 Every lowering equals the dense reference :func:`coopjax.mixing.mix_dense` up
 to float rounding (tests compare them for every kind).
+
+Compressed messages (:func:`exchange`, the sharded
+:meth:`coopjax.mixing.Mix.exchange`) reuse these plans for their payloads: a
+sparse A sends the boundary rows' payloads through the same
+collective-permutes and the receiver decodes them; full averaging, an
+auxiliary fed by the workers or a dense A all-gather the payloads and every
+device decodes and sums them (a psum would add compressed data). Only
+payload bytes travel, one buffer per collective (:func:`exchange_kind`).
 """
 
 from __future__ import annotations
