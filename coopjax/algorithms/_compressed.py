@@ -42,6 +42,17 @@ so with β = 1 the virtual model ``y = x_ref − η·mean(e)`` moves as the
 uncompressed reference does, ``y' = y − η·mean_i(x_ref − x_i)``: what the
 compressor withholds is delayed, never lost.
 
+  >>> import jax.numpy as jnp, optax, coopjax
+  >>> from coopjax import compress
+  >>> tx = coopjax.local_sgd(optax.sgd(1.0), tau=1, num_workers=2,
+  ...                        compressor=compress.top_k(k=1))
+  >>> X = {"w": jnp.zeros((2, 2))}
+  >>> _, state = tx.update({"w": jnp.array([[1.0, 2.0], [0.0, 4.0]])}, tx.init(X), X)
+  >>> state.x_ref["w"].tolist()  # Δ = [[1, 2], [0, 4]] sends [[0, 2], [0, 4]]
+  [0.0, -3.0]
+  >>> (state.x_ref["w"] - state.error["w"].mean(0)).tolist()  # = mean(x½), as uncompressed
+  [-0.5, -3.0]
+
 Which compressors. The error stays bounded for a contraction,
 ``E‖Q(v) − v‖² ≤ (1 − δ)‖v‖²`` with δ > 0: top-k, random-k without
 scaling, scaled sign, int8/int4, ``qsgd(bits, unbiased=False)``. The

@@ -335,6 +335,19 @@ def diloco(
     >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # x_start − 0.5·Δ
     [-0.1, -0.1]
 
+    With top-1 messages and error feedback: Δ_1 = [0.1, 0.3] sends [0, 0.3] and keeps
+    e_1 = [0.1, 0]; the outer step moves by 0.5·mean(c) = 0.5·[0.15, 0.15].
+
+    >>> from coopjax import compress
+    >>> tx = coopjax.diloco(optax.sgd(0.1), outer=optax.sgd(0.5), tau=1, num_workers=2,
+    ...                     compressor=compress.top_k(k=1))
+    >>> X = {"w": jnp.zeros((2, 2))}
+    >>> updates, state = tx.update({"w": jnp.array([[1.0, 3.0], [3.0, 1.0]])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"][0].tolist()]
+    [-0.075, -0.075]
+    >>> [[round(x, 4) for x in row] for row in state.error["w"].tolist()]
+    [[0.1, 0.0], [0.0, 0.1]]
+
   References:
     Douillard et al., DiLoCo: Distributed low-communication training of
     language models, arXiv 2311.08105, 2023, Algorithm 1.
