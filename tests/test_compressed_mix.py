@@ -109,6 +109,11 @@ COMPRESSORS = {
   "random_k": random_k(0.3),
   "four_bit": four_bit(),
   "float8": cast(jnp.float8_e4m3fn),
+  # The library's compressors (coopjax.compress).
+  "qsgd": compress.qsgd(4),
+  "int4": compress.int4(),
+  "lib_random_k": compress.random_k(fraction=0.25, unbiased=True),
+  "scaled_sign": compress.scaled_sign(),
 }
 
 
@@ -195,12 +200,12 @@ KEYED = ["top_k", "random_k"]  # a deterministic and a keyed compressor
 CASES = {
   # name: (W, m, v, expected exchange kind, compressors)
   "ring8": (topology.ring(8), 8, 0, "permute", KEYED),
-  "ring16": (topology.ring(16), 16, 0, "permute", ALL + ["float8"]),
+  "ring16": (topology.ring(16), 16, 0, "permute", ALL + ["float8", "qsgd", "int4"]),
   "torus": (topology.torus(4, 4), 16, 0, "permute", KEYED),
   "exponential": (topology.exponential(16), 16, 0, "permute", KEYED),
   "one_peer": (topology.one_peer_exponential(16, 2), 16, 0, "permute", KEYED),
   "complete": (topology.complete(16), 16, 0, "gather", ALL),
-  "easgd": (topology.easgd(16, 0.05), 16, 1, "gather", ALL),
+  "easgd": (topology.easgd(16, 0.05), 16, 1, "gather", ALL + ["lib_random_k", "scaled_sign"]),
   "random_dense": (_random_stochastic(16, 0), 16, 0, "gather", KEYED),
   "random_dense_aux": (_random_stochastic(17, 1, 0.5), 16, 1, "gather", KEYED),
   "ring_pull_aux": (_ring_with_pull(16, 0.1), 16, 1, "permute", KEYED),
@@ -287,6 +292,34 @@ def test_ring_four_bit_moves_an_eighth_plus_scales(mesh):
   assert rep.kinds() == ["collective-permute"] * 2, str(rep)
   assert rep.bytes_by_dtype() == {"u8": 2 * (d // 2 + 4)}  # packed levels and the scale
   assert rep.total_bytes <= 0.125 * dense.total_bytes + 2 * 4
+
+
+def test_library_compressors_on_the_wire(mesh):
+  """coopjax.compress.top_k at 1 % and int4 (per-row scales) on a ring of 16 workers."""
+  m, shape = 16, (100, 100)
+  mix = mixing.Mix(topology.ring(m), m)
+  ctx = ShardContext(AXIS, D, m, 0)
+  x = jnp.ones((m,) + shape, jnp.float32)
+
+  def collectives_of(q):
+    def body(x):
+      with sharded(ctx):
+        return mix.exchange({"w": x}, q, jax.random.key(0), 1)[1]["w"]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+    return comm.comm_report(f, x)
+
+  dense_bytes = 2 * 4 * 100 * 100  # two boundary rows of 10⁴ float32
+  like = jax.ShapeDtypeStruct(shape, jnp.float32)
+  top = collectives_of(compress.top_k(fraction=0.01))
+  assert top.kinds() == ["collective-permute"] * 2
+  assert set(top.bytes_by_dtype()) <= {"u8", "s32"}, str(top)
+  assert top.total_bytes == 2 * compress.payload_bytes(compress.top_k(fraction=0.01), like)
+  assert top.total_bytes <= 0.02 * dense_bytes
+  four = collectives_of(compress.int4())
+  assert four.kinds() == ["collective-permute"] * 2 and set(four.bytes_by_dtype()) == {"u8"}
+  assert four.total_bytes == 2 * compress.payload_bytes(compress.int4(), like)
+  assert four.total_bytes <= 0.125 * dense_bytes + 2 * 4 * 100  # + one scale per row
 
 
 def test_one_dtype_payload_travels_in_its_dtype(mesh):
