@@ -49,6 +49,7 @@ import numpy as np
 from jax import lax
 
 from coopjax.parallel.context import ShardContext
+from coopjax.workers import sum_rows
 
 PyTree = Any
 
@@ -61,6 +62,9 @@ __all__ = [
   "mix_gathered",
   "worker_sum",
   "worker_mean",
+  "pack_bytes",
+  "unpack_bytes",
+  "quantized_mean",
 ]
 
 _ATOL = 1e-12
@@ -607,3 +611,132 @@ def exchange(W, leaves: list, compressor, key, step, ctx: ShardContext) -> tuple
   raise NotImplementedError(
     "a compressed mix inside a sharded step is not available yet; run it without a mesh."
   )
+
+
+def pack_bytes(payload: PyTree, rows: int) -> jax.Array:
+  """Every leaf ``[*lead, ...]`` of ``payload`` as unsigned bytes, concatenated per row.
+
+  ``lead`` are the leading axes that index rows (their product is ``rows``
+  times any batch axes in front); each leaf is flattened after them and
+  bitcast to ``uint8`` (a float32 scale becomes 4 bytes), so that a
+  collective of the result travels as ``u8`` whatever the payload's dtypes.
+
+  Args:
+    payload: a pytree of arrays whose leaves share the leading axes up to and
+      including the row axis of size ``rows``.
+    rows: the size of the last leading axis (the rows).
+
+  Returns:
+    ``uint8[*lead, bytes_per_row]``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> packed = pack_bytes({"q": jnp.zeros((3, 2), jnp.uint8), "s": jnp.ones(3)}, rows=3)
+    >>> packed.shape, str(packed.dtype)
+    ((3, 6), 'uint8')
+  """
+  leaves = jax.tree.leaves(payload)
+  lead = _row_lead(leaves, rows)
+  parts = []
+  for x in leaves:
+    flat = x.reshape(lead + (-1,))
+    if flat.dtype != jnp.uint8:
+      flat = lax.bitcast_convert_type(flat, jnp.uint8)
+      flat = flat.reshape(lead + (-1,))
+    parts.append(flat)
+  return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+def unpack_bytes(packed: jax.Array, template: PyTree) -> PyTree:
+  """Inverse of :func:`pack_bytes`: ``packed`` back to ``template``'s shapes and dtypes.
+
+  ``template`` holds ``jax.ShapeDtypeStruct`` leaves for ONE block of rows
+  (e.g. from ``jax.eval_shape`` of the encoder); ``packed`` may carry extra
+  leading axes in front of the row axis, which the result keeps.
+  """
+  leaves, treedef = jax.tree.flatten(template)
+  rows = leaves[0].shape[0]
+  front = packed.shape[:-2]
+  out, start = [], 0
+  for t in leaves:
+    per_row = int(np.prod(t.shape[1:], dtype=np.int64))
+    width = per_row * jnp.dtype(t.dtype).itemsize
+    piece = packed[..., start : start + width]
+    start += width
+    if jnp.dtype(t.dtype) != jnp.uint8:
+      piece = piece.reshape(front + (rows, per_row, jnp.dtype(t.dtype).itemsize))
+      piece = lax.bitcast_convert_type(piece, t.dtype)
+    out.append(piece.reshape(front + t.shape))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _row_lead(leaves: list, rows: int) -> tuple:
+  """The leading axes shared by every payload leaf, ending with the row axis of size ``rows``."""
+  for x in leaves:
+    if rows not in x.shape:
+      raise ValueError(
+        f"the compressor's payload leaf of shape {x.shape} has no row axis of size {rows}: a "
+        "quantized mean needs a compressor that encodes row by row (e.g. a per-row absmax "
+        "quantizer), whose payload leaves all start with the rows."
+      )
+  ndim = min(list(x.shape).index(rows) for x in leaves) + 1
+  lead = leaves[0].shape[:ndim]
+  if any(x.shape[:ndim] != lead for x in leaves):
+    raise ValueError(
+      f"the compressor's payload leaves {[x.shape for x in leaves]} do not share the leading "
+      f"row axis of size {rows}; encode row by row."
+    )
+  return tuple(lead)
+
+
+def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardContext) -> jax.Array:
+  r"""The mean of the workers' rows sent quantized: all-to-all (u8), float32 sum, all-gather (u8).
+
+  ``workers`` is this device's block ``[b, R, C]`` (b workers, each an
+  ``R × C`` array quantized row by row). With ``Q = decode ∘ encode`` and
+  the rows cut into D chunks (chunk d owned by device d, zero rows padded to
+  a multiple of D):
+
+  .. code-block:: text
+
+     1. every worker encodes its chunks;    all-to-all of the payloads (u8 bytes)
+     2. owner d decodes the m payloads of chunk d, sums them in float32 (worker
+        order, pairwise as coopjax.workers.sum_rows), divides by m,
+        re-encodes the mean;                 all-gather of the payloads (u8 bytes)
+     3. every device decodes all chunks:     Q(1/m Σ_i Q(x_i))   (replicated)
+
+  which is torchft's scheme for a quantized all-reduce. Payloads are packed
+  into ``uint8`` (:func:`pack_bytes`) before each collective: jax lowers
+  collectives of float8/float4 arrays as f16 and of int4 as s8. The result
+  equals :func:`coopjax.mixing.quantized_mean` (the unsharded reference) bit
+  for bit when the compressor quantizes each row on its own.
+
+  Args:
+    workers: ``[b, R, C]`` float, this device's workers' arrays.
+    compressor: a row-wise :class:`coopjax.compress.Compressor`.
+    key: the key handed to ``encode``/``decode``.
+    ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
+
+  Returns:
+    ``[R, C]``: the dequantized mean, the same on every device.
+  """
+  D, b, m = ctx.num_devices, ctx.block, ctx.num_workers
+  R, C = workers.shape[1:]
+  r = -(-R // D)
+  if r * D != R:
+    workers = jnp.concatenate([workers, jnp.zeros((b, r * D - R, C), workers.dtype)], axis=1)
+  chunks = workers.reshape(b, D, r, C)
+  like = jax.ShapeDtypeStruct((r, C), workers.dtype)
+  template = jax.eval_shape(lambda x: compressor.encode(x, key), like)
+  encode = lambda x: compressor.encode(x, key)
+  decode = lambda p: compressor.decode(p, like, key)
+  sent = pack_bytes(jax.vmap(jax.vmap(encode))(chunks), rows=r)  # [b, D, r, B] u8
+  sent = jnp.swapaxes(sent, 0, 1)  # [D, b, r, B]: the chunk owner first
+  got = lax.all_to_all(sent, ctx.axis_name, 0, 0, tiled=True)  # [D, b, r, B]: the source first
+  got = got.reshape((m,) + got.shape[2:])
+  decoded = jax.vmap(decode)(unpack_bytes(got, template))  # [m, r, C], worker order
+  mean = sum_rows(decoded) / jnp.asarray(m, decoded.dtype)
+  own = pack_bytes(encode(mean), rows=r)  # [r, B] u8
+  every = lax.all_gather(own, ctx.axis_name, axis=0, tiled=False)  # [D, r, B]
+  out = jax.vmap(decode)(unpack_bytes(every, template))  # [D, r, C]
+  return out.reshape(D * r, C)[:R]
