@@ -41,7 +41,9 @@ from coopjax.algorithms._outer import SlowMoState
 from coopjax.algorithms._outer import diloco
 from coopjax.algorithms._outer import slowmo
 from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._streaming import fragment_leaves
 from coopjax.algorithms._streaming import streaming_diloco
+from coopjax.algorithms._streaming import streaming_syncs
 from coopjax.algorithms._time_varying import MatchaDesign
 from coopjax.algorithms._time_varying import TimeVaryingState
 from coopjax.algorithms._time_varying import matcha
@@ -66,6 +68,7 @@ __all__ = [
   "elastic_averaging",
   "elastic_hierarchical",
   "find_state",
+  "fragment_leaves",
   "global_mean",
   "hierarchical",
   "HierarchicalState",
@@ -87,6 +90,7 @@ __all__ = [
   "SlowMoState",
   "step_count",
   "streaming_diloco",
+  "streaming_syncs",
   "StreamingDiLoCoState",
   "sync_sgd",
   "time_varying",

@@ -104,7 +104,7 @@ __all__ = [
   "fragment_leaves",
   "SCHEDULES",
   "Sync",
-  "syncs",
+  "streaming_syncs",
 ]
 
 SCHEDULES = {"torchft": "c = τ, o = 0", "maxtext": "c = 0, o = 1"}
@@ -122,7 +122,7 @@ def _schedule_constants(schedule: str, delay: int) -> tuple[int, int]:
 
 
 class Sync(NamedTuple):
-  """One sync of the schedule (:func:`syncs`).
+  """One sync of the schedule (:func:`streaming_syncs`).
 
   Attributes:
     n: the sync's index, counted from 1.
@@ -137,15 +137,15 @@ class Sync(NamedTuple):
   apply: int
 
 
-def syncs(
+def streaming_syncs(
   *, H: int, fragments: int, delay: int = 0, schedule: str = "torchft", steps: int
 ) -> list[Sync]:
   """The syncs whose apply step is at most ``steps`` (host-side, for plans and plots).
 
   Examples:
-    >>> [tuple(s) for s in syncs(H=4, fragments=2, delay=1, steps=6)]  # torchft: c = τ, o = 0
+    >>> [tuple(s) for s in streaming_syncs(H=4, fragments=2, delay=1, steps=6)]  # torchft: c = τ, o = 0
     [(1, 0, 1, 2), (2, 1, 3, 4), (3, 0, 5, 6)]
-    >>> [tuple(s) for s in syncs(H=4, fragments=2, delay=1, schedule="maxtext", steps=6)]
+    >>> [tuple(s) for s in streaming_syncs(H=4, fragments=2, delay=1, schedule="maxtext", steps=6)]
     [(1, 1, 2, 3), (2, 0, 4, 5)]
   """
   h, P, delay = _check_schedule(H, fragments, delay)

@@ -905,36 +905,40 @@ def _averaging_weights(A: np.ndarray) -> tuple[float, float]:
   return float(A[0, 0] - c), float(c)
 
 
-def pack_bytes(payload: PyTree, rows: int) -> jax.Array:
-  """Every leaf ``[*lead, ...]`` of ``payload`` as unsigned bytes, concatenated per row.
+def pack_bytes(payload: PyTree, lead: int = 1) -> jax.Array:
+  """Every leaf of ``payload`` as unsigned bytes, concatenated per row.
 
-  ``lead`` are the leading axes that index rows (their product is ``rows``
-  times any batch axes in front); each leaf is flattened after them and
-  bitcast to ``uint8`` (a float32 scale becomes 4 bytes), so that a
-  collective of the result travels as ``u8`` whatever the payload's dtypes.
+  The first ``lead`` axes of every leaf are kept (the last of them the rows,
+  any before it batch axes); each leaf is flattened after them and bitcast
+  to ``uint8`` (a float32 scale becomes 4 bytes), so that a collective of
+  the result travels as ``u8`` whatever the payload's dtypes.
 
   Args:
-    payload: a pytree of arrays whose leaves share the leading axes up to and
-      including the row axis of size ``rows``.
-    rows: the size of the last leading axis (the rows).
+    payload: a pytree of arrays sharing their first ``lead`` axes.
+    lead: the number of leading axes kept.
 
   Returns:
-    ``uint8[*lead, bytes_per_row]``.
+    ``uint8[*leading axes, bytes_per_row]``.
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> packed = pack_bytes({"q": jnp.zeros((3, 2), jnp.uint8), "s": jnp.ones(3)}, rows=3)
+    >>> packed = pack_bytes({"q": jnp.zeros((3, 2), jnp.uint8), "s": jnp.ones(3)})
     >>> packed.shape, str(packed.dtype)
     ((3, 6), 'uint8')
   """
   leaves = jax.tree.leaves(payload)
-  lead = _row_lead(leaves, rows)
+  shape = leaves[0].shape[:lead]
+  if any(x.shape[:lead] != shape for x in leaves):
+    raise ValueError(
+      f"the compressor's payload leaves {[x.shape for x in leaves]} do not share their first "
+      f"{lead} axes: a quantized mean needs a compressor that encodes row by row (e.g. a "
+      "per-row absmax quantizer), whose payload leaves all start with the rows."
+    )
   parts = []
   for x in leaves:
-    flat = x.reshape(lead + (-1,))
+    flat = x.reshape(shape + (-1,))
     if flat.dtype != jnp.uint8:
-      flat = lax.bitcast_convert_type(flat, jnp.uint8)
-      flat = flat.reshape(lead + (-1,))
+      flat = lax.bitcast_convert_type(flat, jnp.uint8).reshape(shape + (-1,))
     parts.append(flat)
   return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
@@ -945,6 +949,14 @@ def unpack_bytes(packed: jax.Array, template: PyTree) -> PyTree:
   ``template`` holds ``jax.ShapeDtypeStruct`` leaves for ONE block of rows
   (e.g. from ``jax.eval_shape`` of the encoder); ``packed`` may carry extra
   leading axes in front of the row axis, which the result keeps.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> payload = {"q": jnp.arange(6, dtype=jnp.uint8).reshape(3, 2), "s": jnp.arange(3.0)}
+    >>> template = jax.eval_shape(lambda: payload)
+    >>> back = unpack_bytes(pack_bytes(payload), template)
+    >>> back["s"].tolist(), back["q"].shape
+    ([0.0, 1.0, 2.0], (3, 2))
   """
   leaves, treedef = jax.tree.flatten(template)
   rows = leaves[0].shape[0]
@@ -952,33 +964,13 @@ def unpack_bytes(packed: jax.Array, template: PyTree) -> PyTree:
   out, start = [], 0
   for t in leaves:
     per_row = int(np.prod(t.shape[1:], dtype=np.int64))
-    width = per_row * jnp.dtype(t.dtype).itemsize
-    piece = packed[..., start : start + width]
-    start += width
+    size = jnp.dtype(t.dtype).itemsize
+    piece = packed[..., start : start + per_row * size]
+    start += per_row * size
     if jnp.dtype(t.dtype) != jnp.uint8:
-      piece = piece.reshape(front + (rows, per_row, jnp.dtype(t.dtype).itemsize))
-      piece = lax.bitcast_convert_type(piece, t.dtype)
+      piece = lax.bitcast_convert_type(piece.reshape(front + (rows, per_row, size)), t.dtype)
     out.append(piece.reshape(front + t.shape))
   return jax.tree.unflatten(treedef, out)
-
-
-def _row_lead(leaves: list, rows: int) -> tuple:
-  """The leading axes shared by every payload leaf, ending with the row axis of size ``rows``."""
-  for x in leaves:
-    if rows not in x.shape:
-      raise ValueError(
-        f"the compressor's payload leaf of shape {x.shape} has no row axis of size {rows}: a "
-        "quantized mean needs a compressor that encodes row by row (e.g. a per-row absmax "
-        "quantizer), whose payload leaves all start with the rows."
-      )
-  ndim = min(list(x.shape).index(rows) for x in leaves) + 1
-  lead = leaves[0].shape[:ndim]
-  if any(x.shape[:ndim] != lead for x in leaves):
-    raise ValueError(
-      f"the compressor's payload leaves {[x.shape for x in leaves]} do not share the leading "
-      f"row axis of size {rows}; encode row by row."
-    )
-  return tuple(lead)
 
 
 def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardContext) -> jax.Array:
@@ -1022,13 +1014,13 @@ def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardCon
   template = jax.eval_shape(lambda x: compressor.encode(x, key), like)
   encode = lambda x: compressor.encode(x, key)
   decode = lambda p: compressor.decode(p, like, key)
-  sent = pack_bytes(jax.vmap(jax.vmap(encode))(chunks), rows=r)  # [b, D, r, B] u8
+  sent = pack_bytes(jax.vmap(jax.vmap(encode))(chunks), lead=3)  # [b, D, r, B] u8
   sent = jnp.swapaxes(sent, 0, 1)  # [D, b, r, B]: the chunk owner first
   got = lax.all_to_all(sent, ctx.axis_name, 0, 0, tiled=True)  # [D, b, r, B]: the source first
   got = got.reshape((m,) + got.shape[2:])
   decoded = jax.vmap(decode)(unpack_bytes(got, template))  # [m, r, C], worker order
   mean = sum_rows(decoded) / jnp.asarray(m, decoded.dtype)
-  own = pack_bytes(encode(mean), rows=r)  # [r, B] u8
+  own = pack_bytes(encode(mean))  # [r, B] u8
   every = lax.all_gather(own, ctx.axis_name, axis=0, tiled=False)  # [D, r, B]
   out = jax.vmap(decode)(unpack_bytes(every, template))  # [D, r, C]
   return out.reshape(D * r, C)[:R]
