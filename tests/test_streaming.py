@@ -331,7 +331,8 @@ def test_quantized_collectives_are_u8_of_a_fragment_at_4_bits(mesh):
   assert tx.wire_dtype == "uint8"
   cost = tx.comm(2, ss)
   assert cost.collective == "all_reduce" and cost.overlappable
-  assert cost.fraction * 16384 == pytest.approx(expected)
+  assert cost.fraction == 0.5 and cost.fraction * cost.wire_fraction * 16384 == expected
+  assert cost.bytes_sent(16384) == pytest.approx(2 * 7 / 8 * expected)  # a ring's 2(m − 1)/m
 
 
 def test_period_program_issues_the_reduction_before_the_delayed_steps(mesh):

@@ -488,29 +488,36 @@ def streaming_diloco(
 
   base_cost = pattern.all_reduce(m, overlappable=delay > 0)
 
-  def cost(fraction: float) -> pattern.MixCost:
-    return base_cost._replace(fraction=fraction) if base_cost.collective != "none" else base_cost
+  def cost(fraction: float, wire_fraction: float) -> pattern.MixCost:
+    """The quantized mean's all-to-all and all-gather move what a ring all-reduce moves."""
+    if base_cost.collective == "none":
+      return base_cost
+    return base_cost._replace(fraction=fraction, wire_fraction=wire_fraction)
 
   def comm(k: int, opt_state=None) -> pattern.MixCost:
     if opt_state is not None:
       (state,) = [s for s in overlap_states(opt_state) if isinstance(s, StreamingDiLoCoState)]
       P = len(state.outer_states)
       model = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.x_start))
-      fraction = _wire_bytes(state.pending.shape[1], state.pending.dtype) / model
+      size, dtype = state.pending.shape[1], state.pending.dtype
+      dense = size * jnp.dtype(dtype).itemsize
+      fraction, wire_fraction = dense / model, _wire_bytes(size, dtype) / dense
     elif count_given:
-      P, fraction = int(fragments), 1.0 / int(fragments)
+      P, fraction, wire_fraction = int(fragments), 1.0 / int(fragments), nominal_wire
     else:
       raise ValueError(
         "with labelled fragments the schedule depends on the model: call tx.comm(k, opt_state) "
         "with the state from tx.init."
       )
     _, _, app, _ = timing(np.int64(k), P)
-    return cost(fraction) if bool(app) else pattern.NO_COMM
+    return cost(fraction, wire_fraction) if bool(app) else pattern.NO_COMM
 
   def _wire_bytes(size: int, dtype) -> int:
     if compressor is None:
       return size * jnp.dtype(dtype).itemsize
     return compress.payload_bytes(compressor, np.zeros((size // block, block), np.float32))
+
+  nominal_wire = 1.0 if compressor is None else _wire_bytes(block, jnp.float32) / (4 * block)
 
   def bytes_per_sync(model: PyTree) -> int:
     """One worker's payload of one sync, in bytes, for a model shaped like ``model``."""
@@ -527,7 +534,7 @@ def streaming_diloco(
     init_extra=init_extra,
     prefetch=prefetch,
     comm=comm,
-    mix_cost=cost(1.0 / int(fragments) if count_given else 1.0),
+    mix_cost=cost(1.0 / int(fragments) if count_given else 1.0, nominal_wire),
     overlaps=delay > 0,
     period=H // int(fragments) if count_given else H,
     orders=("step_then_mix",),
