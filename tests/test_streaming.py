@@ -18,23 +18,6 @@ OUTER_LR, MU = 0.7, 0.9
 COUNT_FRAGMENTS = [[0, 1, 2], [3]]
 
 
-def int4_rows():
-  """A per-row absmax 4-bit quantizer (two values per byte) for the tests."""
-
-  def encode(x, key):
-    scale = jnp.max(jnp.abs(x), axis=-1) / 7.0
-    safe = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(x / safe[:, None]), -7, 7).astype(jnp.int32) + 8
-    return {"q": (q[:, 0::2] | (q[:, 1::2] << 4)).astype(jnp.uint8), "scale": scale}
-
-  def decode(payload, like, key):
-    q = payload["q"].astype(jnp.int32)
-    values = jnp.stack([(q & 15) - 8, (q >> 4) - 8], axis=-1).reshape(like.shape)
-    return values.astype(like.dtype) * payload["scale"][:, None].astype(like.dtype)
-
-  return compress.Compressor("int4_rows", encode, decode)
-
-
 def x_init():
   return ref.flat(coopjax.replicate(ref.init_params(), 1))[0]
 
@@ -204,18 +187,23 @@ def test_fragment_partition_and_errors():
     tx.init(coopjax.replicate(ref.init_params(), 2))
 
 
-def test_quantized_mean_is_torchft_arithmetic():
-  """Q(mean_i Q(x_i)) with Q the written-out per-row 4-bit absmax quantizer."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_mean_is_torchft_arithmetic_with_the_written_out_quantizer(bits):
+  """Q(mean_i Q(x_i)), Q the per-row absmax quantizer written out in NumPy (float32)."""
   x = np.random.default_rng(0).normal(size=(4, 3, 8)).astype(np.float32)
+  levels = 2 ** (bits - 1) - 1
 
-  def Q(a):  # per row: scale = max|a|/7, q = clip(round(a/scale), −7, 7), â = q·scale
-    scale = np.abs(a).max(-1, keepdims=True) / np.float32(7)
-    return np.clip(np.round(a / scale), -7, 7).astype(np.float32) * scale
+  def Q(a):  # per row: σ = max|a|·fl(1/L), q = clip(round_half_even(a·fl(1/σ)), ±L), Q = σq
+    scale = np.abs(a).max(-1, keepdims=True) * np.float32(1 / levels)
+    q = np.clip(np.round(a * (np.float32(1) / scale)), -levels, levels)
+    return q.astype(np.float32) * scale
 
-  expected = Q(sum(Q(x[i]) for i in range(4)) / np.float32(4))
-  got = coopjax.mixing.quantized_mean(jnp.asarray(x), int4_rows(), jax.random.key(0))
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
-  assert np.abs(np.asarray(got) - x.mean(0)).max() > 1e-3  # quantization is visible
+  total = (Q(x[0]) + Q(x[2])) + (Q(x[1]) + Q(x[3]))  # pairwise, as the rows are added
+  expected = Q(total / np.float32(4))
+  q = compress.int4() if bits == 4 else compress.int8()
+  got = coopjax.mixing.quantized_mean(jnp.asarray(x), q, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(got), expected)
+  assert np.abs(np.asarray(got) - x.mean(0)).max() > (1e-3 if bits == 4 else 1e-5)
 
 
 # ---------------------------------------------------------------- sharded, HLO, resume
@@ -265,7 +253,7 @@ def wide_batches(steps, m):
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("m", [8, 16])
 def test_sharded_equals_unsharded(mesh, m, quantized):
-  tx = streaming(m, int4_rows() if quantized else None)
+  tx = streaming(m, compress.int4() if quantized else None)
   steps = 7
   A, b = wide_batches(steps, m)
   X = coopjax.replicate(wide_init(), m)
@@ -294,13 +282,13 @@ def test_sharded_equals_unsharded(mesh, m, quantized):
 def test_sharded_quantized_mean_equals_the_reference_bit_for_bit(mesh, m, rows):
   x = jnp.asarray(np.random.default_rng(1).normal(size=(m, rows, 16)).astype(np.float32))
   key = jax.random.key(0)
-  expected = coopjax.mixing.quantized_mean(x, int4_rows(), key)
+  expected = coopjax.mixing.quantized_mean(x, compress.int4(), key)
   spec = jax.sharding.PartitionSpec(coopjax.WORKER_AXIS)
   ctx = sharding.context_for(mesh, m, 0)
 
   def body(local):
     with coopjax.mixing.sharded(ctx):
-      return coopjax.mixing.quantized_mean(local, int4_rows(), key)
+      return coopjax.mixing.quantized_mean(local, compress.int4(), key)
 
   f = jax.jit(
     jax.shard_map(
@@ -312,7 +300,7 @@ def test_sharded_quantized_mean_equals_the_reference_bit_for_bit(mesh, m, rows):
 
 def test_quantized_collectives_are_u8_of_a_fragment_at_4_bits(mesh):
   m = 8  # one worker per device
-  tx = streaming(m, int4_rows())
+  tx = streaming(m, compress.int4())
   Xs = coopjax.shard(coopjax.replicate(wide_init(), m), mesh)
   ss = sharding.init(tx, Xs, mesh)
   A, b = wide_batches(1, m)
@@ -368,7 +356,7 @@ def test_period_program_issues_the_reduction_before_the_delayed_steps(mesh):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_resume_mid_stream_is_bit_identical(tmp_path, quantized):
   m, steps, cut = 4, 9, 4  # τ = 1, h = 2: at step 4 the snapshot of step 3 is pending
-  tx = streaming(m, int4_rows() if quantized else None)
+  tx = streaming(m, compress.int4() if quantized else None)
   A, b = wide_batches(steps, m)
   step = coopjax.make_step(wide_loss, tx, **NO_METRICS)
   X = coopjax.replicate(wide_init(), m)

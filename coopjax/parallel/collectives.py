@@ -905,40 +905,41 @@ def _averaging_weights(A: np.ndarray) -> tuple[float, float]:
   return float(A[0, 0] - c), float(c)
 
 
-def pack_bytes(payload: PyTree, lead: int = 1) -> jax.Array:
+def pack_bytes(payload: PyTree, rows: int, batch: int = 0) -> jax.Array:
   """Every leaf of ``payload`` as unsigned bytes, concatenated per row.
 
-  The first ``lead`` axes of every leaf are kept (the last of them the rows,
-  any before it batch axes); each leaf is flattened after them and bitcast
-  to ``uint8`` (a float32 scale becomes 4 bytes), so that a collective of
-  the result travels as ``u8`` whatever the payload's dtypes.
+  Each leaf is read as ``[*batch axes, rows, -1]`` (its first ``batch`` axes
+  kept, the rest split into ``rows`` equal row-major pieces: a row-wise
+  compressor's codes and scales, also when they are stored flat), bitcast to
+  ``uint8`` (a float32 scale becomes 4 bytes) and concatenated, so that a
+  collective of the result travels as ``u8`` whatever the payload's dtypes.
 
   Args:
-    payload: a pytree of arrays sharing their first ``lead`` axes.
-    lead: the number of leading axes kept.
+    payload: a pytree of arrays sharing their first ``batch`` axes.
+    rows: the rows each leaf holds after those axes.
+    batch: the number of leading batch axes kept.
 
   Returns:
-    ``uint8[*leading axes, bytes_per_row]``.
+    ``uint8[*batch axes, rows, bytes_per_row]``.
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> packed = pack_bytes({"q": jnp.zeros((3, 2), jnp.uint8), "s": jnp.ones(3)})
-    >>> packed.shape, str(packed.dtype)
+    >>> packed = pack_bytes({"q": jnp.zeros(6, jnp.uint8), "s": jnp.ones(3)}, rows=3)
+    >>> packed.shape, str(packed.dtype)  # 2 code bytes and a 4-byte scale per row
     ((3, 6), 'uint8')
   """
-  leaves = jax.tree.leaves(payload)
-  shape = leaves[0].shape[:lead]
-  if any(x.shape[:lead] != shape for x in leaves):
-    raise ValueError(
-      f"the compressor's payload leaves {[x.shape for x in leaves]} do not share their first "
-      f"{lead} axes: a quantized mean needs a compressor that encodes row by row (e.g. a "
-      "per-row absmax quantizer), whose payload leaves all start with the rows."
-    )
   parts = []
-  for x in leaves:
-    flat = x.reshape(shape + (-1,))
+  for x in jax.tree.leaves(payload):
+    front = x.shape[:batch]
+    if int(np.prod(x.shape[batch:], dtype=np.int64)) % rows:
+      raise ValueError(
+        f"the compressor's payload leaf of shape {x.shape[batch:]} does not split into {rows} "
+        "rows: a quantized mean needs a compressor that encodes row by row (int8, or int4 with "
+        "an even block_size)."
+      )
+    flat = x.reshape(front + (rows, -1))
     if flat.dtype != jnp.uint8:
-      flat = lax.bitcast_convert_type(flat, jnp.uint8).reshape(shape + (-1,))
+      flat = lax.bitcast_convert_type(flat, jnp.uint8).reshape(front + (rows, -1))
     parts.append(flat)
   return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
@@ -946,25 +947,24 @@ def pack_bytes(payload: PyTree, lead: int = 1) -> jax.Array:
 def unpack_bytes(packed: jax.Array, template: PyTree) -> PyTree:
   """Inverse of :func:`pack_bytes`: ``packed`` back to ``template``'s shapes and dtypes.
 
-  ``template`` holds ``jax.ShapeDtypeStruct`` leaves for ONE block of rows
-  (e.g. from ``jax.eval_shape`` of the encoder); ``packed`` may carry extra
-  leading axes in front of the row axis, which the result keeps.
+  ``packed`` is ``[*batch axes, rows, bytes_per_row]``; ``template`` holds
+  ``jax.ShapeDtypeStruct`` leaves of ONE payload of those ``rows`` (e.g.
+  ``jax.eval_shape`` of the encoder). The result keeps the batch axes.
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> payload = {"q": jnp.arange(6, dtype=jnp.uint8).reshape(3, 2), "s": jnp.arange(3.0)}
+    >>> payload = {"q": jnp.arange(6, dtype=jnp.uint8), "s": jnp.arange(3.0)}
     >>> template = jax.eval_shape(lambda: payload)
-    >>> back = unpack_bytes(pack_bytes(payload), template)
-    >>> back["s"].tolist(), back["q"].shape
-    ([0.0, 1.0, 2.0], (3, 2))
+    >>> back = unpack_bytes(pack_bytes(payload, rows=3), template)
+    >>> back["s"].tolist(), back["q"].tolist()
+    ([0.0, 1.0, 2.0], [0, 1, 2, 3, 4, 5])
   """
   leaves, treedef = jax.tree.flatten(template)
-  rows = leaves[0].shape[0]
-  front = packed.shape[:-2]
+  front, rows = packed.shape[:-2], packed.shape[-2]
   out, start = [], 0
   for t in leaves:
-    per_row = int(np.prod(t.shape[1:], dtype=np.int64))
     size = jnp.dtype(t.dtype).itemsize
+    per_row = int(np.prod(t.shape, dtype=np.int64)) // rows
     piece = packed[..., start : start + per_row * size]
     start += per_row * size
     if jnp.dtype(t.dtype) != jnp.uint8:
@@ -1014,13 +1014,13 @@ def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardCon
   template = jax.eval_shape(lambda x: compressor.encode(x, key), like)
   encode = lambda x: compressor.encode(x, key)
   decode = lambda p: compressor.decode(p, like, key)
-  sent = pack_bytes(jax.vmap(jax.vmap(encode))(chunks), lead=3)  # [b, D, r, B] u8
+  sent = pack_bytes(jax.vmap(jax.vmap(encode))(chunks), rows=r, batch=2)  # [b, D, r, B] u8
   sent = jnp.swapaxes(sent, 0, 1)  # [D, b, r, B]: the chunk owner first
   got = lax.all_to_all(sent, ctx.axis_name, 0, 0, tiled=True)  # [D, b, r, B]: the source first
-  got = got.reshape((m,) + got.shape[2:])
+  got = got.reshape((m,) + got.shape[2:])  # [m, r, B]
   decoded = jax.vmap(decode)(unpack_bytes(got, template))  # [m, r, C], worker order
   mean = sum_rows(decoded) / jnp.asarray(m, decoded.dtype)
-  own = pack_bytes(encode(mean))  # [r, B] u8
+  own = pack_bytes(encode(mean), rows=r)  # [r, B] u8
   every = lax.all_gather(own, ctx.axis_name, axis=0, tiled=False)  # [D, r, B]
   out = jax.vmap(decode)(unpack_bytes(every, template))  # [D, r, C]
   return out.reshape(D * r, C)[:R]
