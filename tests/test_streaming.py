@@ -1,5 +1,8 @@
 """Streaming DiLoCo against a NumPy re-derivation, its degenerate cases, sharding, HLO, resume."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -379,3 +382,16 @@ def test_resume_mid_stream_is_bit_identical(tmp_path, quantized):
     Xr, sr, _ = step(Xr, sr, batch(k))
   for a, c in zip(jax.tree.leaves((X, state)), jax.tree.leaves((Xr, sr)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_int4_outer_gradients_train_digits_within_one_percent():
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+  import streaming as experiment
+
+  cfg = dict(experiment.DEFAULTS, steps=200, hidden=(32, 32), lr=0.05)
+  ds = coopjax.data.load_digits()
+  floats = experiment.run_one("float", {"fragments": 2, "bits": 0}, cfg, ds)
+  int4 = experiment.run_one("int4", {"fragments": 2, "bits": 4}, cfg, ds)
+  assert floats["test_accuracy"] > 0.9
+  assert abs(int4["test_accuracy"] - floats["test_accuracy"]) <= 0.01
+  assert int4["bytes_sent"][-1] < 0.15 * floats["bytes_sent"][-1]
