@@ -27,7 +27,11 @@ For those algorithms the program is laid out so that it can:
 
 (:func:`coopjax.algorithms._nonblocking.issued_early`); the compiled loop takes no
 input from the collective, so its start can be scheduled before the loop
-and its end after it. Executed step by step (:func:`coopjax.make_step`)
+and its end after it. Streaming DiLoCo (:func:`coopjax.streaming_diloco`)
+consumes its reduction τ steps after its snapshot, not at a period's end: a
+program of h steps that starts at a snapshot issues the reduction first,
+loops over the τ − 1 delayed steps, applies the fragment at step τ
+(``consume_at``) and loops over the remaining h − τ steps. Executed step by step (:func:`coopjax.make_step`)
 there is no program to overlap in.
 
 What a mix communicates, and whether it can run during the next period's
