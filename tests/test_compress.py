@@ -111,8 +111,15 @@ def test_pack_bits_rejects_a_bad_width():
 # --- sparsifiers ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(1000,), (7, 13), ()])
-@pytest.mark.parametrize("spec", [{"k": 5}, {"fraction": 0.01}, {"fraction": 0.3}])
+@pytest.mark.parametrize(
+  "shape,spec",
+  [
+    ((1000,), {"fraction": 0.01}),
+    ((7, 13), {"k": 5}),
+    ((7, 13), {"fraction": 0.3}),
+    ((), {"k": 5}),
+  ],
+)
 def test_top_k_is_the_numpy_definition(shape, spec):
   x = sample(shape, seed=1)
   d = int(np.prod(shape))
@@ -177,9 +184,16 @@ def test_random_k_unbiased_in_expectation_over_keys():
 # --- quantizers ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("unbiased", [True, False])
-@pytest.mark.parametrize("shape", [(300,), (6, 11)])
+@pytest.mark.parametrize(
+  "bits,unbiased,shape",
+  [
+    (1, True, (300,)),
+    (2, False, (300,)),
+    (4, True, (6, 11)),
+    (4, False, (6, 11)),
+    (8, True, (300,)),
+  ],
+)
 def test_qsgd_is_the_numpy_definition_with_the_keys_uniforms(bits, unbiased, shape):
   x = sample(shape, seed=bits)
   u = np.asarray(jax.random.uniform(KEY, (x.size,), jnp.float32))
@@ -281,7 +295,12 @@ NAMES = [q.name for q in COMPRESSORS]
 
 @pytest.mark.parametrize("q", COMPRESSORS, ids=NAMES)
 def test_payload_dtypes_and_bytes(q):
-  tree = {"a": sample((17, 9), seed=9), "b": sample((5,), seed=10), "c": np.float32(2.0)}
+  tree = {
+    "a": sample((17, 9), seed=9),
+    "b": sample((5,), seed=10),
+    "c": np.float32(2.0),
+    "empty": np.zeros((3, 0), np.float32),
+  }
   payloads = jax.jit(lambda t: compress.encode_tree(q, t, KEY))(tree)
   leaves = jax.tree.leaves(payloads)
   assert {np.dtype(a.dtype) for a in leaves} <= WIRE
@@ -292,13 +311,19 @@ def test_payload_dtypes_and_bytes(q):
 
 
 @pytest.mark.parametrize("q", COMPRESSORS[1:], ids=NAMES[1:])
-def test_jit_equals_eager_and_zero_stays_zero(q):
+def test_zero_stays_zero(q):
+  zero = np.asarray(roundtrip(q, np.zeros((64, 3), np.float32)))
+  assert np.all(zero == 0)
+
+
+@pytest.mark.parametrize(
+  "q", [COMPRESSORS[1], COMPRESSORS[3], COMPRESSORS[8]], ids=lambda q: q.name
+)
+def test_jit_equals_eager(q):
   x = sample((64, 3), seed=11)
   eager = eager_roundtrip(q, x)
   jitted = jax.jit(lambda x, k: eager_roundtrip(q, x, k))(x, KEY)
   np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
-  zero = np.asarray(roundtrip(q, np.zeros((64, 3), np.float32)))
-  assert np.all(zero == 0)
 
 
 def test_payload_bytes_figures():
@@ -353,3 +378,71 @@ def test_constructors_reject_bad_arguments():
     compress.qsgd(0)
   with pytest.raises(TypeError, match="floating"):
     compress.int8().encode(jnp.arange(3), KEY)
+
+
+# --- tune_gamma ----------------------------------------------------------------------------------
+
+
+def np_choco_gossip(W, x0, gamma, rounds, Q, order):
+  """CHOCO-Gossip in NumPy, row by row: x_i += γ Σ_j W_ji (x̂_j − x̂_i)."""
+  m = W.shape[0]
+  x, x_hat = x0.astype(np.float64).copy(), np.zeros_like(x0, np.float64)
+  for _ in range(rounds):
+    if order == "overlap":
+      x = x + gamma * np.stack(
+        [sum(W[j, i] * (x_hat[j] - x_hat[i]) for j in range(m)) for i in range(m)]
+      )
+      x_hat = x_hat + np.stack([Q(x[i] - x_hat[i]) for i in range(m)])
+    else:
+      x_hat = x_hat + np.stack([Q(x[i] - x_hat[i]) for i in range(m)])
+      x = x + gamma * np.stack(
+        [sum(W[j, i] * (x_hat[j] - x_hat[i]) for j in range(m)) for i in range(m)]
+      )
+  dev = lambda z: np.sum((z - z.mean(axis=0)) ** 2)
+  return dev(x) / dev(x0)
+
+
+def tuning_x0(seed, m, dim):
+  key = jax.random.key(seed)
+  return np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (m, dim), jnp.float32))
+
+
+@pytest.mark.parametrize("order", ["paper", "overlap"])
+def test_tune_gamma_simulates_choco_gossip(order):
+  """A directed (non-symmetric) doubly stochastic W and top-k, against the NumPy re-derivation."""
+  m, dim, rounds = 4, 40, 15
+  W = 0.5 * np.eye(m) + 0.5 * np.roll(np.eye(m), 1, axis=1)
+  grid = [0.05, 0.3, 1.0]
+  tuned = compress.tune_gamma(
+    W, compress.top_k(k=4), grid=grid, rounds=rounds, dim=dim, seed=3, order=order
+  )
+  x0 = tuning_x0(3, m, dim)
+  expected = [np_choco_gossip(W, x0, g, rounds, lambda v: np_top_k(v, 4), order) for g in grid]
+  np.testing.assert_allclose(tuned.errors, expected, rtol=1e-4)
+  assert tuned.gamma == grid[int(np.argmin(expected))]
+
+
+def test_tune_gamma_picks_one_for_identity_and_less_for_top_k_on_a_ring():
+  W = topology.ring(8)
+  exact = compress.tune_gamma(W, compress.identity(), rounds=200, dim=200)
+  # Identity: x ← ((1 − γ)I + γWᵀ)x, so the error is ‖Pᵀ(x⁰ − x̄⁰)‖² / ‖x⁰ − x̄⁰‖².
+  x0 = tuning_x0(0, 8, 200).astype(np.float64)
+  for g, err in zip(exact.grid, exact.errors, strict=True):
+    P = np.linalg.matrix_power((1 - g) * np.eye(8) + g * W.T, 200)
+    dev = x0 - x0.mean(axis=0)
+    closed = np.sum((P @ dev) ** 2) / np.sum(dev**2)
+    assert err == pytest.approx(closed, rel=1e-3, abs=1e-10)
+  assert exact.gamma == 1.0
+  sparse = compress.tune_gamma(W, compress.top_k(fraction=0.01), rounds=300, dim=1000)
+  assert sparse.gamma < 0.5
+  assert sparse.errors[-1] > 10 * sparse.errors.min()  # γ = 1 is far worse with top-k 1 %
+  assert sparse.errors[list(sparse.grid).index(sparse.gamma)] == sparse.errors.min()
+
+
+def test_tune_gamma_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="square"):
+    compress.tune_gamma(np.ones((2, 3)) / 3, compress.identity())
+  with pytest.raises(ValueError, match="order"):
+    compress.tune_gamma(topology.ring(4), compress.identity(), order="late")
+  with pytest.raises(ValueError, match="grid"):
+    compress.tune_gamma(topology.ring(4), compress.identity(), grid=[0.1, -1.0])

@@ -35,6 +35,14 @@ workers' block ``A`` is lowered by :func:`worker_plan` to the first that fits:
 
 Every lowering equals the dense reference :func:`coopjax.mixing.mix_dense` up
 to float rounding (tests compare them for every kind).
+
+Compressed messages (:func:`exchange`, the sharded
+:meth:`coopjax.mixing.Mix.exchange`) reuse these plans for their payloads: a
+sparse A sends the boundary rows' payloads through the same
+collective-permutes and the receiver decodes them; full averaging, an
+auxiliary fed by the workers or a dense A all-gather the payloads and every
+device decodes and sums them (a psum would add compressed data). Only
+payload bytes travel, one buffer per collective (:func:`exchange_kind`).
 """
 
 from __future__ import annotations
@@ -648,47 +656,65 @@ def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
   return checked
 
 
-def _to_wire(x):
-  """A payload leaf ``[rows, ...]`` as a collective sends it without widening.
+def _to_wire(x, as_bytes: bool):
+  """A payload leaf ``[rows, ...]`` as the 2-D buffer ``[rows, k]`` that a collective sends.
 
   Collectives on 8-bit floats are lowered as f16 and those on 4- and 2-bit
   types as s8: such leaves travel as their bits in ``uint8`` (sub-byte values
-  packed ``8 / bits`` to a byte, the row zero-padded to whole bytes). Other
-  dtypes travel as they are.
+  packed ``8 / bits`` to a byte, each row zero-padded to whole bytes), and
+  booleans as ``uint8``. With ``as_bytes`` every leaf travels as the bytes of
+  its values (``uint8``), so that payloads of several dtypes share one
+  buffer; otherwise other dtypes travel as they are.
   """
-  bits = jax.dtypes.itemsize_bits(x.dtype)
-  if bits > 8 or (bits == 8 and not jnp.issubdtype(x.dtype, jnp.floating)):
-    return x
   flat = x.reshape((x.shape[0], -1))
-  if bits == 8:
-    return lax.bitcast_convert_type(flat, jnp.uint8)
-  per_byte = 8 // bits
-  pad = -flat.shape[1] % per_byte
-  if pad:
-    flat = jnp.concatenate([flat, jnp.zeros((flat.shape[0], pad), flat.dtype)], axis=1)
-  return lax.bitcast_convert_type(flat.reshape((flat.shape[0], -1, per_byte)), jnp.uint8)
+  if x.dtype == jnp.bool_:
+    return flat.astype(jnp.uint8)
+  bits = jax.dtypes.itemsize_bits(x.dtype)
+  if bits < 8:
+    per_byte = 8 // bits
+    pad = -flat.shape[1] % per_byte
+    if pad:
+      flat = jnp.concatenate([flat, jnp.zeros((flat.shape[0], pad), flat.dtype)], axis=1)
+    return lax.bitcast_convert_type(flat.reshape((flat.shape[0], -1, per_byte)), jnp.uint8)
+  if x.dtype == jnp.uint8 or not (
+    as_bytes or (bits == 8 and jnp.issubdtype(x.dtype, jnp.floating))
+  ):
+    return flat
+  return lax.bitcast_convert_type(flat, jnp.uint8).reshape((flat.shape[0], -1))
 
 
 def _from_wire(y, like):
-  """Inverse of :func:`_to_wire`: rows of ``y`` back to ``like``'s dtype and row shape."""
-  if y.dtype == like.dtype:
-    return y
+  """Inverse of :func:`_to_wire`: the rows of ``y`` in ``like``'s dtype and row shape."""
   rows = y.shape[0]
+  shape = (rows,) + tuple(like.shape[1:])
+  if y.dtype == like.dtype:
+    return y.reshape(shape)
+  if like.dtype == jnp.bool_:
+    return (y != 0).reshape(shape)
+  bits = jax.dtypes.itemsize_bits(like.dtype)
+  if bits > 8:
+    y = y.reshape((rows, -1, bits // 8))
   x = lax.bitcast_convert_type(y, like.dtype).reshape((rows, -1))
   size = int(np.prod(like.shape[1:], dtype=np.int64))
-  return x[:, :size].reshape((rows,) + like.shape[1:])
+  return x[:, :size].reshape(shape)
 
 
 def _transport(payloads: PyTree, move: Callable) -> PyTree:
   """Moves the rows of every payload leaf with ``move`` (a row-wise collective).
 
-  The leaves go on the wire in their own dtype (8-bit floats and sub-byte
-  types as ``uint8`` bits, :func:`_to_wire`), flattened per row and packed
-  into one buffer per wire dtype (:func:`bucketed`), so that ``move`` runs
-  once per dtype. ``move`` maps a ``[rows, size]`` buffer to ``[rows', size]``.
+  All payload leaves of a message go into one buffer, so that a mix costs one
+  collective per neighbour offset (or one all-gather): a payload of one dtype
+  travels in that dtype, a payload of several (values and indices, levels and
+  a scale) as the bytes of its leaves in ``uint8``; 8-bit floats and sub-byte
+  types always travel as ``uint8`` bits (:func:`_to_wire`), never widened.
+  ``move`` maps a ``[rows, size]`` buffer to ``[rows', size]``.
   """
   leaves, treedef = jax.tree.flatten(payloads)
-  moved = bucketed(lambda bufs: [move(buf) for buf in bufs])([_to_wire(x) for x in leaves])
+  plain = [_to_wire(x, as_bytes=False) for x in leaves]
+  wire = plain
+  if len({y.dtype for y in plain}) > 1:
+    wire = [_to_wire(x, as_bytes=True) for x in leaves]
+  moved = bucketed(lambda bufs: [move(buf) for buf in bufs])(wire)
   return jax.tree.unflatten(treedef, [_from_wire(y, x) for y, x in zip(moved, leaves, strict=True)])
 
 
@@ -772,8 +798,10 @@ def exchange(W, leaves: list, compressor, key, step, ctx: ShardContext) -> tuple
      \text{own}_i = Q_i = \mathrm{decode}(\mathrm{encode}(x_i)), \qquad
      \text{mixed}_i = \sum_j W_{ji}\, Q_j .
 
-  Payload leaves travel in their own dtype, packed into one buffer per dtype
-  per collective; 8-bit floats and sub-byte types travel as ``uint8`` bits.
+  The payload leaves of all messages travel in one buffer per collective: in
+  their dtype when they share one, else as their bytes in ``uint8``; 8-bit
+  floats and sub-byte types always as ``uint8`` bits (never widened to the
+  f16 / s8 that a collective on them would be lowered to).
 
   Args:
     W: the static ``n × n`` mixing matrix (``n = m`` or ``m + v``).
