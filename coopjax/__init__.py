@@ -24,6 +24,7 @@ from coopjax.algorithms import MatchaDesign
 from coopjax.algorithms import NonBlockingEASGDState
 from coopjax.algorithms import OverlapState
 from coopjax.algorithms import SlowMoState
+from coopjax.algorithms import StreamingDiLoCoState
 from coopjax.algorithms import TimeVaryingState
 from coopjax.algorithms import adacomm
 from coopjax.algorithms import choco
@@ -44,6 +45,7 @@ from coopjax.algorithms import settle_easgd
 from coopjax.algorithms import settle_overlap
 from coopjax.algorithms import slowmo
 from coopjax.algorithms import step_count
+from coopjax.algorithms import streaming_diloco
 from coopjax.algorithms import sync_sgd
 from coopjax.algorithms import time_varying
 from coopjax.cost import netmodel
@@ -133,6 +135,8 @@ __all__ = [
   "SlowMoState",
   "stack",
   "step_count",
+  "streaming_diloco",
+  "StreamingDiLoCoState",
   "sync_sgd",
   "theory",
   "time_varying",

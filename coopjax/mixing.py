@@ -86,6 +86,7 @@ __all__ = [
   "ShardContext",
   "shard_context",
   "sharded",
+  "quantized_mean",
 ]
 
 
@@ -578,3 +579,42 @@ def group_mean(workers: PyTree, groups) -> PyTree:
     [0.5, 0.5, 2.5, 2.5]
   """
   return Mix.groups(groups)(workers)
+
+
+def quantized_mean(workers: jax.Array, compressor: compress.Compressor, key: jax.Array):
+  r"""The mean of the workers' arrays, each sent quantized, the mean re-quantized (torchft's scheme).
+
+  .. math::
+
+     \bar q = Q\Big(\frac1m \sum_i Q(x_i)\Big), \qquad Q = \text{decode} \circ \text{encode},
+
+  with the sum in float32 in worker order (:func:`coopjax.workers.sum_rows`).
+  ``workers`` is ``[m, R, C]``: each worker's array of R rows, which a
+  row-wise compressor (a per-row absmax quantizer) quantizes row by row.
+  Sharded, this is an all-to-all of each worker's quantized chunks, a local
+  float32 sum by each chunk's owner, a requantization and an all-gather, with
+  the payloads on the wire as ``uint8`` (:func:`coopjax.parallel.collectives.quantized_mean`),
+  equal to this reference bit for bit.
+
+  Args:
+    workers: ``[m, R, C]`` float (the local block ``[b, R, C]`` when sharded).
+    compressor: a row-wise :class:`coopjax.compress.Compressor`.
+    key: the key handed to ``encode``/``decode`` (deterministic quantizers ignore it).
+
+  Returns:
+    ``[R, C]``, replicated when sharded.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from coopjax import compress, mixing
+    >>> x = jnp.arange(8.0).reshape(2, 2, 2)
+    >>> mixing.quantized_mean(x, compress.identity(), jax.random.key(0)).tolist()
+    [[2.0, 3.0], [4.0, 5.0]]
+  """
+  ctx = shard_context()
+  if ctx is not None:
+    return collectives.quantized_mean(workers, compressor, key, ctx)
+  like = jax.ShapeDtypeStruct(workers.shape[1:], workers.dtype)
+  Q = lambda x: compressor.decode(compressor.encode(x, key), like, key)
+  total = sum_rows(jax.vmap(Q)(workers))
+  return Q(total / jnp.asarray(workers.shape[0], total.dtype))

@@ -67,6 +67,7 @@ ALGORITHMS: dict[str, Callable[..., optax.GradientTransformation]] = {
   "delayed": coopjax.delayed,
   "slowmo": coopjax.slowmo,
   "diloco": coopjax.diloco,
+  "streaming_diloco": coopjax.streaming_diloco,
   "time_varying": coopjax.time_varying,
   "matcha": coopjax.matcha,
   "adacomm": coopjax.adacomm,
@@ -211,6 +212,18 @@ def _diloco_outer(config) -> optax.GradientTransformation:
   raise ValueError(f"outer_optimizer must be 'nesterov' or 'sgd', got {config.outer_optimizer!r}.")
 
 
+def outer_compressor(bits: int):
+  """The quantizer of Streaming DiLoCo's outer gradients: None for 0 bits, else ``compress.int{bits}()``."""
+  if not bits:
+    return None
+  factory = getattr(coopjax.compress, f"int{int(bits)}", None)
+  if factory is None:
+    raise ValueError(
+      f"outer_bits={bits}: coopjax.compress has no int{bits}() quantizer; use 0 (float32), 4 or 8."
+    )
+  return factory()
+
+
 def _time_varying_schedule(m: int) -> list[np.ndarray]:
   period = topology.one_peer_exponential_period(m)
   return [topology.one_peer_exponential(m, r) for r in range(period)]
@@ -254,6 +267,16 @@ _OPTIONS: dict[str, Callable[[Any, Any], dict]] = {
     "tau": c.tau,
     "num_workers": c.num_workers,
     **_error_feedback(c),
+  },
+  "streaming_diloco": lambda c, lr: {
+    "outer": _diloco_outer(c),
+    "H": c.tau,
+    "fragments": c.fragments,
+    "delay": c.delay,
+    "alpha": c.merge_alpha,
+    "compressor": outer_compressor(c.outer_bits),
+    "schedule": c.streaming_schedule,
+    "num_workers": c.num_workers,
   },
   "time_varying": lambda c, lr: {"tau": c.tau, "schedule": _time_varying_schedule(c.num_workers)},
   "matcha": lambda c, lr: {

@@ -22,7 +22,10 @@ Fields:
   warmup_steps: steps of synchronous SGD before the algorithm's own schedule
     (post-local SGD, Lin et al. 2020).
   outer_lr, outer_momentum, outer_optimizer: the outer optimizer of ``slowmo``
-    (α, β) and ``diloco`` (``slow_lr`` / ``slow_momentum`` are deprecated names).
+    (α, β), ``diloco`` and ``streaming_diloco`` (``slow_lr`` / ``slow_momentum`` are
+    deprecated names).
+  fragments, delay, merge_alpha, streaming_schedule, outer_bits: ``streaming_diloco``'s
+    P, τ, α, schedule and quantization of the outer gradients (H is ``tau``).
   compressor: ``none``, ``identity``, ``top_k:F``, ``random_k:F``, ``qsgd:B``, ``sign``,
     ``int8``, ``int4``: ``choco``'s messages (``none`` gossips uncompressed), and
     error-feedback averaging for ``local_sgd``, ``diloco`` and ``slowmo``
@@ -59,7 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup_steps = 0  # steps of synchronous SGD before the algorithm starts (post-local SGD)
   c.outer_lr = 1.0  # the outer optimizer's learning rate: slowmo α, diloco's outer lr
   c.outer_momentum = 0.5  # the outer optimizer's momentum: slowmo β, diloco's outer momentum
-  c.outer_optimizer = "nesterov"  # diloco: nesterov or sgd
+  c.outer_optimizer = "nesterov"  # diloco, streaming_diloco: nesterov or sgd
+  c.fragments = 2  # streaming_diloco: P fragments, synced every tau / P steps in turn
+  c.delay = 0  # streaming_diloco: inner steps between a fragment's snapshot and its apply
+  c.merge_alpha = 0.0  # streaming_diloco: weight of the worker's own fragment at the apply
+  c.streaming_schedule = "torchft"  # streaming_diloco: torchft or maxtext
+  c.outer_bits = 0  # streaming_diloco: 0 (float32 outer gradients), 4 or 8 (quantized)
   c.slow_lr = placeholder(float)  # deprecated name of outer_lr
   c.slow_momentum = placeholder(float)  # deprecated name of outer_momentum
   c.matcha_budget = 0.5
