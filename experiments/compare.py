@@ -36,7 +36,7 @@ communication-bound: one all-reduce costs more than one local step.
 ``--compute_time 0`` charges each run its own measured step times instead.
 
 Compressed communication (CHOCO-SGD, error-feedback local SGD) against bytes
-sent per worker: ``experiments/compression.py``.
+sent per worker: ``experiments/compressed_comm.py``.
 
 The table reports, per algorithm, the averaged model's final training loss
 and test accuracy, the modelled time at which its training loss (on the

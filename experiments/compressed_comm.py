@@ -1,7 +1,7 @@
 r"""Compressed communication on digits: loss and accuracy against bytes sent per worker.
 
-  python experiments/compression.py            # digits, m = 8, MLP, CPU, a few minutes
-  python experiments/compression.py --quick    # a 30-step smoke run into a temp folder
+  python experiments/compressed_comm.py            # digits, m = 8, MLP, CPU, a few minutes
+  python experiments/compressed_comm.py --quick    # a 30-step smoke run into a temp folder
 
 Runs, with the same data, model (MLP 64-64-10), local SGD, learning rate and
 number of steps, through ``experiments/train.py``:
