@@ -268,7 +268,7 @@ def node_runs(spec: dict, mesh, m: int, params0: dict, host_batch, stacked) -> d
       record = run(label, warm=False)
       record["load"] = list(load)
       repeats[label].append(record)
-  return {"info": info, "repeats": repeats}
+  return {"runs": spec["runs"], "info": info, "repeats": repeats}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +327,9 @@ def analyse_preset(flat: list, args) -> dict:
   calibration, nets = cc.calibrate(flat, args.rate_bits)
   nbytes = flat[0]["model_bytes"]
   info = flat[0]["preset"]["info"]
+  runs = [tuple(r) for r in flat[0]["preset"].get("runs", COMPUTE + RUNS)]
+  compute = [r for r in runs if r[1] == "compute"]
+  runs = [r for r in runs if r[1] != "compute"]
   reps = [o["preset"]["repeats"] for o in flat]
   labels = list(info)
   R = len(reps[0][labels[0]])
@@ -349,13 +352,15 @@ def analyse_preset(flat: list, args) -> dict:
 
   # t_c per way of running: the slowest node's mean per-step compute time, pooled over repeats
   t_c = {}
-  for label, _, options in COMPUTE:
-    n = len(reps[0][label][0]["losses"])
+  for label, _, options in compute:
+    n = (
+      sum(info[label]["lengths"]) if info[label]["period"] > 1 else len(reps[0][label][0]["times"])
+    )
     t_c[path_of(options)] = float(
       max(np.sum([r["times"] for r in rn[label]]) / (R * n) for rn in reps)
     )
   groups = {}
-  for label, group, _ in RUNS:
+  for label, group, _ in runs:
     groups.setdefault(group, []).append(label)
   targets = {}
   for group, members in groups.items():
@@ -363,7 +368,7 @@ def analyse_preset(flat: list, args) -> dict:
     targets[group] = float(ref[(2 * len(ref)) // 3 - 1])
 
   rows = {}
-  for label, group, options in RUNS:
+  for label, group, options in runs:
     steps = len(losses(label))
     tc = t_c[path_of(options)]
     syncs = [(k, pattern.MixCost(**c)) for k, c in info[label]["syncs"] if k <= steps]
@@ -434,7 +439,7 @@ def analyse_preset(flat: list, args) -> dict:
       "modelled_sync_nominal_s": float(max(model["nominal"]["sync_s"].values())) if syncs else 0.0,
       "payload_per_sync_bytes": float(max(payload)) if payload else 0.0,
       "sent_per_sync_bytes": float(max(sent)) if sent else 0.0,
-      "bytes_per_sync_tx": info[label]["bytes_per_sync"],
+      "bytes_per_sync_tx": info[label].get("bytes_per_sync"),
       "bytes_sent_per_worker": float(sum(sent)),
       "loss": loss.tolist(),
       "final_loss": float(s[-1]),
