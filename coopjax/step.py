@@ -444,6 +444,15 @@ class _ShardedStep:
       out = self._jitted(X, opt_state, batch)
     except ValueError as e:
       jax.eval_shape(self._raw, X, opt_state, batch)  # the step's own checks name the fix
+      if "incompatible devices" in str(e):
+        raise ValueError(
+          "X or opt_state is committed to devices other than the step's mesh (e.g. restored "
+          "from a checkpoint onto one device). Place them on the mesh first: "
+          "X = coopjax.shard(X, mesh, tx); opt_state = coopjax.sharding.init(tx, X, mesh) "
+          "(docs/devices.md) — or restore a checkpoint with a target built from a state already "
+          "on the mesh "
+          "(checkpoint.abstract_target keeps shardings). JAX said: " + str(e).splitlines()[0]
+        ) from None
       if "does not match the sharding" not in str(e):
         raise
       if not self._warned:
