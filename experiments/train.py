@@ -183,6 +183,11 @@ def parse_args(argv: Sequence[str] | None = None):
     ValueError: an unknown field or argument, or a missing config file.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
+  if "-h" in argv or "--help" in argv:
+    print(__doc__)
+    print("Fields of the default config (experiments/configs/default.py):\n")
+    print(_parse([])[0])
+    raise SystemExit(0)
   config, workdir, resume = _parse(argv)
   spec = [
     a for i, a in enumerate(argv) if a.startswith("--config=") or argv[i - 1 : i] == ["--config"]
@@ -725,6 +730,16 @@ def write_summary(run: Run, outcome: _Outcome, rows: list[dict], initial_loss) -
   with open(os.path.join(run.workdir, "summary.json"), "w") as f:
     json.dump(_jsonable(summary), f, indent=1)
   return summary
+
+
+def write_results(outdir: str, results: dict, summary: str) -> None:
+  """Writes ``results.json`` (machine-readable) and ``summary.md`` (the table) to ``outdir``."""
+  os.makedirs(outdir, exist_ok=True)
+  with open(os.path.join(outdir, "results.json"), "w") as f:
+    json.dump(_jsonable(results), f, indent=1)
+  with open(os.path.join(outdir, "summary.md"), "w") as f:
+    f.write(summary if summary.endswith("\n") else summary + "\n")
+  print(summary)
 
 
 def _jsonable(obj):

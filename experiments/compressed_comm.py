@@ -1,7 +1,7 @@
 r"""Compressed communication on digits: loss and accuracy against bytes sent per worker.
 
-  python experiments/compression.py            # digits, m = 8, MLP, CPU, a few minutes
-  python experiments/compression.py --quick    # a 30-step smoke run into a temp folder
+  python experiments/compressed_comm.py            # digits, m = 8, MLP, CPU, a few minutes
+  python experiments/compressed_comm.py --quick    # a 30-step smoke run into a temp folder
 
 Runs, with the same data, model (MLP 64-64-10), local SGD, learning rate and
 number of steps, through ``experiments/train.py``:
@@ -38,7 +38,6 @@ first reaches the uncompressed version's final accuracy minus 1 %.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -178,12 +177,7 @@ def run_compression(outdir: str, *, extra: dict[str, Any] | None = None, plots: 
     "checks": checks,
     "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs],
   }
-  with open(os.path.join(outdir, "results.json"), "w") as f:
-    json.dump(train._jsonable(out), f, indent=1)
-  text = _table_text(out)
-  with open(os.path.join(outdir, "summary.md"), "w") as f:
-    f.write(text)
-  print(text)
+  train.write_results(outdir, out, _table_text(out))
   if plots:
     _plot(out, outdir)
   return out
