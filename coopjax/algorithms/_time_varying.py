@@ -240,6 +240,7 @@ def time_varying(
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,
+    graph=sum(np.abs(W[:m, :m]) for W in Ws),
   )
 
 
@@ -558,4 +559,5 @@ def matcha(
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,
+    graph=graph,
   )

@@ -59,6 +59,7 @@ __all__ = [
   "lower",
   "apply_worker_matrix",
   "mix_gathered",
+  "lower_live",
   "worker_sum",
   "worker_mean",
 ]
@@ -76,6 +77,9 @@ class WorkerPlan(NamedTuple):
       ``gather``: ``(D−1)·b``; 0 when no worker rows move).
     offsets: device offsets δ with one collective-permute each (``permute``).
     apply: ``apply(workers_local) -> workers_local`` inside ``shard_map``.
+    apply_weighted: ``permute`` and ``gather`` plans: ``apply_weighted(workers_local, A)``
+      with a traced m × m matrix A whose support lies within the planned one
+      (the same collectives, weights read from A at run time).
 
   Examples:
     A ring of eight workers on four devices (two each): every device sends one
@@ -93,6 +97,7 @@ class WorkerPlan(NamedTuple):
   rows_sent: int
   offsets: tuple[int, ...]
   apply: Callable[[PyTree], PyTree]
+  apply_weighted: Callable[[PyTree, Any], PyTree] | None = None
 
 
 def einsum(spec: str, *operands) -> jax.Array:
@@ -213,7 +218,15 @@ def _gather_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
 
     return jax.tree.map(leaf, workers)
 
-  return WorkerPlan("gather", (D - 1) * b, (), apply)
+  def apply_weighted(workers, A_t):
+    def leaf(x):
+      full = lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)
+      cols = lax.dynamic_slice_in_dim(A_t.astype(x.dtype), _device(ctx) * b, b, axis=1)
+      return einsum("ji,j...->i...", cols, full)
+
+    return jax.tree.map(leaf, workers)
+
+  return WorkerPlan("gather", (D - 1) * b, (), apply, apply_weighted)
 
 
 def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
@@ -266,28 +279,47 @@ def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
         j = (i + s) % m
         idx[d, p] = cand[d][j] if abs(A[j, i]) > _ATOL else local_at + p
         w[d, p] = A[j, i] if abs(A[j, i]) > _ATOL else 0.0
-    terms.append((idx, w))
+    terms.append((idx, w, s))
+
+  def pool_of(x):
+    received = {}
+    for delta in deltas:
+      # Only devices that read rows from δ places ahead receive (a matching or a group
+      # mean leaves the others out); the rest get zeros, which no weight reads.
+      pairs = [(e, (e - delta) % D) for e in range(D) if need.get(((e - delta) % D, delta))]
+      received[delta] = lax.ppermute(_rows(x, send[delta], ctx), ctx.axis_name, pairs)
+    parts = [received[delta] for delta in behind] + [x]
+    parts += [received[delta] for delta in deltas if delta not in behind]
+    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else x
 
   def apply(workers):
     def leaf(x):
-      received = {}
-      for delta in deltas:
-        # Only devices that read rows from δ places ahead receive (a matching or a group
-        # mean leaves the others out); the rest get zeros, which no weight reads.
-        pairs = [(e, (e - delta) % D) for e in range(D) if need.get(((e - delta) % D, delta))]
-        received[delta] = lax.ppermute(_rows(x, send[delta], ctx), ctx.axis_name, pairs)
-      parts = [received[delta] for delta in behind] + [x]
-      parts += [received[delta] for delta in deltas if delta not in behind]
-      pool = jnp.concatenate(parts, axis=0) if len(parts) > 1 else x
+      pool = pool_of(x)
       total = None
-      for idx, w in terms:
+      for idx, w, _ in terms:
         term = _rows(pool, idx, ctx) * _per_device(w, ctx, x.dtype, x.ndim)
         total = term if total is None else total + term
       return total
 
     return jax.tree.map(leaf, workers)
 
-  return WorkerPlan("permute", rows_sent, tuple(deltas), apply)
+  def apply_weighted(workers, A_t):
+    cols = np.arange(m)
+
+    def leaf(x):
+      pool = pool_of(x)
+      total = None
+      for idx, _w, s in terms:
+        planned = jnp.asarray((np.abs(A[(cols + s) % m, cols]) > _ATOL), x.dtype)
+        weights = A_t.astype(x.dtype)[(cols + s) % m, cols] * planned  # [m], static gather
+        local = lax.dynamic_slice_in_dim(weights, _device(ctx) * b, b)
+        term = _rows(pool, idx, ctx) * local.reshape((b,) + (1,) * (x.ndim - 1))
+        total = term if total is None else total + term
+      return total
+
+    return jax.tree.map(leaf, workers)
+
+  return WorkerPlan("permute", rows_sent, tuple(deltas), apply, apply_weighted)
 
 
 def worker_plan(A, ctx: ShardContext) -> WorkerPlan:
@@ -600,6 +632,98 @@ def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
     return run(X)
 
   return checked
+
+
+def lower_live(W, structure, ctx: ShardContext) -> Callable:
+  r"""The per-device live-masked mixer of a static W: the same collectives, traced weights.
+
+  Returns ``mix(X_local, W_L, live, fallback) -> X_local`` where ``W_L`` is the
+  traced ``n × n`` matrix of :func:`coopjax.mixing.live_weights` and X_local's
+  masked rows are already zero (selected out). The workers' block goes
+  through
+
+  * a diagonal W: its static plan (no traffic);
+  * ``A = aI + cJ``: one all-reduce of the live rows' sum,
+    ``x_i ← a x_i + (s_i − a)/|L| Σ_{j∈L} x_j``;
+  * a graph or a permutation: the collective-permute plan of the support of
+    W and its transpose with weights read from ``W_L`` (or the all-gather
+    plan when that moves fewer rows); with ``fallback`` set, a
+    ``lax.cond`` between that and the all-reduce of ``J_L``;
+
+  and the auxiliary rows are updated as in :func:`lower`, with ``W_L``'s
+  blocks (one all-reduce of the partial sums for ``B``).
+  """
+  W = np.asarray(W, np.float64)
+  n, m, b = W.shape[0], ctx.num_workers, ctx.block
+  kind = structure.kind
+  scale = np.asarray(structure.scale, np.float64)
+
+  def local(vec, dtype):  # this device's block of an [m] vector, as a column
+    v = lax.dynamic_slice_in_dim(jnp.asarray(vec, dtype), _device(ctx) * b, b)
+    return v
+
+  def averaged(bufs, live, a):
+    count = jnp.maximum(jnp.sum(live.astype(jnp.float32)), 1.0)
+    totals = [lax.psum(jnp.sum(x, axis=0, keepdims=True), ctx.axis_name) for x in bufs]
+    out = []
+    for x, t in zip(bufs, totals, strict=True):
+      coef = (local(scale, jnp.float32) - a) / count
+      out.append(jnp.asarray(a, x.dtype) * x + coef.astype(x.dtype)[:, None] * t)
+    return out
+
+  if kind == "diagonal":
+    static = _cached_plan(np.ascontiguousarray(W[:m, :m]), ctx)
+
+    def workers_fn(bufs, W_L, live, fallback):
+      return static.apply(bufs)
+
+  elif kind == "average":
+
+    def workers_fn(bufs, W_L, live, fallback):
+      return averaged(bufs, live, structure.average_a)
+
+  else:
+    support = (np.abs(W[:m, :m]) > _ATOL) | structure.graph | np.eye(m, dtype=bool)
+    plan = _cached_plan(np.ascontiguousarray(support.astype(np.float64)), ctx)
+    if plan.apply_weighted is None:
+      plan = _gather_plan(support.astype(np.float64), ctx)
+
+    def workers_fn(bufs, W_L, live, fallback):
+      weighted = lambda bufs: plan.apply_weighted(bufs, W_L[:m, :m])  # noqa: E731
+      if fallback is None:
+        return weighted(bufs)
+      return lax.cond(fallback, lambda bufs: averaged(bufs, live, 0.0), weighted, bufs)
+
+  def mix(buffers, W_L, live, fallback):
+    if n == m:
+      return workers_fn(buffers, W_L, live, fallback)
+    workers = [x[:b] for x in buffers]
+    aux = [x[b:] for x in buffers]
+    new_w = workers_fn(workers, W_L, live, fallback)
+    C = W_L[m:, :m]
+    B = W_L[:m, m:]
+    E = W_L[m:, m:]
+    own_C = lax.dynamic_slice_in_dim(C, _device(ctx) * b, b, axis=1)
+    own_B = lax.dynamic_slice_in_dim(B, _device(ctx) * b, b, axis=0)
+    new_w = [
+      y + einsum("li,l...->i...", own_C.astype(z.dtype), z).astype(y.dtype)
+      for y, z in zip(new_w, aux, strict=True)
+    ]
+    new_z = []
+    for x, z in zip(workers, aux, strict=True):
+      part = einsum("il,i...->l...", own_B.astype(x.dtype), x)
+      out = einsum("kl,k...->l...", E.astype(z.dtype), z)
+      new_z.append(out + lax.psum(part, ctx.axis_name).astype(z.dtype))
+    return [
+      jnp.concatenate([y, z.astype(y.dtype)], axis=0) for y, z in zip(new_w, new_z, strict=True)
+    ]
+
+  def run(X, W_L, live, fallback):
+    if n > m:
+      _split_local(X, n, ctx)
+    return bucketed(lambda bufs: mix(bufs, W_L, live, fallback))(X)
+
+  return run
 
 
 def exchange(W, leaves: list, compressor, key, step, ctx: ShardContext) -> tuple[list, list]:
