@@ -38,7 +38,10 @@ auxiliary rows; a :class:`coopjax.parallel.context.ShardContext` is then
 active and the row primitives of this module (:func:`split_rows`,
 :func:`join_rows`, :func:`worker_mean`, :func:`worker_sum`, and every
 :class:`Mix`) take their per-device meaning. Call a :class:`Mix` inside the
-mixing branch of a ``lax.cond`` when it should cost nothing on off-steps.
+mixing branch of a ``lax.cond`` when it should cost nothing on off-steps, and
+pass it to ``lax.cond``/``lax.switch`` inside a fresh closure
+(``lambda X: mix(X)``), not as the branch itself: JAX caches a branch's trace by
+its callable, and a mix traces differently under a shard or live context.
 
   >>> import jax.numpy as jnp
   >>> from coopjax import mixing, topology

@@ -290,8 +290,9 @@ def transformation(
     overlaps: whether the mix overlaps the next local steps.
     period: the steps between mixes (for descriptions).
     orders, policies: the options this algorithm defines; others are refused.
-    graph: the m × m support of all the workers' communication over a
-      schedule period (its non-zeros; the union for time-varying mixes), used
+    graph: the support of all the workers' communication over a schedule
+      period (its non-zeros; the union for time-varying mixes; ``(m + v)``
+      square to join workers through auxiliary rows), used
       to check that the live workers stay connected; None: every pair
       communicates (full averaging).
 
@@ -449,8 +450,15 @@ def _graph(graph, m: int) -> np.ndarray:
   """The bool m × m communication support (complete when None), symmetric."""
   if graph is None:
     return ~np.eye(m, dtype=bool) if m > 1 else np.zeros((1, 1), bool)
-  G = np.abs(np.asarray(graph, np.float64))[:m, :m] > 1e-12
-  return (G | G.T) & ~np.eye(m, dtype=bool)
+  S = np.abs(np.asarray(graph, np.float64)) > 1e-12
+  S = S | S.T
+  G = S[:m, :m]
+  if S.shape[0] > m:  # workers joined through auxiliary rows (paths over auxiliaries only)
+    reach = S[m:, m:] | np.eye(S.shape[0] - m, dtype=bool)
+    for _ in range(S.shape[0] - m):
+      reach = (reach.astype(int) @ reach.astype(int)) > 0
+    G = G | ((S[:m, m:].astype(int) @ reach.astype(int) @ S[m:, :m].astype(int)) > 0)
+  return G & ~np.eye(m, dtype=bool)
 
 
 def every(tau: int, cost: pattern.MixCost) -> Callable[[int, Any], pattern.MixCost]:
