@@ -7,6 +7,9 @@ workers for W = J, EASGD's anchor with |L| workers, DiLoCo's outer step on the
 live mean), the masked row frozen.
 """
 
+import pathlib
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -328,3 +331,12 @@ def test_disconnected_fallback_averages_live_workers(sharded):
   expected = start.copy()
   expected[live] = start[live].mean(0)
   np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_docs_example_runs(capsys):
+  """The example of docs/failures.md runs and reports worker 5 at step 3."""
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "failures.md").read_text()
+  code = re.search(r"## Example\n\n```python\n(.*?)```", text, re.S).group(1)
+  exec(compile(code, "failures.md", "exec"), {})
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[2].startswith("3 [(5, 3)]") and lines[6].endswith("[1 1 1 1 1 1 1 1]")
