@@ -340,3 +340,31 @@ def test_docs_example_runs(capsys):
   exec(compile(code, "failures.md", "exec"), {})
   lines = capsys.readouterr().out.splitlines()
   assert lines[2].startswith("3 [(5, 3)]") and lines[6].endswith("[1 1 1 1 1 1 1 1]")
+
+
+def test_group_mean_and_permutation_rules():
+  live = np.array([True, False, True, True, True, False])
+  groups = mixing.Mix.groups([[0, 1, 2], [3, 4, 5]]).matrix
+  W = np.asarray(mixing.live_weights(groups, 6, jnp.asarray(live)))
+  expected = np.eye(6)
+  expected[np.ix_([0, 2], [0, 2])] = 0.5  # the mean over the group's live members
+  expected[np.ix_([3, 4], [3, 4])] = 0.5
+  np.testing.assert_allclose(W, expected, atol=1e-7)
+  swap = mixing.Mix.permutation([1, 0, 3, 2]).matrix
+  P = np.asarray(mixing.live_weights(swap, 4, jnp.array([True, True, False, True])))
+  # 0 and 1 swap; 3's partner is masked: 3 keeps its own row
+  np.testing.assert_array_equal(P, [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+
+
+def test_nonblocking_easgd_masked_from_the_start_matches_easgd():
+  outs = []
+  for make in (coopjax.nonblocking_easgd, coopjax.easgd):
+    tx = coopjax.with_live_mask(make(optax.sgd(ETA), tau=1, alpha=ALPHA, num_workers=4))
+    X = {"w": jnp.asarray(np.concatenate([START[:4], START[:1]]), jnp.float32)}
+    state = coopjax.set_live(tx, tx.init(X), [True, False, True, True])
+    g = {"w": jnp.asarray(CENTRES[:4], jnp.float32)}
+    for _ in range(5):
+      updates, state = tx.update(g, state, X)
+      X = {"w": X["w"] + updates["w"]}
+    outs.append(np.asarray(X["w"][:4]))
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
