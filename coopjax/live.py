@@ -14,10 +14,12 @@ every mix applies its live weights (:func:`coopjax.mixing.live_weights`):
   takes no local step (its optimizer state is kept as it was).
 
 Masked values never reach a sum by multiplication (a NaN row is selected out
-before any weighted sum). With every worker live each mix runs today's
-program (a ``lax.cond`` on ``all(ℓ)``), so the iterates are unchanged bit for
-bit; a transformation not wrapped by :func:`with_live_mask` compiles to
-exactly the program it compiled to before.
+before any weighted sum). With every worker live the wrapped update runs the
+algorithm's own update (a ``lax.cond`` on ``all(ℓ)`` around the whole update,
+so XLA fuses it as before): the iterates are unchanged bit for bit. Each mix
+also has that ``lax.cond`` for direct ``tx.update(..., live=ℓ)`` callers. A
+transformation not wrapped by :func:`with_live_mask` compiles to exactly the
+program it compiled to before.
 
 Disconnected live subgraphs (a ring with two non-adjacent masked workers)
 cannot be refused inside a compiled step. :func:`with_live_mask` takes
@@ -150,12 +152,18 @@ def with_live_mask(
     return LiveMaskState(jnp.ones((m,), bool), jnp.zeros((m,), jnp.int32), tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    fallback = None
-    if disconnected == "fallback":
-      fallback = jnp.logical_not(mixing.live_connected(graph, state.live))
-    out, inner = tx.update(
-      updates, state.inner, params, live=state.live, live_fallback=fallback, **extra_args
-    )
+    def all_live(inner):  # the wrapped algorithm's own update, bit for bit
+      return tx.update(updates, inner, params, **extra_args)
+
+    def masked(inner):
+      fallback = None
+      if disconnected == "fallback":
+        fallback = jnp.logical_not(mixing.live_connected(graph, state.live))
+      return tx.update(
+        updates, inner, params, live=state.live, live_fallback=fallback, **extra_args
+      )
+
+    out, inner = jax.lax.cond(jnp.all(state.live), all_live, masked, state.inner)
     return out, state._replace(inner=inner)
 
   def inner_state(opt_state):

@@ -123,7 +123,7 @@ def run(tx, sharded, mask_at=None, steps=STEPS):
   batch = jnp.asarray(CENTRES, jnp.float32)
   kwargs = dict(with_consensus=False, with_grad_norm=False, with_loss=False)
   if sharded:
-    mesh = coopjax.worker_mesh(4)
+    mesh = coopjax.worker_mesh(8)  # one worker per device
     X = coopjax.shard(X, mesh, tx)
     state = coopjax.sharding.init(tx, X, mesh)
     step = coopjax.make_step(loss_fn, tx, mesh=mesh, **kwargs)
@@ -368,3 +368,23 @@ def test_nonblocking_easgd_masked_from_the_start_matches_easgd():
       X = {"w": X["w"] + updates["w"]}
     outs.append(np.asarray(X["w"][:4]))
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_quarantine_step_all_live_is_bit_identical(sharded):
+  tx = make_tx("dpsgd_ring", "mix_then_step")
+  X = {"w": jnp.asarray(START, jnp.float32)}
+  batch = jnp.asarray(CENTRES, jnp.float32)
+  outs = []
+  for t, opts in ((tx, {}), (coopjax.with_live_mask(tx), {"on_nonfinite": "quarantine"})):
+    if sharded:
+      mesh = coopjax.worker_mesh(8)
+      Y = coopjax.shard(X, mesh, t)
+      state = coopjax.sharding.init(t, Y, mesh)
+      step = coopjax.make_step(loss_fn, t, mesh=mesh, **opts)
+    else:
+      Y, state, step = X, t.init(X), coopjax.make_step(loss_fn, t, **opts)
+    for _ in range(3):
+      Y, state, metrics = step(Y, state, batch)
+    outs.append(np.asarray(Y["w"]))
+  np.testing.assert_array_equal(outs[0], outs[1])

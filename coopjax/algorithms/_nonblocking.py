@@ -680,4 +680,5 @@ def delayed(
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,
+    graph=W,
   )
