@@ -7,6 +7,7 @@ as optax gradient transformations over a stacked worker axis.
 from coopjax import compress
 from coopjax import cost
 from coopjax import diagnostics
+from coopjax import elastic
 from coopjax import evaluation
 from coopjax import live
 from coopjax import mixing
@@ -99,6 +100,7 @@ __all__ = [
   "distributed",
   "dpsgd",
   "easgd",
+  "elastic",
   "elastic_averaging",
   "elastic_hierarchical",
   "evaluation",

@@ -264,6 +264,59 @@ class Mix:
     """
     return pattern.matrix_cost(self.matrix, self.num_workers, overlappable=self.overlappable)
 
+  def wire_fraction(self, compressor: compress.Compressor, like: PyTree) -> float:
+    """Payload bytes over dense bytes of one worker's message of the mixed leaves.
+
+    Args:
+      compressor: a :class:`coopjax.compress.Compressor`.
+      like: one worker's model (arrays or ``jax.ShapeDtypeStruct``, no worker
+        axis); with a ``mask`` only the leaves it selects count.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from coopjax import compress, mixing, topology
+      >>> mix = mixing.Mix(topology.ring(8), num_workers=8)
+      >>> mix.wire_fraction(compress.identity(), {"w": jnp.zeros((10, 10))})
+      1.0
+    """
+    leaves = [
+      x for x, keep in zip(jax.tree.leaves(like), leaf_flags(self.mask, like), strict=True) if keep
+    ]
+    dense = sum(
+      int(np.prod(np.shape(x), dtype=np.int64)) * jnp.dtype(x.dtype).itemsize for x in leaves
+    )
+    if dense == 0:
+      return 1.0
+    return compress.payload_bytes(compressor, leaves) / dense
+
+  def compressed_cost(self, compressor: compress.Compressor, like: PyTree) -> pattern.MixCost:
+    """The cost record of :meth:`exchange` with ``compressor`` on messages shaped like ``like``.
+
+    :func:`coopjax.cost.pattern.compressed_cost` with this mix's W and
+    :meth:`wire_fraction`: the sparse W's neighbour exchange, or an all-gather
+    of payloads where the uncompressed mix all-reduces; priced by payload
+    bytes (``cost.bytes_sent(dense_model_bytes)``,
+    :func:`coopjax.cost.netmodel.mix_time`).
+
+    Args:
+      compressor: a :class:`coopjax.compress.Compressor`.
+      like: one worker's model (arrays or ``jax.ShapeDtypeStruct``, no worker axis).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from coopjax import compress, mixing
+      >>> mix = mixing.Mix.average(8)
+      >>> cost = mix.compressed_cost(compress.identity(), {"w": jnp.zeros(100)})
+      >>> cost.collective, cost.volume, cost.bytes_sent(400)  # 7 payloads of 400 bytes
+      ('all_gather', 7.0, 2800.0)
+    """
+    return pattern.compressed_cost(
+      self.matrix,
+      self.num_workers,
+      self.wire_fraction(compressor, like),
+      overlappable=self.overlappable,
+    )
+
   def restrict(self, mask: PyTree | None) -> Mix:
     """The same mix on the leaves ``mask`` selects only (a fragment selector)."""
     if mask is None:
@@ -294,10 +347,14 @@ class Mix:
 
        \text{own}_i = Q_i, \qquad \text{mixed}_i = \sum_j W_{ji}\, Q_j .
 
-    Only payloads travel: sharded, the payload leaves go through the
-    collectives of this mix (the permute plan of a sparse W, an all-gather for
-    full averaging) and are decoded on the receiving device. Leaves outside
-    ``mask`` are not sent and come back unchanged in both outputs.
+    Only payloads travel: sharded (:func:`coopjax.parallel.collectives.exchange`),
+    the payload leaves go through the collectives of this mix (the permute
+    plan of a sparse W; an all-gather for full averaging, an auxiliary row fed
+    by the workers or a dense W: never an all-reduce of compressed data) and
+    are decoded on the receiving device; the replicated auxiliary rows are
+    encoded and decoded identically on every device. Leaves outside ``mask``
+    are not sent and come back unchanged in both outputs. Its cost record is
+    :meth:`compressed_cost`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -323,6 +380,9 @@ class Mix:
   def _exchange(self, leaves: list, compressor, key, step) -> tuple[list, list]:
     """Dense reference: every row's message encoded and decoded, then mixed as usual."""
     ctx = shard_context()
+    lc = context.current_live()
+    if ctx is not None and lc is not None:
+      return self._exchange_live(leaves, compressor, key, step, ctx, lc)
     if ctx is not None:
       return collectives.exchange(self.matrix, leaves, compressor, key, step, ctx)
     n = workers.num_rows(leaves, "messages")
@@ -337,6 +397,34 @@ class Mix:
 
     own = jax.vmap(roundtrip)(leaves, jnp.arange(n))
     return own, self._apply(own)
+
+  def _exchange_live(self, leaves, compressor, key, step, ctx, lc):
+    """Sharded exchange under a live mask: all live, the payload exchange; else decoded rows.
+
+    With a worker masked, each device decodes its own rows' messages (the same
+    keys as the payload exchange) and the live-masked mix moves the decoded
+    rows: the same result as the dense reference, at the traffic of an
+    uncompressed mix, on masked steps only.
+    """
+
+    def all_live(leaves):
+      with context.live_masked(None):
+        return collectives.exchange(self.matrix, leaves, compressor, key, step, ctx)
+
+    def masked(leaves):
+      m, n, b = self.num_workers, self.num_rows, ctx.block
+      senders = jax.lax.axis_index(ctx.axis_name) * b + jnp.arange(b)
+      if n > m:
+        senders = jnp.concatenate([senders, jnp.arange(m, n)])
+
+      def roundtrip(row, sender):
+        k = compress.message_key(key, step, sender)
+        return compress.decode_tree(compressor, compress.encode_tree(compressor, row, k), row, k)
+
+      own = jax.vmap(roundtrip)(leaves, senders)
+      return own, self._apply_live(own, lc.live, lc.fallback)
+
+    return jax.lax.cond(jnp.all(lc.live), all_live, masked, leaves)
 
   def _apply(self, X: PyTree) -> PyTree:
     if not jax.tree.leaves(X):

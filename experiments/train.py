@@ -363,7 +363,7 @@ class _Clocks(NamedTuple):
       comm_time=self.comm_time + seconds,
       modelled_time=modelled,
       pending_until=pending,
-      bytes_sent=self.bytes_sent + cost.volume * cost.fraction * nbytes,
+      bytes_sent=self.bytes_sent + cost.bytes_sent(nbytes),
       mixes=mixes,
     )
 

@@ -7,6 +7,9 @@ import pytest
 import reference as ref
 
 import coopjax
+from coopjax import checkpoint
+from coopjax import data
+from coopjax import elastic
 from coopjax import topology
 
 LR = 0.05
@@ -137,3 +140,146 @@ def test_elastic_averaging_anchor_row_written_out(alpha):
       assert Wp[i, j] == pytest.approx((1 - alpha) * W[i, j])
     assert Wp[i, m] == pytest.approx(alpha) and Wp[m, i] == pytest.approx(alpha)
   assert Wp[m, m] == pytest.approx(1 - m * alpha)
+
+
+# -- elastic restart: a checkpoint of m workers resumed with m′ ------------------------------
+
+ELASTIC_LR, BETA, TAU, ALPHA8 = 0.05, 0.9, 2, 0.1
+N, DIM, BATCH = 96, 3, 4
+
+
+def _easgd_for(m):
+  """EASGD with momentum for m workers; α at the same place in the stability range as 0.1 for 8."""
+  alpha = elastic.scale_alpha(ALPHA8, 8, m)
+  return coopjax.easgd(optax.sgd(ELASTIC_LR, momentum=BETA), tau=TAU, alpha=alpha, num_workers=m)
+
+
+def _shards(m):
+  return data.split_iid(N, m, seed=0)
+
+
+def _np_easgd_w(m, alpha=None):
+  """W_α for m workers and the anchor, written out, by default with α = 0.1 · 9 / (m + 1)."""
+  alpha = ALPHA8 * 9 / (m + 1) if alpha is None else alpha
+  W = np.zeros((m + 1, m + 1))
+  W[:m, :m] = (1 - alpha) * np.eye(m)
+  W[:m, m] = W[m, :m] = alpha
+  W[m, m] = 1 - m * alpha
+  return W
+
+
+def _np_run(X, buf, batches, k0, steps, alpha=None):
+  """EASGD with momentum in float64 from the state after step k0 (rows: workers, then z)."""
+  X, buf = np.array(X, np.float64), np.array(buf, np.float64)
+  m = buf.shape[0]
+  for k in range(k0 + 1, k0 + steps + 1):
+    batch = next(batches)
+    xb, yb = batch["x"].astype(np.float64), batch["y"].astype(np.float64)
+    G = np.stack([xb[i].T @ (xb[i] @ X[i] - yb[i]) / BATCH for i in range(m)])
+    buf = G + BETA * buf
+    X[:m] -= ELASTIC_LR * buf
+    if k % TAU == 0:
+      X = _np_easgd_w(m, alpha).T @ X
+  return X, buf
+
+
+def _trace(state):
+  return np.asarray(coopjax.algorithms.find_state(state).local_state[0].trace)
+
+
+@pytest.mark.parametrize(
+  "m, m_new, keep", [(8, 6, [0, 1, 2, 4, 5, 7]), (6, 8, None)], ids=["8to6", "6to8"]
+)
+def test_elastic_restart_from_a_checkpoint(tmp_path, m, m_new, keep):
+  p = data.least_squares(num_examples=N, dim=DIM, seed=0)
+  k1, k2 = 5, 5  # saved after step 5 (between mixes: the rows differ), then 5 more steps
+  tx = _easgd_for(m)
+  X = coopjax.replicate(np.zeros(DIM, np.float32), tx)
+  state = tx.init(X)
+  batches = data.make_worker_batches(p.x, p.y, _shards(m), BATCH, keys=("x", "y"))
+  step = coopjax.make_step(data.least_squares_loss, tx)
+  for _ in range(k1):
+    X, state, _ = step(X, state, next(batches))
+  with checkpoint.CheckpointManager(tmp_path / "ckpt") as mgr:
+    mgr.save(k1, {"X": X, "opt_state": state}, meta={"data": batches.state, "m": m}, force=True)
+  saved_X, saved_buf = np.asarray(X, np.float64), _trace(state).astype(np.float64)
+
+  # The restart: the state of m workers restored, then mapped to m′.
+  with checkpoint.CheckpointManager(tmp_path / "ckpt") as mgr:
+    meta = mgr.meta()
+    old_tx = _easgd_for(meta["m"])
+    X0 = coopjax.replicate(np.zeros(DIM, np.float32), old_tx)
+    target = checkpoint.abstract_target({"X": X0, "opt_state": old_tx.init(X0)})
+    restored = mgr.restore(target=target)
+  old_batches = data.make_worker_batches(
+    p.x, p.y, _shards(m), BATCH, keys=("x", "y"), state=data.IteratorState(**meta["data"])
+  )
+  new_tx = _easgd_for(m_new)
+  X_new, state_new = elastic.resize(restored["X"], restored["opt_state"], old_tx, new_tx, keep=keep)
+  new_batches = old_batches.resplit(_shards(m_new))
+
+  # Rows: the kept workers as saved, new workers at the mean of the kept ones, the anchor kept.
+  kept = list(range(min(m, m_new))) if keep is None else keep
+  mean = saved_X[kept].mean(0)
+  expect_X = np.vstack([saved_X[kept], np.tile(mean, (m_new - len(kept), 1)), saved_X[m:]])
+  expect_buf = np.vstack([saved_buf[kept], np.zeros((m_new - len(kept), DIM))])
+  assert np.asarray(X_new).shape == (m_new + 1, DIM)
+  np.testing.assert_allclose(np.asarray(X_new), expect_X, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(_trace(state_new), expect_buf, rtol=1e-6, atol=1e-7)
+  if m_new > m:
+    assert np.all(np.abs(np.asarray(X_new)[m:m_new]) > 0)  # never zeros
+  assert int(coopjax.step_count(state_new)) == k1
+  # Data: re-split over m′ workers, every example once, the stream at step k1.
+  shards = _shards(m_new)
+  assert new_batches.num_workers == m_new and new_batches.step == k1
+  np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(N))
+  assert new_batches.shard_sizes == tuple(len(s) for s in shards)
+
+  # W and α for m′: the continued run equals NumPy with W_α′ written out for m′ workers.
+  ref_batches, stale_batches = old_batches.resplit(shards), old_batches.resplit(shards)
+  step = coopjax.make_step(data.least_squares_loss, new_tx)
+  for _ in range(k2):
+    X_new, state_new, _ = step(X_new, state_new, next(new_batches))
+  X_ref, buf_ref = _np_run(expect_X, expect_buf, ref_batches, k1, k2)
+  np.testing.assert_allclose(np.asarray(X_new), X_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_trace(state_new), buf_ref, rtol=1e-4, atol=1e-6)
+  # ... and not the run that kept the old α.
+  X_stale, _ = _np_run(expect_X, expect_buf, stale_batches, k1, k2, alpha=ALPHA8 * 9 / (m + 1))
+  assert np.max(np.abs(X_stale - X_ref)) > 1e-4
+
+
+def test_resize_new_workers_get_fresh_buffers_and_the_kept_step_counter():
+  """Adam: a new worker's moments start at zero, its step count is a kept worker's."""
+  make_tx = lambda m: coopjax.local_sgd(optax.adam(0.1), tau=2, num_workers=m)  # noqa: E731
+  X = coopjax.replicate(jnp.zeros(2), 3)
+  state = make_tx(3).init(X)
+  step = coopjax.make_step(lambda w, b: jnp.sum((w - b) ** 2), make_tx(3))
+  for k in range(3):
+    X, state, _ = step(X, state, jnp.arange(6.0).reshape(3, 2) + k)
+  X4, state4 = elastic.resize(X, state, make_tx(3), make_tx(4), keep=[0, 2])
+  adam = coopjax.algorithms.find_state(state4).local_state[0]
+  old = coopjax.algorithms.find_state(state).local_state[0]
+  np.testing.assert_array_equal(np.asarray(adam.count), [3, 3, 3, 3])
+  np.testing.assert_array_equal(np.asarray(adam.mu)[:2], np.asarray(old.mu)[[0, 2]])
+  np.testing.assert_array_equal(np.asarray(adam.mu)[2:], np.zeros((2, 2)))
+  np.testing.assert_array_equal(np.asarray(adam.nu)[2:], np.zeros((2, 2)))
+  np.testing.assert_allclose(np.asarray(X4)[2:], np.tile(np.asarray(X)[[0, 2]].mean(0), (2, 1)))
+
+
+def test_resize_refuses_what_it_cannot_map():
+  tx3 = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=3)
+  X = coopjax.replicate(jnp.zeros(2), 3)
+  with pytest.raises(ValueError, match="auxiliary rows"):
+    elastic.resize(X, tx3.init(X), tx3, _easgd_for(4))
+  with pytest.raises(ValueError, match="structure"):
+    elastic.resize(X, tx3.init(X), tx3, coopjax.local_sgd(optax.adam(0.1), tau=2, num_workers=2))
+  with pytest.raises(ValueError, match="two calls"):
+    elastic.resize(X, tx3.init(X), tx3, tx3, keep=[0, 1])
+  with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+    elastic.row_map(3, 2, keep=[0, 3])
+  with pytest.raises(ValueError, match="at most 2"):
+    elastic.row_map(3, 2, keep=[0, 1, 2])
+  with pytest.raises(TypeError, match="coopjax transformation"):
+    elastic.resize(X, tx3.init(X), optax.sgd(0.1), tx3)
+  with pytest.raises(ValueError, match="stability range"):
+    elastic.scale_alpha(0.25, 8, 6)

@@ -22,6 +22,11 @@ Collective algorithms (Thakur, Rabenseifner & Gropp, 2005; Patarasuk & Yuan,
 * parameter server (push and pull through one server link):
   :math:`2\alpha + 2 m \beta B`.
 
+A compressed mix sends payloads of :math:`\rho B` bytes (``wire_fraction``
+ρ, :func:`coopjax.cost.pattern.compressed_cost`) through the neighbour
+exchange of a sparse W, or through an all-gather where the uncompressed mix
+would all-reduce (compressed messages are decoded, not summed in flight).
+
 A *blocking* mix adds its time to the step that mixes. A *non-blocking* mix
 (non-blocking EASGD, Overlap Local-SGD) runs during the next period's local
 steps, so a period costs :math:`\max(\tau t_c, T_{mix})` instead of
@@ -176,42 +181,57 @@ def mix_degree(W: np.ndarray) -> int:
 
 
 def mix_time(mix, nbytes: float, net: NetworkModel = DEFAULT_NETWORK, num_aux: int = 0) -> float:
-  r"""Modelled time of one mix: ``rounds·α + volume·fraction·B·β``.
+  r"""Modelled time of one mix: ``rounds·α + volume·fraction·wire_fraction·B·β``.
 
   Args:
     mix: a :class:`coopjax.cost.pattern.MixCost` (``tx.comm(k, state)``,
-      ``tx.mix_cost``, ``Mix.cost``), or a mixing matrix W, whose cost record is
-      :func:`coopjax.cost.pattern.matrix_cost` (``W = J``: an all-reduce; an
-      anchor fed by the workers: an all-reduce; a sparse W: a neighbour exchange
-      with the largest in-degree; the identity: 0).
-    nbytes: B, the bytes of one model (of the mixed leaves).
+      ``tx.mix_cost``, ``Mix.cost``, ``Mix.compressed_cost(...)``), or a mixing
+      matrix W, whose cost record is :func:`coopjax.cost.pattern.matrix_cost`
+      (``W = J``: an all-reduce; an anchor fed by the workers: an all-reduce;
+      a sparse W: a neighbour exchange with the largest in-degree; the
+      identity: 0).
+    nbytes: B, the bytes of one model (of the mixed leaves), uncompressed.
     net: the network.
     num_aux: with a matrix, its auxiliary rows (the last ones).
 
   Returns:
     Seconds.
 
+  A compressed mix is priced by its payload bytes: its record's
+  ``wire_fraction`` (payload bytes over dense bytes) scales the β term, and an
+  all-gather of payloads replaces the all-reduce it cannot use.
+
   .. math::
 
      T_{\text{mix}} = \text{rounds}\cdot\alpha
-     + \text{volume}\cdot\text{fraction}\cdot B\beta .
+     + \text{volume}\cdot\text{fraction}\cdot\text{wire\_fraction}\cdot B\beta .
 
   Examples:
     A ring (two peers: 2 rounds, 2 payloads) and full averaging over four
     workers (a ring all-reduce: 6 rounds, 1.5 payloads):
 
     >>> from coopjax import topology
+    >>> from coopjax.cost import pattern
     >>> net = NetworkModel(latency=1e-3, bandwidth=1e6)
     >>> round(mix_time(topology.ring(8), 1e6, net), 6)
     2.002
     >>> round(mix_time(topology.complete(4), 1e6, net), 6)
     1.506
+
+    The ring with top-k messages carrying 2 % of the bytes (values and
+    indices), and full averaging of 4-bit messages (an all-gather, 3 payloads
+    of 1/8 model):
+
+    >>> round(mix_time(pattern.compressed_cost(topology.ring(8), 8, 0.02), 1e6, net), 6)
+    0.042
+    >>> round(mix_time(pattern.compressed_cost(topology.complete(4), 4, 0.125), 1e6, net), 6)
+    0.378
   """
   net.check()
   if not isinstance(mix, pattern.MixCost):
     W = np.asarray(mix, dtype=np.float64)
     mix = pattern.matrix_cost(W, W.shape[0] - num_aux)
-  return mix.rounds * net.latency + mix.volume * mix.fraction * nbytes / net.bandwidth
+  return mix.rounds * net.latency + mix.bytes_sent(nbytes) / net.bandwidth
 
 
 def modelled_wallclock(

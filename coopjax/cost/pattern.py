@@ -14,6 +14,14 @@ the lowering :mod:`coopjax.parallel.collectives` gives it on devices:
   auxiliaries (the pull toward them is local);
 * no off-diagonal weight and no auxiliary fed by the workers: nothing.
 
+A compressed mix (:meth:`coopjax.mixing.Mix.exchange`) sends payloads, not
+models: a sparse W keeps its neighbour exchange, and every pattern that
+would reduce (full averaging, an anchor fed by the workers) becomes an
+**all-gather** of the payloads (compressed messages are decoded before they
+are summed, so they cannot be reduced in flight), ``m − 1`` payloads in
+``m − 1`` rounds. ``wire_fraction`` (payload bytes per byte of the dense
+message) scales the bytes (:func:`compressed_cost`).
+
 For a modelled wall clock (:mod:`coopjax.cost.netmodel`) a record gives the
 model-sized payloads each worker sends (``volume``) and the sequential
 message rounds (``rounds``, latency terms), with a ring all-reduce at
@@ -27,7 +35,8 @@ message rounds (``rounds``, latency terms), with a ring all-reduce at
   >>> from coopjax import topology
   >>> from coopjax.cost import pattern
   >>> pattern.matrix_cost(topology.complete(4), num_workers=4)
-  MixCost(collective='all_reduce', volume=1.5, rounds=6, overlappable=False, fraction=1.0)
+  MixCost(collective='all_reduce', volume=1.5, rounds=6, overlappable=False, fraction=1.0,
+          wire_fraction=1.0)
   >>> pattern.matrix_cost(topology.ring(8), num_workers=8).collective
   'neighbor_exchange'
 """
@@ -44,8 +53,10 @@ __all__ = [
   "COLLECTIVES",
   "CommPattern",
   "all_reduce",
+  "all_gather",
   "matrix_cost",
   "combine",
+  "compressed_cost",
   "comm_pattern",
 ]
 
@@ -68,11 +79,16 @@ class MixCost(NamedTuple):
       ``max(τ·t_step, t_comm)`` instead of ``τ·t_step + t_comm``.
     fraction: the part of the model's bytes each payload carries (1 for a
       whole model; less for a mix of some leaves only).
+    wire_fraction: bytes on the wire per byte of the dense message (1
+      uncompressed; a compressed mix's payload bytes over its message's
+      bytes, :meth:`coopjax.mixing.Mix.compressed_cost`).
 
   Examples:
     >>> cost = MixCost("all_reduce", volume=1.5, rounds=6)
     >>> cost.bytes_sent(100.0)  # 1.5 payloads of 100 bytes
     150.0
+    >>> MixCost("neighbor_exchange", 2.0, 2, wire_fraction=0.02).bytes_sent(100.0)
+    4.0
   """
 
   collective: str
@@ -80,10 +96,16 @@ class MixCost(NamedTuple):
   rounds: int
   overlappable: bool = False
   fraction: float = 1.0
+  wire_fraction: float = 1.0
 
   def bytes_sent(self, model_bytes: float) -> float:
-    """Bytes each worker sends in one such mix, for a model of ``model_bytes`` bytes."""
-    return self.volume * self.fraction * model_bytes
+    r"""Bytes each worker sends in one such mix, for a model of ``model_bytes`` bytes.
+
+    .. math::
+
+       \text{volume}\cdot\text{fraction}\cdot\text{wire\_fraction}\cdot B .
+    """
+    return self.volume * self.fraction * self.wire_fraction * model_bytes
 
 
 NO_COMM = MixCost("none", 0.0, 0, False)
@@ -95,7 +117,8 @@ def all_reduce(num_workers: int, *, overlappable: bool = False) -> MixCost:
 
   Examples:
     >>> all_reduce(4)
-    MixCost(collective='all_reduce', volume=1.5, rounds=6, overlappable=False, fraction=1.0)
+    MixCost(collective='all_reduce', volume=1.5, rounds=6, overlappable=False, fraction=1.0,
+            wire_fraction=1.0)
     >>> all_reduce(1).collective
     'none'
   """
@@ -123,7 +146,8 @@ def matrix_cost(W, num_workers: int, *, overlappable: bool = False) -> MixCost:
     >>> import numpy as np
     >>> from coopjax import topology
     >>> matrix_cost(topology.ring(8), 8)
-    MixCost(collective='neighbor_exchange', volume=2.0, rounds=2, overlappable=False, fraction=1.0)
+    MixCost(collective='neighbor_exchange', volume=2.0, rounds=2, overlappable=False, fraction=1.0,
+            wire_fraction=1.0)
     >>> matrix_cost(topology.easgd(4, 0.2), 4).collective
     'all_reduce'
     >>> matrix_cost(np.eye(4), 4).collective
@@ -159,20 +183,86 @@ def combine(*costs: MixCost) -> MixCost:
 
     >>> ring = MixCost("neighbor_exchange", 2.0, 2)
     >>> combine(ring, all_reduce(8))
-    MixCost(collective='neighbor_exchange', volume=3.75, rounds=16, overlappable=False, fraction=1.0)
+    MixCost(collective='neighbor_exchange', volume=3.75, rounds=16, overlappable=False, fraction=1.0,
+            wire_fraction=1.0)
   """
   moving = [c for c in costs if c.collective != "none"]
   if not moving:
     return NO_COMM._replace(overlappable=all(c.overlappable for c in costs))
-  volume = sum(c.volume * c.fraction for c in moving)
+  sent = sum(c.volume * c.fraction * c.wire_fraction for c in moving)
   fraction = max(c.fraction for c in moving)
+  wire = max(c.wire_fraction for c in moving)
   return MixCost(
     moving[0].collective,
-    volume / fraction,
+    sent / (fraction * wire) if fraction * wire > 0 else 0.0,
     sum(c.rounds for c in moving),
     all(c.overlappable for c in moving),
     fraction,
+    wire,
   )
+
+
+def all_gather(num_workers: int, *, overlappable: bool = False) -> MixCost:
+  """A ring all-gather over ``num_workers`` workers: ``m − 1`` payloads in ``m − 1`` rounds.
+
+  Examples:
+    >>> all_gather(4).volume, all_gather(4).rounds
+    (3.0, 3)
+  """
+  m = int(num_workers)
+  if m <= 1:
+    return NO_COMM._replace(overlappable=overlappable)
+  return MixCost("all_gather", float(m - 1), m - 1, overlappable)
+
+
+def compressed_cost(
+  W, num_workers: int, wire_fraction: float, *, overlappable: bool = False
+) -> MixCost:
+  """The cost record of the mix ``X ← X·W`` of compressed messages.
+
+  The payloads travel through the sharded lowering of
+  :func:`coopjax.parallel.collectives.exchange`: a sparse workers' block
+  keeps its neighbour exchange (Δ payloads in Δ rounds); full averaging or an
+  auxiliary row fed by the workers is an all-gather of the payloads
+  (``m − 1`` payloads in ``m − 1`` rounds: compressed messages are decoded,
+  not reduced, so no all-reduce); a diagonal W sends nothing.
+
+  Args:
+    W: the ``(m + v) × (m + v)`` (or ``m × m``) mixing matrix.
+    num_workers: m.
+    wire_fraction: payload bytes per byte of the dense message
+      (:meth:`coopjax.mixing.Mix.compressed_cost` computes it from a
+      compressor and a model).
+    overlappable: whether the mix overlaps the following local steps.
+
+  Returns:
+    A :class:`MixCost` with ``wire_fraction`` set.
+
+  Examples:
+    Top-k at 1 % with int32 indices (``wire_fraction = 0.02``) on a ring, and
+    full averaging of 4-bit messages (about 1/8):
+
+    >>> from coopjax import topology
+    >>> compressed_cost(topology.ring(8), 8, 0.02).bytes_sent(1e6)
+    40000.0
+    >>> cost = compressed_cost(topology.complete(8), 8, 0.125)
+    >>> cost.collective, cost.volume, cost.bytes_sent(1e6)
+    ('all_gather', 7.0, 875000.0)
+  """
+  wire = float(wire_fraction)
+  if not np.isfinite(wire) or wire < 0:
+    raise ValueError(
+      f"wire_fraction must be a finite non-negative number (payload bytes / dense bytes), got "
+      f"{wire_fraction}."
+    )
+  W = np.asarray(W, dtype=np.float64)
+  dense = matrix_cost(W, num_workers, overlappable=overlappable)
+  feeds_aux = bool(np.any(np.abs(W[: int(num_workers), int(num_workers) :]) > _ATOL))
+  if dense.collective == "none":
+    return dense
+  if dense.collective == "neighbor_exchange" and not feeds_aux:
+    return dense._replace(wire_fraction=wire)
+  return all_gather(num_workers, overlappable=overlappable)._replace(wire_fraction=wire)
 
 
 class CommPattern(NamedTuple):

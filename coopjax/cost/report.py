@@ -10,6 +10,9 @@ half) becomes one :class:`Collective` with
 * ``bytes``: the size of its operands on one device (from their shapes and
   dtypes; for an all-gather the local piece, for an all-reduce the buffer
   reduced), and ``result_bytes``;
+* ``wire``: those operand bytes per HLO dtype, ``(("u8", 5000), ("f32", 4))``:
+  what actually travels (a compressed mix should show ``u8``/``s32``
+  payloads; a collective on 8-bit floats shows the ``f16`` it was widened to);
 * ``in_branch``: whether its computation is reachable from the entry only
   through a branch of a ``conditional`` (``lax.cond``), i.e. whether it runs
   only on the steps that take that branch. For the cooperative step that is
@@ -29,8 +32,8 @@ half) becomes one :class:`Collective` with
   ...   %k = s32[] parameter(1)
   ...   ROOT %c = f32[4]{0} conditional(%k, %x, %x), branch_computations={%skip, %mix}
   ... }'''
-  >>> [(c.kind, c.bytes, c.in_branch, c.branch) for c in parse_hlo(text)]
-  [('collective-permute', 16, True, 1)]
+  >>> [(c.kind, c.bytes, c.wire, c.in_branch, c.branch) for c in parse_hlo(text)]
+  [('collective-permute', 16, (('f32', 16),), True, 1)]
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class Collective(NamedTuple):
     in_branch: True when it runs only inside a branch of a conditional.
     conditional: the conditional whose branch holds it (None if in_branch is False).
     branch: that branch's index (for ``lax.cond(p, f, g)``: 1 is ``f``, 0 is ``g``).
+    wire: ``(dtype, bytes)`` of its operands per HLO dtype, in order of appearance.
 
   Examples:
     An all-reduce of four float32 values in the entry computation runs on every
@@ -106,8 +110,8 @@ class Collective(NamedTuple):
     ...   ROOT %ar = f32[4]{0} all-reduce(%x), replica_groups={}, to_apply=%add
     ... }'''
     >>> (c,) = parse_hlo(text)
-    >>> c.kind, c.name, c.bytes, c.result_bytes, c.in_branch
-    ('all-reduce', 'ar', 16, 16, False)
+    >>> c.kind, c.name, c.bytes, c.result_bytes, c.in_branch, c.wire
+    ('all-reduce', 'ar', 16, 16, False, (('f32', 16),))
   """
 
   kind: str
@@ -119,6 +123,12 @@ class Collective(NamedTuple):
   in_branch: bool
   conditional: str | None
   branch: int | None
+  wire: tuple[tuple[str, int], ...] = ()
+
+  @property
+  def dtypes(self) -> tuple[str, ...]:
+    """The HLO dtypes of its operands (``("u8", "f32")``)."""
+    return tuple(d for d, _ in self.wire)
 
 
 class CommReport(list):
@@ -128,19 +138,23 @@ class CommReport(list):
     An all-reduce on every step and a collective-permute inside branch 1 of a
     conditional:
 
-    >>> ar = Collective("all-reduce", "ar", "main", "f32[4]{0}", 16, 16, False, None, None)
-    >>> cp = Collective("collective-permute", "cp", "mix", "f32[8]{0}", 32, 32, True, "c", 1)
+    >>> ar = Collective("all-reduce", "ar", "main", "f32[4]{0}", 16, 16, False, None, None,
+    ...                 (("f32", 16),))
+    >>> cp = Collective("collective-permute", "cp", "mix", "(u8[8]{0}, s32[2]{0})", 16, 16, True,
+    ...                 "c", 1, (("u8", 8), ("s32", 8)))
     >>> report = CommReport([ar, cp])
     >>> report.kinds(), report.total_bytes
-    (['all-reduce', 'collective-permute'], 48)
+    (['all-reduce', 'collective-permute'], 32)
     >>> report.every_step().kinds()
     ['all-reduce']
+    >>> report.bytes_by_dtype()
+    {'f32': 16, 'u8': 8, 's32': 8}
     >>> print(report)  # doctest: +NORMALIZE_WHITESPACE
-    kind                         bytes  in branch result shape                      name
-    ------------------------------------------------------------------------------------
-    all-reduce                      16  NO        f32[4]{0}                         ar
-    collective-permute              32  yes (1)   f32[8]{0}                         cp
-    2 collectives, 48 bytes in operands
+    kind                         bytes  wire                in branch result shape                      name
+    --------------------------------------------------------------------------------------------------------
+    all-reduce                      16  f32 16              NO        f32[4]{0}                         ar
+    collective-permute              16  u8 8 + s32 8        yes (1)   (u8[8]{0}, s32[2]{0})             cp
+    2 collectives, 32 bytes in operands (f32 16, u8 8, s32 8)
   """
 
   @property
@@ -152,32 +166,60 @@ class CommReport(list):
     """The kinds, in program order."""
     return [c.kind for c in self]
 
+  def bytes_by_dtype(self) -> dict[str, int]:
+    """Operand bytes of all collectives per wire dtype (``{"u8": 5000, "f32": 8}``)."""
+    out: dict[str, int] = {}
+    for c in self:
+      for dtype, nbytes in c.wire:
+        out[dtype] = out.get(dtype, 0) + nbytes
+    return out
+
   def every_step(self) -> CommReport:
     """The collectives outside any conditional branch: they run on every step."""
     return CommReport(c for c in self if not c.in_branch)
 
   def table(self) -> str:
     """A fixed-width table, one row per collective."""
-    head = f"{'kind':<22}{'bytes':>12}  {'in branch':<10}{'result shape':<34}name"
+    head = f"{'kind':<22}{'bytes':>12}  {'wire':<20}{'in branch':<10}{'result shape':<34}name"
     rows = [head, "-" * len(head)]
     for c in self:
       where = f"yes ({c.branch})" if c.in_branch else "NO"
       shape = c.shape if len(c.shape) <= 32 else c.shape[:29] + "..."
-      rows.append(f"{c.kind:<22}{c.bytes:>12}  {where:<10}{shape:<34}{c.name}")
-    rows.append(f"{len(self)} collectives, {self.total_bytes} bytes in operands")
+      wire = _wire_text(c.wire)
+      wire = wire if len(wire) <= 18 else wire[:15] + "..."
+      rows.append(f"{c.kind:<22}{c.bytes:>12}  {wire:<20}{where:<10}{shape:<34}{c.name}")
+    by_dtype = ", ".join(f"{d} {n}" for d, n in self.bytes_by_dtype().items())
+    total = f"{len(self)} collectives, {self.total_bytes} bytes in operands"
+    rows.append(f"{total} ({by_dtype})" if by_dtype else total)
     return "\n".join(rows)
 
   def __str__(self) -> str:
     return self.table()
 
 
+def _wire_text(wire) -> str:
+  return " + ".join(f"{d} {n}" for d, n in wire)
+
+
 def type_bytes(type_text: str) -> int:
   """Bytes of an HLO type such as ``f32[2,3]{1,0}`` or a tuple of them."""
-  total = 0
+  return sum(n for _, n in type_dtype_bytes(type_text))
+
+
+def type_dtype_bytes(type_text: str) -> tuple[tuple[str, int], ...]:
+  """``(dtype, bytes)`` per dtype of an HLO type or tuple of types, in order of appearance.
+
+  Sub-byte and 8-bit float types count one byte per element (as stored).
+
+  Examples:
+    >>> type_dtype_bytes("(u8[100]{0}, f32[], s32[25]{0}, u8[4]{0})")
+    (('u8', 104), ('f32', 4), ('s32', 100))
+  """
+  out: dict[str, int] = {}
   for dtype, dims in _SHAPE.findall(type_text):
     size = _DTYPE_BYTES.get(dtype)
     if size is None:
-      if dtype.startswith(("f8", "s4", "u4", "f4")):
+      if dtype.startswith(("f8", "s4", "u4", "f4", "s2", "u2")):
         size = 1
       else:
         continue
@@ -185,8 +227,8 @@ def type_bytes(type_text: str) -> int:
     for d in dims.split(","):
       if d:
         count *= int(d)
-    total += size * count
-  return total
+    out[dtype] = out.get(dtype, 0) + size * count
+  return tuple(out.items())
 
 
 def _split_type(rest: str) -> tuple[str, str]:
@@ -330,12 +372,21 @@ def parse_hlo(text: str) -> CommReport:
         continue
       names = _OPERAND.findall(_operands(ins.text))
       known = [types[comp][n] for n in names if n in types[comp]]
-      nbytes = sum(type_bytes(t) for t in known) if known else type_bytes(ins.type)
+      wire = type_dtype_bytes(" ".join(known) if known else ins.type)
       in_branch = comp not in always
       cond, branch = owner.get(comp, (None, None)) if in_branch else (None, None)
       report.append(
         Collective(
-          kind, ins.name, comp, ins.type, nbytes, type_bytes(ins.type), in_branch, cond, branch
+          kind,
+          ins.name,
+          comp,
+          ins.type,
+          sum(n for _, n in wire),
+          type_bytes(ins.type),
+          in_branch,
+          cond,
+          branch,
+          wire,
         )
       )
   return report

@@ -35,6 +35,14 @@ workers' block ``A`` is lowered by :func:`worker_plan` to the first that fits:
 
 Every lowering equals the dense reference :func:`coopjax.mixing.mix_dense` up
 to float rounding (tests compare them for every kind).
+
+Compressed messages (:func:`exchange`, the sharded
+:meth:`coopjax.mixing.Mix.exchange`) reuse these plans for their payloads: a
+sparse A sends the boundary rows' payloads through the same
+collective-permutes and the receiver decodes them; full averaging, an
+auxiliary fed by the workers or a dense A all-gather the payloads and every
+device decodes and sums them (a psum would add compressed data). Only
+payload bytes travel, one buffer per collective (:func:`exchange_kind`).
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from coopjax import compress
 from coopjax.parallel.context import ShardContext
+from coopjax.workers import sum_rows
 
 PyTree = Any
 
@@ -62,6 +72,8 @@ __all__ = [
   "lower_live",
   "worker_sum",
   "worker_mean",
+  "exchange",
+  "exchange_kind",
 ]
 
 _ATOL = 1e-12
@@ -229,7 +241,25 @@ def _gather_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
   return WorkerPlan("gather", (D - 1) * b, (), apply, apply_weighted)
 
 
-def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
+class _PermuteLayout(NamedTuple):
+  """The static data of the sparse lowering of A (:func:`_permute_layout`).
+
+  On device d the pool of rows is ``[received from behind, local block,
+  received from ahead]``; ``senders[δ][d]`` names the global rows that fill
+  the slots received from δ devices ahead, and every new row is
+  ``Σ_terms pool[idx[d, p]] · w[d, p]``.
+  """
+
+  deltas: tuple[int, ...]
+  behind: tuple[int, ...]
+  send: dict  # δ -> [D, k_δ] local rows that device e sends to device e − δ
+  pairs: dict  # δ -> the source-target pairs of its collective-permute
+  senders: dict  # δ -> [D, k_δ] global row of each slot received from δ ahead
+  terms: tuple  # (idx [D, b], w [D, b]) per source offset
+  rows_sent: int
+
+
+def _permute_layout(A: np.ndarray, ctx: ShardContext) -> _PermuteLayout | None:
   """The sparse lowering of A, or None when an all-gather moves no more rows."""
   D, b, m = ctx.num_devices, ctx.block, ctx.num_workers
   src, dst = np.nonzero(np.abs(A) > _ATOL)  # A[src, dst]: row dst reads row src
@@ -249,7 +279,7 @@ def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
   if D > 1 and rows_sent >= (D - 1) * b and len(deltas) > 2:
     return None
   # Device e sends to d = e - delta the rows d needs; candidates on d: [local, recv...].
-  send = {}
+  send, senders, pairs = {}, {}, {}
   cand = [dict() for _ in range(D)]  # global row -> index in the pool, per device
   behind = [delta for delta in deltas if signed(delta) < 0]
   local_at = sum(k[delta] for delta in behind)
@@ -268,6 +298,12 @@ def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
       for slot, q in enumerate(rows):
         cand[d][e * b + q] = base + slot
     send[delta] = table
+    # Slot s on device d holds row table[e, s] of device e = d + δ (padding slots too).
+    ahead = (np.arange(D) + delta) % D
+    senders[delta] = ahead[:, None] * b + table[ahead]
+    # Only devices that read rows from δ places ahead receive (a matching or a group
+    # mean leaves the others out); the rest get zeros, which no weight reads.
+    pairs[delta] = [(e, (e - delta) % D) for e in range(D) if need.get(((e - delta) % D, delta))]
     base += k[delta]
   terms = []
   for s in offsets:
@@ -279,47 +315,67 @@ def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
         j = (i + s) % m
         idx[d, p] = cand[d][j] if abs(A[j, i]) > _ATOL else local_at + p
         w[d, p] = A[j, i] if abs(A[j, i]) > _ATOL else 0.0
-    terms.append((idx, w, s))
+    terms.append((idx, w))
+  return _PermuteLayout(tuple(deltas), tuple(behind), send, pairs, senders, tuple(terms), rows_sent)
 
-  def pool_of(x):
-    received = {}
-    for delta in deltas:
-      # Only devices that read rows from δ places ahead receive (a matching or a group
-      # mean leaves the others out); the rest get zeros, which no weight reads.
-      pairs = [(e, (e - delta) % D) for e in range(D) if need.get(((e - delta) % D, delta))]
-      received[delta] = lax.ppermute(_rows(x, send[delta], ctx), ctx.axis_name, pairs)
-    parts = [received[delta] for delta in behind] + [x]
-    parts += [received[delta] for delta in deltas if delta not in behind]
-    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else x
+
+def _pool(local, received: dict, layout: _PermuteLayout):
+  """``[rows from behind, local block, rows from ahead]`` (one leaf, rows first)."""
+  parts = [received[delta] for delta in layout.behind] + [local]
+  parts += [received[delta] for delta in layout.deltas if delta not in layout.behind]
+  return jnp.concatenate(parts, axis=0) if len(parts) > 1 else local
+
+
+def _combine(pool, layout: _PermuteLayout, ctx: ShardContext):
+  """The new local rows ``Σ_terms pool[idx] · w`` (one leaf)."""
+  total = None
+  for idx, w in layout.terms:
+    term = _rows(pool, idx, ctx) * _per_device(w, ctx, pool.dtype, pool.ndim)
+    total = term if total is None else total + term
+  return total
+
+
+def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
+  """The sparse lowering of A, or None when an all-gather moves no more rows."""
+  layout = _permute_layout(A, ctx)
+  if layout is None:
+    return None
 
   def apply(workers):
     def leaf(x):
-      pool = pool_of(x)
-      total = None
-      for idx, w, _ in terms:
-        term = _rows(pool, idx, ctx) * _per_device(w, ctx, x.dtype, x.ndim)
-        total = term if total is None else total + term
-      return total
+      received = {
+        delta: lax.ppermute(_rows(x, layout.send[delta], ctx), ctx.axis_name, layout.pairs[delta])
+        for delta in layout.deltas
+      }
+      return _combine(_pool(x, received, layout), layout, ctx)
 
     return jax.tree.map(leaf, workers)
+
+  src, dst = np.nonzero(np.abs(A) > _ATOL)
+  offsets = sorted({int(s) for s in (src - dst) % ctx.num_workers})  # the terms' order
+  m, b = ctx.num_workers, ctx.block
 
   def apply_weighted(workers, A_t):
     cols = np.arange(m)
 
     def leaf(x):
-      pool = pool_of(x)
+      received = {
+        delta: lax.ppermute(_rows(x, layout.send[delta], ctx), ctx.axis_name, layout.pairs[delta])
+        for delta in layout.deltas
+      }
+      pool = _pool(x, received, layout)
       total = None
-      for idx, _w, s in terms:
-        planned = jnp.asarray((np.abs(A[(cols + s) % m, cols]) > _ATOL), x.dtype)
+      for (idx, _), s in zip(layout.terms, offsets, strict=True):
+        planned = jnp.asarray(np.abs(A[(cols + s) % m, cols]) > _ATOL, x.dtype)
         weights = A_t.astype(x.dtype)[(cols + s) % m, cols] * planned  # [m], static gather
-        local = lax.dynamic_slice_in_dim(weights, _device(ctx) * b, b)
-        term = _rows(pool, idx, ctx) * local.reshape((b,) + (1,) * (x.ndim - 1))
+        own = lax.dynamic_slice_in_dim(weights, _device(ctx) * b, b)
+        term = _rows(pool, idx, ctx) * own.reshape((b,) + (1,) * (x.ndim - 1))
         total = term if total is None else total + term
       return total
 
     return jax.tree.map(leaf, workers)
 
-  return WorkerPlan("permute", rows_sent, tuple(deltas), apply, apply_weighted)
+  return WorkerPlan("permute", layout.rows_sent, layout.deltas, apply, apply_weighted)
 
 
 def worker_plan(A, ctx: ShardContext) -> WorkerPlan:
@@ -726,8 +782,278 @@ def lower_live(W, structure, ctx: ShardContext) -> Callable:
   return run
 
 
+def _to_wire(x, as_bytes: bool):
+  """A payload leaf ``[rows, ...]`` as the 2-D buffer ``[rows, k]`` that a collective sends.
+
+  Collectives on 8-bit floats are lowered as f16 and those on 4- and 2-bit
+  types as s8: such leaves travel as their bits in ``uint8`` (sub-byte values
+  packed ``8 / bits`` to a byte, each row zero-padded to whole bytes), and
+  booleans as ``uint8``. With ``as_bytes`` every leaf travels as the bytes of
+  its values (``uint8``), so that payloads of several dtypes share one
+  buffer; otherwise other dtypes travel as they are.
+  """
+  flat = x.reshape((x.shape[0], -1))
+  if x.dtype == jnp.bool_:
+    return flat.astype(jnp.uint8)
+  bits = jax.dtypes.itemsize_bits(x.dtype)
+  if bits < 8:
+    per_byte = 8 // bits
+    pad = -flat.shape[1] % per_byte
+    if pad:
+      flat = jnp.concatenate([flat, jnp.zeros((flat.shape[0], pad), flat.dtype)], axis=1)
+    return lax.bitcast_convert_type(flat.reshape((flat.shape[0], -1, per_byte)), jnp.uint8)
+  if x.dtype == jnp.uint8 or not (
+    as_bytes or (bits == 8 and jnp.issubdtype(x.dtype, jnp.floating))
+  ):
+    return flat
+  return lax.bitcast_convert_type(flat, jnp.uint8).reshape((flat.shape[0], -1))
+
+
+def _from_wire(y, like):
+  """Inverse of :func:`_to_wire`: the rows of ``y`` in ``like``'s dtype and row shape."""
+  rows = y.shape[0]
+  shape = (rows,) + tuple(like.shape[1:])
+  if y.dtype == like.dtype:
+    return y.reshape(shape)
+  if like.dtype == jnp.bool_:
+    return (y != 0).reshape(shape)
+  bits = jax.dtypes.itemsize_bits(like.dtype)
+  if bits > 8:
+    y = y.reshape((rows, -1, bits // 8))
+  x = lax.bitcast_convert_type(y, like.dtype).reshape((rows, -1))
+  size = int(np.prod(like.shape[1:], dtype=np.int64))
+  return x[:, :size].reshape(shape)
+
+
+def _transport(payloads: PyTree, move: Callable) -> PyTree:
+  """Moves the rows of every payload leaf with ``move`` (a row-wise collective).
+
+  All payload leaves of a message go into one buffer, so that a mix costs one
+  collective per neighbour offset (or one all-gather): a payload of one dtype
+  travels in that dtype, a payload of several (values and indices, levels and
+  a scale) as the bytes of its leaves in ``uint8``; 8-bit floats and sub-byte
+  types always travel as ``uint8`` bits (:func:`_to_wire`), never widened.
+  ``move`` maps a ``[rows, size]`` buffer to ``[rows', size]``.
+  """
+  leaves, treedef = jax.tree.flatten(payloads)
+  plain = [_to_wire(x, as_bytes=False) for x in leaves]
+  wire = plain
+  if len({y.dtype for y in plain}) > 1:
+    wire = [_to_wire(x, as_bytes=True) for x in leaves]
+  moved = bucketed(lambda bufs: [move(buf) for buf in bufs])(wire)
+  return jax.tree.unflatten(treedef, [_from_wire(y, x) for y, x in zip(moved, leaves, strict=True)])
+
+
+def _encode_rows(compressor, rows: list, key, step, senders):
+  """Payloads of the rows of ``rows`` (a list of leaves, rows first) sent by ``senders``."""
+
+  def one(row, sender):
+    return compress.encode_tree(compressor, row, compress.message_key(key, step, sender))
+
+  return jax.vmap(one)(rows, senders)
+
+
+def _decode_rows(compressor, payloads, like: list, key, step, senders) -> list:
+  """The decoded messages ``Q_j`` of payload rows sent by ``senders`` (rows first)."""
+
+  def one(payload, sender):
+    return compress.decode_tree(compressor, payload, like, compress.message_key(key, step, sender))
+
+  return jax.vmap(one)(payloads, senders)
+
+
+def exchange_kind(W, ctx: ShardContext) -> str:
+  """How :func:`exchange` moves the payloads of a static W on ``ctx``'s devices.
+
+  * ``"local"``: no worker reads another worker's message and no auxiliary
+    row is fed by the workers (W diagonal on the workers): nothing travels;
+  * ``"permute"``: a sparse workers' block (the permute plan of
+    :func:`worker_plan`) and no auxiliary fed by the workers: the boundary
+    rows' payloads through one collective-permute per device offset;
+  * ``"gather"``: anything else (full averaging ``J``, EASGD's anchor, a dense
+    W): one all-gather of the payloads, decoded and summed on every device.
+
+  Examples:
+    >>> from coopjax import topology
+    >>> from coopjax.parallel.context import ShardContext
+    >>> ctx = ShardContext("workers", num_devices=4, num_workers=8, num_aux=0)
+    >>> [exchange_kind(W, ctx) for W in (topology.ring(8), topology.complete(8))]
+    ['permute', 'gather']
+    >>> exchange_kind(topology.easgd(8, 0.1), ctx._replace(num_aux=1))
+    'gather'
+  """
+  W = np.asarray(W, np.float64)
+  m = ctx.num_workers
+  kind = _cached_plan(np.ascontiguousarray(W[:m, :m]), ctx).kind
+  feeds_aux = bool(np.any(np.abs(W[:m, m:]) > _ATOL))
+  if feeds_aux or kind in ("allreduce", "gather"):
+    return "gather"
+  return "local" if kind in ("identity", "diagonal") else "permute"
+
+
+_LAYOUTS: dict = {}
+
+
+def _cached_layout(A: np.ndarray, ctx: ShardContext) -> _PermuteLayout:
+  key = (A.shape, A.tobytes(), ctx)
+  if key not in _LAYOUTS:
+    if len(_LAYOUTS) > 256:
+      _LAYOUTS.clear()
+    _LAYOUTS[key] = _permute_layout(A, ctx)
+  return _LAYOUTS[key]
+
+
 def exchange(W, leaves: list, compressor, key, step, ctx: ShardContext) -> tuple[list, list]:
-  """Sharded :meth:`coopjax.mixing.Mix.exchange`: payloads through this mix's collectives."""
-  raise NotImplementedError(
-    "a compressed mix inside a sharded step is not available yet; run it without a mesh."
-  )
+  r"""Sharded :meth:`coopjax.mixing.Mix.exchange`: only payloads travel.
+
+  Each device encodes its own workers' rows (global sender ``d·b + p`` for
+  local row p of device d) and every device encodes the replicated auxiliary
+  rows (senders ``m, …, m + v − 1``) identically, keyed by
+  :func:`coopjax.compress.message_key`. Then, by :func:`exchange_kind`:
+
+  * ``"permute"``: the payloads of the boundary rows go through the
+    collective-permutes of :func:`worker_plan`'s sparse lowering; the
+    receiver decodes them with the senders' keys and applies the weights;
+  * ``"gather"``: one all-gather of all workers' payloads; every device
+    decodes the m messages and forms its rows' weighted sums locally (never a
+    reduction of low-precision data);
+  * ``"local"``: no payload leaves the device.
+
+  .. math::
+
+     \text{own}_i = Q_i = \mathrm{decode}(\mathrm{encode}(x_i)), \qquad
+     \text{mixed}_i = \sum_j W_{ji}\, Q_j .
+
+  The payload leaves of all messages travel in one buffer per collective: in
+  their dtype when they share one, else as their bytes in ``uint8``; 8-bit
+  floats and sub-byte types always as ``uint8`` bits (never widened to the
+  f16 / s8 that a collective on them would be lowered to).
+
+  Args:
+    W: the static ``n × n`` mixing matrix (``n = m`` or ``m + v``).
+    leaves: the local blocks of the messages' leaves (``b`` or ``b + v`` rows).
+    compressor: a :class:`coopjax.compress.Compressor`.
+    key: the base key of the messages.
+    step: the step k (may be traced).
+    ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
+
+  Returns:
+    ``(own, mixed)``: lists of local blocks shaped like ``leaves``.
+
+  Examples:
+    Identity messages on a ring equal the plain mix:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from coopjax import compress, topology, worker_mesh
+    >>> from coopjax.parallel.context import ShardContext
+    >>> D = len(jax.devices())
+    >>> m = 2 * D
+    >>> ctx = ShardContext("workers", num_devices=D, num_workers=m, num_aux=0)
+    >>> f = jax.jit(jax.shard_map(
+    ...   lambda x: exchange(topology.ring(m), [x], compress.identity(), jax.random.key(0), 0,
+    ...                      ctx)[1][0],
+    ...   mesh=worker_mesh(), in_specs=P("workers"), out_specs=P("workers")))
+    >>> x = jnp.arange(m, dtype=jnp.float32)
+    >>> bool(np.allclose(f(x), topology.ring(m).T @ np.arange(m), atol=1e-5))
+    True
+  """
+  W = np.asarray(W, np.float64)
+  n, m, b = W.shape[0], ctx.num_workers, ctx.block
+  if n < m:
+    _split_local({}, n, ctx)
+  workers, aux = _split_local(leaves, n, ctx)
+  like = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in leaves]
+  senders = _device(ctx) * b + jnp.arange(b)
+  payloads = _encode_rows(compressor, workers, key, step, senders)
+  own_w = _decode_rows(compressor, payloads, like, key, step, senders)
+  own_z = None
+  if aux is not None:
+    aux_senders = jnp.arange(m, n)
+    own_z = _decode_rows(
+      compressor,
+      _encode_rows(compressor, aux, key, step, aux_senders),
+      like,
+      key,
+      step,
+      aux_senders,
+    )
+  kind = exchange_kind(W, ctx)
+  A = np.ascontiguousarray(W[:m, :m])
+  if kind == "gather":
+    gathered = _transport(payloads, lambda buf: lax.all_gather(buf, ctx.axis_name, tiled=True))
+    Q = _decode_rows(compressor, gathered, like, key, step, jnp.arange(m))
+    plan = _cached_plan(A, ctx)
+    if aux is None and plan.kind == "allreduce":
+      a, c = _averaging_weights(A)
+      mixed = [
+        jnp.asarray(a, x.dtype) * x + jnp.asarray(c, x.dtype) * sum_rows(q)[None]
+        for x, q in zip(own_w, Q, strict=True)
+      ]
+    else:
+      full = (
+        Q if aux is None else [jnp.concatenate([q, z], 0) for q, z in zip(Q, own_z, strict=True)]
+      )
+      mixed = [einsum("ji,j...->i...", _columns(W[:, :m], ctx, 1, q.dtype), q) for q in full]
+      if aux is not None:
+        mixed = [
+          jnp.concatenate([y, einsum("ji,j...->i...", jnp.asarray(W[:, m:], q.dtype), q)], 0)
+          for y, q in zip(mixed, full, strict=True)
+        ]
+    return _join(own_w, own_z), mixed
+  if kind == "local":
+    diag = np.diag(A).reshape(ctx.num_devices, b)
+    new_w = [x * _per_device(diag, ctx, x.dtype, x.ndim) for x in own_w]
+  else:
+    layout = _cached_layout(A, ctx)
+    received = {
+      delta: _transport(
+        _tree_rows(payloads, layout.send[delta], ctx),
+        lambda buf, delta=delta: lax.ppermute(buf, ctx.axis_name, layout.pairs[delta]),
+      )
+      for delta in layout.deltas
+    }
+    decoded = {
+      delta: _decode_rows(
+        compressor, p, like, key, step, _per_device_rows(layout.senders[delta], ctx)
+      )
+      for delta, p in received.items()
+    }
+    new_w = [
+      _combine(_pool(x, {delta: q[i] for delta, q in decoded.items()}, layout), layout, ctx)
+      for i, x in enumerate(own_w)
+    ]
+  if aux is None:
+    return own_w, new_w
+  C, E = W[m:, :m], W[m:, m:]
+  if np.any(np.abs(C) > _ATOL):
+    new_w = [
+      y + einsum("li,l...->i...", _columns(C, ctx, 1, z.dtype), z)
+      for y, z in zip(new_w, own_z, strict=True)
+    ]
+  new_z = [einsum("kl,k...->l...", jnp.asarray(E, z.dtype), z) for z in own_z]
+  return _join(own_w, own_z), _join(new_w, new_z)
+
+
+def _join(workers: list, aux: list | None) -> list:
+  if aux is None:
+    return workers
+  return [jnp.concatenate([x, z], axis=0) for x, z in zip(workers, aux, strict=True)]
+
+
+def _tree_rows(tree: PyTree, table: np.ndarray, ctx: ShardContext) -> PyTree:
+  """Rows ``table[d]`` of every leaf of ``tree`` on device d."""
+  return jax.tree.map(lambda x: _rows(x, table, ctx), tree)
+
+
+def _per_device_rows(table: np.ndarray, ctx: ShardContext):
+  """``table[d]`` on device d, as int32 (static when all devices agree)."""
+  if np.all(table == table[:1]):
+    return jnp.asarray(table[0], jnp.int32)
+  return jnp.asarray(table, jnp.int32)[_device(ctx)]
+
+
+def _averaging_weights(A: np.ndarray) -> tuple[float, float]:
+  """``(a, c)`` of ``A = aI + cJ``."""
+  c = A[0, 1]
+  return float(A[0, 0] - c), float(c)

@@ -719,6 +719,56 @@ class WorkerBatches:
     self._step = epoch * self.steps_per_epoch + position
     self._perms = [{} for _ in self._shards]
 
+  @property
+  def step(self) -> int:
+    """Batches drawn so far: the next batch is the one of global step ``step`` (from 0)."""
+    return self._step
+
+  def resplit(
+    self, shards: Sequence[np.ndarray], *, steps_per_epoch: int | None = None
+  ) -> WorkerBatches:
+    r"""The same data over new worker shards, continuing at the same global step.
+
+    For a run whose number of workers changes (an elastic restart, a dead
+    process): the examples are re-assigned by ``shards`` (m′ index arrays, e.g.
+    ``split_iid(N, m′, seed)``) and the new stream's next batch is that of
+    global step :attr:`step`, worker j drawing from its new shard exactly as a
+    stream built on ``shards`` would at that step. Batch size, seed and keys
+    are kept; ``steps_per_epoch`` is recomputed for m′ unless given.
+
+    Args:
+      shards: the new per-worker index arrays.
+      steps_per_epoch: the new global epoch length (default
+        :math:`\lfloor N_{\text{total}} / (m' b)\rfloor`).
+
+    Returns:
+      A new :class:`WorkerBatches`; this one is left as it is.
+
+    Examples:
+      >>> import numpy as np
+      >>> x, y = np.arange(12, dtype=np.float32)[:, None], np.arange(12)
+      >>> it = WorkerBatches(x, y, split_iid(12, 3, seed=0), batch_size=2)
+      >>> _ = [next(it) for _ in range(2)]
+      >>> it2 = it.resplit(split_iid(12, 2, seed=0))
+      >>> it2.num_workers, it2.step
+      (2, 2)
+      >>> fresh = WorkerBatches(x, y, split_iid(12, 2, seed=0), batch_size=2)
+      >>> _ = [next(fresh) for _ in range(2)]
+      >>> bool((next(it2)["label"] == next(fresh)["label"]).all())
+      True
+    """
+    out = WorkerBatches(
+      self._x,
+      self._y,
+      shards,
+      self.batch_size,
+      self.seed,
+      steps_per_epoch=steps_per_epoch,
+      keys=self.keys,
+    )
+    out._step = self._step
+    return out
+
   def _permutation(self, worker: int, epoch: int) -> np.ndarray:
     cache = self._perms[worker]
     if epoch not in cache:
