@@ -14,17 +14,21 @@ from coopjax import mixing
 from coopjax import theory
 from coopjax import topology
 from coopjax.algorithms import AdaCommState
+from coopjax.algorithms import ChocoState
 from coopjax.algorithms import CooperativeState
 from coopjax.algorithms import CooperativeTransformation
 from coopjax.algorithms import DelayedState
 from coopjax.algorithms import DiLoCoState
+from coopjax.algorithms import ErrorFeedbackState
 from coopjax.algorithms import HierarchicalState
 from coopjax.algorithms import MatchaDesign
 from coopjax.algorithms import NonBlockingEASGDState
 from coopjax.algorithms import OverlapState
 from coopjax.algorithms import SlowMoState
+from coopjax.algorithms import StreamingDiLoCoState
 from coopjax.algorithms import TimeVaryingState
 from coopjax.algorithms import adacomm
+from coopjax.algorithms import choco
 from coopjax.algorithms import cooperative
 from coopjax.algorithms import delayed
 from coopjax.algorithms import diloco
@@ -42,6 +46,7 @@ from coopjax.algorithms import settle_easgd
 from coopjax.algorithms import settle_overlap
 from coopjax.algorithms import slowmo
 from coopjax.algorithms import step_count
+from coopjax.algorithms import streaming_diloco
 from coopjax.algorithms import sync_sgd
 from coopjax.algorithms import time_varying
 from coopjax.cost import netmodel
@@ -81,6 +86,8 @@ __all__ = [
   "AdaCommState",
   "average",
   "checkpoint",
+  "choco",
+  "ChocoState",
   "collectives",
   "comm_pattern",
   "compress",
@@ -103,6 +110,7 @@ __all__ = [
   "elastic",
   "elastic_averaging",
   "elastic_hierarchical",
+  "ErrorFeedbackState",
   "evaluation",
   "evaluation_model",
   "hierarchical",
@@ -136,6 +144,8 @@ __all__ = [
   "SlowMoState",
   "stack",
   "step_count",
+  "streaming_diloco",
+  "StreamingDiLoCoState",
   "sync_sgd",
   "theory",
   "time_varying",

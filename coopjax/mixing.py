@@ -97,6 +97,7 @@ __all__ = [
   "live_connected",
   "check_live",
   "local_live",
+  "quantized_mean",
 ]
 
 
@@ -914,3 +915,52 @@ def local_live(live) -> jax.Array:
     return live
   start = jax.lax.axis_index(ctx.axis_name) * ctx.block
   return jax.lax.dynamic_slice_in_dim(live, start, ctx.block)
+
+
+def quantized_mean(workers: jax.Array, compressor: compress.Compressor, key: jax.Array):
+  r"""The mean of the workers' arrays, each sent quantized, the mean re-quantized (torchft's scheme).
+
+  .. math::
+
+     \bar q = Q\Big(\frac1m \sum_i Q(x_i)\Big), \qquad Q = \text{decode} \circ \text{encode},
+
+  with the sum in float32 in worker order (:func:`coopjax.workers.sum_rows`).
+  ``workers`` is ``[m, R, C]``: each worker's array of R rows, which a
+  row-wise compressor (a per-row absmax quantizer) quantizes row by row.
+  Sharded, this is an all-to-all of each worker's quantized chunks, a local
+  float32 sum by each chunk's owner, a requantization and an all-gather, with
+  the payloads on the wire as ``uint8`` (:func:`coopjax.parallel.collectives.quantized_mean`),
+  equal to this reference bit for bit.
+
+  Args:
+    workers: ``[m, R, C]`` float (the local block ``[b, R, C]`` when sharded).
+    compressor: a row-wise :class:`coopjax.compress.Compressor`.
+    key: the key handed to ``encode``/``decode`` (deterministic quantizers ignore it).
+
+  Returns:
+    ``[R, C]``, replicated when sharded.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from coopjax import compress, mixing
+    >>> x = jnp.arange(8.0).reshape(2, 2, 2)
+    >>> mixing.quantized_mean(x, compress.identity(), jax.random.key(0)).tolist()
+    [[2.0, 3.0], [4.0, 5.0]]
+  """
+  ctx = shard_context()
+  lc = context.current_live()
+  if ctx is not None:
+    if lc is not None:
+      raise NotImplementedError(
+        "a quantized mean under a live mask is available on the plain path only; run "
+        "without a mesh, or without the compressor."
+      )
+    return collectives.quantized_mean(workers, compressor, key, ctx)
+  like = jax.ShapeDtypeStruct(workers.shape[1:], workers.dtype)
+  Q = lambda x: compressor.decode(compressor.encode(x, key), like, key)
+  if lc is not None:  # the mean over the live workers (masked rows selected out)
+    keep = lc.live.reshape((-1,) + (1,) * (workers.ndim - 1))
+    total = sum_rows(jnp.where(keep, jax.vmap(Q)(workers), 0))
+    return Q(total / jnp.maximum(jnp.sum(lc.live), 1).astype(total.dtype))
+  total = sum_rows(jax.vmap(Q)(workers))
+  return Q(total / jnp.asarray(workers.shape[0], total.dtype))

@@ -27,7 +27,11 @@ For those algorithms the program is laid out so that it can:
 
 (:func:`coopjax.algorithms._nonblocking.issued_early`); the compiled loop takes no
 input from the collective, so its start can be scheduled before the loop
-and its end after it. Executed step by step (:func:`coopjax.make_step`)
+and its end after it. Streaming DiLoCo (:func:`coopjax.streaming_diloco`)
+consumes its reduction τ steps after its snapshot, not at a period's end: a
+program of h steps that starts at a snapshot issues the reduction first,
+loops over the τ − 1 delayed steps, applies the fragment at step τ
+(``consume_at``) and loops over the remaining h − τ steps. Executed step by step (:func:`coopjax.make_step`)
 there is no program to overlap in.
 
 What a mix communicates, and whether it can run during the next period's
@@ -79,6 +83,7 @@ def make_period_step(
   unroll: int | bool = 1,
   donate: bool = False,
   jit: bool = True,
+  consume_at: int | None = None,
   **step_kwargs,
 ):
   r"""Builds ``period(X, opt_state, batches) -> (X, opt_state, metrics)``: τ steps in one program.
@@ -114,6 +119,12 @@ def make_period_step(
     donate: donate X and opt_state to the program.
     jit: wrap in ``jax.jit`` (False gives the raw function, e.g. for
       ``jax.make_jaxpr``).
+    consume_at: the step of the program (counted from 1) whose mix consumes
+      the reduction issued at its start; the steps before it run as one loop
+      and the steps after it as another. Default: ``tx.consume_at`` when the
+      transformation describes it (:func:`coopjax.streaming_diloco`: its
+      delay τ, for programs of h steps that start at a snapshot; 0: nothing
+      to issue early), else the last step.
     **step_kwargs: forwarded to :func:`coopjax.make_step` (``num_workers``,
       ``has_aux``, ``with_consensus``, ``with_grad_norm``).
 
@@ -139,6 +150,12 @@ def make_period_step(
     raise ValueError(f"tau must be a positive integer or None, got {tau!r}.")
   if mesh is not None:
     step_kwargs = {**step_kwargs, "mesh": mesh}
+  if consume_at is None:
+    consume_at = getattr(tx, "consume_at", None)
+  if consume_at is not None and (
+    isinstance(consume_at, bool) or not isinstance(consume_at, int) or consume_at < 0
+  ):
+    raise ValueError(f"consume_at must be a non-negative integer or None, got {consume_at!r}.")
   step = make_step(loss_fn, tx, jit=False, **step_kwargs)
   closing = make_step(loss_fn, _issue_early(tx), jit=False, **step_kwargs)
 
@@ -155,26 +172,31 @@ def make_period_step(
       X, opt_state, metrics = step(X, opt_state, batch)
       return (X, opt_state), metrics
 
-    found = nonblocking.overlap_states(opt_state)
-    if len(found) != 1:  # nothing to issue early (or no single owner for it): one scan
-      (X, opt_state), metrics = jax.lax.scan(body, (X, opt_state), batches, unroll=unroll)
+    def loop(X, opt_state, part):
+      (X, opt_state), metrics = jax.lax.scan(body, (X, opt_state), part, unroll=unroll)
       return X, opt_state, metrics
-    # The closing step reduces the period's starting pending outside its mixing branch; the
-    # loop over the first length - 1 steps does not read that reduction.
+
+    found = nonblocking.overlap_states(opt_state)
+    at = length if consume_at is None else consume_at
+    if len(found) != 1 or not 1 <= at <= length:
+      # nothing to issue early (or no single owner for it, or no step to consume it): one scan
+      return loop(X, opt_state, batches)
+    # The consuming step reduces the program's starting pending outside its mixing branch; the
+    # loops over the steps before and after it do not read that reduction.
     start = found[0]
-    head = jax.tree.map(lambda b: b[:-1], batches)
-    last = jax.tree.map(lambda b: b[-1], batches)
-    if length > 1:
-      (X, opt_state), metrics = jax.lax.scan(body, (X, opt_state), head, unroll=unroll)
+    parts = []
+    if at > 1:
+      X, opt_state, metrics = loop(X, opt_state, jax.tree.map(lambda b: b[: at - 1], batches))
+      parts.append(metrics)
     early = _EarlyState(start.pending, start.count, opt_state)
-    X, early, closing_metrics = closing(X, early, last)
-    if length > 1:
-      metrics = jax.tree.map(
-        lambda a, b: jnp.concatenate([a, jnp.expand_dims(b, 0)]), metrics, closing_metrics
-      )
-    else:
-      metrics = jax.tree.map(lambda b: jnp.expand_dims(b, 0), closing_metrics)
-    return X, early.inner, metrics
+    X, early, closing_metrics = closing(X, early, jax.tree.map(lambda b: b[at - 1], batches))
+    opt_state = early.inner
+    parts.append(jax.tree.map(lambda b: jnp.expand_dims(b, 0), closing_metrics))
+    if at < length:
+      X, opt_state, metrics = loop(X, opt_state, jax.tree.map(lambda b: b[at:], batches))
+      parts.append(metrics)
+    metrics = jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1 else parts[0]
+    return X, opt_state, metrics
 
   if not jit:
     return period

@@ -35,6 +35,9 @@ CLI uses by default (latency 100 µs, 1 Gbit/s), which makes sync SGD
 communication-bound: one all-reduce costs more than one local step.
 ``--compute_time 0`` charges each run its own measured step times instead.
 
+Compressed communication (CHOCO-SGD, error-feedback local SGD) against bytes
+sent per worker: ``experiments/compression.py``.
+
 The table reports, per algorithm, the averaged model's final training loss
 and test accuracy, the modelled time at which its training loss (on the
 whole training set, evaluated every ``eval_every`` steps) first reaches sync

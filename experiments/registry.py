@@ -15,7 +15,9 @@ Config fields read (see ``experiments/configs/default.py``): ``num_workers``,
 ``outer_lr``, ``outer_momentum``, ``outer_optimizer`` (SlowMo's and DiLoCo's
 outer optimizer; the old names ``slow_lr`` / ``slow_momentum`` still work,
 with a deprecation warning), ``matcha_budget``, ``anchor_momentum``,
-``max_tau``, ``seed``.
+``max_tau``, ``seed``, ``compressor`` (:func:`make_compressor`: CHOCO's
+messages, and error-feedback averaging for ``local_sgd``, ``diloco`` and
+``slowmo``), ``error_decay``, ``gamma``, ``choco_order``, ``hat_init``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,20 @@ import numpy as np
 import optax
 
 import coopjax
+from coopjax import compress
 from coopjax import topology
 
-__all__ = ["ALGORITHMS", "ALIASES", "TOPOLOGIES", "build", "options", "make_topology", "names"]
+__all__ = [
+  "ALGORITHMS",
+  "ALIASES",
+  "TOPOLOGIES",
+  "COMPRESSORS",
+  "build",
+  "options",
+  "make_topology",
+  "make_compressor",
+  "names",
+]
 
 PyTree = Any
 
@@ -54,10 +67,12 @@ ALGORITHMS: dict[str, Callable[..., optax.GradientTransformation]] = {
   "delayed": coopjax.delayed,
   "slowmo": coopjax.slowmo,
   "diloco": coopjax.diloco,
+  "streaming_diloco": coopjax.streaming_diloco,
   "time_varying": coopjax.time_varying,
   "matcha": coopjax.matcha,
   "adacomm": coopjax.adacomm,
   "hierarchical": coopjax.hierarchical,
+  "choco": coopjax.choco,
 }
 
 #: Short names accepted as well.
@@ -65,6 +80,65 @@ ALIASES = {"sync": "sync_sgd", "pasgd": "local_sgd", "periodic": "local_sgd", "d
 
 # Options every algorithm may take, with the value that means "not asked for".
 _COMMON = {"order": "step_then_mix", "local_state_policy": "keep", "warmup_steps": 0}
+
+
+#: ``config.compressor`` names: ``name`` or ``name:argument`` (see :func:`make_compressor`).
+COMPRESSORS = (
+  "none",
+  "identity",
+  "top_k",
+  "random_k",
+  "qsgd",
+  "qsgd_biased",
+  "sign",
+  "int8",
+  "int4",
+)
+
+
+def make_compressor(spec: str) -> compress.Compressor | None:
+  """A compressor from its config name: ``"none"`` (no compression), ``"identity"``,
+  ``"top_k:F"`` / ``"random_k:F"`` (F the fraction kept), ``"qsgd:B"`` (B bits,
+  unbiased) and ``"qsgd_biased:B"`` (scaled by 1/(1 + ω): a contraction, as CHOCO
+  needs), ``"sign"`` (scaled sign), ``"int8"``, ``"int4"``.
+
+  Examples:
+    >>> make_compressor("none") is None
+    True
+    >>> make_compressor("identity").name
+    'identity'
+  """
+  name, _, arg = str(spec).partition(":")
+  if name not in COMPRESSORS:
+    raise ValueError(
+      f"unknown compressor {spec!r}; expected one of {COMPRESSORS} (top_k and random_k take "
+      "the fraction kept, qsgd the bits: 'top_k:0.01', 'qsgd:4')."
+    )
+  if name == "none":
+    return None
+  if name in ("top_k", "random_k", "qsgd", "qsgd_biased") and not arg:
+    raise ValueError(f"compressor {name!r} needs an argument, e.g. 'top_k:0.01' or 'qsgd:4'.")
+  if name == "identity":
+    return compress.identity()
+  if name == "top_k":
+    return compress.top_k(fraction=float(arg))
+  if name == "random_k":
+    return compress.random_k(fraction=float(arg))
+  if name == "qsgd":
+    return compress.qsgd(int(arg))
+  if name == "qsgd_biased":
+    return compress.qsgd(int(arg), unbiased=False)
+  if name == "sign":
+    return compress.scaled_sign()
+  return getattr(compress, name)()
+
+
+def _error_feedback(c) -> dict:
+  """``compressor`` and ``error_decay`` for the all-reduce family (nothing when uncompressed)."""
+  compressor = make_compressor(c.get("compressor", "none"))
+  if compressor is None:
+    return {}
+  return {"compressor": compressor, "error_decay": c.get("error_decay", 1.0)}
 
 
 def names() -> tuple[str, ...]:
@@ -138,6 +212,18 @@ def _diloco_outer(config) -> optax.GradientTransformation:
   raise ValueError(f"outer_optimizer must be 'nesterov' or 'sgd', got {config.outer_optimizer!r}.")
 
 
+def outer_compressor(bits: int):
+  """The quantizer of Streaming DiLoCo's outer gradients: None for 0 bits, else ``compress.int{bits}()``."""
+  if not bits:
+    return None
+  factory = getattr(coopjax.compress, f"int{int(bits)}", None)
+  if factory is None:
+    raise ValueError(
+      f"outer_bits={bits}: coopjax.compress has no int{bits}() quantizer; use 0 (float32), 4 or 8."
+    )
+  return factory()
+
+
 def _time_varying_schedule(m: int) -> list[np.ndarray]:
   period = topology.one_peer_exponential_period(m)
   return [topology.one_peer_exponential(m, r) for r in range(period)]
@@ -146,7 +232,7 @@ def _time_varying_schedule(m: int) -> list[np.ndarray]:
 # name → options(config, lr): the algorithm's own keywords.
 _OPTIONS: dict[str, Callable[[Any, Any], dict]] = {
   "sync_sgd": lambda c, lr: {"num_workers": c.num_workers},
-  "local_sgd": lambda c, lr: {"tau": c.tau, "num_workers": c.num_workers},
+  "local_sgd": lambda c, lr: {"tau": c.tau, "num_workers": c.num_workers, **_error_feedback(c)},
   "easgd": lambda c, lr: {"tau": c.tau, "alpha": c.alpha, "num_workers": c.num_workers},
   "dpsgd": lambda c, lr: {"W": _graph(c)},
   "cooperative": lambda c, lr: {"tau": c.tau, "W": _graph(c)},
@@ -174,10 +260,22 @@ _OPTIONS: dict[str, Callable[[Any, Any], dict]] = {
     tau=c.tau,
     num_workers=c.num_workers,
     lr=lr,
+    **_error_feedback(c),
   ),
   "diloco": lambda c, lr: {
     "outer": _diloco_outer(c),
     "tau": c.tau,
+    "num_workers": c.num_workers,
+    **_error_feedback(c),
+  },
+  "streaming_diloco": lambda c, lr: {
+    "outer": _diloco_outer(c),
+    "H": c.tau,
+    "fragments": c.fragments,
+    "delay": c.delay,
+    "alpha": c.merge_alpha,
+    "compressor": outer_compressor(c.outer_bits),
+    "schedule": c.streaming_schedule,
     "num_workers": c.num_workers,
   },
   "time_varying": lambda c, lr: {"tau": c.tau, "schedule": _time_varying_schedule(c.num_workers)},
@@ -201,7 +299,20 @@ _OPTIONS: dict[str, Callable[[Any, Any], dict]] = {
     "tau2": c.tau2,
     "groups": _groups(c.num_workers, c.num_groups),
   },
+  # CHOCO's messages: config.compressor ("none" gossips uncompressed: the identity).
+  "choco": lambda c, lr: {
+    "tau": c.tau,
+    "W": _graph(c),
+    "compressor": make_compressor(c.get("compressor", "none")) or compress.identity(),
+    "gamma": c.get("gamma", 0.5),
+    "order": c.get("choco_order", "paper"),
+    "hat_init": c.get("hat_init", "zeros"),
+    "key": jax.random.key(c.seed),
+  },
 }
+
+# Algorithms whose ``order`` keyword is their own option (not step-then-mix / mix-then-step).
+_OWN_ORDER = {"choco"}
 
 
 def _accepts(factory, keyword: str) -> bool:
@@ -238,7 +349,21 @@ def options(config, lr=None, mix_mask: PyTree | None = None) -> dict:
   common = {key: config.get(key, default) for key, default in _COMMON.items()}
   if mix_mask is not None:
     common["mix_mask"] = mix_mask
+  if name not in ("local_sgd", "slowmo", "diloco", "choco") and make_compressor(
+    config.get("compressor", "none")
+  ):
+    raise ValueError(
+      f"{name} has no compressed variant (config.compressor={config.compressor!r}); "
+      "compression applies to choco, local_sgd, diloco and slowmo."
+    )
   for key, value in common.items():
+    if key == "order" and name in _OWN_ORDER:
+      if value != _COMMON["order"]:
+        raise ValueError(
+          f"{name} sets its order with config.choco_order ('paper' or 'overlap'); leave "
+          f"config.order at {_COMMON['order']!r}."
+        )
+      continue
     if _accepts(factory, key):
       kwargs[key] = value
     elif value != _COMMON.get(key):

@@ -173,6 +173,26 @@ def test_outer_optimizer_options_and_deprecated_names():
     registry.options(config, 0.1)
 
 
+def test_compressed_runs_count_payload_bytes(tmp_path):
+  """bytes_sent counts payloads: EF local SGD with top-k 10 % on the runlocal MLP (m = 4, τ = 2).
+
+  Leaves 64×16, 16, 16×10, 10 keep 102, 1, 16 and 1 values, each a float32 and an int32 index:
+  960 payload bytes; the mean of compressed messages is an all-gather of m − 1 = 3 payloads, at
+  each of the 12 mixes.
+  """
+  _, workdir = run(tmp_path, "algorithm=local_sgd", "compressor=top_k:0.1")
+  assert read_jsonl(workdir)[-1]["bytes_sent"] == pytest.approx(12 * 3 * 960)
+  _, workdir = run(tmp_path, "algorithm=choco", "compressor=top_k:0.1", "gamma=0.3", name="choco")
+  assert read_jsonl(workdir)[-1]["bytes_sent"] == pytest.approx(12 * 2 * 960)  # a ring: 2 peers
+  config = train.load_config(RUNLOCAL)
+  config.algorithm, config.compressor = "easgd", "top_k:0.1"
+  with pytest.raises(ValueError, match="no compressed variant"):
+    registry.options(config, 0.1)
+  config.algorithm, config.compressor, config.order = "choco", "none", "mix_then_step"
+  with pytest.raises(ValueError, match="choco_order"):
+    registry.options(config, 0.1)
+
+
 def test_train_reports_the_evaluation_with_the_workers_statistics(tmp_path):
   """EASGD + BatchNorm through the CLI: the reported accuracy is that of evaluation_model."""
   import coopjax

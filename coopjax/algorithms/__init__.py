@@ -2,13 +2,18 @@
 
 One private module per family: ``_cooperative`` (A(τ, W, v) and its special cases),
 ``_nonblocking`` (reductions overlapped with the next period), ``_outer`` (SlowMo,
-DiLoCo), ``_time_varying`` (cycled schedules, MATCHA), ``_adacomm`` (adaptive period)
+DiLoCo), ``_streaming`` (Streaming DiLoCo), ``_choco`` (CHOCO-SGD, compressed gossip), ``_compressed``
+(error-feedback averaging for local SGD, DiLoCo and SlowMo with a compressor),
+``_time_varying`` (cycled schedules, MATCHA), ``_adacomm`` (adaptive period)
 and ``_hierarchical`` (group and global averaging). Every public name is
 re-exported here and from :mod:`coopjax`.
 """
 
 from coopjax.algorithms._adacomm import AdaCommState
 from coopjax.algorithms._adacomm import adacomm
+from coopjax.algorithms._choco import ChocoState
+from coopjax.algorithms._choco import choco
+from coopjax.algorithms._compressed import ErrorFeedbackState
 from coopjax.algorithms._cooperative import CooperativeState
 from coopjax.algorithms._cooperative import cooperative
 from coopjax.algorithms._cooperative import dpsgd
@@ -27,6 +32,7 @@ from coopjax.algorithms._nonblocking import DelayedState
 from coopjax.algorithms._nonblocking import EarlyReduction
 from coopjax.algorithms._nonblocking import NonBlockingEASGDState
 from coopjax.algorithms._nonblocking import OverlapState
+from coopjax.algorithms._nonblocking import StreamingDiLoCoState
 from coopjax.algorithms._nonblocking import delayed
 from coopjax.algorithms._nonblocking import issued_early
 from coopjax.algorithms._nonblocking import nonblocking_easgd
@@ -40,6 +46,9 @@ from coopjax.algorithms._outer import SlowMoState
 from coopjax.algorithms._outer import diloco
 from coopjax.algorithms._outer import slowmo
 from coopjax.algorithms._skeleton import CooperativeTransformation
+from coopjax.algorithms._streaming import fragment_leaves
+from coopjax.algorithms._streaming import streaming_diloco
+from coopjax.algorithms._streaming import streaming_syncs
 from coopjax.algorithms._time_varying import MatchaDesign
 from coopjax.algorithms._time_varying import TimeVaryingState
 from coopjax.algorithms._time_varying import matcha
@@ -51,6 +60,8 @@ __all__ = [
   "adacomm",
   "AdaCommState",
   "BASE_BUFFERS",
+  "choco",
+  "ChocoState",
   "cooperative",
   "CooperativeState",
   "CooperativeTransformation",
@@ -60,10 +71,12 @@ __all__ = [
   "DiLoCoState",
   "dpsgd",
   "EarlyReduction",
+  "ErrorFeedbackState",
   "easgd",
   "elastic_averaging",
   "elastic_hierarchical",
   "find_state",
+  "fragment_leaves",
   "global_mean",
   "hierarchical",
   "HierarchicalState",
@@ -84,6 +97,9 @@ __all__ = [
   "slowmo",
   "SlowMoState",
   "step_count",
+  "streaming_diloco",
+  "streaming_syncs",
+  "StreamingDiLoCoState",
   "sync_sgd",
   "time_varying",
   "TimeVaryingState",

@@ -48,7 +48,9 @@ import chex
 import jax
 import optax
 
+import coopjax.algorithms._compressed as _compressed
 import coopjax.algorithms._skeleton as _skeleton
+from coopjax import compress
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
@@ -249,10 +251,50 @@ def sync_sgd(local: optax.GradientTransformation, *, num_workers: int, **kwargs)
   return cooperative(local, tau=1, W=topology.complete(m), **{"name": "sync_sgd", **kwargs})
 
 
-def local_sgd(local: optax.GradientTransformation, *, tau: int, num_workers: int, **kwargs):
+def local_sgd(
+  local: optax.GradientTransformation,
+  *,
+  tau: int,
+  num_workers: int,
+  compressor: compress.Compressor | None = None,
+  error_decay: float = 1.0,
+  key: jax.Array | None = None,
+  **kwargs,
+):
   r"""Periodic averaging / local SGD, A(τ, J, 0) (Stich, ICLR 2019).
 
   Workers take τ local steps, then all models are averaged.
+
+  With a ``compressor``: error-feedback averaging (Qsparse-local-SGD, Basu et
+  al., 2019; :mod:`coopjax.algorithms._compressed`). With ``x_ref`` the last
+  sync point (X's worker mean at first) and ``e_i`` worker i's error (0 at
+  first), each mix computes
+
+  .. math::
+
+     v_i = \beta e_i + x_{\text{ref}} - x_i,\quad c_i = Q(v_i),\quad
+     e_i \leftarrow v_i - c_i,\quad
+     x_{\text{ref}} \leftarrow x_{\text{ref}} - \tfrac1m \textstyle\sum_i c_i,\quad
+     x_i \leftarrow x_{\text{ref}},
+
+  sending only the payloads of the ``c_i``, and keeps the inner optimizer's
+  state. ``x_ref − mean(e)`` then moves exactly as the uncompressed average
+  (``x_ref' − ē' = x_ref − βē − mean_i(x_ref − x_i)``), and Q = identity is
+  local SGD itself (up to float rounding).
+
+  Args:
+    local: optax optimizer applied to each worker separately.
+    tau: communication period τ.
+    num_workers: m.
+    compressor: None (default): the exact average (an all-reduce); a
+      :class:`coopjax.compress.Compressor`: error-feedback averaging, state
+      :class:`coopjax.algorithms.ErrorFeedbackState`.
+    error_decay: β of the error memory (compressed only).
+    key: PRNG key of the compressor's random draws (compressed only;
+      ``jax.random.key(0)`` when None).
+    **kwargs: :func:`cooperative`'s options; with a compressor
+      ``local_state_policy``, ``mix_mask``, ``warmup_steps``, ``order``
+      (``"step_then_mix"`` only) and ``name``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
@@ -261,9 +303,44 @@ def local_sgd(local: optax.GradientTransformation, *, tau: int, num_workers: int
     >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
     >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # k = 1: no mix
     [-0.1, -0.3]
+    >>> from coopjax import compress
+    >>> tx = coopjax.local_sgd(optax.sgd(0.1), tau=1, num_workers=2,
+    ...                        compressor=compress.identity())
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # Q = I: the mean
+    [-0.2, -0.2]
   """
   m = check_int("num_workers", num_workers, 1)
-  return cooperative(local, tau=tau, W=topology.complete(m), **{"name": "local_sgd", **kwargs})
+  _compressed.check_uncompressed_options(compressor, error_decay, key)
+  if compressor is None:
+    return cooperative(local, tau=tau, W=topology.complete(m), **{"name": "local_sgd", **kwargs})
+  unknown = sorted(set(kwargs) - _COMPRESSED_OPTIONS)
+  if unknown:
+    raise ValueError(
+      f"local_sgd with a compressor takes the options {sorted(_COMPRESSED_OPTIONS)}, not "
+      f"{unknown}: the mix is the error-feedback mean of the workers."
+    )
+  options = dict(kwargs)
+  name = options.pop("name", "local_sgd")
+
+  def outer_step(k, mean_c, x_ref, outer):
+    return jax.tree.map(lambda r, c: r - c.astype(r.dtype), x_ref, mean_c), outer
+
+  return _compressed.error_feedback_averaging(
+    name,
+    local,
+    check_tau(tau),
+    m,
+    compressor,
+    error_decay,
+    key,
+    lambda x_ref: optax.EmptyState(),
+    outer_step,
+    **options,
+  )
+
+
+_COMPRESSED_OPTIONS = {"local_state_policy", "mix_mask", "warmup_steps", "order", "name"}
 
 
 def easgd(

@@ -81,6 +81,7 @@ __all__ = [
   "NonBlockingEASGDState",
   "OverlapState",
   "DelayedState",
+  "StreamingDiLoCoState",
   "nonblocking_easgd",
   "overlap_local_sgd",
   "delayed",
@@ -140,7 +141,30 @@ class DelayedState(NamedTuple):
   pending: PyTree
 
 
-OVERLAP_STATES = (NonBlockingEASGDState, OverlapState, DelayedState)
+class StreamingDiLoCoState(NamedTuple):
+  """State of :func:`coopjax.streaming_diloco`.
+
+  Attributes:
+    count: inner steps taken so far, int32.
+    local_state: the inner optimizer's state, stacked over the m workers.
+    x_start: the outer model, one model (replicated, no worker axis); fragment
+      p's part (its leaves) is ``x_start[p]`` of the rule.
+    outer_states: one outer optax state per fragment (a tuple of P states,
+      each over the list of that fragment's leaves of ``x_start``).
+    pending: the operand of the reduction of the last snapshot, one flat
+      buffer per worker (``[m, S]``, S the largest fragment's size, padded
+      with zeros): the workers' fragment models ``x_i[p]`` (unquantized) or
+      their outer gradients ``Δ_i[p] = x_start[p] − x_i[p]`` (quantized).
+  """
+
+  count: chex.Array
+  local_state: optax.OptState
+  x_start: PyTree
+  outer_states: tuple
+  pending: jax.Array
+
+
+OVERLAP_STATES = (NonBlockingEASGDState, OverlapState, DelayedState, StreamingDiLoCoState)
 """The states of the transformations whose reduction can be issued early (:func:`issued_early`)."""
 
 

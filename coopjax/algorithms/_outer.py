@@ -39,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import coopjax.algorithms._compressed as _compressed
 import coopjax.algorithms._skeleton as _skeleton
+from coopjax import compress
 from coopjax import mixing
 from coopjax._validation import check_int
 from coopjax._validation import check_real
@@ -106,14 +108,23 @@ def _broadcast(model: PyTree, like: PyTree) -> PyTree:
 _POLICIES = {"maintain": "keep", "reset": "reset", "average": "mix"}
 
 
-def _outer_algorithm(name, local, tau, num_workers, init_outer, outer_step, **options):
+def _outer_algorithm(
+  name, local, tau, num_workers, init_outer, outer_step, compressor, error_decay, key, **options
+):
   """Inner steps; at ``k mod τ = 0``: Δ = x_start − mean_i x_i, ``outer_step``, restart.
 
   ``outer_step(k, delta, x_start, outer) -> (x_start, outer)``. The mean is the
-  one communication: an all-reduce (:meth:`coopjax.mixing.Mix.mean_into_aux`).
+  one communication: an all-reduce (:meth:`coopjax.mixing.Mix.mean_into_aux`);
+  with a ``compressor``, the mean of the error-feedback messages instead
+  (:func:`coopjax.algorithms._compressed.error_feedback_averaging`).
   """
   tau = check_tau(tau)
   m = check_int("num_workers", num_workers, 1)
+  _compressed.check_uncompressed_options(compressor, error_decay, key)
+  if compressor is not None:
+    return _compressed.error_feedback_averaging(
+      name, local, tau, m, compressor, error_decay, key, init_outer, outer_step, **options
+    )
   mean = mixing.Mix.mean_into_aux(m)
   average = mixing.Mix.average(m)
 
@@ -155,6 +166,9 @@ def slowmo(
   order: str = "step_then_mix",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
+  compressor: compress.Compressor | None = None,
+  error_decay: float = 1.0,
+  key: jax.Array | None = None,
 ) -> CooperativeTransformation:
   r"""SlowMo (Wang, Tantia, Ballas & Rabbat, ICLR 2020) over local SGD.
 
@@ -192,9 +206,17 @@ def slowmo(
     order: only ``"step_then_mix"``: this algorithm's rule fixes the order
       (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
+    compressor: None (default): the exact mean. A
+      :class:`coopjax.compress.Compressor`: error-feedback averaging
+      (:mod:`coopjax.algorithms._compressed`), Δ replaced by the mean of the
+      compressed messages ``c_i = Q(β e_i + x_start − x_i)``.
+    error_decay: β of the error memory (compressed only; 1 keeps all of it).
+    key: PRNG key of the compressor's random draws (compressed only;
+      ``jax.random.key(0)`` when None).
 
   Returns:
-    An optax transformation with state :class:`SlowMoState`.
+    An optax transformation with state :class:`SlowMoState`
+    (:class:`coopjax.algorithms.ErrorFeedbackState` with a compressor).
 
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
@@ -237,6 +259,9 @@ def slowmo(
     num_workers,
     init_outer,
     outer_step,
+    compressor,
+    error_decay,
+    key,
     order=order,
     local_state_policy=_POLICIES[base_buffers],
     mix_mask=mix_mask,
@@ -254,6 +279,9 @@ def diloco(
   local_state_policy: str = "keep",
   mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
+  compressor: compress.Compressor | None = None,
+  error_decay: float = 1.0,
+  key: jax.Array | None = None,
 ) -> CooperativeTransformation:
   r"""DiLoCo (Douillard et al., 2023): an outer optimizer on the period's displacement.
 
@@ -285,9 +313,19 @@ def diloco(
     order: only ``"step_then_mix"``: this algorithm's rule fixes the order
       (another value is refused).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
+    compressor: None (default): the exact mean. A
+      :class:`coopjax.compress.Compressor`: error-feedback averaging
+      (:mod:`coopjax.algorithms._compressed`): the outer optimizer receives
+      the mean of the compressed messages ``c_i = Q(β e_i + x_start − x_i)``,
+      each worker keeping ``e_i ← β e_i + Δ_i − c_i``.
+    error_decay: β of the error memory (compressed only; 1 keeps all of it,
+      < 1 is SparseLoCo's decayed memory).
+    key: PRNG key of the compressor's random draws (compressed only;
+      ``jax.random.key(0)`` when None).
 
   Returns:
-    An optax transformation with state :class:`DiLoCoState`.
+    An optax transformation with state :class:`DiLoCoState`
+    (:class:`coopjax.algorithms.ErrorFeedbackState` with a compressor).
 
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
@@ -296,6 +334,19 @@ def diloco(
     >>> updates, state = tx.update({"w": jnp.array([1.0, 3.0])}, tx.init(X), X)
     >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"].tolist()]  # x_start − 0.5·Δ
     [-0.1, -0.1]
+
+    With top-1 messages and error feedback: Δ_1 = [0.1, 0.3] sends [0, 0.3] and keeps
+    e_1 = [0.1, 0]; the outer step moves by 0.5·mean(c) = 0.5·[0.15, 0.15].
+
+    >>> from coopjax import compress
+    >>> tx = coopjax.diloco(optax.sgd(0.1), outer=optax.sgd(0.5), tau=1, num_workers=2,
+    ...                     compressor=compress.top_k(k=1))
+    >>> X = {"w": jnp.zeros((2, 2))}
+    >>> updates, state = tx.update({"w": jnp.array([[1.0, 3.0], [3.0, 1.0]])}, tx.init(X), X)
+    >>> [round(x, 4) for x in optax.apply_updates(X, updates)["w"][0].tolist()]
+    [-0.075, -0.075]
+    >>> [[round(x, 4) for x in row] for row in state.error["w"].tolist()]
+    [[0.1, 0.0], [0.0, 0.1]]
 
   References:
     Douillard et al., DiLoCo: Distributed low-communication training of
@@ -318,6 +369,9 @@ def diloco(
     num_workers,
     outer.init,
     outer_step,
+    compressor,
+    error_decay,
+    key,
     order=order,
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,

@@ -17,7 +17,10 @@ half) becomes one :class:`Collective` with
   through a branch of a ``conditional`` (``lax.cond``), i.e. whether it runs
   only on the steps that take that branch. For the cooperative step that is
   the mixing branch, ``k mod τ = 0``: a collective with ``in_branch=False``
-  runs on every step, off-steps included.
+  runs on every step, off-steps included;
+* ``in_loop``: whether it sits inside a ``while`` loop (a ``lax.scan`` over
+  a period's steps) or outside every loop, as a reduction issued before the
+  loop is.
 
   >>> text = '''
   ... %mix (p: f32[4]) -> f32[4] {
@@ -99,6 +102,9 @@ class Collective(NamedTuple):
     conditional: the conditional whose branch holds it (None if in_branch is False).
     branch: that branch's index (for ``lax.cond(p, f, g)``: 1 is ``f``, 0 is ``g``).
     wire: ``(dtype, bytes)`` of its operands per HLO dtype, in order of appearance.
+    in_loop: True when it runs inside the body (or condition) of a ``while``
+      loop (e.g. a ``lax.scan`` over a period's steps); False for one issued
+      outside every loop, as an early reduction is.
 
   Examples:
     An all-reduce of four float32 values in the entry computation runs on every
@@ -124,6 +130,7 @@ class Collective(NamedTuple):
   conditional: str | None
   branch: int | None
   wire: tuple[tuple[str, int], ...] = ()
+  in_loop: bool = False
 
   @property
   def dtypes(self) -> tuple[str, ...]:
@@ -173,6 +180,10 @@ class CommReport(list):
       for dtype, nbytes in c.wire:
         out[dtype] = out.get(dtype, 0) + nbytes
     return out
+
+  def outside_loops(self) -> CommReport:
+    """The collectives outside every ``while`` loop (e.g. a reduction issued before a period's loop)."""
+    return CommReport(c for c in self if not c.in_loop)
 
   def every_step(self) -> CommReport:
     """The collectives outside any conditional branch: they run on every step."""
@@ -335,28 +346,33 @@ def parse_hlo(text: str) -> CommReport:
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text; pass compiled.as_text().")
   plain: dict[str, set[str]] = {c: set() for c in comps}
+  loops: dict[str, set[str]] = {c: set() for c in comps}  # while bodies and conditions
   branches: dict[str, list[tuple[str, int, str]]] = {c: [] for c in comps}
   for comp, instrs in comps.items():
     for ins in instrs:
-      for _, callee in _CALLS.findall(ins.text):
+      for how, callee in _CALLS.findall(ins.text):
         plain[comp].add(callee)
+        if how in ("body", "condition"):
+          loops[comp].add(callee)
       found = _BRANCHES.search(ins.text)
       if found:
         names = [n.strip().lstrip("%") for n in found.group(1).split(",") if n.strip()]
         for i, callee in enumerate(names):
           branches[comp].append((ins.name, i, callee))
 
-  def reach(start: str, with_branches: bool) -> set[str]:
+  def reach(start: str, with_branches: bool, through_loops: bool = True) -> set[str]:
     seen, todo = set(), [start]
     while todo:
       c = todo.pop()
       if c in seen or c not in comps:
         continue
       seen.add(c)
-      todo.extend(plain[c])
+      todo.extend(plain[c] if through_loops else plain[c] - loops[c])
       if with_branches:
         todo.extend(callee for _, _, callee in branches[c])
     return seen
+
+  outside_loops = reach(entry, with_branches=True, through_loops=False)
 
   always = reach(entry, with_branches=False)
   owner: dict[str, tuple[str, int]] = {}
@@ -387,6 +403,7 @@ def parse_hlo(text: str) -> CommReport:
           cond,
           branch,
           wire,
+          comp not in outside_loops,
         )
       )
   return report

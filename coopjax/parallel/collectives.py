@@ -74,6 +74,9 @@ __all__ = [
   "worker_mean",
   "exchange",
   "exchange_kind",
+  "pack_bytes",
+  "unpack_bytes",
+  "quantized_mean",
 ]
 
 _ATOL = 1e-12
@@ -1057,3 +1060,124 @@ def _averaging_weights(A: np.ndarray) -> tuple[float, float]:
   """``(a, c)`` of ``A = aI + cJ``."""
   c = A[0, 1]
   return float(A[0, 0] - c), float(c)
+
+
+def pack_bytes(payload: PyTree, rows: int, batch: int = 0) -> jax.Array:
+  """Every leaf of ``payload`` as unsigned bytes, concatenated per row.
+
+  Each leaf is read as ``[*batch axes, rows, -1]`` (its first ``batch`` axes
+  kept, the rest split into ``rows`` equal row-major pieces: a row-wise
+  compressor's codes and scales, also when they are stored flat), bitcast to
+  ``uint8`` (a float32 scale becomes 4 bytes) and concatenated, so that a
+  collective of the result travels as ``u8`` whatever the payload's dtypes.
+
+  Args:
+    payload: a pytree of arrays sharing their first ``batch`` axes.
+    rows: the rows each leaf holds after those axes.
+    batch: the number of leading batch axes kept.
+
+  Returns:
+    ``uint8[*batch axes, rows, bytes_per_row]``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> packed = pack_bytes({"q": jnp.zeros(6, jnp.uint8), "s": jnp.ones(3)}, rows=3)
+    >>> packed.shape, str(packed.dtype)  # 2 code bytes and a 4-byte scale per row
+    ((3, 6), 'uint8')
+  """
+  parts = []
+  for x in jax.tree.leaves(payload):
+    front = x.shape[:batch]
+    if int(np.prod(x.shape[batch:], dtype=np.int64)) % rows:
+      raise ValueError(
+        f"the compressor's payload leaf of shape {x.shape[batch:]} does not split into {rows} "
+        "rows: a quantized mean needs a compressor that encodes row by row (int8, or int4 with "
+        "an even block_size)."
+      )
+    flat = x.reshape(front + (rows, -1))
+    if flat.dtype != jnp.uint8:
+      flat = lax.bitcast_convert_type(flat, jnp.uint8).reshape(front + (rows, -1))
+    parts.append(flat)
+  return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+def unpack_bytes(packed: jax.Array, template: PyTree) -> PyTree:
+  """Inverse of :func:`pack_bytes`: ``packed`` back to ``template``'s shapes and dtypes.
+
+  ``packed`` is ``[*batch axes, rows, bytes_per_row]``; ``template`` holds
+  ``jax.ShapeDtypeStruct`` leaves of ONE payload of those ``rows`` (e.g.
+  ``jax.eval_shape`` of the encoder). The result keeps the batch axes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> payload = {"q": jnp.arange(6, dtype=jnp.uint8), "s": jnp.arange(3.0)}
+    >>> template = jax.eval_shape(lambda: payload)
+    >>> back = unpack_bytes(pack_bytes(payload, rows=3), template)
+    >>> back["s"].tolist(), back["q"].tolist()
+    ([0.0, 1.0, 2.0], [0, 1, 2, 3, 4, 5])
+  """
+  leaves, treedef = jax.tree.flatten(template)
+  front, rows = packed.shape[:-2], packed.shape[-2]
+  out, start = [], 0
+  for t in leaves:
+    size = jnp.dtype(t.dtype).itemsize
+    per_row = int(np.prod(t.shape, dtype=np.int64)) // rows
+    piece = packed[..., start : start + per_row * size]
+    start += per_row * size
+    if jnp.dtype(t.dtype) != jnp.uint8:
+      piece = lax.bitcast_convert_type(piece.reshape(front + (rows, per_row, size)), t.dtype)
+    out.append(piece.reshape(front + t.shape))
+  return jax.tree.unflatten(treedef, out)
+
+
+def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardContext) -> jax.Array:
+  r"""The mean of the workers' rows sent quantized: all-to-all (u8), float32 sum, all-gather (u8).
+
+  ``workers`` is this device's block ``[b, R, C]`` (b workers, each an
+  ``R × C`` array quantized row by row). With ``Q = decode ∘ encode`` and
+  the rows cut into D chunks (chunk d owned by device d, zero rows padded to
+  a multiple of D):
+
+  .. code-block:: text
+
+     1. every worker encodes its chunks;    all-to-all of the payloads (u8 bytes)
+     2. owner d decodes the m payloads of chunk d, sums them in float32 (worker
+        order, pairwise as coopjax.workers.sum_rows), divides by m,
+        re-encodes the mean;                 all-gather of the payloads (u8 bytes)
+     3. every device decodes all chunks:     Q(1/m Σ_i Q(x_i))   (replicated)
+
+  which is torchft's scheme for a quantized all-reduce. Payloads are packed
+  into ``uint8`` (:func:`pack_bytes`) before each collective: jax lowers
+  collectives of float8/float4 arrays as f16 and of int4 as s8. The result
+  equals :func:`coopjax.mixing.quantized_mean` (the unsharded reference) bit
+  for bit when the compressor quantizes each row on its own.
+
+  Args:
+    workers: ``[b, R, C]`` float, this device's workers' arrays.
+    compressor: a row-wise :class:`coopjax.compress.Compressor`.
+    key: the key handed to ``encode``/``decode``.
+    ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
+
+  Returns:
+    ``[R, C]``: the dequantized mean, the same on every device.
+  """
+  D, b, m = ctx.num_devices, ctx.block, ctx.num_workers
+  R, C = workers.shape[1:]
+  r = -(-R // D)
+  if r * D != R:
+    workers = jnp.concatenate([workers, jnp.zeros((b, r * D - R, C), workers.dtype)], axis=1)
+  chunks = workers.reshape(b, D, r, C)
+  like = jax.ShapeDtypeStruct((r, C), workers.dtype)
+  template = jax.eval_shape(lambda x: compressor.encode(x, key), like)
+  encode = lambda x: compressor.encode(x, key)
+  decode = lambda p: compressor.decode(p, like, key)
+  sent = pack_bytes(jax.vmap(jax.vmap(encode))(chunks), rows=r, batch=2)  # [b, D, r, B] u8
+  sent = jnp.swapaxes(sent, 0, 1)  # [D, b, r, B]: the chunk owner first
+  got = lax.all_to_all(sent, ctx.axis_name, 0, 0, tiled=True)  # [D, b, r, B]: the source first
+  got = got.reshape((m,) + got.shape[2:])  # [m, r, B]
+  decoded = jax.vmap(decode)(unpack_bytes(got, template))  # [m, r, C], worker order
+  mean = sum_rows(decoded) / jnp.asarray(m, decoded.dtype)
+  own = pack_bytes(encode(mean), rows=r)  # [r, B] u8
+  every = lax.all_gather(own, ctx.axis_name, axis=0, tiled=False)  # [D, r, B]
+  out = jax.vmap(decode)(unpack_bytes(every, template))  # [D, r, C]
+  return out.reshape(D * r, C)[:R]

@@ -206,6 +206,12 @@ def make_overlapped_period(
         f"{[jnp.shape(b) for b in leaves]}."
       )
     state = _only(opt_state)
+    if isinstance(state, nonblocking.StreamingDiLoCoState):
+      raise ValueError(
+        "make_overlapped_period runs periods that end with their mix; Streaming DiLoCo consumes "
+        "its reduction tx.consume_at steps into a period that starts at a snapshot: use "
+        "coopjax.make_period_step(loss_fn, tx, mesh) (its reduction is issued before the loop)."
+      )
     start = int(state.count)
     if start % tau:
       raise ValueError(

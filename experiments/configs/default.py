@@ -15,14 +15,23 @@ Fields:
   num_workers: m.
   tau: communication period τ (τ₁ for ``hierarchical``, τ₀ for ``adacomm``).
   alpha: elastic weight α (EASGD family, Overlap Local-SGD's pull).
-  topology: workers' graph for ``dpsgd``/``cooperative``/``delayed``/``matcha``/
+  topology: workers' graph for ``dpsgd``/``cooperative``/``delayed``/``matcha``/``choco``/
     ``elastic_averaging``: complete, ring, torus, hypercube, exponential, erdos_renyi.
   optimizer: local optimizer: sgd, momentum, nesterov, adam, adamw.
   schedule: constant, step (×``decay_factor`` at ``decay_epochs``) or cosine.
   warmup_steps: steps of synchronous SGD before the algorithm's own schedule
     (post-local SGD, Lin et al. 2020).
   outer_lr, outer_momentum, outer_optimizer: the outer optimizer of ``slowmo``
-    (α, β) and ``diloco`` (``slow_lr`` / ``slow_momentum`` are deprecated names).
+    (α, β), ``diloco`` and ``streaming_diloco`` (``slow_lr`` / ``slow_momentum`` are
+    deprecated names).
+  fragments, delay, merge_alpha, streaming_schedule, outer_bits: ``streaming_diloco``'s
+    P, τ, α, schedule and quantization of the outer gradients (H is ``tau``).
+  compressor: ``none``, ``identity``, ``top_k:F``, ``random_k:F``, ``qsgd:B``, ``sign``,
+    ``int8``, ``int4``: ``choco``'s messages (``none`` gossips uncompressed), and
+    error-feedback averaging for ``local_sgd``, ``diloco`` and ``slowmo``
+    (``error_decay`` β of the memory).
+  gamma, choco_order, hat_init: ``choco``'s consensus step size, order
+    (``paper``/``overlap``) and initial public copies (``zeros``/``x0``).
   network: α–β model (``latency`` seconds, ``bandwidth`` bytes/s) of the
     modelled communication time; ``bytes_per_param`` the wire size of a value.
   compute_time: seconds of compute charged per step in the modelled time (a
@@ -53,12 +62,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup_steps = 0  # steps of synchronous SGD before the algorithm starts (post-local SGD)
   c.outer_lr = 1.0  # the outer optimizer's learning rate: slowmo α, diloco's outer lr
   c.outer_momentum = 0.5  # the outer optimizer's momentum: slowmo β, diloco's outer momentum
-  c.outer_optimizer = "nesterov"  # diloco: nesterov or sgd
+  c.outer_optimizer = "nesterov"  # diloco, streaming_diloco: nesterov or sgd
+  c.fragments = 2  # streaming_diloco: P fragments, synced every tau / P steps in turn
+  c.delay = 0  # streaming_diloco: inner steps between a fragment's snapshot and its apply
+  c.merge_alpha = 0.0  # streaming_diloco: weight of the worker's own fragment at the apply
+  c.streaming_schedule = "torchft"  # streaming_diloco: torchft or maxtext
+  c.outer_bits = 0  # streaming_diloco: 0 (float32 outer gradients), 4 or 8 (quantized)
   c.slow_lr = placeholder(float)  # deprecated name of outer_lr
   c.slow_momentum = placeholder(float)  # deprecated name of outer_momentum
   c.matcha_budget = 0.5
   c.anchor_momentum = 0.0  # overlap_local_sgd
   c.max_tau = 0  # adacomm (0: no bound)
+  # compressed communication: choco's messages; error feedback for local_sgd, diloco, slowmo
+  c.compressor = "none"  # none, identity, top_k:F, random_k:F, qsgd:B, sign, int8, int4
+  c.error_decay = 1.0  # β of the error memory (error-feedback averaging)
+  c.gamma = 0.5  # choco's consensus step size
+  c.choco_order = "paper"  # choco: paper or overlap
+  c.hat_init = "zeros"  # choco's public copies at first: zeros or x0
   # local optimizer and schedule
   c.optimizer = "sgd"
   c.lr = 0.1
