@@ -47,7 +47,6 @@ SGD's final training loss, and that time divided by sync SGD's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -224,12 +223,7 @@ def run_compare(
     ],
   }
   _nonblocking_ratio(out, results)
-  with open(os.path.join(outdir, "results.json"), "w") as f:
-    json.dump(train._jsonable(out), f, indent=1)
-  text = _table_text(out)
-  with open(os.path.join(outdir, "summary.md"), "w") as f:
-    f.write(text)
-  print(text)
+  train.write_results(outdir, out, _table_text(out))
   if plots:
     _plot(out, outdir)
   return out

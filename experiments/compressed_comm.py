@@ -38,7 +38,6 @@ first reaches the uncompressed version's final accuracy minus 1 %.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -178,12 +177,7 @@ def run_compression(outdir: str, *, extra: dict[str, Any] | None = None, plots: 
     "checks": checks,
     "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs],
   }
-  with open(os.path.join(outdir, "results.json"), "w") as f:
-    json.dump(train._jsonable(out), f, indent=1)
-  text = _table_text(out)
-  with open(os.path.join(outdir, "summary.md"), "w") as f:
-    f.write(text)
-  print(text)
+  train.write_results(outdir, out, _table_text(out))
   if plots:
     _plot(out, outdir)
   return out

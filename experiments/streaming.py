@@ -36,8 +36,8 @@ modelled time) and ``summary.md`` to ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import tempfile
 import time
 
@@ -53,6 +53,10 @@ from coopjax import models
 from coopjax.cost import netmodel
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+
+import train  # noqa: E402
 
 __all__ = ["RUNS", "run_one", "run_all", "streaming_clock", "main"]
 
@@ -244,13 +248,8 @@ def main(argv=None) -> list[dict]:
   out = tempfile.mkdtemp() if args.quick else args.out
   os.makedirs(out, exist_ok=True)
   results = run_all(cfg)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"config": cfg, "runs": results}, f)
-  table = _table(results, cfg)
-  with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write(table + "\n")
+  train.write_results(out, {"config": cfg, "runs": results}, _table(results, cfg))
   _plot(results, out)
-  print(table)
   print(f"written to {out}")
   return results
 

@@ -347,6 +347,17 @@ def test_unplaced_batch_is_placed_by_the_step(mesh):
   np.testing.assert_array_equal(out["one_device"], out["shard_batch"])
 
 
+def test_state_committed_to_one_device_is_an_error_naming_the_fix(mesh):
+  # e.g. a checkpoint restored with a target built from an unplaced state
+  m = 8
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m)
+  A, b = ref.make_batches(1, m)
+  step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh)
+  X = jax.device_put(coopjax.replicate(ref.init_params(), m), jax.devices()[1])
+  with pytest.raises(ValueError, match=r"committed to devices other.*coopjax.shard\(X, mesh, tx\)"):
+    step(X, tx.init(X), coopjax.shard_batch((A[0], b[0]), mesh))
+
+
 def test_sharded_step_waits_periodically_on_cpu_devices(mesh, monkeypatch):
   """Unwaited loops of steps with collectives deadlock on fake CPU devices: the step waits."""
   m = 8

@@ -395,3 +395,32 @@ def test_int4_outer_gradients_train_digits_within_one_percent():
   assert floats["test_accuracy"] > 0.9
   assert abs(int4["test_accuracy"] - floats["test_accuracy"]) <= 0.01
   assert int4["bytes_sent"][-1] < 0.15 * floats["bytes_sent"][-1]
+
+
+def test_mix_mask_keeps_leaves_out_of_every_fragment():
+  """Leaves masked False (BatchNorm statistics) are in no fragment: they only take local steps."""
+  m, H, delay, alpha, steps = 3, 6, 2, 0.5, 14
+  A, b = ref.make_batches(steps, m, seed=53)
+
+  def make(mask):
+    return coopjax.streaming_diloco(
+      optax.sgd(LR, momentum=BETA),
+      outer=optax.sgd(OUTER_LR, momentum=MU, nesterov=True),
+      H=H,
+      fragments=1,
+      delay=delay,
+      alpha=alpha,
+      num_workers=m,
+      mix_mask=mask,
+    )
+
+  X, _ = run(make({"w": True, "c": False}), A, b, m)
+  xs, _, _ = streaming_reference(m, H, [[0, 1, 2]], delay, alpha, "torchft", A, b)
+  np.testing.assert_allclose(ref.flat(X), xs, rtol=1e-5, atol=1e-6)
+  # An all-True mask is no mask, bit for bit.
+  X_all, _ = run(make({"w": True, "c": True}), A, b, m)
+  X_none, _ = run(make(None), A, b, m)
+  for a, c in zip(jax.tree.leaves(X_all), jax.tree.leaves(X_none), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+  with pytest.raises(ValueError, match="selects no leaf"):
+    coopjax.algorithms.fragment_leaves(ref.init_params(), 1, mix_mask={"w": False, "c": False})

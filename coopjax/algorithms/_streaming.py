@@ -175,7 +175,7 @@ def _check_schedule(H, P, delay) -> tuple[int, int, int]:
   return h, P, delay
 
 
-def fragment_leaves(model: PyTree, fragments) -> list[list[int]]:
+def fragment_leaves(model: PyTree, fragments, mix_mask: PyTree | None = None) -> list[list[int]]:
   """The partition of ``model``'s leaves (indices in ``jax.tree.leaves`` order) into fragments.
 
   Args:
@@ -185,6 +185,9 @@ def fragment_leaves(model: PyTree, fragments) -> list[list[int]]:
       lowest index on ties), or labels as ``optax.multi_transform`` takes
       them: a pytree of labels with the model's structure, or a function of
       the model returning one; fragments are ordered by sorted label.
+    mix_mask: optional pytree prefix of ``model`` with booleans: leaves
+      marked False (e.g. BatchNorm statistics kept per worker) belong to no
+      fragment and are never synced.
 
   Returns:
     P lists of leaf indices, each sorted.
@@ -196,7 +199,19 @@ def fragment_leaves(model: PyTree, fragments) -> list[list[int]]:
     [[0], [1, 2]]
     >>> fragment_leaves(model, lambda p: {"a": "x", "b": "y", "c": "x"})
     [[0, 2], [1]]
+    >>> fragment_leaves(model, 2, mix_mask={"a": False, "b": True, "c": True})
+    [[1], [2]]
   """
+  if mix_mask is not None:
+    flags = mixing.leaf_flags(mixing.check_mask(mix_mask, model), model)
+    kept = [i for i, keep in enumerate(flags) if keep]
+    if not kept:
+      raise ValueError("mix_mask selects no leaf: there is nothing to sync.")
+    if isinstance(fragments, (int, np.integer)) and not isinstance(fragments, bool):
+      groups = fragment_leaves([jax.tree.leaves(model)[i] for i in kept], fragments)
+      return [[kept[j] for j in g] for g in groups]
+    groups = [[i for i in g if flags[i]] for g in fragment_leaves(model, fragments)]
+    return [g for g in groups if g]
   leaves = jax.tree.leaves(model)
   if isinstance(fragments, (int, np.integer)) and not isinstance(fragments, bool):
     P = check_int("fragments", fragments, 1)
@@ -241,20 +256,22 @@ class _Layout(NamedTuple):
   dtype: Any
 
 
-def _buffer_layout(model: PyTree, fragments, block: int | None) -> _Layout:
+def _buffer_layout(model: PyTree, fragments, block: int | None, mix_mask=None) -> _Layout:
   leaves = jax.tree.leaves(model)
-  for x in leaves:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+  groups = tuple(tuple(g) for g in fragment_leaves(model, fragments, mix_mask))
+  for i in sorted(i for g in groups for i in g):
+    if not jnp.issubdtype(leaves[i].dtype, jnp.floating):
       raise TypeError(
-        f"streaming_diloco syncs floating-point parameters only, got a leaf of dtype {x.dtype}."
+        f"streaming_diloco syncs floating-point parameters only, got a leaf of dtype "
+        f"{leaves[i].dtype}; keep it out of the syncs with mix_mask."
       )
-  groups = tuple(tuple(g) for g in fragment_leaves(model, fragments))
   shapes = tuple(tuple(np.shape(x)) for x in leaves)
   sizes = [sum(int(np.prod(shapes[i], dtype=np.int64)) for i in g) for g in groups]
   size = max(sizes)
   if block is not None:
     size = -(-size // block) * block
-  dtype = jnp.float32 if block is not None else jnp.result_type(*[x.dtype for x in leaves])
+  synced = [leaves[i] for g in groups for i in g]
+  dtype = jnp.float32 if block is not None else jnp.result_type(*[x.dtype for x in synced])
   return _Layout(groups, shapes, size, dtype)
 
 
@@ -294,6 +311,7 @@ def streaming_diloco(
   compressor: compress.Compressor | None = None,
   block_size: int = 256,
   schedule: str = "torchft",
+  mix_mask: PyTree | None = None,
   warmup_steps: int = 0,
 ) -> CooperativeTransformation:
   r"""Streaming DiLoCo (Douillard et al., 2025): P fragments synced in turn, overlapped, quantized.
@@ -334,6 +352,9 @@ def streaming_diloco(
       ``block_size`` values, each quantized with its own scale.
     block_size: values per quantized row (with a compressor).
     schedule: ``"torchft"`` (default) or ``"maxtext"``.
+    mix_mask: optional pytree prefix of one model with booleans: leaves
+      marked False (BatchNorm statistics) are in no fragment and stay per
+      worker (a count P then splits the other leaves).
     warmup_steps: steps of fully synchronous SGD first (post-local SGD).
 
   Returns:
@@ -386,7 +407,7 @@ def streaming_diloco(
   @functools.lru_cache(maxsize=16)
   def layout_of(treedef, shapes) -> _Layout:
     model = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
-    layout = _buffer_layout(model, fragments, block)
+    layout = _buffer_layout(model, fragments, block, mix_mask)
     _check_schedule(H, len(layout.groups), delay)
     return layout
 
@@ -521,7 +542,7 @@ def streaming_diloco(
 
   def bytes_per_sync(model: PyTree) -> int:
     """One worker's payload of one sync, in bytes, for a model shaped like ``model``."""
-    layout = _buffer_layout(model, fragments, block)
+    layout = _buffer_layout(model, fragments, block, mix_mask)
     return _wire_bytes(layout.size, layout.dtype)
 
   tx = _skeleton.transformation(
@@ -539,6 +560,7 @@ def streaming_diloco(
     period=H // int(fragments) if count_given else H,
     orders=("step_then_mix",),
     policies=("keep",),
+    mix_mask=mix_mask,
     warmup_steps=warmup_steps,
   )
   return tx.describe(
