@@ -950,12 +950,8 @@ def quantized_mean(workers: jax.Array, compressor: compress.Compressor, key: jax
   ctx = shard_context()
   lc = context.current_live()
   if ctx is not None:
-    if lc is not None:
-      raise NotImplementedError(
-        "a quantized mean under a live mask is available on the plain path only; run "
-        "without a mesh, or without the compressor."
-      )
-    return collectives.quantized_mean(workers, compressor, key, ctx)
+    live = None if lc is None else lc.live
+    return collectives.quantized_mean(workers, compressor, key, ctx, live)
   like = jax.ShapeDtypeStruct(workers.shape[1:], workers.dtype)
   Q = lambda x: compressor.decode(compressor.encode(x, key), like, key)
   if lc is not None:  # the mean over the live workers (masked rows selected out)

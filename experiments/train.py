@@ -707,6 +707,7 @@ def loop(
         for worker in np.flatnonzero(np.asarray(metrics["rejoined"])).tolist():
           rejoined.append({"worker": int(worker), "step": k})
           print(f"worker {worker} re-admitted at step {k}.", file=sys.stderr)
+        run.batches.set_live(np.asarray(metrics["live"]))  # a masked worker's data waits
         bad, message = [], ""
       else:
         bad, message = _nonfinite(metrics, k)

@@ -1130,7 +1130,9 @@ def unpack_bytes(packed: jax.Array, template: PyTree) -> PyTree:
   return jax.tree.unflatten(treedef, out)
 
 
-def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardContext) -> jax.Array:
+def quantized_mean(
+  workers: jax.Array, compressor, key: jax.Array, ctx: ShardContext, live: jax.Array | None = None
+) -> jax.Array:
   r"""The mean of the workers' rows sent quantized: all-to-all (u8), float32 sum, all-gather (u8).
 
   ``workers`` is this device's block ``[b, R, C]`` (b workers, each an
@@ -1157,6 +1159,9 @@ def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardCon
     compressor: a row-wise :class:`coopjax.compress.Compressor`.
     key: the key handed to ``encode``/``decode``.
     ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
+    live: optional ``[m]`` booleans (global): the mean over the live workers,
+      masked workers' chunks selected out before the sum (their bytes still
+      travel: the collectives are static).
 
   Returns:
     ``[R, C]``: the dequantized mean, the same on every device.
@@ -1176,7 +1181,11 @@ def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardCon
   got = lax.all_to_all(sent, ctx.axis_name, 0, 0, tiled=True)  # [D, b, r, B]: the source first
   got = got.reshape((m,) + got.shape[2:])  # [m, r, B]
   decoded = jax.vmap(decode)(unpack_bytes(got, template))  # [m, r, C], worker order
-  mean = sum_rows(decoded) / jnp.asarray(m, decoded.dtype)
+  if live is None:
+    mean = sum_rows(decoded) / jnp.asarray(m, decoded.dtype)
+  else:
+    total = sum_rows(jnp.where(live.reshape(m, 1, 1), decoded, 0))
+    mean = total / jnp.maximum(jnp.sum(live), 1).astype(total.dtype)
   own = pack_bytes(encode(mean), rows=r)  # [r, B] u8
   every = lax.all_gather(own, ctx.axis_name, axis=0, tiled=False)  # [D, r, B]
   out = jax.vmap(decode)(unpack_bytes(every, template))  # [D, r, C]
