@@ -54,6 +54,9 @@ __all__ = ["make_step"]
 BLOCK_EVERY = 8
 """A sharded step on several CPU devices waits for its result every this many calls."""
 
+MESH_LOG_EVERY = 100
+"""With a mesh, the default ``log_every``: the reducing metrics' all-reduces every 100 steps."""
+
 _REDUCING = ("loss", "consensus_distance", "avg_grad_norm")
 
 
@@ -207,7 +210,7 @@ def make_step(
   mesh=None,
   check_finite: bool = False,
   check_batch: bool = True,
-  log_every: int = 1,
+  log_every: int | None = None,
   on_nonfinite: str | None = None,
   readmit_after: int | None = None,
 ):
@@ -251,9 +254,9 @@ def make_step(
       (a batch not yet on the mesh, e.g. a NumPy array, is placed by the
       step's input sharding when it is called, in the same layout). The
       reducing metrics add all-reduces (``consensus_distance`` and
-      ``avg_grad_norm`` of the model's size): compute them on logged steps
-      only (``log_every``) or turn them off (``with_consensus=False,
-      with_grad_norm=False``) to keep off-steps free of communication. On several CPU devices the step waits
+      ``avg_grad_norm`` of the model's size): by default they run every
+      :data:`MESH_LOG_EVERY` steps only (``log_every``), so off-steps stay
+      free of communication. On several CPU devices the step waits
       for its result every :data:`BLOCK_EVERY` calls: without it, loops of
       unwaited steps with collectives deadlock (the CPU client runs out of
       threads; XLA reports a stuck ``RendezvousKey`` and aborts).
@@ -264,9 +267,12 @@ def make_step(
       host with :func:`coopjax.diagnostics.check_finite`.
     log_every: compute the metrics that reduce over workers (``loss``,
       ``consensus_distance``, ``avg_grad_norm``) only on the steps k that it
-      divides, the steps a training loop logs; they are NaN on the others.
-      Inside a ``lax.cond``, so with a mesh their all-reduces run on those
-      steps only.
+      divides, the steps a training loop logs; they are NaN on the others
+      (``worker_loss`` is always there). Inside a ``lax.cond``, so with a mesh
+      their all-reduces run on those steps only. Default (None): every step
+      without a mesh; with a mesh every :data:`MESH_LOG_EVERY` (100) steps, so
+      that the default step adds no model-sized all-reduce to an algorithm
+      that communicates every τ steps (``log_every=1`` for every step).
     check_batch: check that the batch has the worker axis (its example leaves
       share an example axis after it); False skips that check for batches
       whose per-worker leaves differ in shape on purpose.
@@ -315,8 +321,10 @@ def make_step(
     raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
   if merge_aux is not None and not has_aux:
     raise ValueError("merge_aux needs has_aux=True: loss_fn must return (loss, aux).")
+  if log_every is None:
+    log_every = 1 if mesh is None else MESH_LOG_EVERY
   if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-    raise ValueError(f"log_every must be a positive integer (steps), got {log_every!r}.")
+    raise ValueError(f"log_every must be a positive integer (steps) or None, got {log_every!r}.")
   if on_nonfinite not in (None, "quarantine"):
     raise ValueError(
       f"on_nonfinite must be None or 'quarantine', got {on_nonfinite!r}; to skip or stop on a "

@@ -565,6 +565,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
     # the worker axis sharded over the devices (m a multiple of their number)
     mesh = coopjax.worker_mesh(int(config.get("num_devices", 0)) or None)
   sharded = {"mesh": mesh, "with_loss": True, "with_consensus": True} if mesh else {}
+  if mesh:  # the reducing metrics (all-reduces) on the logged steps only
+    sharded["log_every"] = int(config.log_every)
   if bn:
     loss_fn = cmodels.make_bn_loss_fn(model, ds.num_classes)
     sharded.update(has_aux=True, merge_aux=cmodels.merge_batch_stats)

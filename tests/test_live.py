@@ -231,7 +231,7 @@ def test_quarantine_nan_worker(sharded):
   base = coopjax.dpsgd(optax.sgd(0.05, momentum=0.5), W=topology.ring(M))
   tx = coopjax.with_live_mask(base)
   X = coopjax.replicate({"w": jnp.zeros(3)}, tx)
-  opts = dict(on_nonfinite="quarantine", readmit_after=10, with_consensus=False)
+  opts = dict(on_nonfinite="quarantine", readmit_after=10, with_consensus=False, log_every=1)
   if sharded:
     mesh = coopjax.worker_mesh(4)
     X = coopjax.shard(X, mesh, tx)

@@ -101,7 +101,7 @@ def test_momentum_state_sharded_and_metrics_match_unsharded(mesh):
   local = optax.sgd(LR, momentum=0.9)
   tx = coopjax.cooperative(local, tau=2, W=topology.ring(m), local_state_policy="mix")
   X, state, metrics, (A, b, x0) = run_sharded(
-    tx, mesh, m, 0, steps=4, with_loss=True, with_consensus=True, with_grad_norm=True
+    tx, mesh, m, 0, steps=4, with_loss=True, with_consensus=True, with_grad_norm=True, log_every=1
   )
   # The unsharded dense-einsum path is the reference for the momentum variant.
   Xu = coopjax.replicate(x0, m)

@@ -111,7 +111,8 @@ def test_step_counts_mixed_leaves_only_by_default():
 
 
 def test_sharded_metrics_equal_unsharded_with_auxiliary_rows(mesh):
-  """The same defaults on both paths; EASGD's anchor counts once in the consensus distance."""
+  """The same metrics on both paths (log_every=1); EASGD's anchor counts once in the consensus
+  distance."""
   m = 16
   tx = coopjax.easgd(optax.sgd(LR), tau=2, alpha=0.05, num_workers=m)
   layout = coopjax.Layout(m, 1)
@@ -121,7 +122,7 @@ def test_sharded_metrics_equal_unsharded_with_auxiliary_rows(mesh):
   Xs = coopjax.shard(Xu, mesh, layout)
   ss = sharding.init(tx, Xs, mesh, num_aux=1)
   plain = coopjax.make_step(ref.loss_fn, tx)
-  sharded = coopjax.make_step(ref.loss_fn, tx, mesh=mesh)
+  sharded = coopjax.make_step(ref.loss_fn, tx, mesh=mesh, log_every=1)
   for k in range(3):
     batch = (jnp.asarray(A[k]), jnp.asarray(b[k]))
     Xu, su, mu = plain(Xu, su, batch)
@@ -168,6 +169,30 @@ def test_log_every_computes_reducing_metrics_on_logged_steps_only(mesh):
   assert rep and not rep.every_step()
   with pytest.raises(ValueError, match="log_every"):
     coopjax.make_step(ref.loss_fn, tx, log_every=0)
+
+
+def test_default_sharded_step_adds_no_collective_to_off_steps(mesh):
+  """With a mesh the default computes the reducing metrics every MESH_LOG_EVERY steps: local SGD
+  with a long period communicates nothing on the other steps; on step 100 they are right."""
+  m = 8
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=10**6, num_workers=m)
+  A, b = ref.make_batches(1, m)
+  Xs = coopjax.shard(coopjax.replicate(ref.init_params(), m), mesh)
+  state = sharding.init(tx, Xs, mesh)
+  step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh)
+  batch = coopjax.shard_batch((A[0], b[0]), mesh)
+  rep = coopjax.comm_report(step, Xs, state, batch)
+  assert rep and not rep.every_step()
+  assert step_module.MESH_LOG_EVERY == 100
+  plain = coopjax.make_step(ref.loss_fn, tx)
+  Xu, su = coopjax.replicate(ref.init_params(), m), tx.init(coopjax.replicate(ref.init_params(), m))
+  for k in range(1, 101):
+    Xs, state, ms = step(Xs, state, batch)
+    Xu, su, mu = plain(Xu, su, (A[0], b[0]))
+    if k < 100:
+      assert np.isnan(float(ms["consensus_distance"])) and np.isfinite(float(mu["loss"]))
+  for key in ("loss", "consensus_distance", "avg_grad_norm"):
+    np.testing.assert_allclose(float(ms[key]), float(mu[key]), rtol=1e-4, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- the layout
