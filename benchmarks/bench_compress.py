@@ -12,17 +12,25 @@ and every round's ratio. Times are per step.
    uncompressed D-PSGD on the same ring (``<name>_over_dpsgd``); and CHOCO
    with top-k 10 % against a hand-written CHOCO step in plain JAX (vmapped
    gradients, ``lax.top_k``, a scatter, the dense einsum with W: the same
-   math), with the default metrics (``topk_over_hand``) and without them
-   (``topk_no_metrics_over_hand``).
+   math, no donation as make_step's default), with the default metrics
+   (``topk_over_hand``) and without them (``topk_no_metrics_over_hand``).
+   Two steps per timed call.
 2. ``error_feedback``: local SGD τ = 4 with error feedback (top-k 1 %, int4)
    against plain local SGD τ = 4: off-steps alone (a period never reached on
    both sides, ``<name>_offstep_over_plain``) and whole periods of τ steps
-   (``<name>_period_over_plain``).
+   (``<name>_period_over_plain``); and the int4 off-step with ``donate=True``
+   on both sides (``int4_offstep_over_plain_donated``).
 3. ``streaming``: Streaming DiLoCo (P = 4 fragments, τ = 1, float and int4
    outer gradients) against DiLoCo with H = 16 (Nesterov outer SGD on both),
-   per window of H = 16 steps (``<name>_over_diloco``).
+   per window of H = 16 steps (``<name>_over_diloco``; ``float_donated``:
+   ``donate=True`` on both sides).
 4. ``codecs``: encode + decode of one worker's 1M-float leaf (1000 × 1000),
    jitted, in µs (``roundtrip_us``) and encode alone (``encode_us``).
+5. ``sharded`` (``--sharded``; the whole run then sees 8 fake CPU devices):
+   m = 8 workers on 8 devices, the documented usage (``coopjax.shard``,
+   ``coopjax.sharding.init``, ``coopjax.shard_batch``, make_step defaults,
+   a wait after every step): CHOCO int4, top-k 10 % and qsgd(4,
+   unbiased=False) against D-PSGD on the ring, EF local SGD int4 (τ = 4) against plain local SGD, per step.
 
 ``--baseline FILE`` embeds an earlier run's summary (e.g. the library before a
 change) under ``"before"``, so one JSON holds before and after.
@@ -32,6 +40,7 @@ Usage::
   python benchmarks/bench_compress.py              # writes benchmarks/results/compress_cpu.json
   python benchmarks/bench_compress.py --rounds 5 --reps 8 --out /tmp/compress.json
   python benchmarks/bench_compress.py --only codecs choco
+  python benchmarks/bench_compress.py --sharded    # also the sharded step on 8 fake CPU devices
 """
 
 from __future__ import annotations
@@ -41,26 +50,11 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import optax
-from bench_devices import mlp_init
-from bench_devices import mlp_loss
-from bench_step import make_batches
-from bench_step import spread
-from bench_step import timeit_pair
-
-import coopjax
-from coopjax import compress
-from coopjax import topology
-
 SECTIONS = ("choco", "error_feedback", "streaming", "codecs")
-M = 8
-LR = 0.01
-GAMMA = 0.5
-NEVER = 10**9  # a period that is never reached: off-steps only
+DEVICES = 8
 
 
 def parse_args(argv=None):
@@ -70,9 +64,40 @@ def parse_args(argv=None):
   )
   p.add_argument("--rounds", type=int, default=3, help="repetitions of every comparison")
   p.add_argument("--reps", type=int, default=5, help="timed calls per measurement")
-  p.add_argument("--only", nargs="*", choices=SECTIONS, default=None, help="sections to run")
+  p.add_argument(
+    "--only", nargs="*", choices=(*SECTIONS, "sharded"), default=None, help="sections to run"
+  )
   p.add_argument("--baseline", default=None, help="an earlier run's JSON, kept under 'before'")
+  p.add_argument(
+    "--sharded", action="store_true", help=f"also the sharded step on {DEVICES} fake CPU devices"
+  )
   return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else parse_args([])
+ARGS.sharded = ARGS.sharded or "sharded" in (ARGS.only or ())
+if __name__ == "__main__" and ARGS.sharded and "jax" not in sys.modules:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from bench_devices import mlp_init  # noqa: E402
+from bench_devices import mlp_loss  # noqa: E402
+from bench_step import make_batches  # noqa: E402
+from bench_step import spread  # noqa: E402
+from bench_step import timeit_pair  # noqa: E402
+
+import coopjax  # noqa: E402
+from coopjax import compress  # noqa: E402
+from coopjax import topology  # noqa: E402
+
+M = 8
+LR = 0.01
+GAMMA = 0.5
+NEVER = 10**9  # a period that is never reached: off-steps only
 
 
 def compressors():
@@ -138,6 +163,7 @@ def hand_written_choco(loss_fn, W, fraction, gamma):
 
 
 def bench_choco(rounds, reps, params, batches):
+  batches = batches[:2]  # τ = 1: two steps per timed call
   W = topology.ring(M)
   sgd = optax.sgd(LR)
   dpsgd = coopjax.dpsgd(sgd, W=W)
@@ -199,6 +225,13 @@ def bench_error_feedback(rounds, reps, params, batches):
     for tau in (4, NEVER)
   }
   ef_steps = {key: coopjax.make_step(mlp_loss, tx) for key, tx in ef.items()}
+  # The same off-steps with donate=True on both sides: the state is updated in place, so the
+  # off-step's unchanged error buffers and reference model are not copied.
+  donated = {
+    "plain": coopjax.make_step(mlp_loss, plain[NEVER], donate=True),
+    "int4": coopjax.make_step(mlp_loss, ef["int4", NEVER], donate=True),
+  }
+  out["int4_offstep_over_plain_donated"] = []
   for name in qs:
     out[f"{name}_offstep_over_plain"] = []
     out[f"{name}_period_over_plain"] = []
@@ -216,6 +249,15 @@ def bench_error_feedback(rounds, reps, params, batches):
         )
         out[f"{name}_{label}_over_plain"].append(a / b)
         row.update({f"{name}_{label}": a * per, f"plain_vs_{name}_{label}": b * per})
+    a, b = timeit_pair(
+      run_steps(donated["int4"], batches),
+      fresh(ef["int4", NEVER], params),
+      run_steps(donated["plain"], batches),
+      fresh(plain[NEVER], params),
+      reps,
+    )
+    out["int4_offstep_over_plain_donated"].append(a / b)
+    row.update(int4_offstep_donated=a * per, plain_vs_int4_offstep_donated=b * per)
     out["ms"].append(row)
   return out
 
@@ -233,22 +275,89 @@ def bench_streaming(rounds, reps, params, batches):
     for name, q in (("float", None), ("int4", compress.int4()))
   }
   steps = {name: coopjax.make_step(mlp_loss, tx) for name, tx in streams.items()}
+  steps["float_donated"] = coopjax.make_step(mlp_loss, streams["float"], donate=True)
+  base_donated = coopjax.make_step(mlp_loss, diloco, donate=True)
   window = [batches[i % len(batches)] for i in range(H)]
-  out = {f"{name}_over_diloco": [] for name in streams}
+  pairs = {
+    "float": (steps["float"], streams["float"], base),
+    "int4": (steps["int4"], streams["int4"], base),
+    "float_donated": (steps["float_donated"], streams["float"], base_donated),
+  }
+  out = {f"{name}_over_diloco": [] for name in pairs}
   out["ms"] = []
   per = 1e3 / H
   for _ in range(rounds):
     row = {}
-    for name, tx in streams.items():
+    for name, (step, tx, base_step) in pairs.items():
       a, b = timeit_pair(
-        run_steps(steps[name], window),
+        run_steps(step, window),
         fresh(tx, params),
-        run_steps(base, window),
+        run_steps(base_step, window),
         fresh(diloco, params),
         max(2, reps // 2),
       )
       out[f"{name}_over_diloco"].append(a / b)
       row.update({name: a * per, f"diloco_vs_{name}": b * per})
+    out["ms"].append(row)
+  return out
+
+
+def bench_sharded(rounds, reps, params, host_batches):
+  """CHOCO (ring, τ = 1) and EF local SGD (τ = 4) against their uncompressed peers, sharded."""
+  mesh = coopjax.worker_mesh()
+  if coopjax.sharding.num_devices(mesh) != M:
+    raise SystemExit(f"--sharded needs {M} devices, found {len(jax.devices())}.")
+  batches = [coopjax.shard_batch(b, mesh) for b in host_batches]
+  sgd = optax.sgd(LR)
+  W = topology.ring(M)
+  pairs = {
+    "choco_int4_over_dpsgd": (
+      coopjax.choco(sgd, tau=1, W=W, compressor=compress.int4(), gamma=GAMMA),
+      coopjax.dpsgd(sgd, W=W),
+    ),
+    "choco_top_k_10pct_over_dpsgd": (
+      coopjax.choco(sgd, tau=1, W=W, compressor=compress.top_k(fraction=0.1), gamma=GAMMA),
+      coopjax.dpsgd(sgd, W=W),
+    ),
+    "choco_qsgd4_biased_over_dpsgd": (
+      coopjax.choco(sgd, tau=1, W=W, compressor=compress.qsgd(4, unbiased=False), gamma=GAMMA),
+      coopjax.dpsgd(sgd, W=W),
+    ),
+    "ef_int4_period_over_plain": (
+      coopjax.local_sgd(sgd, tau=4, num_workers=M, compressor=compress.int4()),
+      coopjax.local_sgd(sgd, tau=4, num_workers=M),
+    ),
+  }
+
+  def run(step):
+    def period(s):
+      X, state = s
+      for batch in batches:
+        X, state, _ = step(X, state, batch)
+        jax.block_until_ready(X)  # fake CPU devices: wait for every step
+      return X, state
+
+    return period
+
+  def fresh_sharded(tx):
+    X = coopjax.shard(coopjax.replicate(params, M), mesh)
+    return X, coopjax.sharding.init(tx, X, mesh)
+
+  steps = {
+    name: tuple(coopjax.make_step(mlp_loss, tx, mesh=mesh) for tx in txs)
+    for name, txs in pairs.items()
+  }
+  out = {name: [] for name in pairs}
+  out["ms"] = []
+  per = 1e3 / len(batches)
+  for _ in range(rounds):
+    row = {}
+    for name, (tx, peer) in pairs.items():
+      a, b = timeit_pair(
+        run(steps[name][0]), fresh_sharded(tx), run(steps[name][1]), fresh_sharded(peer), reps
+      )
+      out[name].append(a / b)
+      row.update({name.split("_over_")[0]: a * per, f"peer_of_{name}": b * per})
     out["ms"].append(row)
   return out
 
@@ -306,9 +415,11 @@ def main(args):
     "machine": platform.machine(),
     "rounds": args.rounds,
     "reps": args.reps,
+    "sharded_devices": DEVICES if args.sharded else None,
     "model": f"MLP 784-256-10, m={M}, batch 32 per worker, optax.sgd({LR}), make_step defaults",
   }
-  sections = args.only or SECTIONS
+  sections = [s for s in args.only or SECTIONS if s != "sharded"]
+  sections += ["sharded"] if args.sharded else []
   params = mlp_init(jax.random.key(0))
   batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in make_batches(M, 4)]
   start = time.perf_counter()
@@ -320,6 +431,8 @@ def main(args):
       raw = bench_error_feedback(args.rounds, args.reps, params, batches)
     elif name == "streaming":
       raw = bench_streaming(args.rounds, args.reps, params, batches)
+    elif name == "sharded":
+      raw = bench_sharded(args.rounds, args.reps, params, make_batches(M, 4))
     else:
       raw = bench_codecs(args.rounds, args.reps)
     result[name] = summarize(raw) if name != "codecs" else raw
@@ -330,7 +443,7 @@ def main(args):
   if args.baseline:
     with open(args.baseline) as f:
       before = json.load(f)
-    result["before"] = {k: before[k] for k in SECTIONS if k in before}
+    result["before"] = {k: before[k] for k in (*SECTIONS, "sharded") if k in before}
   out = args.out or os.path.join(os.path.dirname(__file__), "results", "compress_cpu.json")
   with open(out, "w") as f:
     json.dump(result, f, indent=1, default=float)
@@ -338,4 +451,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-  main(parse_args())
+  main(ARGS)
