@@ -9,6 +9,7 @@ from coopjax import cost
 from coopjax import diagnostics
 from coopjax import elastic
 from coopjax import evaluation
+from coopjax import live
 from coopjax import mixing
 from coopjax import theory
 from coopjax import topology
@@ -54,6 +55,10 @@ from coopjax.cost.pattern import comm_pattern
 from coopjax.cost.report import comm_report
 from coopjax.diagnostics import consensus_distance
 from coopjax.evaluation import evaluation_model
+from coopjax.live import LiveMaskState
+from coopjax.live import rejoin
+from coopjax.live import set_live
+from coopjax.live import with_live_mask
 from coopjax.parallel import collectives
 from coopjax.parallel import distributed
 from coopjax.parallel import sharding
@@ -112,6 +117,8 @@ __all__ = [
   "Layout",
   "layout_of",
   "HierarchicalState",
+  "live",
+  "LiveMaskState",
   "local_sgd",
   "make_period_step",
   "make_step",
@@ -125,7 +132,9 @@ __all__ = [
   "NonBlockingEASGDState",
   "overlap_local_sgd",
   "OverlapState",
+  "rejoin",
   "replicate",
+  "set_live",
   "settle_easgd",
   "settle_overlap",
   "shard",
@@ -144,6 +153,7 @@ __all__ = [
   "topology",
   "unshard",
   "worker",
+  "with_live_mask",
   "WORKER_AXIS",
   "worker_mesh",
 ]

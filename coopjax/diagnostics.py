@@ -32,6 +32,10 @@ workers and the step. :data:`POLICIES` are what a training loop does then:
 
 * ``"stop"`` (default): raise, stop cleanly; the last checkpoint was written
   before the bad step, so it is the last good state.
+* ``"quarantine"``: mask the failing worker out inside the step and go on
+  with the others (``coopjax.make_step(..., on_nonfinite="quarantine")`` on a
+  transformation built with :func:`coopjax.with_live_mask`; see
+  :mod:`coopjax.live`).
 * ``"skip"``: discard the step (keep the previous X and optimizer state, so the
   step counter k does not advance) and go on with the next batch. Wrap the
   step with :func:`skip_nonfinite` so the choice happens inside the jitted
@@ -80,8 +84,8 @@ __all__ = [
   "consensus_distance",
 ]
 
-POLICIES = ("stop", "skip")
-"""What to do on a non-finite step: stop the run, or skip the step."""
+POLICIES = ("stop", "skip", "quarantine")
+"""What to do on a non-finite step: stop the run, skip the step, or quarantine the worker."""
 
 
 class DivergenceError(FloatingPointError):
@@ -118,12 +122,13 @@ def check_policy(policy) -> str:
     >>> check_policy("retry")
     Traceback (most recent call last):
     ...
-    ValueError: on-divergence policy must be one of ('stop', 'skip'), got 'retry': ...
+    ValueError: on-divergence policy must be one of ('stop', 'skip', 'quarantine'), got 'retry': ...
   """
   if policy not in POLICIES:
     raise ValueError(
       f"on-divergence policy must be one of {POLICIES}, got {policy!r}: 'stop' ends the run "
-      "keeping the last good checkpoint, 'skip' discards the step and continues."
+      "keeping the last good checkpoint, 'skip' discards the step and continues, 'quarantine' "
+      "masks the failing worker out and the others go on (coopjax.with_live_mask)."
     )
   return policy
 
@@ -374,9 +379,11 @@ def consensus_distance(X: PyTree, mask=None) -> jax.Array:
   leaves = [x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in leaves]
   heads = [x[:split] for x in leaves]
   tails = [x[split:] for x in leaves]
-  sums = mixing.worker_sum(heads)
+  sums = mixing.worker_sum(heads)  # over the live workers only under a live mask
+  live = context.current_live()
+  count = n if live is None else jnp.sum(live.live.astype(jnp.int32)) + tails[0].shape[0]
   means = [
-    (s + sum_rows(z) if z.shape[0] else s) / jnp.asarray(n, s.dtype)
+    (s + sum_rows(z) if z.shape[0] else s) / jnp.asarray(count, s.dtype)
     for s, z in zip(sums, tails, strict=True)
   ]
 

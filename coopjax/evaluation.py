@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from coopjax import mixing
+from coopjax.live import find_live_state
 from coopjax.workers import layout_of
 from coopjax.workers import num_rows
 
@@ -115,7 +116,8 @@ def evaluation_model(
      \text{ if } \ell \text{ is mixed, else } \tfrac1m \textstyle\sum_{i \le m} X^{(\ell)}_i .
 
   A reduction still in flight (non-blocking algorithms) is completed first
-  with ``tx.settle(X, opt_state)``.
+  with ``tx.settle(X, opt_state)``. When ``opt_state`` carries a live mask
+  (:func:`coopjax.with_live_mask`), the masked workers' rows are left out.
 
   Args:
     X: stacked models, leading axis m + v on every leaf (unsharded, or global
@@ -182,5 +184,20 @@ def evaluation_model(
     )
   flags = mixing.leaf_flags(mixing.check_mask(mix_mask, jax.tree.map(lambda x: x[0], X)), X)
   leaves, treedef = jax.tree.flatten(X)
+  live_state = None if opt_state is None else find_live_state(opt_state)
+  if live_state is not None:  # masked workers (frozen, maybe non-finite) are left out
+    keep = jnp.concatenate([jnp.asarray(live_state.live, bool), jnp.ones((v,), bool)])
+    out = [
+      _live_row_mean(x, keep if mixed else keep[:m]) for x, mixed in zip(leaves, flags, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
   out = [_row_mean(x, rows if mixed else m) for x, mixed in zip(leaves, flags, strict=True)]
   return jax.tree.unflatten(treedef, out)
+
+
+def _live_row_mean(x, keep):
+  """The mean of the rows of x where ``keep`` holds (selected, never multiplied)."""
+  x = x[: keep.shape[0]]
+  wide = keep.reshape(keep.shape + (1,) * (x.ndim - 1))
+  total = jnp.sum(jnp.where(wide, x, jnp.zeros_like(x)), axis=0)
+  return (total / jnp.sum(keep).astype(total.dtype)).astype(x.dtype)

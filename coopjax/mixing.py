@@ -38,7 +38,10 @@ auxiliary rows; a :class:`coopjax.parallel.context.ShardContext` is then
 active and the row primitives of this module (:func:`split_rows`,
 :func:`join_rows`, :func:`worker_mean`, :func:`worker_sum`, and every
 :class:`Mix`) take their per-device meaning. Call a :class:`Mix` inside the
-mixing branch of a ``lax.cond`` when it should cost nothing on off-steps.
+mixing branch of a ``lax.cond`` when it should cost nothing on off-steps, and
+pass it to ``lax.cond``/``lax.switch`` inside a fresh closure
+(``lambda X: mix(X)``), not as the branch itself: JAX caches a branch's trace by
+its callable, and a mix traces differently under a shard or live context.
 
   >>> import jax.numpy as jnp
   >>> from coopjax import mixing, topology
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +90,13 @@ __all__ = [
   "ShardContext",
   "shard_context",
   "sharded",
+  "LiveStructure",
+  "live_structure",
+  "live_weights",
+  "live_components",
+  "live_connected",
+  "check_live",
+  "local_live",
   "quantized_mean",
 ]
 
@@ -370,6 +381,9 @@ class Mix:
   def _exchange(self, leaves: list, compressor, key, step) -> tuple[list, list]:
     """Dense reference: every row's message encoded and decoded, then mixed as usual."""
     ctx = shard_context()
+    lc = context.current_live()
+    if ctx is not None and lc is not None:
+      return self._exchange_live(leaves, compressor, key, step, ctx, lc)
     if ctx is not None:
       return collectives.exchange(self.matrix, leaves, compressor, key, step, ctx)
     n = workers.num_rows(leaves, "messages")
@@ -385,9 +399,80 @@ class Mix:
     own = jax.vmap(roundtrip)(leaves, jnp.arange(n))
     return own, self._apply(own)
 
+  def _exchange_live(self, leaves, compressor, key, step, ctx, lc):
+    """Sharded exchange under a live mask: all live, the payload exchange; else decoded rows.
+
+    With a worker masked, each device decodes its own rows' messages (the same
+    keys as the payload exchange) and the live-masked mix moves the decoded
+    rows: the same result as the dense reference, at the traffic of an
+    uncompressed mix, on masked steps only.
+    """
+
+    def all_live(leaves):
+      with context.live_masked(None):
+        return collectives.exchange(self.matrix, leaves, compressor, key, step, ctx)
+
+    def masked(leaves):
+      m, n, b = self.num_workers, self.num_rows, ctx.block
+      senders = jax.lax.axis_index(ctx.axis_name) * b + jnp.arange(b)
+      if n > m:
+        senders = jnp.concatenate([senders, jnp.arange(m, n)])
+
+      def roundtrip(row, sender):
+        k = compress.message_key(key, step, sender)
+        return compress.decode_tree(compressor, compress.encode_tree(compressor, row, k), row, k)
+
+      own = jax.vmap(roundtrip)(leaves, senders)
+      return own, self._apply_live(own, lc.live, lc.fallback)
+
+    return jax.lax.cond(jnp.all(lc.live), all_live, masked, leaves)
+
   def _apply(self, X: PyTree) -> PyTree:
     if not jax.tree.leaves(X):
       return X
+    lc = context.current_live()
+    if lc is None:
+      return self._apply_static(X)
+
+    def all_live(X):
+      with context.live_masked(None):  # today's program, bit for bit
+        return self._apply_static(X)
+
+    return jax.lax.cond(
+      jnp.all(lc.live), all_live, lambda X: self._apply_live(X, lc.live, lc.fallback), X
+    )
+
+  @property
+  def live_structure(self) -> LiveStructure:
+    """How this mix treats masked workers (:func:`live_structure`), computed once."""
+    if getattr(self, "_live_structure", None) is None:
+      self._live_structure = live_structure(self.matrix, self.num_workers)
+    return self._live_structure
+
+  def _apply_live(self, X: PyTree, live, fallback) -> PyTree:
+    """The live-masked mix: masked rows selected out first, kept unchanged after."""
+    m, n = self.num_workers, self.num_rows
+    ctx = shard_context()
+    if ctx is None and workers.num_rows(X, "X") != n:
+      return self._apply_static(X)  # raises the row-count error
+    W_L = live_weights(self.matrix, m, live, fallback=fallback, structure=self.live_structure)
+    keep = jnp.concatenate([local_live(live), jnp.ones((n - m,), bool)])
+
+    def rows_mask(x):
+      return keep.reshape(keep.shape + (1,) * (x.ndim - 1))
+
+    selected = jax.tree.map(lambda x: jnp.where(rows_mask(x), x, jnp.zeros_like(x)), X)
+    if ctx is not None:
+      mixed = collectives.lower_live(self.matrix, self.live_structure, ctx)(
+        selected, W_L, live, fallback
+      )
+    else:
+      mixed = jax.tree.map(
+        lambda x: einsum("ji,j...->i...", W_L.astype(x.dtype), x).astype(x.dtype), selected
+      )
+    return jax.tree.map(lambda y, x: jnp.where(rows_mask(x), y, x), mixed, X)
+
+  def _apply_static(self, X: PyTree) -> PyTree:
     ctx = shard_context()
     if ctx is not None:
       return collectives.lower(self.matrix, ctx)(X)
@@ -524,6 +609,10 @@ def worker_mean(workers: PyTree) -> PyTree:
   """
   ctx = shard_context()
   sums = worker_sum(workers)
+  lc = context.current_live()
+  if lc is not None:
+    count = jnp.maximum(jnp.sum(lc.live.astype(jnp.int32)), 1)
+    return jax.tree.map(lambda s: s / count.astype(s.dtype), sums)
   if ctx is not None:
     return jax.tree.map(lambda s: s / jnp.asarray(ctx.num_workers, s.dtype), sums)
   return jax.tree.map(lambda x, s: s / jnp.asarray(x.shape[0], s.dtype), workers, sums)
@@ -544,6 +633,13 @@ def worker_sum(workers: PyTree) -> PyTree:
     6.0
   """
   ctx = shard_context()
+  lc = context.current_live()
+  if lc is not None:  # masked rows selected out (never multiplied: 0·NaN = NaN)
+    keep = local_live(lc.live)
+    workers = jax.tree.map(
+      lambda x: jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)),
+      workers,
+    )
   if ctx is not None:
     return collectives.worker_sum(jax.tree.map(lambda x: sum_rows(x)[None], workers), ctx)
   return jax.tree.map(sum_rows, workers)
@@ -581,6 +677,246 @@ def group_mean(workers: PyTree, groups) -> PyTree:
   return Mix.groups(groups)(workers)
 
 
+# ----------------------------------------------------------------------------------------------
+# Live masks: any mix with some workers masked out
+
+
+class LiveStructure(NamedTuple):
+  """The static part of a mix's live-masked weights (:func:`live_structure`).
+
+  Attributes:
+    kind: how the workers' block A is re-weighted: ``"diagonal"`` (no
+      exchange, unchanged), ``"average"`` (``A = aI + cJ``: the mean over the
+      live workers), ``"permutation"`` (``x_i ← x_{σ(i)}`` only when both are
+      live, else ``x_i`` kept) or ``"graph"`` (Metropolis–Hastings weights on
+      the live subgraph).
+    graph: bool [m, m], the undirected support of A without its diagonal.
+    scale: float [m], the column sums ``s_i = Σ_j A_ji`` (the weight the
+      workers' block carries; ``1 − α`` for elastic averaging).
+    average_a: ``a`` of ``A = aI + cJ`` (kind ``"average"``), else 0.
+    aux_modes: per auxiliary row, ``"elastic"`` (the row is read by the
+      workers: a masked worker's weight stays with the row), ``"mean"`` (a
+      mean of the workers: renormalised over the live ones) or ``"sum"``.
+  """
+
+  kind: str
+  graph: np.ndarray
+  scale: np.ndarray
+  average_a: float
+  aux_modes: tuple[str, ...]
+
+
+def live_structure(W, num_workers: int) -> LiveStructure:
+  """Classifies W for live masking (static; see :class:`LiveStructure`).
+
+  Examples:
+    >>> from coopjax import mixing, topology
+    >>> [mixing.live_structure(W, 4).kind for W in (topology.ring(4), topology.complete(4))]
+    ['graph', 'average']
+    >>> mixing.live_structure(topology.easgd(4, 0.1), 4).aux_modes
+    ('elastic',)
+  """
+  W = np.asarray(W, np.float64)
+  m = int(num_workers)
+  A, B, C = W[:m, :m], W[:m, m:], W[m:, :m]
+  nz = np.abs(A) > 1e-12
+  off = nz & ~np.eye(m, dtype=bool)
+  graph = off | off.T
+  scale = A.sum(axis=0)
+  avg = _averaging(W[:m, :m], m) if m > 2 else None
+  if not off.any():
+    kind, a = "diagonal", 0.0
+  elif avg is not None:
+    kind, a = "average", avg[0]
+  elif np.all(nz.sum(axis=0) == 1) and np.all(nz.sum(axis=1) == 1) and np.allclose(A[nz], 1.0):
+    kind, a = "permutation", 0.0
+  else:
+    kind, a = "graph", 0.0
+  modes = []
+  for col in range(W.shape[0] - m):
+    if np.any(np.abs(C[col]) > 1e-12):
+      modes.append("elastic")
+    elif np.isclose(B[:, col].sum(), 1.0):
+      modes.append("mean")
+    else:
+      modes.append("sum")
+  return LiveStructure(kind, graph, scale, float(a), tuple(modes))
+
+
+def live_weights(W, num_workers: int, live, *, fallback=None, structure=None) -> jax.Array:
+  r"""The mixing matrix of W with only the ``live`` workers (traced; float32, ``n × n``).
+
+  With L the live set, d^L the live degree in the support G of W's workers'
+  block A and s_i its column sums:
+
+  .. math::
+
+     w_{ij} = \frac{s_j}{1 + \max(d_i^L, d_j^L)} \ \ (i \ne j,\ \{i, j\} \in G,\ i, j \in L),
+     \qquad w_{jj} = s_j - \sum_{i \ne j} w_{ij},
+
+  (Metropolis–Hastings on the live subgraph; ``A = aI + cJ``: ``a I + (s − a) J_L``;
+  a permutation: the partner's row when both are live, else one's own; a
+  diagonal A: unchanged). Auxiliary rows: an elastic anchor
+  ``z ← (1 − |L|α) z + α Σ_{i∈L} x_i`` (a masked worker's weight stays with z),
+  a mean of the workers renormalised over L, a sum over L. A masked worker's
+  row and column are ``e_i`` (it is frozen); ``fallback`` (traced bool) puts
+  ``J_L`` in place of a graph's weights.
+
+  Args:
+    W: the static ``n × n`` matrix (``m`` workers, then auxiliaries).
+    num_workers: m.
+    live: bool [m].
+    fallback: None or a bool scalar (the disconnected-graph fallback).
+    structure: :func:`live_structure` of W (computed when None).
+
+  Returns:
+    The traced ``n × n`` matrix ``W_L`` (``x_i ← Σ_j W_L[j, i] x_j``).
+
+  Examples:
+    A ring of 4 with worker 3 masked: the path 0–1–2 with MH weights.
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from coopjax import mixing, topology
+    >>> W_L = mixing.live_weights(topology.ring(4), 4, jnp.array([True, True, True, False]))
+    >>> np.round(np.asarray(W_L) * 6).astype(int).tolist()
+    [[4, 2, 0, 0], [2, 2, 2, 0], [0, 2, 4, 0], [0, 0, 0, 6]]
+  """
+  W = np.asarray(W, np.float64)
+  m, n = int(num_workers), W.shape[0]
+  st = live_structure(W, m) if structure is None else structure
+  lv = jnp.asarray(live).astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(lv), 1.0)
+  eye = jnp.eye(m, dtype=jnp.float32)
+  both = lv[:, None] * lv[None, :]
+  scale = jnp.asarray(st.scale, jnp.float32)
+  J_L = both / count + jnp.diag(1.0 - lv)
+  if st.kind == "diagonal":
+    A = jnp.asarray(W[:m, :m], jnp.float32)
+  elif st.kind == "average":
+    a = st.average_a
+    A = a * eye + (scale[None, :] - a) * lv[:, None] / count
+  elif st.kind == "permutation":
+    P = jnp.asarray(W[:m, :m], jnp.float32) * both
+    A = P + jnp.diag(1.0 - jnp.sum(P, axis=0))
+  else:
+    G = jnp.asarray(st.graph, jnp.float32) * both
+    d = jnp.sum(G, axis=0)
+    mh = G / (1.0 + jnp.maximum(d[:, None], d[None, :]))
+    mh = mh + jnp.diag(1.0 - jnp.sum(mh, axis=0))
+    if fallback is not None:
+      mh = jnp.where(fallback, J_L, mh)
+    A = mh * scale[None, :]
+  if n == m:
+    return A
+  B = jnp.asarray(W[:m, m:], jnp.float32)
+  C = jnp.asarray(W[m:, :m], jnp.float32)
+  E = jnp.asarray(W[m:, m:], jnp.float32)
+  cols, extra = [], []
+  for col, mode in enumerate(st.aux_modes):
+    b = B[:, col] * lv
+    if mode == "mean":
+      b = b / jnp.maximum(jnp.sum(b), 1e-30) * float(W[:m, m + col].sum())
+    cols.append(b)
+    extra.append(jnp.sum(B[:, col] * (1.0 - lv)) if mode == "elastic" else 0.0)
+  B_L = jnp.stack(cols, axis=1)
+  E_L = E + jnp.diag(jnp.asarray(extra, jnp.float32))
+  return jnp.block([[A, B_L], [C, E_L]])
+
+
+def live_components(graph, live) -> list[list[int]]:
+  """Host-side: the connected components of the live subgraph (lists of worker indices).
+
+  Examples:
+    >>> from coopjax import mixing, topology
+    >>> mixing.live_components(topology.ring(6), [True, False, True, True, False, True])
+    [[0, 5], [2, 3]]
+  """
+  live = np.asarray(live, bool)
+  G = np.abs(np.asarray(graph, np.float64)) > 1e-12
+  G = G | G.T
+  seen, comps = set(), []
+  for start in np.flatnonzero(live).tolist():
+    if start in seen:
+      continue
+    comp, stack = [], [start]
+    seen.add(start)
+    while stack:
+      i = stack.pop()
+      comp.append(i)
+      for j in np.flatnonzero(G[i] & live).tolist():
+        if j not in seen:
+          seen.add(j)
+          stack.append(j)
+    comps.append(sorted(comp))
+  return comps
+
+
+def live_connected(graph, live) -> jax.Array:
+  """Traced: whether the live workers form one connected subgraph of ``graph``.
+
+  Reachability from the first live worker by ``⌈log₂ m⌉`` squarings of the
+  live adjacency (with self loops); runs inside the compiled step.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from coopjax import mixing, topology
+    >>> bool(mixing.live_connected(topology.ring(6), jnp.array([1, 0, 1, 1, 1, 1], bool)))
+    True
+    >>> bool(mixing.live_connected(topology.ring(6), jnp.array([1, 0, 1, 1, 0, 1], bool)))
+    False
+  """
+  G = np.abs(np.asarray(graph, np.float64)) > 1e-12
+  m = G.shape[0]
+  lv = jnp.asarray(live).astype(jnp.float32)
+  R = jnp.minimum(
+    jnp.asarray(G | G.T | np.eye(m, dtype=bool), jnp.float32) * lv[:, None] * lv[None, :]
+    + jnp.eye(m),
+    1.0,
+  )
+  for _ in range(max(1, int(np.ceil(np.log2(max(m, 2)))))):
+    R = jnp.minimum(R @ R, 1.0)
+  first = jnp.argmax(lv)
+  reached = R[first] > 0
+  return jnp.all(reached | (lv == 0))
+
+
+def check_live(graph, live) -> list[list[int]]:
+  """Host-side: raises ValueError naming the components when the live subgraph is disconnected.
+
+  Returns the one component (the live workers) otherwise.
+
+  Examples:
+    >>> from coopjax import mixing, topology
+    >>> mixing.check_live(topology.ring(6), [True, False, True, True, False, True])
+    Traceback (most recent call last):
+    ...
+    ValueError: the live workers split into 2 disconnected components [[0, 5], [2, 3]] ...
+  """
+  live = np.asarray(live, bool)
+  if not live.any():
+    raise ValueError("every worker is masked; at least one must stay live.")
+  comps = live_components(graph, live)
+  if len(comps) > 1:
+    raise ValueError(
+      f"the live workers split into {len(comps)} disconnected components {comps} of the "
+      f"mixing graph (masked: {np.flatnonzero(~live).tolist()}); they would no longer reach "
+      "consensus. Re-admit a worker that joins them (coopjax.rejoin), or build the mask "
+      "with coopjax.with_live_mask(tx, disconnected='fallback') to average the live workers "
+      "(J_L) while the graph is split."
+    )
+  return comps
+
+
+def local_live(live) -> jax.Array:
+  """This device's block of the live mask [m] (the whole mask outside a sharded step)."""
+  ctx = shard_context()
+  live = jnp.asarray(live)
+  if ctx is None:
+    return live
+  start = jax.lax.axis_index(ctx.axis_name) * ctx.block
+  return jax.lax.dynamic_slice_in_dim(live, start, ctx.block)
+
+
 def quantized_mean(workers: jax.Array, compressor: compress.Compressor, key: jax.Array):
   r"""The mean of the workers' arrays, each sent quantized, the mean re-quantized (torchft's scheme).
 
@@ -612,9 +948,15 @@ def quantized_mean(workers: jax.Array, compressor: compress.Compressor, key: jax
     [[2.0, 3.0], [4.0, 5.0]]
   """
   ctx = shard_context()
+  lc = context.current_live()
   if ctx is not None:
-    return collectives.quantized_mean(workers, compressor, key, ctx)
+    live = None if lc is None else lc.live
+    return collectives.quantized_mean(workers, compressor, key, ctx, live)
   like = jax.ShapeDtypeStruct(workers.shape[1:], workers.dtype)
   Q = lambda x: compressor.decode(compressor.encode(x, key), like, key)
+  if lc is not None:  # the mean over the live workers (masked rows selected out)
+    keep = lc.live.reshape((-1,) + (1,) * (workers.ndim - 1))
+    total = sum_rows(jnp.where(keep, jax.vmap(Q)(workers), 0))
+    return Q(total / jnp.maximum(jnp.sum(lc.live), 1).astype(total.dtype))
   total = sum_rows(jax.vmap(Q)(workers))
   return Q(total / jnp.asarray(workers.shape[0], total.dtype))

@@ -38,6 +38,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from coopjax import diagnostics
+from coopjax import live as live_lib
 from coopjax import mixing
 from coopjax.algorithms._cooperative import step_count
 from coopjax.parallel import context
@@ -170,6 +171,16 @@ def _worker_grads(loss_fn: Callable, has_aux: bool, rows: int) -> Callable:
   return one
 
 
+def _live_tx(tx):
+  """The :func:`coopjax.with_live_mask` transformation inside ``tx`` (itself or in a chain)."""
+  if getattr(tx, "disconnected", None) is not None and getattr(tx, "graph", None) is not None:
+    return tx
+  raise ValueError(
+    "on_nonfinite='quarantine' keeps the live mask in the optimizer state: build the "
+    "transformation with coopjax.with_live_mask(tx) (and its state with its init)."
+  )
+
+
 def _apply_updates(X: PyTree, updates: PyTree) -> PyTree:
   """``X + U`` leafwise in X's dtypes (optax.apply_updates without its extra casts)."""
   return jax.tree.map(
@@ -197,6 +208,8 @@ def make_step(
   check_finite: bool = False,
   check_batch: bool = True,
   log_every: int = 1,
+  on_nonfinite: str | None = None,
+  readmit_after: int | None = None,
 ):
   r"""Builds the cooperative step ``step(X, opt_state, batch) -> (X, opt_state, metrics)``.
 
@@ -257,6 +270,20 @@ def make_step(
     check_batch: check that the batch has the worker axis (its example leaves
       share an example axis after it); False skips that check for batches
       whose per-worker leaves differ in shape on purpose.
+    on_nonfinite: None (default) or ``"quarantine"``: a live worker whose
+      loss, gradient or model is NaN/Inf at step k is masked out of the live
+      mask at step k (it takes no step and no mix; the others go on, mixing
+      over the live workers). Needs ``tx`` built with
+      :func:`coopjax.with_live_mask`. Adds the metrics ``live`` (bool [m],
+      after the step), ``quarantined`` (bool [m], masked at this step),
+      ``rejoined`` (bool [m]) and ``live_connected``; read them on the host
+      with :func:`coopjax.live.check_quarantine`. ``loss`` and the other
+      reductions then run over the live workers.
+    readmit_after: with ``on_nonfinite="quarantine"``, re-admit a quarantined
+      worker by :func:`coopjax.rejoin` (the live mean, EASGD's anchor or
+      DiLoCo's outer model; its optimizer state reset) at the first step k
+      with ``k − k_masked >= readmit_after`` that ends a period
+      (``k mod tx.period == 0``); None never re-admits.
 
   Returns:
     ``step``; ``metrics`` holds ``worker_loss`` (shape [m]), ``step`` (k),
@@ -290,6 +317,18 @@ def make_step(
     raise ValueError("merge_aux needs has_aux=True: loss_fn must return (loss, aux).")
   if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
     raise ValueError(f"log_every must be a positive integer (steps), got {log_every!r}.")
+  if on_nonfinite not in (None, "quarantine"):
+    raise ValueError(
+      f"on_nonfinite must be None or 'quarantine', got {on_nonfinite!r}; to skip or stop on a "
+      "NaN use check_finite=True with coopjax.diagnostics.skip_nonfinite / check_finite."
+    )
+  quarantine = on_nonfinite == "quarantine"
+  if readmit_after is not None:
+    if not quarantine:
+      raise ValueError("readmit_after needs on_nonfinite='quarantine'.")
+    if isinstance(readmit_after, bool) or not isinstance(readmit_after, int) or readmit_after < 1:
+      raise ValueError(f"readmit_after must be a positive integer (steps), got {readmit_after!r}.")
+  live_tx = _live_tx(tx) if quarantine else None
   layout = _layout_of_tx(tx)
   source = f"num_workers={num_workers}"
   mask = tx if consensus_mask is None else consensus_mask
@@ -325,15 +364,69 @@ def make_step(
       losses, aux = value if has_aux else (value, None)
       if merge_aux is not None:
         X = merge_aux(X, aux)
+      if quarantine:
+        opt_state, grads, q = _quarantine(losses, grads, X_workers, opt_state, ctx)
       updates, opt_state = tx.update(grads, opt_state, X, value=losses)
       X_new = _apply_updates(X, updates)
       metrics = {"worker_loss": losses, "step": step_count(opt_state)}
+      if quarantine:
+        X_new, opt_state, q = _readmit(X_new, opt_state, q, metrics["step"])
+        metrics.update(q)
       if check_finite:
         metrics.update(diagnostics.finite_metrics(losses, grads, X, X_new))
-      metrics.update(reducing_metrics(losses, grads, X_new, metrics["step"]))
+      scope = (
+        context.live_masked(context.LiveContext(metrics["live"]))
+        if quarantine
+        else contextlib.nullcontext()
+      )
+      with scope:
+        metrics.update(reducing_metrics(losses, grads, X_new, metrics["step"]))
       if has_aux:
         metrics["aux"] = aux
       return X_new, opt_state, metrics
+
+  def _quarantine(losses, grads, X_workers, opt_state, ctx):
+    """Masks out the live workers whose loss, gradient or model is non-finite at this step."""
+    ls = live_lib.find_live_state(opt_state)
+    bad = ~jnp.isfinite(losses)
+    bad = bad | diagnostics.nonfinite_rows(grads) | diagnostics.nonfinite_rows(X_workers)
+    if ctx is not None:
+      bad = jax.lax.all_gather(bad, ctx.axis_name, axis=0, tiled=True)
+    k = step_count(opt_state) + 1
+    newly = ls.live & bad
+    live = ls.live & ~bad
+    since = jnp.where(newly, k, ls.down_since).astype(jnp.int32)
+    opt_state = live_lib.replace_live_state(opt_state, ls._replace(live=live, down_since=since))
+    keep = mixing.local_live(live)
+    grads = jax.tree.map(
+      lambda g: jnp.where(keep.reshape(keep.shape + (1,) * (g.ndim - 1)), g, jnp.zeros_like(g)),
+      grads,
+    )
+    return opt_state, grads, {"quarantined": newly}
+
+  def _readmit(X_new, opt_state, q, k):
+    """Re-admits workers masked ``readmit_after`` steps ago, at the end of a period."""
+    ls = live_lib.find_live_state(opt_state)
+    rejoined = jnp.zeros_like(ls.live)
+    if readmit_after is not None:
+      period = int(getattr(live_tx, "period", 1) or 1)
+      warm = int(getattr(live_tx, "warmup_steps", 0) or 0)
+      ends = (k <= warm) | ((k - warm) % period == 0)
+      rejoined = ~ls.live & (k - ls.down_since >= readmit_after) & ends
+      X_new, opt_state = jax.lax.cond(
+        jnp.any(rejoined),
+        lambda X, s: live_lib.rejoin(X, s, live_tx, rejoined),
+        lambda X, s: (X, s),
+        X_new,
+        opt_state,
+      )
+      ls = live_lib.find_live_state(opt_state)
+    connected = mixing.live_connected(live_tx.graph, ls.live)
+    return (
+      X_new,
+      opt_state,
+      {**q, "live": ls.live, "rejoined": rejoined, "live_connected": connected},
+    )
 
   def check_rows(X, m: int, per_device: int | None):
     n = num_rows(X, "X")
@@ -383,6 +476,8 @@ def make_step(
     metric_specs.update({name: P() for name in _REDUCING if on[name]})
     if check_finite:
       metric_specs.update(nonfinite_workers=spec, nonfinite_rows=(spec, P()))
+    if quarantine:
+      metric_specs.update(quarantined=P(), live=P(), rejoined=P(), live_connected=P())
     if has_aux:
       metric_specs["aux"] = spec
 

@@ -2,6 +2,12 @@ r"""Measured wall-clock on an emulated cluster, beside the α–β model's (need
 
   sudo python experiments/cluster_compare.py                      # m = 4 at 100 Mbit/s, ~6 min
   sudo python experiments/cluster_compare.py --quick              # smaller, ~2 min
+  sudo python experiments/cluster_compare.py --preset streaming   # Streaming DiLoCo and
+                                                                  # compression, ~8 min
+
+``--preset streaming`` runs the set of ``experiments/cluster_streaming.py``
+(DiLoCo against Streaming DiLoCo, uncompressed against compressed gossip and
+averaging) instead, into ``experiments/results/cluster_streaming/``.
 
 Brings up m nodes (:mod:`benchmarks.cluster`: one network namespace each,
 ``tbf``-limited links), runs one JAX process per node (``jax.distributed``,
@@ -47,6 +53,11 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 MIB = 2**20
+
+#: The step's metrics: no reducing metric (``loss``, ``consensus_distance``, ``avg_grad_norm``
+#: each add an all-reduce, the last two of the model's size, to every step); every node reads
+#: its own ``worker_loss``.
+STEP_KW = {"with_loss": False, "with_consensus": False, "with_grad_norm": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,13 +177,17 @@ def node_main(spec_path, out_dir):
   def batch_fn(k):
     return coopjax.shard_batch(host_batch(k), mesh)
 
-  def period_batches(p, tau):
-    hb = [host_batch(p * tau + t) for t in range(tau)]
+  def stacked_batches(k0, n):
+    """Steps k0 .. k0 + n − 1 stacked on a leading axis, placed [n, m, ...] on the mesh."""
+    hb = [host_batch(k0 + t) for t in range(n)]
     stacked = (np.stack([h[0] for h in hb]), np.stack([h[1] for h in hb]))
     put = NamedSharding(sharding._auto_mesh(mesh), P(None, "workers"))
     return jax.make_array_from_callback(
       stacked[0].shape, put, lambda i: stacked[0][i]
     ), jax.make_array_from_callback(stacked[1].shape, put, lambda i: stacked[1][i])
+
+  def period_batches(p, tau):
+    return stacked_batches(p * tau, tau)
 
   params0 = mlp_init(spec["mlp_sizes"])
   out["model_bytes"] = int(sum(v.nbytes for v in params0.values()))
@@ -181,10 +196,15 @@ def node_main(spec_path, out_dir):
     X = coopjax.shard(coopjax.replicate(params0, m, v), mesh, v)
     return X, sharding.init(tx, X, mesh, v)
 
+  if spec.get("preset") == "streaming":
+    import cluster_streaming
+
+    out["preset"] = cluster_streaming.node_runs(spec, mesh, m, params0, host_batch, stacked_batches)
+
   out["runs"] = {}
   for name, steps in spec["algorithms"]:
     tx, v, tau = build(name, spec["params"][name], m)
-    step = coopjax.make_step(mlp_loss, tx, mesh=mesh)
+    step = coopjax.make_step(mlp_loss, tx, mesh=mesh, **STEP_KW)
     X, state = fresh(tx, v)
     warm = min(max(tau, 2), spec["warmup_max"])
     node.run_steps(step, X, state, batch_fn, warm)  # compile, connect; then start afresh
@@ -199,12 +219,20 @@ def node_main(spec_path, out_dir):
       txb, vb, _ = build(blocking, spec["params"][blocking], m)
       txn, vn, _ = build(nonblocking, spec["params"][nonblocking], m)
       programs = {
-        f"{blocking} (one program)": (txb, vb, coopjax.make_period_step(mlp_loss, txb, mesh)),
-        f"{nonblocking} (one program)": (txn, vn, coopjax.make_period_step(mlp_loss, txn, mesh)),
+        f"{blocking} (one program)": (
+          txb,
+          vb,
+          coopjax.make_period_step(mlp_loss, txb, mesh, **STEP_KW),
+        ),
+        f"{nonblocking} (one program)": (
+          txn,
+          vn,
+          coopjax.make_period_step(mlp_loss, txn, mesh, **STEP_KW),
+        ),
         f"{nonblocking} (overlapped)": (
           txn,
           vn,
-          overlap.make_overlapped_period(mlp_loss, txn, mesh, tau=tau),
+          overlap.make_overlapped_period(mlp_loss, txn, mesh, tau=tau, **STEP_KW),
         ),
       }
       states = {key: fresh(tx, v) for key, (tx, v, _) in programs.items()}
@@ -418,14 +446,12 @@ def analyse_overlap(outs, t_c):
   return overlap
 
 
-def analyse(flat, hier, args, params, extra_overlap=None):
-  """Everything the figures and the summary need, from the node outputs."""
+def calibrate(flat, rate):
+  """``(calibration, nets)``: (α, β) fitted to node 0's all-reduces; the nominal and fitted nets."""
   from benchmarks.cluster import node as cnode
   from coopjax import netmodel
 
   m = flat[0]["m"]
-  nbytes = flat[0]["model_bytes"]
-  rate = args.rate_bits
   cal = flat[0]["calibration"]
   sizes = [int(s) for s in cal["all_reduce"]]
   med = {kind: [float(np.median(cal[kind][str(s)])) for s in sizes] for kind in cal}
@@ -459,6 +485,18 @@ def analyse(flat, hier, args, params, extra_overlap=None):
       netmodel.neighbor_exchange_time(s, 1, nets["calibrated"]) for s in sizes
     ],
   }
+
+  return calibration, nets
+
+
+def analyse(flat, hier, args, params, extra_overlap=None):
+  """Everything the figures and the summary need, from the node outputs."""
+  from coopjax import netmodel
+
+  m = flat[0]["m"]
+  nbytes = flat[0]["model_bytes"]
+  rate = args.rate_bits
+  calibration, nets = calibrate(flat, rate)
 
   def mean_loss(outs, name):
     return np.mean([o["runs"][name]["losses"] for o in outs], axis=0)
@@ -741,10 +779,25 @@ def main(argv=None):
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--node", nargs=2, metavar=("SPEC", "OUTDIR"), help=argparse.SUPPRESS)
+  parser.add_argument(
+    "--preset",
+    choices=("all", "streaming"),
+    default="all",
+    help="streaming: DiLoCo vs Streaming DiLoCo and compressed gossip/averaging "
+    "(experiments/cluster_streaming.py)",
+  )
+  parser.add_argument("--repeats", type=int, default=2, help="--preset streaming: runs of each")
+  parser.add_argument("--diloco-steps", type=int, default=160, help="--preset streaming")
+  parser.add_argument("--gossip-steps", type=int, default=96, help="--preset streaming")
+  parser.add_argument("--compute-steps", type=int, default=32, help="--preset streaming")
   parser.add_argument("--nodes", type=int, default=4)
   parser.add_argument("--rate", default="100mbit")
   parser.add_argument("--group-rate", default="50mbit")
-  parser.add_argument("--sizes", default="64,512,448,10", help="MLP layer sizes")
+  parser.add_argument(
+    "--sizes",
+    default=None,
+    help="MLP layer sizes (64,512,448,10; streaming: 64,288,288,288,288,10)",
+  )
   parser.add_argument("--batch", type=int, default=512)
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--alpha", type=float, default=0.2)
@@ -767,22 +820,47 @@ def main(argv=None):
     default=1,
     help="compute threads per node (1: XLA's Eigen single-threaded; each node a one-core host)",
   )
-  parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments", "results", "cluster"))
+  parser.add_argument(
+    "--outdir",
+    default=None,
+    help="default experiments/results/cluster/ (streaming: experiments/results/cluster_streaming/)",
+  )
   parser.add_argument(
     "--reanalyse", default=None, help="recompute tables and figures from a results.json's raw data"
   )
   args = parser.parse_args(argv)
   if args.node:
     return node_main(*args.node)
+  streaming = args.preset == "streaming"
   if args.reanalyse:
     with open(args.reanalyse, encoding="utf-8") as f:
       saved = json.load(f)
     old = argparse.Namespace(**saved["result"]["args"])
     raw = saved["raw"]
     command = saved["result"]["command"]
-    return finish(raw["flat"], raw["grouped"], raw.get("overlap") or [], old, command, args.outdir)
+    outdir = args.outdir or os.path.dirname(os.path.abspath(args.reanalyse))
+    if getattr(old, "preset", "all") == "streaming":
+      import cluster_streaming
+
+      return cluster_streaming.finish(raw["flat"], old, command, outdir)
+    return finish(raw["flat"], raw["grouped"], raw.get("overlap") or [], old, command, outdir)
   from benchmarks.cluster import parse_rate
 
+  if args.sizes is None:
+    args.sizes = "64,288,288,288,288,10" if streaming else "64,512,448,10"
+  if args.outdir is None:
+    leaf = "cluster_streaming" if streaming else "cluster"
+    args.outdir = os.path.join(ROOT, "experiments", "results", leaf)
+  if streaming:
+    import cluster_streaming
+
+    if args.quick:
+      args.repeats, args.diloco_steps, args.gossip_steps, args.reps = 1, 64, 32, 3
+    args.rate_bits = parse_rate(args.rate)
+    command = "python experiments/cluster_compare.py " + " ".join(
+      argv if argv is not None else sys.argv[1:]
+    )
+    return cluster_streaming.main(args, command)
   if args.quick:
     args.steps, args.overlap_periods, args.reps = 16, 3, 3
   args.rate_bits = parse_rate(args.rate)

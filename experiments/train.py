@@ -382,6 +382,30 @@ def _nonfinite(metrics: dict, step: int) -> tuple[list[int], str]:
   return [], ""
 
 
+def _fault(spec: str) -> tuple[int, int] | None:
+  """``"WORKER@STEP"`` (config ``fault_nan``) as ``(worker, step)``, or None."""
+  if not spec:
+    return None
+  try:
+    worker, step = (int(part) for part in str(spec).split("@"))
+  except ValueError:
+    raise ValueError(
+      f"fault_nan must be 'WORKER@STEP' (e.g. '2@10': NaN in worker 2's batch at step 10), "
+      f"got {spec!r}."
+    ) from None
+  return worker, step
+
+
+def _poison(batch, worker: int):
+  """The batch with worker ``worker``'s floating-point inputs set to NaN."""
+  return jax.tree.map(
+    lambda a: (
+      jnp.asarray(a).at[worker].set(jnp.nan) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    ),
+    batch,
+  )
+
+
 def _read_rows(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -455,7 +479,7 @@ class Run(NamedTuple):
     steps_per_epoch: batches per epoch.
     nbytes: B, the bytes of one model's mixed leaves.
     net: the α–β network model.
-    policy: ``on_nonfinite``, ``"stop"`` or ``"skip"``.
+    policy: ``on_nonfinite``, ``"stop"``, ``"skip"`` or ``"quarantine"``.
   """
 
   config: ml_collections.ConfigDict
@@ -546,10 +570,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
     sharded.update(has_aux=True, merge_aux=cmodels.merge_batch_stats)
   else:
     loss_fn = cmodels.make_loss_fn(model, ds.num_classes)
+  policy = diagnostics.check_policy(config.get("on_nonfinite", "stop"))
+  if policy == "quarantine":  # a failing worker is masked out inside the step
+    tx = coopjax.with_live_mask(tx, disconnected=config.get("disconnected", "error"))
+    readmit = int(config.get("readmit_after", 0)) or None
+    sharded.update(on_nonfinite="quarantine", readmit_after=readmit)
   step_fn = coopjax.make_step(
     loss_fn, tx, num_workers=m, with_grad_norm=False, check_finite=True, jit=False, **sharded
   )
-  policy = diagnostics.check_policy(config.get("on_nonfinite", "stop"))
   if policy == "skip":  # a non-finite step is discarded inside the compiled step
     step_fn = diagnostics.skip_nonfinite(step_fn, donate=True)
   else:
@@ -627,6 +655,8 @@ class _Outcome(NamedTuple):
   stopped: dict | None
   skipped: list
   compile_time: float
+  quarantined: list
+  rejoined: list
 
 
 def loop(
@@ -647,7 +677,8 @@ def loop(
 
   from tqdm import tqdm
 
-  stopped, skipped = None, []
+  stopped, skipped, quarantined, rejoined = None, [], [], []
+  fault = _fault(config.get("fault_nan", ""))
   bar = tqdm(
     total=num_steps, initial=start, desc=config.algorithm, disable=not config.progress, leave=False
   )
@@ -656,12 +687,30 @@ def loop(
     for k in range(start + 1, num_steps + 1):
       batch = pending_batch if pending_batch is not None else run.place(next(run.batches))
       pending_batch = None
+      if fault is not None and fault[1] == k:  # a drill: NaN in one worker's batch
+        batch = _poison(batch, fault[0])
       t = time.perf_counter()
       X, opt_state, metrics = compiled(state.X, state.opt_state, batch)
       jax.block_until_ready((X, opt_state, metrics))
       measured = time.perf_counter() - t
       state = TrainState(jnp.asarray(k, jnp.int32), X, opt_state, state.rng)
-      bad, message = _nonfinite(metrics, k)
+      if run.policy == "quarantine":
+        try:
+          events = coopjax.live.check_quarantine(metrics, tx.disconnected, graph=tx.graph)
+        except ValueError as error:
+          stopped = {"step": k, "workers": [], "message": str(error)}
+          print(f"{error} Stopping; the last checkpoint is kept.", file=sys.stderr)
+          break
+        for worker, at in events:
+          quarantined.append({"worker": worker, "step": at})
+          print(f"worker {worker} quarantined at step {at} (non-finite).", file=sys.stderr)
+        for worker in np.flatnonzero(np.asarray(metrics["rejoined"])).tolist():
+          rejoined.append({"worker": int(worker), "step": k})
+          print(f"worker {worker} re-admitted at step {k}.", file=sys.stderr)
+        run.batches.set_live(np.asarray(metrics["live"]))  # a masked worker's data waits
+        bad, message = [], ""
+      else:
+        bad, message = _nonfinite(metrics, k)
       skip = bool(bad) and run.policy == "skip"
       if skip:  # the step kept X and the state as they were: no mix, nothing sent
         skipped.append({"step": k, "workers": bad})
@@ -697,7 +746,7 @@ def loop(
       save(state, clocks, force=True)
   finally:
     bar.close()
-  return _Outcome(state, clocks, stopped, skipped, compile_time)
+  return _Outcome(state, clocks, stopped, skipped, compile_time, quarantined, rejoined)
 
 
 # ---------------------------------------------------------------------------
@@ -725,6 +774,8 @@ def write_summary(run: Run, outcome: _Outcome, rows: list[dict], initial_loss) -
     "overlap": bool(run.tx.overlaps),
     "stopped": outcome.stopped,
     "skipped": outcome.skipped,
+    "quarantined": outcome.quarantined,
+    "rejoined": outcome.rejoined,
     "config": run.config.to_dict(),
   }
   with open(os.path.join(run.workdir, "summary.json"), "w") as f:

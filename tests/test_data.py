@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
+from coopjax.training import checkpoint
 from coopjax.training import data
 
 
@@ -335,3 +336,33 @@ def test_empty_tfds_version_folder_gives_the_preparation_message(tmp_path):
   (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
     data.load_tfds("cifar10", data_dir=tmp_path)
+
+
+def test_held_stream_resumes_where_it_was_and_survives_a_checkpoint():
+  it, *_ = _make(seed=4)
+  ref_it, *_ = _make(seed=4)
+  m = it.num_workers
+  expected = [next(ref_it)["label"] for _ in range(12)]  # the streams never held
+  got = [next(it)["label"] for _ in range(3)]
+  live = np.ones(m, bool)
+  live[1] = False
+  it.set_live(live)
+  held = [next(it)["label"] for _ in range(4)]  # steps 3..6: worker 1 served batch 3 again
+  for b in held:
+    np.testing.assert_array_equal(b[1], expected[3][1])
+  saved = it.state
+  assert saved.lags[1] == 4 and saved.paused == (1,)
+  resumed, *_ = _make(seed=4)
+  resumed.restore(checkpoint.to_json({"data": saved})["data"])  # as stored in a checkpoint
+  it.set_live(np.ones(m, bool))
+  resumed.set_live(np.ones(m, bool))
+  after = [next(it)["label"] for _ in range(5)]
+  np.testing.assert_array_equal(
+    np.stack(after), np.stack([next(resumed)["label"] for _ in range(5)])
+  )
+  for t, b in enumerate(after):  # worker 1 resumes at its batch 3; the others at step 7 + t
+    np.testing.assert_array_equal(b[1], expected[3 + t][1])
+    np.testing.assert_array_equal(np.delete(b, 1, 0), np.delete(expected[7 + t], 1, 0))
+  np.testing.assert_array_equal(np.stack(got), np.stack(expected[:3]))
+  with pytest.raises(ValueError, match="one boolean per worker"):
+    it.set_live([True])

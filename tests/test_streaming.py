@@ -13,6 +13,8 @@ import reference as ref
 import coopjax
 from coopjax import compress
 from coopjax.parallel import sharding
+from coopjax.parallel.context import LiveContext
+from coopjax.parallel.context import live_masked
 from coopjax.training import checkpoint
 
 LR, BETA = 0.05, 0.9
@@ -300,6 +302,41 @@ def test_sharded_quantized_mean_equals_the_reference_bit_for_bit(mesh):
     )
   )
   np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(expected))
+
+
+def test_sharded_quantized_mean_over_live_workers_equals_the_reference(mesh):
+  """Under a live mask: the mean over the live workers only, a NaN in a masked row ignored."""
+  m, rows = 16, 5
+  x = np.random.default_rng(2).normal(size=(m, rows, 16)).astype(np.float32)
+  live = np.ones(m, bool)
+  live[[3, 12]] = False
+  x[3] = np.nan
+  x, live = jnp.asarray(x), jnp.asarray(live)
+  key = jax.random.key(0)
+  live_ctx = LiveContext(live, None)
+
+  def plain(x):
+    with live_masked(live_ctx):
+      return coopjax.mixing.quantized_mean(x, compress.int4(), key)
+
+  expected = np.asarray(jax.jit(plain)(x))
+  spec = jax.sharding.PartitionSpec(coopjax.WORKER_AXIS)
+  ctx = sharding.context_for(mesh, m, 0)
+
+  def body(local):
+    with coopjax.mixing.sharded(ctx), live_masked(live_ctx):
+      return coopjax.mixing.quantized_mean(local, compress.int4(), key)
+
+  f = jax.jit(
+    jax.shard_map(
+      body, mesh=mesh, in_specs=spec, out_specs=jax.sharding.PartitionSpec(), check_vma=False
+    )
+  )
+  np.testing.assert_array_equal(np.asarray(f(x)), expected)
+  assert np.isfinite(expected).all()
+  kept = np.asarray(x)[np.asarray(live)]
+  np.testing.assert_allclose(expected, kept.mean(0), atol=0.5)  # 4-bit: close to the live mean
+  assert np.abs(expected - np.nan_to_num(np.asarray(x)).mean(0)).max() > 1e-3
 
 
 def test_quantized_collectives_are_u8_of_a_fragment_at_4_bits(mesh):

@@ -334,3 +334,22 @@ def test_step_schedule_decays_at_epochs():
   lr = train.make_schedule(config, steps_per_epoch=10, num_steps=50)
   got = [float(lr(k)) for k in (0, 19, 20, 29, 30, 49)]
   np.testing.assert_allclose(got, [0.4, 0.4, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)
+
+
+def test_quarantine_drill_masks_one_worker_and_finishes(tmp_path):
+  """on_nonfinite=quarantine with NaN in worker 2's batch at step 3: the run finishes."""
+  summary, workdir = run(
+    tmp_path,
+    "algorithm=dpsgd",
+    "on_nonfinite=quarantine",
+    "fault_nan=2@3",
+    "readmit_after=4",
+    name="quarantine",
+  )
+  assert summary["stopped"] is None
+  assert summary["quarantined"] == [{"worker": 2, "step": 3}]
+  assert [r["worker"] for r in summary["rejoined"]] == [2]
+  assert summary["rejoined"][0]["step"] >= 7
+  rows = read_jsonl(workdir)
+  assert rows[-1]["step"] == STEPS and np.isfinite(rows[-1]["train_loss"])
+  assert all(np.isfinite(r["loss"]) for r in rows if r["step"] > 0)

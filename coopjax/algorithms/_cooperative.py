@@ -229,6 +229,7 @@ def cooperative(
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,
+    graph=W,
   )
 
 

@@ -132,7 +132,9 @@ def hierarchical(
 
   def schedule(k):
     def mix(X):
-      return jax.lax.cond(k % tau2 == 0, everyone, within, X)
+      # Fresh closures: JAX caches a branch's trace by its callable, and a mix traces
+      # differently under a shard or live context.
+      return jax.lax.cond(k % tau2 == 0, lambda X: everyone(X), lambda X: within(X), X)
 
     return k % tau1 == 0, mix
 

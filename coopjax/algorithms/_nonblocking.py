@@ -70,6 +70,7 @@ from coopjax._validation import check_int
 from coopjax._validation import check_real
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
+from coopjax.parallel import context
 from coopjax.workers import Layout
 from coopjax.workers import num_rows
 
@@ -415,8 +416,14 @@ def nonblocking_easgd(
 
   def on_mix(k, workers, anchor, total):
     # total = Σ_i pending_i: the reduction issued at the previous mix.
+    keep = lambda z: (1 - m * alpha) * z  # noqa: E731
+    live = context.current_live()
+    if live is not None:  # the anchor rule over the live workers: (1 − |L|α) z + α Σ_{i∈L}
+      count = jnp.sum(live.live.astype(jnp.float32))
+      coef = jnp.where(jnp.all(live.live), jnp.float32(1 - m * alpha), 1.0 - count * alpha)
+      keep = lambda z: (coef * z).astype(z.dtype)  # noqa: E731
     anchor = jax.tree.map(
-      lambda z, s: (1 - m * alpha) * z + alpha * jnp.expand_dims(s, 0).astype(z.dtype),
+      lambda z, s: keep(z) + alpha * jnp.expand_dims(s, 0).astype(z.dtype),
       anchor,
       total,
     )
@@ -697,4 +704,5 @@ def delayed(
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,
+    graph=W,
   )

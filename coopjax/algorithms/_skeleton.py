@@ -43,6 +43,7 @@ import optax
 from coopjax import mixing
 from coopjax._validation import check_int
 from coopjax.cost import pattern
+from coopjax.parallel import context
 from coopjax.workers import Layout
 from coopjax.workers import num_rows
 
@@ -220,7 +221,19 @@ def _synchronise(X: PyTree, layout: Layout) -> PyTree:
   mean = mixing.Mix.average(m)(workers)
   if v == 0:
     return mean
+  if context.current_live() is not None:  # row 0 may be masked: the mean over the live rows
+    live_mean = mixing.worker_mean(workers)
+    return mixing.join_rows(
+      mean, jax.tree.map(lambda z, u: 0 * z + u[None].astype(z.dtype), aux, live_mean)
+    )
   return mixing.join_rows(mean, jax.tree.map(lambda z, u: 0 * z + u[:1].astype(z.dtype), aux, mean))
+
+
+def _where_rows(keep, new: PyTree, old: PyTree) -> PyTree:
+  """Row-wise select: ``new`` on the rows where ``keep`` (bool [rows]) holds, else ``old``."""
+  return jax.tree.map(
+    lambda y, x: jnp.where(keep.reshape(keep.shape + (1,) * (jnp.ndim(x) - 1)), y, x), new, old
+  )
 
 
 def transformation(
@@ -246,6 +259,7 @@ def transformation(
   period: int = 1,
   orders: tuple[str, ...] = ORDERS,
   policies: tuple[str, ...] = STATE_POLICIES,
+  graph=None,
 ) -> CooperativeTransformation:
   r"""Builds an algorithm from its hooks (see the module docstring for the step).
 
@@ -276,6 +290,11 @@ def transformation(
     overlaps: whether the mix overlaps the next local steps.
     period: the steps between mixes (for descriptions).
     orders, policies: the options this algorithm defines; others are refused.
+    graph: the support of all the workers' communication over a schedule
+      period (its non-zeros; the union for time-varying mixes; ``(m + v)``
+      square to join workers through auxiliary rows), used
+      to check that the live workers stay connected; None: every pair
+      communicates (full averaging).
 
   Returns:
     A :class:`CooperativeTransformation` with state ``state_cls``.
@@ -320,13 +339,7 @@ def transformation(
     workers = mixing.split_rows(params, m)[0]
     return state_cls(jnp.zeros([], jnp.int32), jax.vmap(local.init)(workers), *init_extra(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(
-        f"{name}: cooperative transformations need the stacked models: call "
-        "tx.update(grads, state, X) with params=X."
-      )
-    _check_rows(params, layout, name)
+  def step(updates, state, params, extra_args):
     grads = _check_grads(updates, m, m + v)
     k = optax.safe_int32_increment(state.count)
     kk = k - warmup if warmup else k  # the algorithm's own step
@@ -334,6 +347,10 @@ def transformation(
     if every_step is not None:
       extra = tuple(every_step(kk, extra, extra_args))
     workers, aux = mixing.split_rows(params, m)
+    live_ctx = context.current_live()
+    if live_ctx is not None:  # masked workers' gradients never reach the local optimizer
+      live_w = mixing.local_live(live_ctx.live)
+      grads = _where_rows(live_w, grads, jax.tree.map(jnp.zeros_like, grads))
     local_updates, local_state = _local_update(local, grads, state.local_state, workers, extra_args)
     # U: the local updates with zero rows for the auxiliaries, in the models' dtypes.
     U = mixing.join_rows(
@@ -375,6 +392,31 @@ def transformation(
       out, local_state, extra = jax.lax.cond(k <= warmup, warm, scheduled, local_state, extra)
     return out, state_cls(k, local_state, *extra)
 
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+        f"{name}: cooperative transformations need the stacked models: call "
+        "tx.update(grads, state, X) with params=X."
+      )
+    _check_rows(params, layout, name)
+    live = extra_args.pop("live", None)
+    fallback = extra_args.pop("live_fallback", None)
+    if live is None:
+      return step(updates, state, params, extra_args)
+    live = jnp.asarray(live).astype(bool)
+    if live.shape != (m,):
+      raise ValueError(
+        f"{name}: live must be a bool array of shape ({m},), one flag per worker, got shape "
+        f"{live.shape}."
+      )
+    with context.live_masked(context.LiveContext(live, fallback)):
+      out, new_state = step(updates, state, params, extra_args)
+      live_w = mixing.local_live(live)
+      workers_out, aux_out = mixing.split_rows(out, m)
+      workers_out = _where_rows(live_w, workers_out, jax.tree.map(jnp.zeros_like, workers_out))
+      local_state = _where_rows(live_w, new_state.local_state, state.local_state)
+    return mixing.join_rows(workers_out, aux_out), new_state._replace(local_state=local_state)
+
   warm_cost = pattern.all_reduce(m)
 
   def comm_fn(k: int, opt_state=None) -> pattern.MixCost:
@@ -397,9 +439,26 @@ def transformation(
     settle=settle_fn,
     period=period,
     warmup_steps=warmup,
+    local=local,
+    graph=_graph(graph, m),
     order=order,
     local_state_policy=policy,
   )
+
+
+def _graph(graph, m: int) -> np.ndarray:
+  """The bool m × m communication support (complete when None), symmetric."""
+  if graph is None:
+    return ~np.eye(m, dtype=bool) if m > 1 else np.zeros((1, 1), bool)
+  S = np.abs(np.asarray(graph, np.float64)) > 1e-12
+  S = S | S.T
+  G = S[:m, :m]
+  if S.shape[0] > m:  # workers joined through auxiliary rows (paths over auxiliaries only)
+    reach = S[m:, m:] | np.eye(S.shape[0] - m, dtype=bool)
+    for _ in range(S.shape[0] - m):
+      reach = (reach.astype(int) @ reach.astype(int)) > 0
+    G = G | ((S[:m, m:].astype(int) @ reach.astype(int) @ S[m:, :m].astype(int)) > 0)
+  return G & ~np.eye(m, dtype=bool)
 
 
 def every(tau: int, cost: pattern.MixCost) -> Callable[[int, Any], pattern.MixCost]:

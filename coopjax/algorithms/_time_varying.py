@@ -218,7 +218,9 @@ def time_varying(
     def mix(X):
       if P == 1:
         return mixers[0](X)
-      return jax.lax.switch(index, mixers, X)
+      # Fresh closures: JAX caches a branch's trace by its callable, and a mix traces
+      # differently under a shard or live context.
+      return jax.lax.switch(index, [lambda X, f=f: f(X) for f in mixers], X)
 
     return k % tau == 0, mix
 
@@ -240,6 +242,7 @@ def time_varying(
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,
+    graph=sum(np.abs(W[:m, :m]) for W in Ws),
   )
 
 
@@ -558,4 +561,5 @@ def matcha(
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,
+    graph=graph,
   )

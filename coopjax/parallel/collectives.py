@@ -69,6 +69,7 @@ __all__ = [
   "lower",
   "apply_worker_matrix",
   "mix_gathered",
+  "lower_live",
   "worker_sum",
   "worker_mean",
   "exchange",
@@ -91,6 +92,9 @@ class WorkerPlan(NamedTuple):
       ``gather``: ``(D−1)·b``; 0 when no worker rows move).
     offsets: device offsets δ with one collective-permute each (``permute``).
     apply: ``apply(workers_local) -> workers_local`` inside ``shard_map``.
+    apply_weighted: ``permute`` and ``gather`` plans: ``apply_weighted(workers_local, A)``
+      with a traced m × m matrix A whose support lies within the planned one
+      (the same collectives, weights read from A at run time).
 
   Examples:
     A ring of eight workers on four devices (two each): every device sends one
@@ -108,6 +112,7 @@ class WorkerPlan(NamedTuple):
   rows_sent: int
   offsets: tuple[int, ...]
   apply: Callable[[PyTree], PyTree]
+  apply_weighted: Callable[[PyTree, Any], PyTree] | None = None
 
 
 def einsum(spec: str, *operands) -> jax.Array:
@@ -228,7 +233,15 @@ def _gather_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
 
     return jax.tree.map(leaf, workers)
 
-  return WorkerPlan("gather", (D - 1) * b, (), apply)
+  def apply_weighted(workers, A_t):
+    def leaf(x):
+      full = lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)
+      cols = lax.dynamic_slice_in_dim(A_t.astype(x.dtype), _device(ctx) * b, b, axis=1)
+      return einsum("ji,j...->i...", cols, full)
+
+    return jax.tree.map(leaf, workers)
+
+  return WorkerPlan("gather", (D - 1) * b, (), apply, apply_weighted)
 
 
 class _PermuteLayout(NamedTuple):
@@ -341,7 +354,31 @@ def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
 
     return jax.tree.map(leaf, workers)
 
-  return WorkerPlan("permute", layout.rows_sent, layout.deltas, apply)
+  src, dst = np.nonzero(np.abs(A) > _ATOL)
+  offsets = sorted({int(s) for s in (src - dst) % ctx.num_workers})  # the terms' order
+  m, b = ctx.num_workers, ctx.block
+
+  def apply_weighted(workers, A_t):
+    cols = np.arange(m)
+
+    def leaf(x):
+      received = {
+        delta: lax.ppermute(_rows(x, layout.send[delta], ctx), ctx.axis_name, layout.pairs[delta])
+        for delta in layout.deltas
+      }
+      pool = _pool(x, received, layout)
+      total = None
+      for (idx, _), s in zip(layout.terms, offsets, strict=True):
+        planned = jnp.asarray(np.abs(A[(cols + s) % m, cols]) > _ATOL, x.dtype)
+        weights = A_t.astype(x.dtype)[(cols + s) % m, cols] * planned  # [m], static gather
+        own = lax.dynamic_slice_in_dim(weights, _device(ctx) * b, b)
+        term = _rows(pool, idx, ctx) * own.reshape((b,) + (1,) * (x.ndim - 1))
+        total = term if total is None else total + term
+      return total
+
+    return jax.tree.map(leaf, workers)
+
+  return WorkerPlan("permute", layout.rows_sent, layout.deltas, apply, apply_weighted)
 
 
 def worker_plan(A, ctx: ShardContext) -> WorkerPlan:
@@ -654,6 +691,98 @@ def lower(W, ctx: ShardContext) -> Callable[[PyTree], PyTree]:
     return run(X)
 
   return checked
+
+
+def lower_live(W, structure, ctx: ShardContext) -> Callable:
+  r"""The per-device live-masked mixer of a static W: the same collectives, traced weights.
+
+  Returns ``mix(X_local, W_L, live, fallback) -> X_local`` where ``W_L`` is the
+  traced ``n × n`` matrix of :func:`coopjax.mixing.live_weights` and X_local's
+  masked rows are already zero (selected out). The workers' block goes
+  through
+
+  * a diagonal W: its static plan (no traffic);
+  * ``A = aI + cJ``: one all-reduce of the live rows' sum,
+    ``x_i ← a x_i + (s_i − a)/|L| Σ_{j∈L} x_j``;
+  * a graph or a permutation: the collective-permute plan of the support of
+    W and its transpose with weights read from ``W_L`` (or the all-gather
+    plan when that moves fewer rows); with ``fallback`` set, a
+    ``lax.cond`` between that and the all-reduce of ``J_L``;
+
+  and the auxiliary rows are updated as in :func:`lower`, with ``W_L``'s
+  blocks (one all-reduce of the partial sums for ``B``).
+  """
+  W = np.asarray(W, np.float64)
+  n, m, b = W.shape[0], ctx.num_workers, ctx.block
+  kind = structure.kind
+  scale = np.asarray(structure.scale, np.float64)
+
+  def local(vec, dtype):  # this device's block of an [m] vector, as a column
+    v = lax.dynamic_slice_in_dim(jnp.asarray(vec, dtype), _device(ctx) * b, b)
+    return v
+
+  def averaged(bufs, live, a):
+    count = jnp.maximum(jnp.sum(live.astype(jnp.float32)), 1.0)
+    totals = [lax.psum(jnp.sum(x, axis=0, keepdims=True), ctx.axis_name) for x in bufs]
+    out = []
+    for x, t in zip(bufs, totals, strict=True):
+      coef = (local(scale, jnp.float32) - a) / count
+      out.append(jnp.asarray(a, x.dtype) * x + coef.astype(x.dtype)[:, None] * t)
+    return out
+
+  if kind == "diagonal":
+    static = _cached_plan(np.ascontiguousarray(W[:m, :m]), ctx)
+
+    def workers_fn(bufs, W_L, live, fallback):
+      return static.apply(bufs)
+
+  elif kind == "average":
+
+    def workers_fn(bufs, W_L, live, fallback):
+      return averaged(bufs, live, structure.average_a)
+
+  else:
+    support = (np.abs(W[:m, :m]) > _ATOL) | structure.graph | np.eye(m, dtype=bool)
+    plan = _cached_plan(np.ascontiguousarray(support.astype(np.float64)), ctx)
+    if plan.apply_weighted is None:
+      plan = _gather_plan(support.astype(np.float64), ctx)
+
+    def workers_fn(bufs, W_L, live, fallback):
+      weighted = lambda bufs: plan.apply_weighted(bufs, W_L[:m, :m])  # noqa: E731
+      if fallback is None:
+        return weighted(bufs)
+      return lax.cond(fallback, lambda bufs: averaged(bufs, live, 0.0), weighted, bufs)
+
+  def mix(buffers, W_L, live, fallback):
+    if n == m:
+      return workers_fn(buffers, W_L, live, fallback)
+    workers = [x[:b] for x in buffers]
+    aux = [x[b:] for x in buffers]
+    new_w = workers_fn(workers, W_L, live, fallback)
+    C = W_L[m:, :m]
+    B = W_L[:m, m:]
+    E = W_L[m:, m:]
+    own_C = lax.dynamic_slice_in_dim(C, _device(ctx) * b, b, axis=1)
+    own_B = lax.dynamic_slice_in_dim(B, _device(ctx) * b, b, axis=0)
+    new_w = [
+      y + einsum("li,l...->i...", own_C.astype(z.dtype), z).astype(y.dtype)
+      for y, z in zip(new_w, aux, strict=True)
+    ]
+    new_z = []
+    for x, z in zip(workers, aux, strict=True):
+      part = einsum("il,i...->l...", own_B.astype(x.dtype), x)
+      out = einsum("kl,k...->l...", E.astype(z.dtype), z)
+      new_z.append(out + lax.psum(part, ctx.axis_name).astype(z.dtype))
+    return [
+      jnp.concatenate([y, z.astype(y.dtype)], axis=0) for y, z in zip(new_w, new_z, strict=True)
+    ]
+
+  def run(X, W_L, live, fallback):
+    if n > m:
+      _split_local(X, n, ctx)
+    return bucketed(lambda bufs: mix(bufs, W_L, live, fallback))(X)
+
+  return run
 
 
 def _to_wire(x, as_bytes: bool):
@@ -1001,7 +1130,9 @@ def unpack_bytes(packed: jax.Array, template: PyTree) -> PyTree:
   return jax.tree.unflatten(treedef, out)
 
 
-def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardContext) -> jax.Array:
+def quantized_mean(
+  workers: jax.Array, compressor, key: jax.Array, ctx: ShardContext, live: jax.Array | None = None
+) -> jax.Array:
   r"""The mean of the workers' rows sent quantized: all-to-all (u8), float32 sum, all-gather (u8).
 
   ``workers`` is this device's block ``[b, R, C]`` (b workers, each an
@@ -1028,6 +1159,9 @@ def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardCon
     compressor: a row-wise :class:`coopjax.compress.Compressor`.
     key: the key handed to ``encode``/``decode``.
     ctx: the sharded step's :class:`coopjax.parallel.context.ShardContext`.
+    live: optional ``[m]`` booleans (global): the mean over the live workers,
+      masked workers' chunks selected out before the sum (their bytes still
+      travel: the collectives are static).
 
   Returns:
     ``[R, C]``: the dequantized mean, the same on every device.
@@ -1047,7 +1181,11 @@ def quantized_mean(workers: jax.Array, compressor, key: jax.Array, ctx: ShardCon
   got = lax.all_to_all(sent, ctx.axis_name, 0, 0, tiled=True)  # [D, b, r, B]: the source first
   got = got.reshape((m,) + got.shape[2:])  # [m, r, B]
   decoded = jax.vmap(decode)(unpack_bytes(got, template))  # [m, r, C], worker order
-  mean = sum_rows(decoded) / jnp.asarray(m, decoded.dtype)
+  if live is None:
+    mean = sum_rows(decoded) / jnp.asarray(m, decoded.dtype)
+  else:
+    total = sum_rows(jnp.where(live.reshape(m, 1, 1), decoded, 0))
+    mean = total / jnp.maximum(jnp.sum(live), 1).astype(total.dtype)
   own = pack_bytes(encode(mean), rows=r)  # [r, B] u8
   every = lax.all_gather(own, ctx.axis_name, axis=0, tiled=False)  # [D, r, B]
   out = jax.vmap(decode)(unpack_bytes(every, template))  # [D, r, C]

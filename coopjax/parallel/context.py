@@ -27,9 +27,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Any
 from typing import NamedTuple
 
-__all__ = ["ShardContext", "current", "sharded", "to_global_rows"]
+__all__ = [
+  "ShardContext",
+  "current",
+  "sharded",
+  "to_global_rows",
+  "LiveContext",
+  "current_live",
+  "live_masked",
+]
 
 
 class ShardContext(NamedTuple):
@@ -131,3 +140,47 @@ def to_global_rows(rows: int) -> int:
   if rows == ctx.block + ctx.num_aux:
     return ctx.num_workers + ctx.num_aux
   return rows
+
+
+class LiveContext(NamedTuple):
+  """Which workers are live while a transformation's update is traced.
+
+  Attributes:
+    live: bool array [m] over ALL m workers (replicated on every device in a
+      sharded step); a traced value, so changing it does not recompile.
+    fallback: None, or a traced bool scalar: True makes every graph mix use
+      the mean over the live workers (the live subgraph is disconnected and
+      the user asked for the fallback).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> ctx = LiveContext(jnp.array([True, False, True]), None)
+    >>> with live_masked(ctx):
+    ...   current_live().live.tolist()
+    [True, False, True]
+    >>> current_live() is None
+    True
+  """
+
+  live: Any
+  fallback: Any = None
+
+
+_LIVE: contextvars.ContextVar[LiveContext | None] = contextvars.ContextVar(
+  "coopjax_live_context", default=None
+)
+
+
+def current_live() -> LiveContext | None:
+  """The active :class:`LiveContext`, or None (every worker live, today's program)."""
+  return _LIVE.get()
+
+
+@contextlib.contextmanager
+def live_masked(ctx: LiveContext | None) -> Iterator[LiveContext | None]:
+  """Activates ``ctx`` (None: no live mask) while tracing a transformation's update."""
+  token = _LIVE.set(ctx)
+  try:
+    yield ctx
+  finally:
+    _LIVE.reset(token)

@@ -185,7 +185,7 @@ def to_json(obj: Any, name: str = "meta") -> Any:
     >>> from coopjax.training.data import IteratorState
     >>> to_json({"tau": np.int64(4), "data": IteratorState(1, 2), "lr": np.float32(0.5),
     ...          "shape": (2, 3)})
-    {'tau': 4, 'data': {'epoch': 1, 'position': 2}, 'lr': 0.5, 'shape': [2, 3]}
+    {'tau': 4, 'data': {'epoch': 1, 'position': 2, 'lags': [], 'paused': []}, 'lr': 0.5, 'shape': [2, 3]}
     >>> to_json({"f": object()})
     Traceback (most recent call last):
     ...
@@ -291,8 +291,8 @@ class CheckpointManager:
     ...     print(restored["w"].tolist(), mgr.meta())
     ...     print(mgr.restore(2, target=target)["w"].tolist(), mgr.meta(2))
     [2, 4] 4 False
-    [4.0, 4.0, 4.0] {'data': {'epoch': 0, 'position': 4}}
-    [2.0, 2.0, 2.0] {'data': {'epoch': 0, 'position': 2}}
+    [4.0, 4.0, 4.0] {'data': {'epoch': 0, 'position': 4, 'lags': [], 'paused': []}}
+    [2.0, 2.0, 2.0] {'data': {'epoch': 0, 'position': 2, 'lags': [], 'paused': []}}
   """
 
   def __init__(

@@ -132,6 +132,9 @@ class IteratorState(NamedTuple):
   Attributes:
     epoch: completed global epochs (``steps_per_epoch`` batches each).
     position: batches already drawn in the current epoch, ``0 <= position < steps_per_epoch``.
+    lags: per worker, the steps its stream was held (:meth:`WorkerBatches.set_live`);
+      empty when none was.
+    paused: the workers whose streams are held now; empty when none is.
 
   Examples:
     Two workers of five examples with batches of two: a global epoch is
@@ -141,13 +144,15 @@ class IteratorState(NamedTuple):
     >>> it = make_worker_batches(np.zeros((10, 1)), np.arange(10), split_iid(10, 2), 2)
     >>> _ = [next(it) for _ in range(3)]
     >>> it.state
-    IteratorState(epoch=1, position=1)
+    IteratorState(epoch=1, position=1, lags=(), paused=())
     >>> it.state._asdict()
-    {'epoch': 1, 'position': 1}
+    {'epoch': 1, 'position': 1, 'lags': (), 'paused': ()}
   """
 
   epoch: int
   position: int
+  lags: tuple[int, ...] = ()
+  paused: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -632,6 +637,12 @@ class WorkerBatches:
   :class:`IteratorState`; :meth:`restore` (or the ``state`` argument) resumes
   the exact stream.
 
+  A worker taken out of training (quarantined, masked) can have its stream
+  held (:meth:`set_live`): while held it is served its next batch again
+  without advancing (the step ignores a masked worker's batch), and when live
+  again it resumes where it was; worker i then draws the batch of its own
+  step ``t − lag_i``.
+
   Each ``next`` returns ``{keys[0]: [m, b, *x.shape[1:]], keys[1]: [m, b]}``
   as NumPy arrays (the worker axis first, ready for ``jax.device_put`` with a
   worker-sharded ``NamedSharding``).
@@ -689,6 +700,8 @@ class WorkerBatches:
     self.steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, 1)
     self._perms: list[dict[int, np.ndarray]] = [{} for _ in self._shards]
     self._step = 0
+    self._lags = np.zeros(self.num_workers, np.int64)
+    self._live = np.ones(self.num_workers, bool)
     if state is not None:
       self.restore(state)
 
@@ -705,19 +718,57 @@ class WorkerBatches:
   @property
   def state(self) -> IteratorState:
     """Where the next batch comes from; pass it to :meth:`restore` to resume."""
-    return IteratorState(*divmod(self._step, self.steps_per_epoch))
+    held = bool(self._lags.any()) or not bool(self._live.all())
+    return IteratorState(
+      *divmod(self._step, self.steps_per_epoch),
+      lags=tuple(int(v) for v in self._lags) if held else (),
+      paused=tuple(int(i) for i in np.flatnonzero(~self._live)),
+    )
 
   def restore(self, state: IteratorState | Sequence[int] | dict) -> None:
     """Moves the stream to ``state`` (an :class:`IteratorState`, a pair, or a dict)."""
     if isinstance(state, dict):
-      state = IteratorState(state["epoch"], state["position"])
-    epoch, position = (int(v) for v in state)
+      state = IteratorState(**state)
+    state = IteratorState(*state)
+    epoch, position = int(state.epoch), int(state.position)
     if epoch < 0 or not 0 <= position < self.steps_per_epoch:
       raise ValueError(
         f"state must have epoch >= 0 and 0 <= position < {self.steps_per_epoch}, got {state!r}."
       )
-    self._step = epoch * self.steps_per_epoch + position
+    m = self.num_workers
+    lags = np.asarray(state.lags if len(state.lags) else np.zeros(m), np.int64)
+    paused = [int(i) for i in state.paused]
+    step = epoch * self.steps_per_epoch + position
+    if lags.shape != (m,) or (lags < 0).any() or (lags > step).any():
+      raise ValueError(f"state.lags must be {m} integers in [0, step], got {state.lags!r}.")
+    if any(not 0 <= i < m for i in paused):
+      raise ValueError(f"state.paused must name workers in 0..{m - 1}, got {state.paused!r}.")
+    self._step, self._lags = step, lags
+    self._live = np.ones(m, bool)
+    self._live[paused] = False
     self._perms = [{} for _ in self._shards]
+
+  def set_live(self, live) -> None:
+    """Holds the streams of the workers ``live`` marks False; the others run on.
+
+    ``live`` is one boolean per worker (e.g. the step's ``metrics["live"]``
+    under quarantine). A held worker is served the same batch again at every
+    step until it is live again, then continues from that batch: its data
+    stream resumes where it was.
+
+    Examples:
+      >>> import numpy as np
+      >>> it = WorkerBatches(np.zeros((8, 1)), np.arange(8), split_iid(8, 2, seed=0), 1)
+      >>> first = next(it)["label"][:, 0].tolist()
+      >>> it.set_live([True, False])
+      >>> held = [next(it)["label"][1, 0] for _ in range(3)]
+      >>> len(set(held)), it.state.lags
+      (1, (0, 3))
+    """
+    live = np.asarray(live, bool).reshape(-1)
+    if live.shape != (self.num_workers,):
+      raise ValueError(f"live must hold one boolean per worker ({self.num_workers}), got {live}.")
+    self._live = live.copy()
 
   @property
   def step(self) -> int:
@@ -793,8 +844,11 @@ class WorkerBatches:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    idx = np.stack([self.worker_indices(i, self._step) for i in range(self.num_workers)])
+    idx = np.stack(
+      [self.worker_indices(i, self._step - int(self._lags[i])) for i in range(self.num_workers)]
+    )
     self._step += 1
+    self._lags += ~self._live  # a held worker's next batch is this one again
     return {self.keys[0]: self._x[idx], self.keys[1]: self._y[idx]}
 
 

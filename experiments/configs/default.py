@@ -107,7 +107,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 0  # 0: only at exit
   c.checkpoint_keep = 2
   c.progress = True
-  c.on_nonfinite = "stop"  # NaN/Inf in a worker: stop (keep the last checkpoint) or skip the batch
+  # NaN/Inf in a worker: stop (keep the last checkpoint), skip the batch, or quarantine the
+  # worker (masked out inside the step, the others go on; coopjax.with_live_mask)
+  c.on_nonfinite = "stop"
+  c.readmit_after = 0  # quarantine: re-admit a worker after this many steps (0: never)
+  c.disconnected = "error"  # quarantine splits the graph: "error" stops, "fallback" averages
+  c.fault_nan = ""  # a drill: "WORKER@STEP" puts NaN in that worker's batch at that step
   c.sharded = False  # shard the worker axis over the devices (jax.shard_map step)
   c.num_devices = 0  # with sharded: how many devices (0: all); num_workers must be a multiple
   c.fast_compile = False  # XLA backend optimisation off: faster compile, slower steps

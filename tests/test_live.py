@@ -1,0 +1,423 @@
+"""Live masks: masked workers frozen, the live rows mixed with the live weights.
+
+The reference is a NumPy re-derivation: the same algorithm run on the
+(m − 1)-worker problem from the masking step on, with Metropolis–Hastings
+weights built edge by edge on the induced subgraph (the mean over the live
+workers for W = J, EASGD's anchor with |L| workers, DiLoCo's outer step on the
+live mean), the masked row frozen.
+"""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import coopjax
+from coopjax import compress
+from coopjax import mixing
+from coopjax import topology
+from coopjax.parallel import context
+
+M, D = 8, 3
+ETA = 0.1
+ALPHA = 0.1
+STEPS, MASK_AT, DEAD = 8, 4, 3
+CENTRES = np.random.default_rng(0).normal(size=(M, D))
+START = np.random.default_rng(1).normal(size=(M, D))
+
+
+def loss_fn(params, c):
+  return 0.5 * jnp.sum((params["w"] - c) ** 2)
+
+
+def induced_mh(graph: np.ndarray, live: np.ndarray) -> np.ndarray:
+  """MH weights on the live subgraph, edge by edge; masked rows and columns e_i."""
+  n = graph.shape[0]
+  adj = [[j for j in range(n) if j != i and live[i] and live[j] and graph[i, j]] for i in range(n)]
+  W = np.eye(n)
+  for i in range(n):
+    for j in adj[i]:
+      W[i, j] = 1.0 / (1 + max(len(adj[i]), len(adj[j])))
+    W[i, i] = 1.0 - sum(W[i, j] for j in adj[i])
+  return W
+
+
+def support(W):
+  A = np.abs(np.asarray(W)) > 1e-12
+  return (A | A.T) & ~np.eye(A.shape[0], dtype=bool)
+
+
+def reference(name, order, steps, mask_at):
+  """NumPy: rows after ``steps`` steps, worker DEAD masked from step ``mask_at`` on."""
+  X = START.copy()
+  z = START.mean(0) if name == "easgd" else None
+  x_start, trace = START.mean(0), np.zeros(D)
+  X[:] = START
+  if name == "easgd":
+    z = START[0].copy()
+  tau = {"local_sgd": 2, "easgd": 2, "diloco": 2}.get(name, 1)
+  for k in range(1, steps + 1):
+    live = np.ones(M, bool)
+    if k >= mask_at:
+      live[DEAD] = False
+    L = np.flatnonzero(live)
+    U = np.where(live[:, None], -ETA * (X - CENTRES), 0.0)
+    mixes = k % tau == 0
+    base = X + U if order == "step_then_mix" else X
+    if not mixes:
+      X = X + U
+      continue
+    if name == "local_sgd":
+      new = base.copy()
+      new[L] = base[L].mean(0)
+    elif name == "easgd":
+      new = base.copy()
+      new[L] = (1 - ALPHA) * base[L] + ALPHA * z
+      z = (1 - len(L) * ALPHA) * z + ALPHA * base[L].sum(0)
+    elif name == "diloco":
+      delta = x_start - base[L].mean(0)
+      trace = 0.9 * trace + delta
+      x_start = x_start - 0.7 * trace
+      new = base.copy()
+      new[L] = x_start
+    else:
+      if name == "dpsgd_ring":
+        W = topology.ring(M)
+      elif name == "dpsgd_torus":
+        W = topology.torus(2, 4)
+      else:  # one-peer exponential, W_r with r = k - 1 (tau = 1)
+        r = (k - 1) % topology.one_peer_exponential_period(M)
+        W = topology.one_peer_exponential(M, r)
+      if not live.all():
+        W = induced_mh(support(W), live)
+      new = W.T @ base
+    X = new if order == "step_then_mix" else new + U
+  return X, z
+
+
+def make_tx(name, order):
+  sgd = optax.sgd(ETA)
+  if name == "local_sgd":
+    return coopjax.local_sgd(sgd, tau=2, num_workers=M, order=order)
+  if name == "easgd":
+    return coopjax.easgd(sgd, tau=2, alpha=ALPHA, num_workers=M, order=order)
+  if name == "diloco":
+    outer = optax.sgd(0.7, momentum=0.9)
+    return coopjax.diloco(sgd, outer=outer, tau=2, num_workers=M)
+  if name == "dpsgd_ring":
+    return coopjax.dpsgd(sgd, W=topology.ring(M), order=order)
+  if name == "dpsgd_torus":
+    return coopjax.dpsgd(sgd, W=topology.torus(2, 4), order=order)
+  P = topology.one_peer_exponential_period(M)
+  return coopjax.time_varying(
+    sgd, tau=1, schedule=lambda r: topology.one_peer_exponential(M, r), period=P, order=order
+  )
+
+
+def run(tx, sharded, mask_at=None, steps=STEPS):
+  """Rows of X after each step (host arrays), masking DEAD at ``mask_at``."""
+  X = {"w": jnp.asarray(START, jnp.float32)}
+  if tx.layout.num_aux:
+    X = {"w": jnp.concatenate([X["w"], X["w"][:1]])}
+  batch = jnp.asarray(CENTRES, jnp.float32)
+  kwargs = dict(with_consensus=False, with_grad_norm=False, with_loss=False)
+  if sharded:
+    mesh = coopjax.worker_mesh(8)  # one worker per device
+    X = coopjax.shard(X, mesh, tx)
+    state = coopjax.sharding.init(tx, X, mesh)
+    step = coopjax.make_step(loss_fn, tx, mesh=mesh, **kwargs)
+    host = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"])  # noqa: E731
+  else:
+    state = tx.init(X)
+    step = coopjax.make_step(loss_fn, tx, **kwargs)
+    host = lambda X: np.asarray(X["w"])  # noqa: E731
+  rows = []
+  for k in range(1, steps + 1):
+    if mask_at == k:
+      live = np.ones(M, bool)
+      live[DEAD] = False
+      state = coopjax.set_live(tx, state, live)
+    X, state, _ = step(X, state, batch)
+    rows.append(host(X))
+  return rows
+
+
+ALGORITHMS = ["local_sgd", "easgd", "dpsgd_ring", "dpsgd_torus", "diloco", "one_peer_exp"]
+CASES = [
+  (name, order)
+  for name in ALGORITHMS
+  for order in ("step_then_mix", "mix_then_step")
+  if not (name == "diloco" and order == "mix_then_step")
+]
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+@pytest.mark.parametrize("name,order", CASES)
+def test_masked_rows_match_induced_problem(name, order, sharded):
+  tx = make_tx(name, order)
+  today = run(tx, sharded, steps=MASK_AT - 1)
+  masked = run(coopjax.with_live_mask(tx), sharded, mask_at=MASK_AT)
+  # All live (steps before the mask): bit for bit today's iterates.
+  for k in range(MASK_AT - 1):
+    np.testing.assert_array_equal(masked[k], today[k])
+  X_ref, z_ref = reference(name, order, STEPS, MASK_AT)
+  got = masked[-1]
+  np.testing.assert_allclose(got[:M], X_ref, rtol=1e-5, atol=1e-5)
+  # The masked worker is frozen at its row before the masking step.
+  np.testing.assert_array_equal(got[DEAD], masked[MASK_AT - 2][DEAD])
+  if name == "easgd":
+    np.testing.assert_allclose(got[M], z_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unwrapped_program_has_no_live_branch():
+  """Without a live mask no live branch is traced in; with one, the mix gains its cond."""
+  tx = coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(M))
+  X = coopjax.replicate({"w": jnp.zeros(D)}, tx)
+  step = coopjax.make_step(loss_fn, tx)
+  text = step.lower(X, tx.init(X), jnp.zeros((M, D))).as_text()
+  wrapped = coopjax.with_live_mask(tx)
+  wtext = coopjax.make_step(loss_fn, wrapped).lower(X, wrapped.init(X), jnp.zeros((M, D)))
+  assert text.count("stablehlo.case") < wtext.as_text().count("stablehlo.case")
+
+
+@pytest.mark.parametrize("W", [topology.ring(8), topology.torus(2, 4), topology.exponential(8)])
+def test_live_weights_against_edge_by_edge_mh(W):
+  rng = np.random.default_rng(2)
+  for _ in range(4):
+    live = rng.random(8) > 0.3
+    live[0] = True
+    got = np.asarray(mixing.live_weights(W, 8, jnp.asarray(live)))
+    np.testing.assert_allclose(got, induced_mh(support(W), live), atol=1e-6)
+    np.testing.assert_allclose(got.sum(0), 1.0, atol=1e-6)
+
+
+def test_easgd_and_mean_into_aux_rules():
+  live = jnp.array([True, False, True, True])
+  W = np.asarray(mixing.live_weights(topology.easgd(4, 0.2), 4, live))
+  assert W[3 + 1, 3 + 1] == pytest.approx(1 - 3 * 0.2)  # z keeps (1 − |L|α)
+  assert W[1, 4] == 0.0 and W[0, 4] == pytest.approx(0.2)
+  mean = np.asarray(mixing.live_weights(mixing.Mix.mean_into_aux(4).matrix, 4, live))
+  np.testing.assert_allclose(mean[:4, 4], [1 / 3, 0, 1 / 3, 1 / 3], atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quarantine
+
+
+def regression_loss(params, batch):
+  x, y = batch[..., :-1], batch[..., -1]
+  return jnp.mean((x @ params["w"] - y) ** 2)
+
+
+def regression_batches(steps, nan_at, nan_worker, seed=0):
+  rng = np.random.default_rng(seed)
+  w_true = np.array([1.0, -2.0, 0.5])
+  for k in range(1, steps + 1):
+    x = rng.normal(size=(M, 16, 3))
+    y = x @ w_true + 0.01 * rng.normal(size=(M, 16))
+    b = np.concatenate([x, y[..., None]], axis=-1).astype(np.float32)
+    if k == nan_at:
+      b[nan_worker, 0, 0] = np.nan
+    yield jnp.asarray(b)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_quarantine_nan_worker(sharded):
+  base = coopjax.dpsgd(optax.sgd(0.05, momentum=0.5), W=topology.ring(M))
+  tx = coopjax.with_live_mask(base)
+  X = coopjax.replicate({"w": jnp.zeros(3)}, tx)
+  opts = dict(on_nonfinite="quarantine", readmit_after=10, with_consensus=False)
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(X, mesh, tx)
+    state = coopjax.sharding.init(tx, X, mesh)
+    step = coopjax.make_step(regression_loss, tx, mesh=mesh, **opts)
+    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"])  # noqa: E731
+  else:
+    state = tx.init(X)
+    step = coopjax.make_step(regression_loss, tx, **opts)
+    rows = lambda X: np.asarray(X["w"])  # noqa: E731
+  events, losses = [], []
+  for k, batch in enumerate(regression_batches(20, nan_at=4, nan_worker=5), start=1):
+    before = rows(X)
+    X, state, metrics = step(X, state, batch)
+    events += coopjax.live.check_quarantine(metrics, graph=tx.graph)
+    losses.append(float(metrics["loss"]))
+    live = np.asarray(metrics["live"])
+    if 4 <= k < 14:
+      assert not live[5]
+      np.testing.assert_array_equal(rows(X)[5], before[5])  # frozen, finite
+    if bool(np.asarray(metrics["rejoined"])[5]):
+      assert k == 14
+      others = np.delete(rows(X), 5, axis=0)
+      np.testing.assert_allclose(rows(X)[5], others.mean(0), rtol=1e-6, atol=1e-6)
+      trace = coopjax.live.find_live_state(state).inner.local_state[0].trace["w"]
+      np.testing.assert_array_equal(np.asarray(trace)[5], 0.0)  # momentum reset
+  assert events == [(5, 4)]
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.1 * losses[3]  # the others kept learning
+  assert all(np.asarray(metrics["live"]))
+  assert np.all(np.isfinite(rows(X)))
+
+
+def test_quarantine_needs_live_mask():
+  tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=M)
+  with pytest.raises(ValueError, match="with_live_mask"):
+    coopjax.make_step(regression_loss, tx, on_nonfinite="quarantine")
+  with pytest.raises(ValueError, match="readmit_after needs"):
+    coopjax.make_step(regression_loss, tx, readmit_after=3)
+
+
+def test_rejoin_easgd_takes_anchor_and_diloco_outer_model():
+  tx = coopjax.with_live_mask(coopjax.easgd(optax.sgd(0.1), tau=1, alpha=0.1, num_workers=4))
+  X = {"w": jnp.array([1.0, jnp.nan, 3.0, 4.0, 7.0])}
+  state = coopjax.set_live(tx, tx.init(X), [True, False, True, True])
+  X2, state2 = coopjax.rejoin(X, state, tx, jnp.array([False, True, False, False]))
+  assert X2["w"].tolist() == [1.0, 7.0, 3.0, 4.0, 7.0]
+  assert state2.live.tolist() == [True] * 4
+  tx = coopjax.with_live_mask(
+    coopjax.diloco(optax.sgd(0.1), outer=optax.sgd(1.0), tau=1, num_workers=3)
+  )
+  X = coopjax.replicate({"w": jnp.full((), 2.0)}, tx)
+  state = coopjax.set_live(tx, tx.init(X), [True, False, True])
+  X = {"w": jnp.array([5.0, jnp.nan, 6.0])}
+  X2, _ = coopjax.rejoin(X, state, tx, jnp.array([False, True, False]))
+  assert X2["w"].tolist() == [5.0, 2.0, 6.0]  # the outer model x_start
+
+
+# ---------------------------------------------------------------------------------------------
+# Disconnected live subgraph
+
+
+def test_disconnected_error_names_components():
+  tx = coopjax.with_live_mask(coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(6)))
+  state = tx.init(coopjax.replicate({"w": jnp.zeros(2)}, tx))
+  with pytest.raises(ValueError, match=r"2 disconnected components \[\[0, 5\], \[2, 3\]\]"):
+    coopjax.set_live(tx, state, [1, 0, 1, 1, 0, 1])
+  metrics = {
+    "quarantined": np.zeros(6, bool),
+    "step": np.array(9),
+    "live": np.array([1, 0, 1, 1, 0, 1], bool),
+    "live_connected": np.array(False),
+  }
+  with pytest.raises(ValueError, match=r"\[\[0, 5\], \[2, 3\]\]"):
+    coopjax.live.check_quarantine(metrics, graph=tx.graph)
+  assert not bool(mixing.live_connected(topology.ring(6), jnp.array([1, 0, 1, 1, 0, 1], bool)))
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_disconnected_fallback_averages_live_workers(sharded):
+  m = 8
+  tx = coopjax.with_live_mask(
+    coopjax.dpsgd(optax.sgd(0.1), W=topology.ring(m)), disconnected="fallback"
+  )
+  start = np.arange(m, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+  X = {"w": jnp.asarray(start)}
+  live = np.ones(m, bool)
+  live[[1, 5]] = False  # ring split into {2, 3, 4} and {6, 7, 0}
+  zero = jnp.zeros((m, 2))
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(X, mesh, tx)
+    state = coopjax.set_live(tx, coopjax.sharding.init(tx, X, mesh), live)
+    step = coopjax.make_step(lambda p, c: 0.0 * jnp.sum(p["w"] * c), tx, mesh=mesh)
+    X, state, _ = step(X, state, zero)
+    out = np.asarray(coopjax.unshard(X, mesh, tx)["w"])
+  else:
+    state = coopjax.set_live(tx, tx.init(X), live)
+    updates, state = tx.update({"w": zero}, state, X)
+    out = np.asarray(optax.apply_updates(X, updates)["w"])
+  expected = start.copy()
+  expected[live] = start[live].mean(0)
+  np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_docs_example_runs(capsys):
+  """The example of docs/failures.md runs and reports worker 5 at step 3."""
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "failures.md").read_text()
+  code = re.search(r"## Example\n\n```python\n(.*?)```", text, re.S).group(1)
+  exec(compile(code, "failures.md", "exec"), {})
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[2].startswith("3 [(5, 3)]") and lines[6].endswith("[1 1 1 1 1 1 1 1]")
+
+
+def test_group_mean_and_permutation_rules():
+  live = np.array([True, False, True, True, True, False])
+  groups = mixing.Mix.groups([[0, 1, 2], [3, 4, 5]]).matrix
+  W = np.asarray(mixing.live_weights(groups, 6, jnp.asarray(live)))
+  expected = np.eye(6)
+  expected[np.ix_([0, 2], [0, 2])] = 0.5  # the mean over the group's live members
+  expected[np.ix_([3, 4], [3, 4])] = 0.5
+  np.testing.assert_allclose(W, expected, atol=1e-7)
+  swap = mixing.Mix.permutation([1, 0, 3, 2]).matrix
+  P = np.asarray(mixing.live_weights(swap, 4, jnp.array([True, True, False, True])))
+  # 0 and 1 swap; 3's partner is masked: 3 keeps its own row
+  np.testing.assert_array_equal(P, [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+
+
+def test_nonblocking_easgd_masked_from_the_start_matches_easgd():
+  outs = []
+  for make in (coopjax.nonblocking_easgd, coopjax.easgd):
+    tx = coopjax.with_live_mask(make(optax.sgd(ETA), tau=1, alpha=ALPHA, num_workers=4))
+    X = {"w": jnp.asarray(np.concatenate([START[:4], START[:1]]), jnp.float32)}
+    state = coopjax.set_live(tx, tx.init(X), [True, False, True, True])
+    g = {"w": jnp.asarray(CENTRES[:4], jnp.float32)}
+    for _ in range(5):
+      updates, state = tx.update(g, state, X)
+      X = {"w": X["w"] + updates["w"]}
+    outs.append(np.asarray(X["w"][:4]))
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_quarantine_step_all_live_is_bit_identical(sharded):
+  tx = make_tx("dpsgd_ring", "mix_then_step")
+  X = {"w": jnp.asarray(START, jnp.float32)}
+  batch = jnp.asarray(CENTRES, jnp.float32)
+  outs = []
+  for t, opts in ((tx, {}), (coopjax.with_live_mask(tx), {"on_nonfinite": "quarantine"})):
+    if sharded:
+      mesh = coopjax.worker_mesh(8)
+      Y = coopjax.shard(X, mesh, t)
+      state = coopjax.sharding.init(t, Y, mesh)
+      step = coopjax.make_step(loss_fn, t, mesh=mesh, **opts)
+    else:
+      Y, state, step = X, t.init(X), coopjax.make_step(loss_fn, t, **opts)
+    for _ in range(3):
+      Y, state, metrics = step(Y, state, batch)
+    outs.append(np.asarray(Y["w"]))
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_compressed_exchange_under_a_live_mask_sharded_equals_plain():
+  """Mix.exchange with a worker masked: the sharded result equals the dense reference."""
+  mix = mixing.Mix(topology.ring(M), M)
+  live = jnp.ones(M, bool).at[DEAD].set(False)
+  rows = jnp.asarray(np.random.default_rng(3).normal(size=(M, 6)), jnp.float32)
+  rows = rows.at[DEAD].set(jnp.nan)  # a masked worker's NaN never leaks
+  key, comp = jax.random.key(0), compress.top_k(k=2)
+  with context.live_masked(context.LiveContext(live)):
+    own_ref, mixed_ref = mix.exchange({"w": rows}, comp, key, 3)
+  ctx = context.ShardContext("workers", 4, M, 0)
+
+  def per_device(x, lv):
+    with context.sharded(ctx), context.live_masked(context.LiveContext(lv)):
+      return mix.exchange({"w": x}, comp, key, 3)[1]["w"]
+
+  f = jax.jit(
+    jax.shard_map(
+      per_device,
+      mesh=coopjax.worker_mesh(4),
+      in_specs=(P("workers"), P()),
+      out_specs=P("workers"),
+      check_vma=False,
+    )
+  )
+  got = np.asarray(f(rows, live))
+  np.testing.assert_allclose(got, np.asarray(mixed_ref["w"]), rtol=1e-6, atol=1e-6)
+  assert np.all(np.isfinite(np.delete(got, DEAD, axis=0)))
