@@ -150,10 +150,15 @@ def pack_bits(codes: jax.Array, width: int) -> jax.Array:
     grouped = jnp.pad(codes, (0, nbytes * per - n)).reshape(nbytes, per)
     shifts = (jnp.arange(per, dtype=jnp.uint32) * width)[None, :]
     return jnp.sum(grouped << shifts, axis=1, dtype=jnp.uint32).astype(jnp.uint8)
-  bits = (codes[:, None] >> jnp.arange(width, dtype=jnp.uint32)[None, :]) & jnp.uint32(1)
-  bits = jnp.pad(bits.reshape(-1), (0, nbytes * 8 - n * width)).reshape(nbytes, 8)
-  weights = jnp.arange(8, dtype=jnp.uint32)[None, :]
-  return jnp.sum(bits << weights, axis=1, dtype=jnp.uint32).astype(jnp.uint8)
+  # Any other width: 8 codes fill exactly `width` bytes; byte j of a group ORs the codes that
+  # overlap its bits, each shifted into place (no per-bit intermediate).
+  groups = -(-n // 8)
+  grouped = jnp.pad(codes, (0, groups * 8 - n)).reshape(groups, 8)
+  out = [
+    sum(_shifted(grouped[:, t], t * width - 8 * j) for t in _overlapping(j, width))
+    for j in range(width)
+  ]
+  return (jnp.stack(out, axis=1) & jnp.uint32(0xFF)).astype(jnp.uint8).reshape(-1)[:nbytes]
 
 
 def unpack_bits(packed: jax.Array, width: int, n: int) -> jax.Array:
@@ -172,10 +177,29 @@ def unpack_bits(packed: jax.Array, width: int, n: int) -> jax.Array:
     per = 8 // width
     shifts = (jnp.arange(per, dtype=jnp.uint32) * width)[None, :]
     return ((packed[:, None] >> shifts) & mask).reshape(-1)[:n]
-  bits = (packed[:, None] >> jnp.arange(8, dtype=jnp.uint32)[None, :]) & jnp.uint32(1)
-  bits = bits.reshape(-1)[: n * width].reshape(n, width)
-  weights = jnp.arange(width, dtype=jnp.uint32)[None, :]
-  return jnp.sum(bits << weights, axis=1, dtype=jnp.uint32)
+  groups = -(-n // 8)
+  size = groups * width
+  packed = packed[:size] if packed.size >= size else jnp.pad(packed, (0, size - packed.size))
+  grouped = packed.reshape(groups, width)
+  codes = [
+    sum(
+      _shifted(grouped[:, j], 8 * j - t * width)
+      for j in range(width)
+      if t in _overlapping(j, width)
+    )
+    for t in range(8)
+  ]
+  return (jnp.stack(codes, axis=1) & mask).reshape(-1)[:n]
+
+
+def _overlapping(j: int, width: int) -> range:
+  """The codes ``t`` of a group of 8 whose bits ``[t·width, (t+1)·width)`` meet byte ``j``."""
+  return range(max(0, (8 * j - width) // width + 1), min(8, (8 * j + 8 + width - 1) // width))
+
+
+def _shifted(x: jax.Array, shift: int) -> jax.Array:
+  """``x << shift`` for ``shift ≥ 0``, ``x >> −shift`` otherwise (static shift)."""
+  return x << jnp.uint32(shift) if shift >= 0 else x >> jnp.uint32(-shift)
 
 
 def _check_width(width) -> int:
@@ -319,12 +343,18 @@ def random_k(
   .. math::
 
      Q(x)_j = c\, x_j \,[\, j \in S \,], \qquad
-     S = \texttt{jax.random.choice(key, d, (k,), replace=False)}, \qquad
+     S = \text{the } k \text{ indices of largest } \lfloor b_j / 4 \rfloor, \qquad
      c = \begin{cases} d/k & \text{unbiased} \\ 1 & \text{otherwise,} \end{cases}
 
-  with ``k`` as in :func:`top_k`, d the leaf's size. The receiver gets the key,
-  regenerates S and places the values: only the values travel. Unbiased
-  (``E Q(x) = x``) with ``c = d/k``.
+  with ``b = jax.random.bits(key, (d,), uint32)`` (30-bit random keys ``⌊b_j/4⌋``,
+  ties to the lower index), ``k`` as in :func:`top_k`, d the leaf's size: a
+  uniformly drawn k-subset (the order of i.i.d. keys; a tie at the k-th key has
+  probability about ``d/2^30``). The receiver gets the key, regenerates S and
+  places the values: only the values travel. Unbiased (``E Q(x) = x``) with
+  ``c = d/k``. The keys are compared as positive normal float32 numbers (their
+  bits plus ``2^23``, the same order), for which XLA's top-k is fast: drawing
+  S costs about as much as :func:`top_k` with the same k, where a random
+  permutation of the d indices costs a sort of d keys in several rounds.
 
   Payload: ``{"values": x[S]}`` in ``x``'s own precision (``float32``, or the
   bytes of another float dtype as ``uint8`` of shape ``(k, itemsize)``): ``k·itemsize`` bytes.
@@ -360,7 +390,10 @@ def random_k(
 
   def indices(key, d):
     kept = num_kept(d, k=k, fraction=fraction)
-    return jax.random.choice(key, d, (kept,), replace=False).astype(jnp.int32), kept
+    bits = jax.random.bits(key, (d,), jnp.uint32)
+    # 30-bit keys as positive normal floats (same order): lax.top_k is fast on float32.
+    keys = lax.bitcast_convert_type((bits >> 2) + jnp.uint32(1 << 23), jnp.float32)
+    return lax.top_k(keys, kept)[1].astype(jnp.int32), kept
 
   def encode(x, key):
     x = _floating(x, "random_k").reshape(-1)
