@@ -112,11 +112,21 @@ def test_dense_fallback_is_the_only_all_gather(mesh):
   assert sum(c.result_bytes for c in gathers) == m * ROW_BYTES
 
 
-def test_metrics_that_reduce_run_every_step(mesh):
+def test_metrics_that_reduce_run_every_step_with_log_every_1(mesh):
+  m = 16
+  tx = coopjax.local_sgd(optax.sgd(0.1), tau=4, num_workers=m)
+  rep = report(tx, mesh, m, with_loss=True, with_consensus=True, log_every=1)
+  assert rep.every_step() and set(rep.every_step().kinds()) == {"all-reduce"}
+
+
+def test_by_default_with_a_mesh_no_metric_reduces_every_step(mesh):
+  # The default log_every with a mesh (MESH_LOG_EVERY) puts the metrics' all-reduces
+  # under a cond: the off-steps of local SGD carry no collective at all.
   m = 16
   tx = coopjax.local_sgd(optax.sgd(0.1), tau=4, num_workers=m)
   rep = report(tx, mesh, m, with_loss=True, with_consensus=True)
-  assert rep.every_step() and set(rep.every_step().kinds()) == {"all-reduce"}
+  assert not rep.every_step()
+  assert len([c for c in rep if c.kind == "all-reduce"]) > 1  # the mix plus the metrics
 
 
 def test_unsharded_step_has_no_collectives():
