@@ -270,7 +270,10 @@ def test_restore_keeps_types_dtypes_keys_and_meta(tmp_path):
       assert mgr.save(k, state, meta=meta)
     assert mgr.all_steps() == [9, 12]  # max_to_keep
     out = mgr.restore(target=jax.eval_shape(lambda: state))
-    assert mgr.meta(9) == {"config": meta["config"], "data": {"epoch": 3, "position": 1, "lags": [], "paused": []}}
+    assert mgr.meta(9) == {
+      "config": meta["config"],
+      "data": {"epoch": 3, "position": 1, "lags": [], "paused": []},
+    }
   assert type(out["opt_state"]) is type(state["opt_state"])
   assert jax.tree.structure(out) == jax.tree.structure(state)
   assert out["rng"].dtype == state["rng"].dtype
