@@ -8,6 +8,7 @@ imports JAX.
 
 Usage::
 
+  from _devices import add_devices_flag
   from _devices import force_host_devices
 
   ARGS = parse_args() if __name__ == "__main__" else parse_args([])
@@ -19,11 +20,22 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
 
 DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+def add_devices_flag(parser: argparse.ArgumentParser, default: int = 8, help: str | None = None):
+  """Adds ``--devices N``, the number of fake CPU devices, to a benchmark's parser."""
+  parser.add_argument(
+    "--devices",
+    type=int,
+    default=default,
+    help=help or f"number of fake CPU devices when no accelerator is present (default {default})",
+  )
 
 
 def force_host_devices(count: int, extra: Sequence[str] = ()) -> bool:

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 
+from _devices import add_devices_flag
 from _devices import force_host_devices
 
 
@@ -36,12 +37,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=None, help="JSON output path (default: benchmarks/results/)")
   p.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
-  p.add_argument(
-    "--devices",
-    type=int,
-    default=8,
-    help="number of fake CPU devices when no accelerator is present (default 8)",
-  )
+  add_devices_flag(p)
   p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
   return p.parse_args(argv)
 

@@ -47,6 +47,7 @@ import re
 import subprocess
 import sys
 
+from _devices import add_devices_flag
 from _devices import force_host_devices
 
 OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
@@ -56,12 +57,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=None, help="JSON output path (default: print only)")
   p.add_argument("--quick", action="store_true", help="fewer repetitions, smaller batches")
-  p.add_argument(
-    "--devices",
-    type=int,
-    default=8,
-    help="number of fake CPU devices when no accelerator is present (default 8)",
-  )
+  add_devices_flag(p)
   p.add_argument("--workers", type=int, default=8, help="m, the number of workers (default 8)")
   p.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="model (default mlp)")
   p.add_argument("--batch", type=int, default=None, help="per-worker batch (default 32; quick 8)")

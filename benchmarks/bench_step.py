@@ -42,6 +42,7 @@ import json
 import os
 import platform
 
+from _devices import add_devices_flag
 from _devices import force_host_devices
 
 
@@ -52,7 +53,7 @@ def parse_args(argv=None):
   )
   p.add_argument("--rounds", type=int, default=5, help="repetitions of every comparison")
   p.add_argument("--reps", type=int, default=40, help="timed calls per measurement")
-  p.add_argument("--devices", type=int, default=8, help="fake CPU devices for the sharded part")
+  add_devices_flag(p, help="fake CPU devices for the sharded part")
   p.add_argument("--skip-sharded", action="store_true", help="plain step only")
   return p.parse_args(argv)
 
