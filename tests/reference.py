@@ -58,3 +58,34 @@ def cooperative_reference(x0, W, tau, lr, A, b, num_aux=0, order="step_then_mix"
     X = S.T @ (X - lr * G) if order == "step_then_mix" else S.T @ X - lr * G
     history.append(X.copy())
   return X, history
+
+
+def x_init():
+  """``init_params()`` as one flat float64 row ``[w, c]``: every worker's starting point."""
+  p = init_params()
+  return np.concatenate([np.asarray(p["w"], np.float64), [np.float64(p["c"])]])
+
+
+def run_from(tx, X, A, b, steps=None):
+  """``(X, state)`` after ``coopjax.make_step(loss_fn, tx)`` on the batches ``(A[k], b[k])``.
+
+  The run starts at X and ``tx.init(X)`` and takes the first ``steps`` batches (all by default).
+  This drives the library under test; the references above never call it.
+  """
+  import jax.numpy as jnp
+
+  import coopjax
+
+  state = tx.init(X)
+  step = coopjax.make_step(loss_fn, tx)
+  for k in range(A.shape[0] if steps is None else steps):
+    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
+  return X, state
+
+
+def run(tx, A, b, m, v=0, X=None, steps=None):
+  """:func:`run_from` X, by default ``init_params()`` on m workers and v auxiliaries."""
+  import coopjax
+
+  X = coopjax.replicate(init_params(), m, v) if X is None else X
+  return run_from(tx, X, A, b, steps)
