@@ -89,3 +89,28 @@ def run(tx, A, b, m, v=0, X=None, steps=None):
 
   X = coopjax.replicate(init_params(), m, v) if X is None else X
   return run_from(tx, X, A, b, steps)
+
+
+def averaged_model_run(tx, m, v, A, b, lr):
+  """Steps tx from ``init_params()`` and checks the averaged-model identity after every step.
+
+  Paper eq. 14: ``u_{k+1} = u_k − η·m/(m+v)·mean_i g_i(x_i)`` with u the mean over all m + v
+  rows and the gradients written out in NumPy (:func:`np_grad`). Returns ``[(X, u), ...]``, the
+  X after each step and the u it was checked against.
+  """
+  import jax.numpy as jnp
+
+  import coopjax
+
+  X = coopjax.replicate(init_params(), m, v)
+  state = tx.init(X)
+  step = coopjax.make_step(loss_fn, tx)
+  out = []
+  for k in range(A.shape[0]):
+    Xf = flat(X)
+    g = np.mean([np_grad(Xf[i], A[k, i], b[k, i]) for i in range(m)], axis=0)
+    u_expected = Xf.mean(0) - lr * m / (m + v) * g
+    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
+    np.testing.assert_allclose(flat(X).mean(0), u_expected, rtol=1e-5, atol=1e-6)
+    out.append((X, u_expected))
+  return out

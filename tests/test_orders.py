@@ -67,16 +67,7 @@ def test_averaged_model_identity_both_orders(name, order):
   make, v = FAMILY[name]
   m, steps = 6, 5
   A, b = ref.make_batches(steps, m, seed=23)
-  tx = make(m, order)
-  X = coopjax.replicate(ref.init_params(), m, v)
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(steps):
-    Xf = ref.flat(X)
-    g = np.mean([ref.np_grad(Xf[i], A[k, i], b[k, i]) for i in range(m)], axis=0)
-    u_expected = Xf.mean(0) - LR * m / (m + v) * g
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-    np.testing.assert_allclose(ref.flat(X).mean(0), u_expected, rtol=1e-5, atol=1e-6)
+  ref.averaged_model_run(make(m, order), m, v, A, b, LR)
 
 
 def _spread_X(m, v, seed=0):
