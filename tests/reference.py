@@ -66,18 +66,26 @@ def x_init():
   return np.concatenate([np.asarray(p["w"], np.float64), [np.float64(p["c"])]])
 
 
-def run_from(tx, X, A, b, steps=None):
+def run_from(tx, X, A, b, steps=None, single_trace=False):
   """``(X, state)`` after ``coopjax.make_step(loss_fn, tx)`` on the batches ``(A[k], b[k])``.
 
   The run starts at X and ``tx.init(X)`` and takes the first ``steps`` batches (all by default).
-  This drives the library under test; the references above never call it.
+  With ``single_trace`` the step fails if it is traced more than once (mixing and off-steps
+  share one program). This drives the library under test; the references above never call it.
   """
+  import chex
+  import jax
   import jax.numpy as jnp
 
   import coopjax
 
   state = tx.init(X)
-  step = coopjax.make_step(loss_fn, tx)
+  if single_trace:
+    raw = coopjax.make_step(loss_fn, tx, jit=False)
+    chex.clear_trace_counter()
+    step = jax.jit(chex.assert_max_traces(raw, n=1))
+  else:
+    step = coopjax.make_step(loss_fn, tx)
   for k in range(A.shape[0] if steps is None else steps):
     X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
   return X, state

@@ -125,12 +125,8 @@ def test_time_varying_single_trace_and_state_layout():
   state = tx.init(X)
   assert isinstance(state, coopjax.TimeVaryingState)
   assert state._fields == ("count", "local_state")
-  raw = coopjax.make_step(ref.loss_fn, tx, jit=False)
-  chex.clear_trace_counter()
-  step = jax.jit(chex.assert_max_traces(raw, n=1))
   A, b = ref.make_batches(5, m, seed=1)
-  for k in range(5):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
+  X, _ = ref.run_from(tx, X, A, b, single_trace=True)
   chex.assert_shape(X["w"], (m, ref.D))
   chex.assert_tree_all_finite(X)
 
