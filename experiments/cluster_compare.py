@@ -7,7 +7,11 @@ r"""Measured wall-clock on an emulated cluster, beside the α–β model's (need
 
 ``--preset streaming`` runs the set of ``experiments/cluster_streaming.py``
 (DiLoCo against Streaming DiLoCo, uncompressed against compressed gossip and
-averaging) instead, into ``experiments/results/cluster_streaming/``.
+averaging) instead, into ``experiments/results/cluster_streaming/``;
+``--preset streaming --streaming-runs overlap`` Streaming DiLoCo with delays 3
+and 8 as one program per period against the thread-overlapped period
+(:func:`coopjax.parallel.overlap.make_overlapped_period`), into
+``experiments/results/cluster_streaming_overlap/``.
 
 Brings up m nodes (:mod:`benchmarks.cluster`: one network namespace each,
 ``tbf``-limited links), runs one JAX process per node (``jax.distributed``,
@@ -795,6 +799,13 @@ def main(argv=None):
     help="streaming: DiLoCo vs Streaming DiLoCo and compressed gossip/averaging "
     "(experiments/cluster_streaming.py)",
   )
+  parser.add_argument(
+    "--streaming-runs",
+    choices=("main", "overlap"),
+    default="main",
+    help="--preset streaming: the main set, or make_period_step against make_overlapped_period "
+    "(Streaming DiLoCo with delays 3 and 8)",
+  )
   parser.add_argument("--repeats", type=int, default=2, help="--preset streaming: runs of each")
   parser.add_argument("--diloco-steps", type=int, default=160, help="--preset streaming")
   parser.add_argument("--gossip-steps", type=int, default=96, help="--preset streaming")
@@ -859,6 +870,8 @@ def main(argv=None):
     args.sizes = "64,288,288,288,288,10" if streaming else "64,512,448,10"
   if args.outdir is None:
     leaf = "cluster_streaming" if streaming else "cluster"
+    if streaming and args.streaming_runs == "overlap":
+      leaf = "cluster_streaming_overlap"
     args.outdir = os.path.join(ROOT, "experiments", "results", leaf)
   if streaming:
     import cluster_streaming

@@ -85,6 +85,25 @@ RUNS: tuple[tuple[str, str, dict], ...] = (
   ),
 )
 
+#: ``--streaming-runs overlap``: one program per period (the reduction issued first inside it)
+#: against ``make_overlapped_period`` (the reduction as its own program from a second thread),
+#: with delays that leave τ − 1 ≥ 2 steps to overlap.
+OVERLAP_RUNS: tuple[tuple[str, str, dict], ...] = (
+  ("DiLoCo H=16", "diloco", {"kind": "diloco", "H": 16}),
+  ("Streaming P=4 τ=3", "diloco", {"kind": "streaming", "fragments": 4, "bits": 0, "delay": 3}),
+  (
+    "Streaming P=4 τ=3 thread",
+    "diloco",
+    {"kind": "streaming", "fragments": 4, "bits": 0, "delay": 3, "overlap": "thread"},
+  ),
+  ("Streaming P=1 τ=8", "diloco", {"kind": "streaming", "fragments": 1, "bits": 0, "delay": 8}),
+  (
+    "Streaming P=1 τ=8 thread",
+    "diloco",
+    {"kind": "streaming", "fragments": 1, "bits": 0, "delay": 8, "overlap": "thread"},
+  ),
+)
+
 #: The compute-only runs (t_c), one per way of running: local SGD that never mixes.
 COMPUTE = (
   ("compute (one program per step)", "compute", {"kind": "compute", "path": "step"}),
@@ -130,7 +149,7 @@ def build(options: dict, cfg: dict, m: int):
   if kind == "diloco":
     return coopjax.diloco(local, outer=outer, tau=H, num_workers=m), 0, H
   if kind == "streaming":
-    P, delay = options["fragments"], cfg["delay"]
+    P, delay = options["fragments"], options.get("delay", cfg["delay"])
     tx = coopjax.streaming_diloco(
       local,
       outer=outer,
@@ -205,6 +224,7 @@ def node_runs(spec: dict, mesh, m: int, params0: dict, host_batch, stacked) -> d
   import coopjax
   from benchmarks.cluster import node
   from coopjax import sharding
+  from coopjax.parallel import overlap
 
   cfg = spec["config"]
   kw = cc.STEP_KW
@@ -222,6 +242,11 @@ def node_runs(spec: dict, mesh, m: int, params0: dict, host_batch, stacked) -> d
     steps = spec["steps"][label]
     if path_of(options) == "step":
       programs = {"step": coopjax.make_step(cc.mlp_loss, tx, mesh=mesh, **kw)}
+    elif options.get("overlap") == "thread":
+      period_program = overlap.make_overlapped_period(cc.mlp_loss, tx, mesh, tau=period, **kw)
+      programs = {"period": period_program}
+      if prelude:
+        programs["prelude"] = coopjax.make_period_step(cc.mlp_loss, tx, mesh, consume_at=0, **kw)
     else:
       programs = {"period": coopjax.make_period_step(cc.mlp_loss, tx, mesh, **kw)}
       if prelude:
@@ -278,7 +303,8 @@ def node_runs(spec: dict, mesh, m: int, params0: dict, host_batch, stacked) -> d
 
 def make_spec(args) -> dict:
   steps = {}
-  for label, group, _ in COMPUTE + RUNS:
+  runs = COMPUTE + (OVERLAP_RUNS if getattr(args, "streaming_runs", "main") == "overlap" else RUNS)
+  for label, group, _ in runs:
     if group == "compute":
       steps[label] = args.compute_steps
     elif group == "diloco":
@@ -297,7 +323,7 @@ def make_spec(args) -> dict:
     "timeout": 1800,
     "params": {},
     "config": {"lr": args.lr, **DEFAULTS},
-    "runs": [list(r) for r in COMPUTE + RUNS],
+    "runs": [list(r) for r in runs],
     "steps": steps,
     "repeats": args.repeats,
   }
@@ -372,7 +398,7 @@ def analyse_preset(flat: list, args) -> dict:
     steps = len(losses(label))
     tc = t_c[path_of(options)]
     syncs = [(k, pattern.MixCost(**c)) for k, c in info[label]["syncs"] if k <= steps]
-    delay = DEFAULTS["delay"] if options["kind"] == "streaming" else 0
+    delay = options.get("delay", DEFAULTS["delay"]) if options["kind"] == "streaming" else 0
     model = {}
     for which in ("nominal", "calibrated"):
       net = nets[which]
@@ -473,10 +499,19 @@ def plot(result: dict, outdir: str) -> None:
   import matplotlib.pyplot as plt
 
   rows = result["rows"]
-  panels = (("diloco", "DiLoCo vs Streaming DiLoCo"), (("ring", "periodic"), "gossip / averaging"))
-  fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+  present = {row["group"] for row in rows.values()}
+  panels = [
+    (groups, title)
+    for groups, title in (
+      (("diloco",), "DiLoCo vs Streaming DiLoCo"),
+      (("ring", "periodic"), "gossip / averaging"),
+    )
+    if present & set(groups)
+  ]
+  fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+  axes = axes[0]
   for ax, (groups, title) in zip(axes, panels, strict=True):
-    groups = (groups,) if isinstance(groups, str) else groups
+    groups = [g for g in groups if g in present]
     i = 0
     for label, row in rows.items():
       if row["group"] not in groups:
@@ -525,6 +560,13 @@ def plot(result: dict, outdir: str) -> None:
   )
 
 
+def _program(row: dict) -> str:
+  """How the run executes: one program per step, per period, or the thread-overlapped period."""
+  if row["path"] != "period":
+    return "step"
+  return "period, reduce on a thread" if row["options"].get("overlap") == "thread" else "period"
+
+
 def _fmt(v, f="{:.2f}"):
   return "—" if v is None else f.format(v)
 
@@ -570,7 +612,7 @@ def write_summary(result: dict, args, outdir: str, command: str) -> str:
     mt = [t for t in r["measured_time_to_target_s"] if t is not None]
     mod = r["modelled_time_to_target_s"]
     lines.append(
-      f"| {label} | {'period' if r['path'] == 'period' else 'step'} | {r['steps']} "
+      f"| {label} | {_program(r)} | {r['steps']} "
       f"| {r['measured_step_s'] * 1e3:.1f} ({min(rep) * 1e3:.1f}–{max(rep) * 1e3:.1f}) "
       f"| {r['measured_step_median_over_periods_s'] * 1e3:.1f} "
       f"| {r['modelled_step_s']['calibrated']['blocking'] * 1e3:.1f} "
