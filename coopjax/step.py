@@ -194,6 +194,26 @@ def _apply_updates(X: PyTree, updates: PyTree) -> PyTree:
   )
 
 
+def _merge_live(X: PyTree, merged: PyTree, opt_state: PyTree, m: int) -> PyTree:
+  """``merged`` on the live workers' rows, ``X`` on the masked ones (a masked worker is frozen).
+
+  Without a live mask in ``opt_state`` this is ``merged``. With one, the rows
+  of the workers it masks (including those quarantined at this step, whose
+  auxiliary output may be non-finite) keep their values; auxiliary rows come
+  from ``merged``.
+  """
+  ls = live_lib.find_live_state(opt_state)
+  if ls is None:
+    return merged
+  keep = mixing.local_live(ls.live)
+  old, _ = mixing.split_rows(X, m)
+  new, aux = mixing.split_rows(merged, m)
+  rows = jax.tree.map(
+    lambda n, o: jnp.where(keep.reshape(keep.shape + (1,) * (n.ndim - 1)), n, o), new, old
+  )
+  return mixing.join_rows(rows, aux)
+
+
 def make_step(
   loss_fn: Callable[..., Any],
   tx: optax.GradientTransformation,
@@ -233,7 +253,9 @@ def make_step(
     merge_aux: optional ``merge_aux(X, aux) -> X`` applied before the
       transformation, e.g. :func:`coopjax.models.merge_batch_stats` to write
       fresh BatchNorm statistics into X, so that a mixing step mixes (or, with
-      a ``mix_mask``, keeps local) the current statistics.
+      a ``mix_mask``, keeps local) the current statistics. Under a live mask
+      (:func:`coopjax.with_live_mask`) only the live workers' rows are
+      written: a masked or just quarantined worker's row stays as it was.
     with_consensus: report ``consensus_distance`` ``‖X_{k+1}(I − J)‖²_F``
       over the mixed leaves (:func:`coopjax.consensus_distance`).
     with_grad_norm: report ``avg_grad_norm`` ``‖(1/m)Σ_i g_i‖``, the norm of
@@ -370,10 +392,10 @@ def make_step(
       X_workers, _ = mixing.split_rows(X, m)
       value, grads = _worker_grads(loss_fn, has_aux, rows)(X_workers, batch)
       losses, aux = value if has_aux else (value, None)
-      if merge_aux is not None:
-        X = merge_aux(X, aux)
       if quarantine:
         opt_state, grads, q = _quarantine(losses, grads, X_workers, opt_state, ctx)
+      if merge_aux is not None:
+        X = _merge_live(X, merge_aux(X, aux), opt_state, m)
       updates, opt_state = tx.update(grads, opt_state, X, value=losses)
       X_new = _apply_updates(X, updates)
       metrics = {"worker_loss": losses, "step": step_count(opt_state)}

@@ -265,6 +265,54 @@ def test_quarantine_nan_worker(sharded):
   assert np.all(np.isfinite(rows(X)))
 
 
+def stats_loss(variables, batch):
+  """Regression with a per-worker statistic (the batch mean of x) as aux, like BatchNorm's."""
+  x = batch[..., :-1]
+  return regression_loss(variables["params"], batch), {"mean": jnp.mean(x, axis=0)}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_merge_aux_leaves_masked_rows_frozen(sharded):
+  """merge_aux writes the live workers' statistics only: a quarantined row keeps its own."""
+  tx = coopjax.with_live_mask(
+    coopjax.local_sgd(
+      optax.sgd(0.05), tau=2, num_workers=M, mix_mask={"params": True, "batch_stats": False}
+    )
+  )
+  X = coopjax.replicate({"params": {"w": jnp.zeros(3)}, "batch_stats": {"mean": jnp.zeros(3)}}, tx)
+  opts = dict(
+    has_aux=True,
+    merge_aux=coopjax.models.merge_batch_stats,
+    on_nonfinite="quarantine",
+    readmit_after=4,
+    log_every=1,
+  )
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(X, mesh, tx)
+    state = coopjax.sharding.init(tx, X, mesh)
+    step = coopjax.make_step(stats_loss, tx, mesh=mesh, **opts)
+    stats = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["batch_stats"]["mean"])  # noqa: E731
+  else:
+    state = tx.init(X)
+    step = coopjax.make_step(stats_loss, tx, **opts)
+    stats = lambda X: np.asarray(X["batch_stats"]["mean"])  # noqa: E731
+  for k, batch in enumerate(regression_batches(10, nan_at=3, nan_worker=5), start=1):
+    before = stats(X)
+    X, state, metrics = step(X, state, batch)
+    live = np.asarray(metrics["live"])
+    expected = np.asarray(batch[..., :-1]).mean(axis=1)  # NumPy: each worker's batch mean
+    if 3 <= k < 8:  # masked at step 3, re-admitted at step 8 (k ≥ 3 + 4, k mod τ = 0)
+      assert not live[5]
+      np.testing.assert_array_equal(stats(X)[5], before[5])  # frozen and finite
+      expected[5] = before[5]
+    if k == 8:
+      assert live[5]
+      expected[5] = np.delete(expected, 5, axis=0).mean(0)  # rejoined at the others' mean
+    np.testing.assert_allclose(stats(X), expected, rtol=1e-6, atol=1e-6)
+  assert coopjax.live.find_live_state(state).live.all()
+
+
 def test_quarantine_needs_live_mask():
   tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=M)
   with pytest.raises(ValueError, match="with_live_mask"):
