@@ -244,8 +244,29 @@ def _where_rows(keep, new: PyTree, old: PyTree) -> PyTree:
   )
 
 
+def _check_workers(workers, m: int) -> jax.Array:
+  """``workers`` as an array of m flags; indices (or any other shape) are refused."""
+  workers = jnp.asarray(workers)
+  hint = f"to re-admit workers by index, pass np.isin(np.arange({m}), indices)"
+  if workers.shape != (m,):
+    raise ValueError(
+      f"workers must be a bool mask of shape ({m},), one flag per worker, got shape "
+      f"{workers.shape}; {hint}."
+    )
+  if workers.dtype != jnp.bool_ and not isinstance(workers, jax.core.Tracer):
+    values = np.asarray(workers)
+    if np.any((values != 0) & (values != 1)):
+      raise ValueError(
+        f"workers must be a bool mask over the {m} workers, got values {values.tolist()}; {hint}."
+      )
+  return workers
+
+
 def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers) -> tuple:
   r"""Re-admits ``workers`` (bool [m]): model, optimizer state and mask (pure, jittable).
+
+  ``workers`` is a mask over the m workers, not a list of indices (a list of
+  another length raises); workers already live are left as they are.
 
   For each re-admitted worker r:
 
@@ -279,7 +300,8 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   if ls is None:
     raise ValueError("opt_state holds no LiveMaskState; build tx with coopjax.with_live_mask.")
   m, v = tx.layout
-  workers = jnp.asarray(workers).astype(bool) & jnp.logical_not(ls.live)
+  workers = _check_workers(workers, m)
+  workers = workers.astype(bool) & jnp.logical_not(ls.live)
   coop = [s for s in jax.tree.leaves(ls.inner, is_leaf=_has_count) if _has_count(s)][0]
   rows, aux = mixing.split_rows(X, m)
   if hasattr(coop, "x_start"):

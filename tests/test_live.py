@@ -338,6 +338,18 @@ def test_rejoin_easgd_takes_anchor_and_diloco_outer_model():
   assert X2["w"].tolist() == [5.0, 2.0, 6.0]  # the outer model x_start
 
 
+def test_rejoin_takes_a_mask_and_refuses_indices():
+  tx = coopjax.with_live_mask(coopjax.local_sgd(optax.sgd(0.1), tau=1, num_workers=4))
+  X = {"w": jnp.array([1.0, 10.0, 3.0, 20.0])}
+  state = coopjax.set_live(tx, tx.init(X), [True, False, True, False])
+  for indices in ([3], [1, 3], [0, 1, 2, 3]):  # indices, not a mask: refused
+    with pytest.raises(ValueError, match="bool mask"):
+      coopjax.rejoin(X, state, tx, indices)
+  X2, state2 = coopjax.rejoin(X, state, tx, np.array([False, False, False, True]))
+  np.testing.assert_array_equal(X2["w"], [1.0, 10.0, 3.0, np.mean([1.0, 3.0])])  # 1 stays out
+  assert state2.live.tolist() == [True, False, True, True]
+
+
 # ---------------------------------------------------------------------------------------------
 # Disconnected live subgraph
 
