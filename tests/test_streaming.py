@@ -192,6 +192,36 @@ def test_fragment_partition_and_errors():
     tx.init(coopjax.replicate(ref.init_params(), 2))
 
 
+@pytest.mark.parametrize(
+  "compressor,block",
+  [
+    (compress.top_k(fraction=0.5), 8),  # k over the whole buffer, not per row
+    (compress.qsgd(4, unbiased=False), 8),  # one norm per buffer
+    (compress.scaled_sign(), 8),  # one scale per buffer
+    (compress.int4(), 7),  # an odd row splits a byte between two rows
+  ],
+  ids=["top_k", "qsgd", "scaled_sign", "int4-odd"],
+)
+def test_compressors_that_are_not_row_wise_are_refused(compressor, block):
+  sgd = optax.sgd(0.1)
+  with pytest.raises(ValueError, match="must quantize row by row"):
+    coopjax.streaming_diloco(
+      sgd, outer=sgd, H=4, fragments=2, num_workers=2, compressor=compressor, block_size=block
+    )
+
+
+def test_row_wise_compressors_are_accepted_and_quantize_each_row():
+  """int8 on a two-row buffer: each row scaled by its own max|x|/127 (NumPy)."""
+  sgd = optax.sgd(0.1)
+  for q in (compress.int8(), compress.int4(), compress.identity()):
+    coopjax.streaming_diloco(sgd, outer=sgd, H=4, fragments=2, num_workers=2, compressor=q)
+  x = np.array([[1.0, -0.5, 0.25, 2.0], [300.0, 1.0, -127.0, 5.0]], np.float32)
+  q, key = compress.int8(), jax.random.key(0)
+  scale = np.abs(x).max(1, keepdims=True) * np.float32(1 / 127)
+  expected = np.round(x * (np.float32(1) / scale)) * scale
+  np.testing.assert_allclose(q.decode(q.encode(jnp.asarray(x), key), x, key), expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_mean_is_torchft_arithmetic_with_the_written_out_quantizer(bits):
   """Q(mean_i Q(x_i)), Q the per-row absmax quantizer written out in NumPy (float32)."""
