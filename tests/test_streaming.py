@@ -394,6 +394,35 @@ def test_quantized_collectives_are_u8_of_a_fragment_at_4_bits(mesh):
   assert cost.bytes_sent(16384) == pytest.approx(2 * 7 / 8 * expected)  # a ring's 2(m − 1)/m
 
 
+@pytest.mark.parametrize("compressor", [None, compress.int4()], ids=["float32", "int4"])
+def test_cost_record_is_priced_by_the_mixed_leaves(compressor):
+  """With a mix_mask, ``bytes_sent`` of the mixed leaves' bytes is the closed-form payload.
+
+  The kept-local leaf (a BatchNorm-like statistic) is in no fragment; as for every
+  other algorithm, a model's bytes are those of the leaves that mix.
+  """
+  m, block = 8, 16
+  model = {"params": {"u": jnp.zeros((6, 8)), "v": jnp.zeros(20)}, "stats": jnp.zeros(100)}
+  tx = coopjax.streaming_diloco(
+    optax.sgd(0.1),
+    outer=optax.sgd(0.7),
+    H=4,
+    fragments=2,
+    num_workers=m,
+    compressor=compressor,
+    block_size=block,
+    mix_mask={"params": True, "stats": False},
+  )
+  state = tx.init(coopjax.replicate(model, m))
+  size = 48  # the largest fragment, "u" (48 values; 3 rows of 16)
+  payload = 4 * size if compressor is None else size // 2 + 4 * (size // block)
+  assert tx.bytes_per_sync(model) == payload
+  mixed_bytes = 4 * (48 + 20)
+  cost = tx.comm(2, state)
+  assert cost.bytes_sent(mixed_bytes) == pytest.approx(2 * (m - 1) / m * payload)
+  assert cost.fraction == pytest.approx(4 * size / mixed_bytes)
+
+
 def test_period_program_issues_the_reduction_before_the_delayed_steps(mesh):
   m = 8  # torchft, H = 4, P = 2, τ = 1: h = 2, snapshots at 1, 3, 5 …
   tx = streaming(m)

@@ -552,7 +552,12 @@ def streaming_diloco(
     if opt_state is not None:
       (state,) = [s for s in overlap_states(opt_state) if isinstance(s, StreamingDiLoCoState)]
       P = len(state.outer_states)
-      model = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.x_start))
+      synced = mixing.leaf_flags(mix_mask, state.x_start)  # the mixed leaves: a model's bytes
+      model = sum(
+        x.size * x.dtype.itemsize
+        for x, keep in zip(jax.tree.leaves(state.x_start), synced, strict=True)
+        if keep
+      )
       size, dtype = state.pending.shape[1], state.pending.dtype
       dense = size * jnp.dtype(dtype).itemsize
       fraction, wire_fraction = dense / model, _wire_bytes(size, dtype) / dense
