@@ -261,7 +261,9 @@ def make_step(
     with_grad_norm: report ``avg_grad_norm`` ``‖(1/m)Σ_i g_i‖``, the norm of
       the averaged gradient that moves u_k (eq. 14); when the models agree it
       is the averaged model's stochastic gradient norm.
-    with_loss: report ``loss``, the mean over workers.
+    with_loss: report ``loss``, the mean over workers. Under a live mask
+      (:func:`coopjax.with_live_mask`) the reducing metrics (``loss``,
+      ``consensus_distance``, ``avg_grad_norm``) are over the live workers.
     consensus_mask: the leaves the consensus distance counts: None (default)
       for the leaves ``tx`` mixes (its ``mix_mask``; all leaves when it has
       none), True for all leaves, or a pytree prefix of X with booleans.
@@ -404,9 +406,10 @@ def make_step(
         metrics.update(q)
       if check_finite:
         metrics.update(diagnostics.finite_metrics(losses, grads, X, X_new))
-      scope = (
-        context.live_masked(context.LiveContext(metrics["live"]))
-        if quarantine
+      live_state = live_lib.find_live_state(opt_state)
+      scope = (  # metrics over the live workers: a masked worker's row may be non-finite
+        context.live_masked(context.LiveContext(live_state.live))
+        if live_state is not None
         else contextlib.nullcontext()
       )
       with scope:

@@ -313,6 +313,44 @@ def test_merge_aux_leaves_masked_rows_frozen(sharded):
   assert coopjax.live.find_live_state(state).live.all()
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded):
+  """set_live without quarantine: loss, consensus and gradient norm leave the masked row out."""
+  tx = coopjax.with_live_mask(coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=M))
+  start = {"w": jnp.asarray(START, jnp.float32).at[DEAD].set(jnp.nan)}  # the masked worker broke
+  live = np.arange(M) != DEAD
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(start, mesh, tx)
+    state = coopjax.set_live(tx, coopjax.sharding.init(tx, X, mesh), live)
+    step = coopjax.make_step(regression_loss, tx, mesh=mesh, log_every=1)
+    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"], np.float64)  # noqa: E731
+  else:
+    X = start
+    state = coopjax.set_live(tx, tx.init(X), live)
+    step = coopjax.make_step(regression_loss, tx, log_every=1)
+    rows = lambda X: np.asarray(X["w"], np.float64)  # noqa: E731
+  for batch in regression_batches(3, nan_at=0, nan_worker=0):
+    before = rows(X)
+    X, state, metrics = step(X, state, batch)
+    b = np.asarray(batch, np.float64)
+    x, y = b[live, :, :-1], b[live, :, -1]
+    residual = np.einsum("wnd,wd->wn", x, before[live]) - y
+    losses = np.mean(residual**2, axis=1)
+    grads = 2 * np.einsum("wn,wnd->wd", residual, x) / x.shape[1]
+    after = rows(X)[live]
+    np.testing.assert_allclose(float(metrics["loss"]), losses.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+      float(metrics["avg_grad_norm"]), np.linalg.norm(grads.mean(0)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      float(metrics["consensus_distance"]),
+      np.sum((after - after.mean(0)) ** 2),
+      rtol=1e-4,
+      atol=1e-10,
+    )
+
+
 def test_quarantine_needs_live_mask():
   tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=M)
   with pytest.raises(ValueError, match="with_live_mask"):
