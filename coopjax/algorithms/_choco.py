@@ -258,4 +258,19 @@ def choco(
     warmup_steps=warmup_steps,
   )
   described["tx"] = tx
-  return tx.describe(gamma=gamma, compressor=compressor, choco_order=order, hat_init=hat_init)
+
+  def resized(X, opt_state):
+    """``opt_state`` with every CHOCO state's ``s`` re-derived as ``W·x̂`` for this W.
+
+    After a change of workers (:func:`coopjax.elastic.resize`) the kept rows of
+    ``s`` sum the old neighbours' copies: left so, ``Σ_i (s_i − x̂_i) ≠ 0`` and
+    every consensus step would move the worker mean by ``γ`` times it.
+    """
+    is_choco = lambda x: isinstance(x, ChocoState)  # noqa: E731
+    return jax.tree.map(
+      lambda x: x._replace(s=mix(x.hat)) if is_choco(x) else x, opt_state, is_leaf=is_choco
+    )
+
+  return tx.describe(
+    gamma=gamma, compressor=compressor, choco_order=order, hat_init=hat_init, resized=resized
+  )
