@@ -246,7 +246,7 @@ def resize(
     from ``new_tx.init``.
 
   State that is a function of W is then re-derived for ``new_tx`` (its
-  ``resized(X′, opt_state′)`` hook): CHOCO-SGD's ``s = W·x̂`` from the kept
+  ``resized(opt_state′)`` hook): CHOCO-SGD's ``s = W·x̂`` from the kept
   and fresh copies ``x̂`` and the new W (kept as it was, it would hold the old
   neighbours' sums and shift the worker mean at every consensus step).
 
@@ -309,7 +309,7 @@ def resize(
   leaves = [_state_leaf(o, f, rmap, v) for o, f in zip(old_leaves, fresh_leaves, strict=True)]
   state = jax.tree.unflatten(old_def, leaves)
   rederive = getattr(new_tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
-  return X_new, (state if rederive is None else rederive(X_new, state))
+  return X_new, (state if rederive is None else rederive(state))
 
 
 def _layout(tx, name: str) -> Layout:

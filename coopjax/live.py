@@ -220,10 +220,14 @@ def set_live(tx: CooperativeTransformation, opt_state: PyTree, live, *, step=Non
     step = int(from_state[0].count) if from_state else 0
   old = np.asarray(ls.live)
   since = np.where(old & ~live, step, np.where(live, 0, np.asarray(ls.down_since)))
+  inner = ls.inner
+  rederive = getattr(tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
+  if rederive is not None and live.all() and not old.all():
+    inner = jax.tree.map(_placed_like, rederive(inner), inner)
   new = LiveMaskState(
     _placed_like(jnp.asarray(live, bool), ls.live),
     _placed_like(jnp.asarray(since, jnp.int32), ls.down_since),
-    ls.inner,
+    inner,
   )
   return replace_live_state(opt_state, new)
 
@@ -320,9 +324,11 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   fresh = reset_local_state(coop.local_state, jax.vmap(tx.local.init)(rows))
   new_coop = coop._replace(local_state=_where_rows(local, fresh, coop.local_state))
   inner = jax.tree.map(lambda s: new_coop if s is coop else s, ls.inner, is_leaf=_has_count)
-  new = LiveMaskState(
-    ls.live | workers, jnp.where(workers, 0, ls.down_since).astype(jnp.int32), inner
-  )
+  live = ls.live | workers
+  rederive = getattr(tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
+  if rederive is not None:  # all live again: the full W's sums
+    inner = jax.lax.cond(jnp.all(live), rederive, lambda s: s, inner)
+  new = LiveMaskState(live, jnp.where(workers, 0, ls.down_since).astype(jnp.int32), inner)
   return mixing.join_rows(rows, aux), replace_live_state(opt_state, new)
 
 

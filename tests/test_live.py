@@ -351,6 +351,49 @@ def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded):
     )
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_choco_under_a_mask_keeps_the_live_mean_and_rejoins_with_the_full_sums(sharded):
+  """With η = 0 only consensus moves X: it must keep the mean of the workers that mix.
+
+  CHOCO's running sums s = W·x̂ hold the full W's history; under a mask the live
+  weights W_L apply, and after a rejoin s must again be W·x̂ (NumPy), or the mean
+  drifts at every consensus step.
+  """
+  tx = coopjax.with_live_mask(
+    coopjax.choco(
+      optax.sgd(0.0), tau=1, W=topology.ring(M), compressor=compress.top_k(k=1), gamma=0.4
+    )
+  )
+  X = {"w": jnp.asarray(START, jnp.float32)}
+  live = np.arange(M) != DEAD
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(X, mesh, tx)
+    state = coopjax.sharding.init(tx, X, mesh)
+    step = coopjax.make_step(regression_loss, tx, mesh=mesh)
+    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"], np.float64)  # noqa: E731
+  else:
+    state = tx.init(X)
+    step = coopjax.make_step(regression_loss, tx)
+    rows = lambda X: np.asarray(X["w"], np.float64)  # noqa: E731
+  batches = regression_batches(24, nan_at=0, nan_worker=0)
+  for _ in range(4):
+    X, state, _ = step(X, state, next(batches))
+  state = coopjax.set_live(tx, state, live)
+  live_mean = rows(X)[live].mean(0)
+  for _ in range(10):
+    X, state, _ = step(X, state, next(batches))
+  np.testing.assert_allclose(rows(X)[live].mean(0), live_mean, atol=1e-5)
+  X, state = coopjax.rejoin(X, state, tx, ~live)
+  inner = coopjax.live.find_live_state(state).inner
+  hat, sums = np.asarray(inner.hat["w"], np.float64), np.asarray(inner.s["w"], np.float64)
+  np.testing.assert_allclose(sums, np.asarray(topology.ring(M)).T @ hat, atol=1e-5)
+  mean = rows(X).mean(0)
+  for _ in range(10):
+    X, state, _ = step(X, state, next(batches))
+  np.testing.assert_allclose(rows(X).mean(0), mean, atol=1e-5)
+
+
 def test_quarantine_needs_live_mask():
   tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=M)
   with pytest.raises(ValueError, match="with_live_mask"):

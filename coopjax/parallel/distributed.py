@@ -330,7 +330,7 @@ def drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh):
   state = jax.tree.unflatten(old_def, leaves)
   rederive = getattr(new_tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
   if rederive is not None:
-    derived = rederive(X_new, state)
+    derived = rederive(state)
     state = jax.tree.map(lambda d, s: jax.device_put(d, s.sharding), derived, state)
   return X_new, state
 
