@@ -246,8 +246,8 @@ def make_step(
       ``(scalar, aux)`` with ``has_aux=True``); checked while tracing.
     tx: a coopjax transformation (e.g. :func:`coopjax.local_sgd`), possibly
       inside ``optax.chain``. Its layout (``tx.layout``: m and v) checks X.
-    num_workers: m; the batch's leading axis is checked against it (the
-      transformation checks it too).
+    num_workers: m; the batch's leading axis is checked against it (default:
+      the m of ``tx.layout``, when ``tx`` has one).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is reported per
       worker in ``metrics["aux"]``.
     merge_aux: optional ``merge_aux(X, aux) -> X`` applied before the
@@ -363,6 +363,9 @@ def make_step(
   live_tx = _live_tx(tx) if quarantine else None
   layout = _layout_of_tx(tx)
   source = f"num_workers={num_workers}"
+  if num_workers is None and layout is not None:  # the batch's rows are the workers of tx
+    num_workers = layout.num_workers
+    source = f"tx has {num_workers} workers (tx.layout)"
   mask = tx if consensus_mask is None else consensus_mask
   on = {"loss": with_loss, "consensus_distance": with_consensus, "avg_grad_norm": with_grad_norm}
   tx = optax.with_extra_args_support(tx)
