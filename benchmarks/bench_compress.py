@@ -50,8 +50,9 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
+
+from _devices import force_host_devices
 
 SECTIONS = ("choco", "error_feedback", "streaming", "codecs")
 DEVICES = 8
@@ -76,19 +77,19 @@ def parse_args(argv=None):
 
 ARGS = parse_args() if __name__ == "__main__" else parse_args([])
 ARGS.sharded = ARGS.sharded or "sharded" in (ARGS.only or ())
-if __name__ == "__main__" and ARGS.sharded and "jax" not in sys.modules:
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+if __name__ == "__main__" and ARGS.sharded:
+  force_host_devices(DEVICES)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from _timing import run_steps  # noqa: E402
+from _timing import spread  # noqa: E402
+from _timing import timeit_alternating  # noqa: E402
+from _timing import timeit_pair  # noqa: E402
 from bench_devices import mlp_init  # noqa: E402
 from bench_devices import mlp_loss  # noqa: E402
 from bench_step import make_batches  # noqa: E402
-from bench_step import spread  # noqa: E402
-from bench_step import timeit_pair  # noqa: E402
 
 import coopjax  # noqa: E402
 from coopjax import compress  # noqa: E402
@@ -107,18 +108,6 @@ def compressors():
     "scaled_sign": compress.scaled_sign(),
     "int4": compress.int4(),
   }
-
-
-def run_steps(step, batches):
-  """``s -> s`` after one step per batch (one call = one period)."""
-
-  def period(s):
-    X, state = s
-    for batch in batches:
-      X, state, _ = step(X, state, batch)
-    return X, state
-
-  return period
 
 
 def fresh(tx, params):
@@ -329,15 +318,8 @@ def bench_sharded(rounds, reps, params, host_batches):
     ),
   }
 
-  def run(step):
-    def period(s):
-      X, state = s
-      for batch in batches:
-        X, state, _ = step(X, state, batch)
-        jax.block_until_ready(X)  # fake CPU devices: wait for every step
-      return X, state
-
-    return period
+  def run(step):  # fake CPU devices: wait for every step
+    return run_steps(step, batches, wait=True)
 
   def fresh_sharded(tx):
     X = coopjax.shard(coopjax.replicate(params, M), mesh)
@@ -379,19 +361,12 @@ def bench_codecs(rounds, reps):
   for name, q in codecs.items():
     roundtrip = jax.jit(lambda x, key, q=q: q.decode(q.encode(x, key), x, key))
     encode = jax.jit(q.encode)
-    jax.block_until_ready((roundtrip(x, key), encode(x, key)))
+    calls = [lambda _, f=roundtrip: f(x, key), lambda _, f=encode: f(x, key)]
     rt, en = [], []
-    for _ in range(rounds):
-      a, b = [], []
-      for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(roundtrip(x, key))
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        jax.block_until_ready(encode(x, key))
-        b.append(time.perf_counter() - t)
-      rt.append(statistics.median(a) * 1e6)
-      en.append(statistics.median(b) * 1e6)
+    for i in range(rounds):
+      a, b = timeit_alternating(calls, [None, None], reps, warmup=1 if i == 0 else 0)
+      rt.append(a * 1e6)
+      en.append(b * 1e6)
     out[name] = {"roundtrip_us": spread(rt), "encode_us": spread(en)}
     print(
       f"{name:14s} roundtrip {statistics.median(rt):10.0f} µs  encode {statistics.median(en):10.0f} µs"

@@ -28,37 +28,29 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import sys
-import time
+
+from _devices import add_devices_flag
+from _devices import force_host_devices
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=None, help="JSON output path (default: benchmarks/results/)")
   p.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
-  p.add_argument(
-    "--devices",
-    type=int,
-    default=8,
-    help="number of fake CPU devices when no accelerator is present (default 8)",
-  )
+  add_devices_flag(p)
   p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
   return p.parse_args(argv)
 
 
 ARGS = parse_args() if __name__ == "__main__" else parse_args([])
-if __name__ == "__main__" and "jax" not in sys.modules:
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (
-      flags + f" --xla_force_host_platform_device_count={ARGS.devices}"
-    ).strip()
+if __name__ == "__main__":
+  force_host_devices(ARGS.devices)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _timing import timeit_pair  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -124,25 +116,6 @@ def make_data(model, m, per_worker, seed=0):
   return x, y
 
 
-def timeit_pair(fa, sa, fb, sb, reps, warmup=3):
-  """Median seconds of ``s = f(s)`` for two functions, timed alternately, every call waited for.
-
-  Alternating the two keeps slow drifts of a shared machine from favouring either.
-  """
-  for _ in range(warmup):
-    sa = jax.block_until_ready(fa(sa))
-    sb = jax.block_until_ready(fb(sb))
-  ta, tb = [], []
-  for _ in range(reps):
-    t = time.perf_counter()
-    sa = jax.block_until_ready(fa(sa))
-    ta.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    sb = jax.block_until_ready(fb(sb))
-    tb.append(time.perf_counter() - t)
-  return statistics.median(ta), statistics.median(tb)
-
-
 def hand_written_step(loss_fn, mesh, block):
   """A plain shard_map SGD step: every device updates its own workers, no collectives."""
 
@@ -174,7 +147,12 @@ def bench_local_step(model, m, mesh, reps, per_worker=32):
   hand = hand_written_step(loss_fn, mesh, m // D)
   X_hand = coopjax.shard(coopjax.replicate(params, m), mesh)
   ours, base = timeit_pair(
-    lambda s: step(s[0], s[1], batch)[:2], (X, state), lambda s: hand(s, batch)[0], X_hand, reps
+    lambda s: step(s[0], s[1], batch)[:2],
+    (X, state),
+    lambda s: hand(s, batch)[0],
+    X_hand,
+    reps,
+    warmup=3,
   )
   return {
     "model": model,
@@ -210,7 +188,7 @@ def bench_mixing(name, m, mesh, reps, num_params=10_000):
   np.testing.assert_allclose(
     np.asarray(dense(X)["w"]), np.asarray(structured(X)["w"]), rtol=1e-4, atol=1e-5
   )
-  t_dense, t_struct = timeit_pair(dense, X, structured, X, reps)
+  t_dense, t_struct = timeit_pair(dense, X, structured, X, reps, warmup=3)
   rep_dense = coopjax.comm_report(dense, X)
   rep_struct = coopjax.comm_report(structured, X)
   return {

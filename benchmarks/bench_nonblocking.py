@@ -44,10 +44,11 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
-import time
+
+from _devices import add_devices_flag
+from _devices import force_host_devices
 
 OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
 
@@ -56,12 +57,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=None, help="JSON output path (default: print only)")
   p.add_argument("--quick", action="store_true", help="fewer repetitions, smaller batches")
-  p.add_argument(
-    "--devices",
-    type=int,
-    default=8,
-    help="number of fake CPU devices when no accelerator is present (default 8)",
-  )
+  add_devices_flag(p)
   p.add_argument("--workers", type=int, default=8, help="m, the number of workers (default 8)")
   p.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="model (default mlp)")
   p.add_argument("--batch", type=int, default=None, help="per-worker batch (default 32; quick 8)")
@@ -88,17 +84,14 @@ def accepted_flags(flags) -> tuple[list[str], list[str]]:
 ARGS = parse_args() if __name__ == "__main__" else parse_args([])
 FLAGS_USED, FLAGS_REJECTED = [], []
 if __name__ == "__main__" and "jax" not in sys.modules:
-  flags = os.environ.get("XLA_FLAGS", "")
   if ARGS.xla_overlap_flags:
     FLAGS_USED, FLAGS_REJECTED = accepted_flags(OVERLAP_FLAGS)
-    flags = " ".join([flags, *FLAGS_USED])
-  if "xla_force_host_platform_device_count" not in flags:
-    flags += f" --xla_force_host_platform_device_count={ARGS.devices}"
-  os.environ["XLA_FLAGS"] = flags.strip()
+  force_host_devices(ARGS.devices, extra=FLAGS_USED)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _timing import timeit_alternating  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -141,27 +134,10 @@ def placement(period, X, state, batches) -> dict:
   }
 
 
-def timeit_alternating(fns, states, reps, warmup=2):
-  """Median seconds of ``s = f(s)`` per function, timed in turn, every call waited for.
-
-  Alternating keeps slow drifts of a shared machine from favouring one; waiting for every call
-  is required on fake CPU devices, where queued collectives deadlock.
-  """
-  for _ in range(warmup):
-    states = [jax.block_until_ready(f(s)) for f, s in zip(fns, states, strict=True)]
-  times = [[] for _ in fns]
-  for _ in range(reps):
-    for i, f in enumerate(fns):
-      t = time.perf_counter()
-      states[i] = jax.block_until_ready(f(states[i]))
-      times[i].append(time.perf_counter() - t)
-  return [statistics.median(t) for t in times]
-
-
 def setup(name, tau, m, model, per_worker, mesh):
   init, loss, _ = MODELS[model]
   make = {"easgd": coopjax.easgd, "nonblocking_easgd": coopjax.nonblocking_easgd}[name]
-  tx = make(optax.sgd(LR), tau, ALPHA, m)
+  tx = make(optax.sgd(LR), tau=tau, alpha=ALPHA, num_workers=m)
   X = sharding.shard(coopjax.replicate(init(jax.random.key(0)), m, 1), mesh, 1)
   state = sharding.init(tx, X, mesh, 1)
   period = coopjax.make_period_step(loss, tx, mesh, tau=tau)

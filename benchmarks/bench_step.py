@@ -41,9 +41,9 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import sys
-import time
+
+from _devices import add_devices_flag
+from _devices import force_host_devices
 
 
 def parse_args(argv=None):
@@ -53,23 +53,22 @@ def parse_args(argv=None):
   )
   p.add_argument("--rounds", type=int, default=5, help="repetitions of every comparison")
   p.add_argument("--reps", type=int, default=40, help="timed calls per measurement")
-  p.add_argument("--devices", type=int, default=8, help="fake CPU devices for the sharded part")
+  add_devices_flag(p, help="fake CPU devices for the sharded part")
   p.add_argument("--skip-sharded", action="store_true", help="plain step only")
   return p.parse_args(argv)
 
 
 ARGS = parse_args() if __name__ == "__main__" else parse_args([])
-if __name__ == "__main__" and "jax" not in sys.modules:
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (
-      flags + f" --xla_force_host_platform_device_count={ARGS.devices}"
-    ).strip()
+if __name__ == "__main__":
+  force_host_devices(ARGS.devices)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _timing import run_steps  # noqa: E402
+from _timing import spread  # noqa: E402
+from _timing import timeit_pair  # noqa: E402
 from bench_devices import mlp_init  # noqa: E402
 from bench_devices import mlp_loss  # noqa: E402
 
@@ -85,30 +84,6 @@ def make_batches(m, count, seed=0):
   x = rng.normal(size=(count, m, PER_WORKER, 784)).astype(np.float32)
   y = rng.integers(0, 10, size=(count, m, PER_WORKER)).astype(np.int32)
   return [(x[i], y[i]) for i in range(count)]
-
-
-def timeit_pair(fa, sa, fb, sb, reps, calls=1, warmup=2):
-  """Median seconds per call of ``s = f(s)`` (``calls`` calls, then a wait), alternating a and b."""
-  for _ in range(warmup):
-    for _ in range(calls):
-      sa = fa(sa)
-    jax.block_until_ready(sa)
-    for _ in range(calls):
-      sb = fb(sb)
-    jax.block_until_ready(sb)
-  ta, tb = [], []
-  for _ in range(reps):
-    t = time.perf_counter()
-    for _ in range(calls):
-      sa = fa(sa)
-    jax.block_until_ready(sa)
-    ta.append((time.perf_counter() - t) / calls)
-    t = time.perf_counter()
-    for _ in range(calls):
-      sb = fb(sb)
-    jax.block_until_ready(sb)
-    tb.append((time.perf_counter() - t) / calls)
-  return statistics.median(ta), statistics.median(tb)
 
 
 def hand_written_local_sgd(loss_fn, tau):
@@ -145,13 +120,7 @@ def bench_plain(rounds, reps):
   hand = hand_written_local_sgd(mlp_loss, never)
 
   def run(step):
-    def period(s):
-      X, state = s
-      for batch in batches:
-        X, state, _ = step(X, state, batch)
-      return X, state
-
-    return period
+    return run_steps(step, batches)
 
   def run_hand(s):
     X, k = s
@@ -294,15 +263,6 @@ def bench_sharded(rounds, reps):
     row.update(unplaced=u * 1e3 / TAU, placed=p * 1e3 / TAU)
     out["ms"].append(row)
   return out
-
-
-def spread(values):
-  return {
-    "median": statistics.median(values),
-    "min": min(values),
-    "max": max(values),
-    "all": values,
-  }
 
 
 def main():

@@ -586,6 +586,35 @@ def analyse(flat, hier, args, params, extra_overlap=None):
   }
 
 
+def save_figure(fig, path):
+  """Lays out, writes (110 dpi) and closes a matplotlib figure."""
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_step_bars(names, bars, path, *, figsize, bottom=None, legend_fontsize=None):
+  """One group of bars per run, in ms per step on a log scale, written to ``path``.
+
+  ``bars``: ``(offset, heights in ms, ax.bar options)`` per bar of a group (width 0.2).
+  """
+  import matplotlib.pyplot as plt
+
+  x = np.arange(len(names))
+  fig, ax = plt.subplots(figsize=figsize)
+  for offset, heights, options in bars:
+    ax.bar(x + offset, heights, 0.2, **options)
+  ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("ms per step")
+  ax.set_yscale("log")
+  if bottom is not None:
+    ax.set_ylim(bottom=bottom)
+  ax.legend(fontsize=legend_fontsize)
+  save_figure(fig, path)
+
+
 def plot(result, outdir):
   import matplotlib
 
@@ -608,39 +637,21 @@ def plot(result, outdir):
     ax.set_xscale("log")
   axes[0].set_ylabel("training loss (mean over workers, 8-step running mean)")
   axes[1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(outdir, "loss_vs_time.png"), dpi=110)
-  plt.close(fig)
+  save_figure(fig, os.path.join(outdir, "loss_vs_time.png"))
 
   names = list(rows)
-  x = np.arange(len(names))
-  fig, ax = plt.subplots(figsize=(12, 4.5))
-  ax.bar(x - 0.3, [rows[n]["measured_step_s"] * 1e3 for n in names], 0.2, label="measured")
-  ax.bar(
-    x + 0.3,
-    [rows[n]["modelled_step_as_lowered_s"] * 1e3 for n in names],
-    0.2,
-    label="model, calibrated, as lowered (HLO)",
+  ms = lambda key: [rows[n][key] * 1e3 for n in names]
+  plot_step_bars(
+    names,
+    [
+      (-0.3, ms("measured_step_s"), {"label": "measured"}),
+      (0.3, ms("modelled_step_as_lowered_s"), {"label": "model, calibrated, as lowered (HLO)"}),
+      (-0.1, ms("modelled_step_calibrated_s"), {"label": "model, calibrated α–β"}),
+      (0.1, ms("modelled_step_nominal_s"), {"label": "model, nominal link"}),
+    ],
+    os.path.join(outdir, "model_vs_measured.png"),
+    figsize=(12, 4.5),
   )
-  ax.bar(
-    x - 0.1,
-    [rows[n]["modelled_step_calibrated_s"] * 1e3 for n in names],
-    0.2,
-    label="model, calibrated α–β",
-  )
-  ax.bar(
-    x + 0.1,
-    [rows[n]["modelled_step_nominal_s"] * 1e3 for n in names],
-    0.2,
-    label="model, nominal link",
-  )
-  ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-  ax.set_ylabel("ms per step")
-  ax.set_yscale("log")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(outdir, "model_vs_measured.png"), dpi=110)
-  plt.close(fig)
 
   panels = [
     (f"{mk}, {name}", res) for mk, d in result["overlap"].items() for name, res in d.items()
@@ -685,9 +696,7 @@ def plot(result, outdir):
         fontsize=9,
       )
       ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(outdir, "overlap.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(outdir, "overlap.png"))
 
 
 def write_summary(result, args, outdir, command):
@@ -932,25 +941,33 @@ def _args(args):
   return {k: v for k, v in vars(args).items() if k not in ("node", "reanalyse")}
 
 
+def analyse_and_write(raw, args, command, outdir, analyse_fn, plot_fn, summary_fn, **extra):
+  """results.json (first the raw node outputs alone, so that they survive a failing analysis;
+  then with the analysis, the command, the arguments and ``extra``), the figures and
+  summary.md. Returns the analysis."""
+  os.makedirs(outdir, exist_ok=True)
+  path = os.path.join(outdir, "results.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"result": {"args": _args(args), "command": command}, "raw": raw}, f)
+  result = analyse_fn()
+  result.update(command=command, args=_args(args), **extra)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"result": result, "raw": raw}, f)
+  plot_fn(result, outdir)
+  print(summary_fn(result, args, outdir, command))
+  return result
+
+
 def finish(flat, hier, extra, args, command, outdir):
   """Analyses the node outputs and writes results.json, the figures and summary.md."""
-  os.makedirs(outdir, exist_ok=True)
+
+  def analysis():
+    result = analyse(flat, hier, args, algorithm_params(args), extra)
+    result.update(m=flat[0]["m"], model_bytes=flat[0]["model_bytes"])
+    return result
+
   raw = {"flat": flat, "grouped": hier, "overlap": extra}
-  with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"result": {"args": _args(args), "command": command}, "raw": raw}, f)
-  params = algorithm_params(args)
-  result = analyse(flat, hier, args, params, extra)
-  result.update(
-    m=flat[0]["m"],
-    model_bytes=flat[0]["model_bytes"],
-    command=command,
-    args=_args(args),
-  )
-  os.makedirs(outdir, exist_ok=True)
-  with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"result": result, "raw": {"flat": flat, "grouped": hier, "overlap": extra}}, f)
-  plot(result, outdir)
-  print(write_summary(result, args, outdir, command))
+  analyse_and_write(raw, args, command, outdir, analysis, plot, write_summary)
 
 
 if __name__ == "__main__":

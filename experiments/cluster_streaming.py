@@ -492,13 +492,9 @@ def plot(result: dict, outdir: str) -> None:
     ax.set_yscale("log")
     ax.set_title(f"{title}, m = {result['m']} at {result['rate']}", fontsize=10)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(outdir, "loss_vs_time.png"), dpi=110)
-  plt.close(fig)
+  cc.save_figure(fig, os.path.join(outdir, "loss_vs_time.png"))
 
   names = list(rows)
-  x = np.arange(len(names))
-  fig, ax = plt.subplots(figsize=(13, 4.8))
   med = np.array([rows[n]["measured_step_s"] for n in names]) * 1e3
   spread = np.array(
     [
@@ -509,34 +505,24 @@ def plot(result: dict, outdir: str) -> None:
       for n in names
     ]
   ).T
-  ax.bar(x - 0.3, med, 0.2, yerr=spread * 1e3, capsize=3, label="measured (median, min–max)")
-  ax.bar(
-    x - 0.1,
-    [rows[n]["modelled_step_s"]["calibrated"]["blocking"] * 1e3 for n in names],
-    0.2,
-    label="model: t_c + calibrated α–β, blocking",
+  model = lambda way: [rows[n]["modelled_step_s"]["calibrated"][way] * 1e3 for n in names]
+  cc.plot_step_bars(
+    names,
+    [
+      (-0.3, med, {"yerr": spread * 1e3, "capsize": 3, "label": "measured (median, min–max)"}),
+      (-0.1, model("blocking"), {"label": "model: t_c + calibrated α–β, blocking"}),
+      (0.1, model("overlapped"), {"label": "model: calibrated, sync overlapped with τ steps"}),
+      (
+        0.3,
+        [rows[n]["compute_step_s"] * 1e3 for n in names],
+        {"color": "0.7", "label": "t_c (compute alone)"},
+      ),
+    ],
+    os.path.join(outdir, "model_vs_measured.png"),
+    figsize=(13, 4.8),
+    bottom=10,
+    legend_fontsize=8,
   )
-  ax.bar(
-    x + 0.1,
-    [rows[n]["modelled_step_s"]["calibrated"]["overlapped"] * 1e3 for n in names],
-    0.2,
-    label="model: calibrated, sync overlapped with τ steps",
-  )
-  ax.bar(
-    x + 0.3,
-    [rows[n]["compute_step_s"] * 1e3 for n in names],
-    0.2,
-    color="0.7",
-    label="t_c (compute alone)",
-  )
-  ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-  ax.set_ylabel("ms per step")
-  ax.set_yscale("log")
-  ax.set_ylim(bottom=10)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(outdir, "model_vs_measured.png"), dpi=110)
-  plt.close(fig)
 
 
 def _fmt(v, f="{:.2f}"):
@@ -612,19 +598,16 @@ def write_summary(result: dict, args, outdir: str, command: str) -> str:
 
 def finish(flat: list, args, command: str, outdir: str) -> dict:
   """Writes results.json (analysis and raw node outputs), the figures and summary.md."""
-  import json
-
-  os.makedirs(outdir, exist_ok=True)
-  saved_args = cc._args(args)
-  with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"result": {"args": saved_args, "command": command}, "raw": {"flat": flat}}, f)
-  result = analyse_preset(flat, args)
-  result.update(command=command, args=saved_args, rate=args.rate)
-  with open(os.path.join(outdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"result": result, "raw": {"flat": flat}}, f)
-  plot(result, outdir)
-  print(write_summary(result, args, outdir, command))
-  return result
+  return cc.analyse_and_write(
+    {"flat": flat},
+    args,
+    command,
+    outdir,
+    lambda: analyse_preset(flat, args),
+    plot,
+    write_summary,
+    rate=args.rate,
+  )
 
 
 def main(args, command: str) -> dict:

@@ -2,7 +2,6 @@
 
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,11 +148,7 @@ def test_make_step_passes_the_losses_and_traces_once():
   state = tx.init(X)
   assert isinstance(state, coopjax.AdaCommState)
   assert state._fields == ("count", "local_state", "tau", "last_mix", "loss0", "decide_at")
-  raw = coopjax.make_step(ref.loss_fn, tx, jit=False)
-  chex.clear_trace_counter()
-  step = jax.jit(chex.assert_max_traces(raw, n=1))
-  for k in range(steps):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
+  X, state = ref.run_from(tx, X, A, b, single_trace=True)
   X_ref, taus_ref = reference(A[:steps], b[:steps], m, tau0)
   assert int(state.tau) == taus_ref[-1]
   np.testing.assert_allclose(ref.flat(X), X_ref, rtol=1e-4, atol=1e-5)

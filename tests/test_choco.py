@@ -60,16 +60,6 @@ def x0_rows(m, spread=0.5, seed=3):
   return flat.astype(np.float64), X
 
 
-def run(tx, X, A, b, record=None):
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(A.shape[0]):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-    if record is not None:
-      record.append((X, state))
-  return X, state
-
-
 def choco_reference(x0, W, tau, gamma, A, b, compressor, order, hat_init, key):
   """CHOCO-SGD in NumPy with momentum-SGD local steps (optax.sgd(LR, momentum=MOMENTUM))."""
   W = np.asarray(W, np.float64)
@@ -119,7 +109,7 @@ def test_choco_matches_numpy_with_momentum(order, hat_init, name):
     hat_init=hat_init,
     key=KEY,
   )
-  X, state = run(tx, X, A, b)
+  X, state = ref.run_from(tx, X, A, b)
   xs, hat, s = choco_reference(x0, W, tau, gamma, A, b, compressor, order, hat_init, KEY)
   np.testing.assert_allclose(ref.flat(X), xs, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ref.flat(state.hat), hat, rtol=1e-4, atol=1e-5)
@@ -134,7 +124,7 @@ def test_identity_gamma1_paper_order_is_cooperative(hat_init):
   _, X = x0_rows(m)
   local = optax.sgd(LR, momentum=MOMENTUM)
   W = topology.ring(m)
-  Xc, _ = run(
+  Xc, _ = ref.run_from(
     coopjax.choco(
       local, tau=tau, W=W, compressor=compress.identity(), gamma=1.0, hat_init=hat_init
     ),
@@ -142,7 +132,7 @@ def test_identity_gamma1_paper_order_is_cooperative(hat_init):
     A,
     b,
   )
-  Xr, _ = run(coopjax.cooperative(local, tau=tau, W=W), X, A, b)
+  Xr, _ = ref.run_from(coopjax.cooperative(local, tau=tau, W=W), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xr), rtol=1e-5, atol=1e-6)
 
 
@@ -162,8 +152,8 @@ def test_identity_gamma1_overlap_order_is_delayed(hat_init, replicated):
     order="overlap",
     hat_init=hat_init,
   )
-  Xc, sc = run(tx, X, A, b)
-  Xd, sd = run(coopjax.delayed(local, tau=tau, W=W), X, A, b)
+  Xc, sc = ref.run_from(tx, X, A, b)
+  Xd, sd = ref.run_from(coopjax.delayed(local, tau=tau, W=W), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xd), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ref.flat(sc.hat), ref.flat(sd.pending), rtol=1e-5, atol=1e-6)
 
@@ -178,11 +168,11 @@ def test_overlap_order_with_zero_copies_differs_from_delayed_on_distinct_rows():
   tx = coopjax.choco(
     local, tau=tau, W=W, compressor=compress.identity(), gamma=1.0, order="overlap"
   )
-  Xc, _ = run(tx, X, A, b)
-  Xl, _ = run(
+  Xc, _ = ref.run_from(tx, X, A, b)
+  Xl, _ = ref.run_from(
     coopjax.choco(local, tau=tau, W=W, compressor=compress.identity(), gamma=0.0), X, A, b
   )
-  Xd, _ = run(coopjax.delayed(local, tau=tau, W=W), X, A, b)
+  Xd, _ = ref.run_from(coopjax.delayed(local, tau=tau, W=W), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xl), rtol=1e-6, atol=1e-6)  # no move yet
   assert np.abs(ref.flat(Xc) - ref.flat(Xd)).max() > 1e-2
 
@@ -196,10 +186,10 @@ def test_gamma0_is_local_steps_only(order):
   tx = coopjax.choco(
     local, tau=tau, W=topology.ring(m), compressor=COMPRESSORS["top_k"], gamma=0.0, order=order
   )
-  Xc, _ = run(tx, X, A, b)
+  Xc, _ = ref.run_from(tx, X, A, b)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the identity W warns: no communication
-    Xi, _ = run(coopjax.cooperative(local, tau=tau, W=np.eye(m)), X, A, b)
+    Xi, _ = ref.run_from(coopjax.cooperative(local, tau=tau, W=np.eye(m)), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xi), rtol=1e-6, atol=1e-6)
 
 
@@ -239,7 +229,7 @@ def test_warmup_then_identity_is_cooperative_with_warmup():
   _, X = x0_rows(m)
   local = optax.sgd(LR, momentum=MOMENTUM)
   W = topology.ring(m)
-  Xc, _ = run(
+  Xc, _ = ref.run_from(
     coopjax.choco(
       local, tau=tau, W=W, compressor=compress.identity(), gamma=1.0, warmup_steps=warm
     ),
@@ -247,7 +237,7 @@ def test_warmup_then_identity_is_cooperative_with_warmup():
     A,
     b,
   )
-  Xr, _ = run(coopjax.cooperative(local, tau=tau, W=W, warmup_steps=warm), X, A, b)
+  Xr, _ = ref.run_from(coopjax.cooperative(local, tau=tau, W=W, warmup_steps=warm), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xr), rtol=1e-5, atol=1e-6)
 
 
@@ -258,13 +248,13 @@ def test_mix_mask_leaves_keep_rows_and_copies():
   local = optax.sgd(LR)
   mask = {"w": True, "c": False}
   W = topology.ring(m)
-  Xc, state = run(
+  Xc, state = ref.run_from(
     coopjax.choco(local, tau=tau, W=W, compressor=compress.identity(), gamma=1.0, mix_mask=mask),
     X,
     A,
     b,
   )
-  Xr, _ = run(coopjax.cooperative(local, tau=tau, W=W, mix_mask=mask), X, A, b)
+  Xr, _ = ref.run_from(coopjax.cooperative(local, tau=tau, W=W, mix_mask=mask), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xr), rtol=1e-5, atol=1e-6)
   assert not np.any(np.asarray(state.hat["c"])) and not np.any(np.asarray(state.s["c"]))
 
@@ -312,7 +302,7 @@ def run_both(tx, m, steps, seed=0):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), (coopjax.WORKER_AXIS,))
   A, b = ref.make_batches(steps, m, seed=seed)
   _, X0 = x0_rows(m)
-  plain, plain_state = run(tx, X0, A, b)
+  plain, plain_state = ref.run_from(tx, X0, A, b)
   X = coopjax.shard(X0, mesh, 0)
   state = coopjax.sharding.init(tx, X, mesh, 0)
   step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh)

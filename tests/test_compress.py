@@ -142,6 +142,35 @@ def test_top_k_ties_go_to_the_lower_index():
     np.testing.assert_array_equal(np.asarray(roundtrip(compress.top_k(k=k), x)), np_top_k(x, k))
 
 
+@pytest.mark.parametrize("spec", [{"fraction": 0.1}, {"k": 12_000}, {"fraction": 1.0}])
+def test_top_k_of_a_large_leaf_is_the_numpy_definition(spec):
+  # From 5 % of a leaf of >= 32768 entries the set comes from a bisection on |x|'s bits,
+  # sent in index order; it must be the same set, ties to the lower index.
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal(40_000).astype(np.float32)
+  k = spec.get("k") or compress.num_kept(x.size, fraction=spec["fraction"])
+  t = np.sort(np.abs(x))[::-1][k - 1]  # plant a tie at the k-th magnitude
+  x[rng.integers(0, x.size, 3000)] = t
+  x[rng.integers(0, x.size, 100)] = -t
+  x[:50] = 0.0
+  assert compress._bisects(x.size, k)
+  q = compress.top_k(**spec)
+  np.testing.assert_array_equal(np.asarray(roundtrip(q, x)), np_top_k(x, k))
+  if k < x.size:  # the tie is cut inside its run: the test bites
+    kept_ties = np.count_nonzero(np.abs(np_top_k(x, k)) == t)
+    assert 0 < kept_ties < np.count_nonzero(np.abs(x) == t)
+  # vmapped over workers (as the mixes call it): each row its own set.
+  rows = jnp.stack([jnp.asarray(x), -jnp.asarray(x[::-1])])
+  got = jax.vmap(lambda r: q.decode(q.encode(r, KEY), r, KEY))(rows)
+  np.testing.assert_array_equal(np.asarray(got[1]), np_top_k(-x[::-1], k))
+
+
+def test_top_k_large_leaf_with_a_k_that_the_threshold_cuts_exactly():
+  x = np.tile(np.arange(8, dtype=np.float32), 5000)  # 40000 entries, 5000 of each magnitude
+  q = compress.top_k(k=10_000)  # exactly the 7s and the 6s
+  np.testing.assert_array_equal(np.asarray(roundtrip(q, x)), np.where(x >= 6, x, 0))
+
+
 def test_num_kept():
   assert compress.num_kept(10_000, fraction=0.01) == 100
   assert compress.num_kept(100, fraction=0.29) == 29
@@ -157,6 +186,18 @@ def test_random_k_is_the_numpy_definition_with_the_keys_indices(unbiased, spec):
   k = spec.get("k") or compress.num_kept(d, fraction=spec["fraction"])
   idx = np_random_k_indices(KEY, d, k)
   q = compress.random_k(**spec, unbiased=unbiased)
+  np.testing.assert_allclose(
+    np.asarray(roundtrip(q, x)), np_random_k(x, idx, unbiased), rtol=1e-6, atol=0
+  )
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_random_k_of_a_large_leaf_is_the_numpy_definition(unbiased):
+  x = sample((200, 200), seed=4)  # 40000 entries: the indices come from the bisection
+  k = compress.num_kept(x.size, fraction=0.1)
+  assert compress._bisects(x.size, k)
+  idx = np_random_k_indices(KEY, x.size, k)
+  q = compress.random_k(fraction=0.1, unbiased=unbiased)
   np.testing.assert_allclose(
     np.asarray(roundtrip(q, x)), np_random_k(x, idx, unbiased), rtol=1e-6, atol=0
   )

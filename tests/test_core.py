@@ -138,16 +138,7 @@ def test_averaged_model_identity(name):
   make, v = ALGORITHMS[name]
   m, steps = 8, 6
   A, b = ref.make_batches(steps, m, seed=5)
-  tx = make(m)
-  X = coopjax.replicate(ref.init_params(), m, v)
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(steps):
-    Xf = ref.flat(X)
-    g = np.mean([ref.np_grad(Xf[i], A[k, i], b[k, i]) for i in range(m)], axis=0)
-    u_expected = Xf.mean(0) - LR * m / (m + v) * g
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-    np.testing.assert_allclose(ref.flat(X).mean(0), u_expected, rtol=1e-5, atol=1e-6)
+  for X, u_expected in ref.averaged_model_run(make(m), m, v, A, b, LR):
     np.testing.assert_allclose(
       ref.flat(jax.tree.map(lambda x: x[None], coopjax.average(X)))[0],
       u_expected,

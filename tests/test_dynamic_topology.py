@@ -18,22 +18,9 @@ tv = importlib.import_module("coopjax.algorithms._time_varying")
 LR, BETA = 0.05, 0.9
 
 
-def run(tx, A, b, m, v=0):
-  X = coopjax.replicate(ref.init_params(), m, v)
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(A.shape[0]):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-  return X, state
-
-
-def x_init():
-  return ref.flat(coopjax.replicate(ref.init_params(), 1))[0]
-
-
 def momentum_reference(matrix_at, A, b, n, m, lr=LR, beta=BETA, order="step_then_mix"):
   """Heavy-ball SGD per worker (buf ← βbuf + g, x ← x − η buf) and X ← S_kᵀ X, S_k = matrix_at(k)."""
-  X = np.tile(x_init(), (n, 1))
+  X = np.tile(ref.x_init(), (n, 1))
   buf = np.zeros_like(X)
   for k in range(1, A.shape[0] + 1):
     G = np.zeros_like(X)
@@ -92,7 +79,7 @@ def test_time_varying_one_peer_matches_numpy_with_momentum(order):
   A, b = ref.make_batches(steps, m, seed=31)
   schedule = [topology.one_peer_exponential(m, r) for r in range(P)]
   tx = coopjax.time_varying(optax.sgd(LR, momentum=BETA), tau=tau, schedule=schedule, order=order)
-  X, state = run(tx, A, b, m)
+  X, state = ref.run(tx, A, b, m)
 
   def matrix_at(k):  # r-th mix after step (r + 1)τ; the first mix uses s = 1
     return topology.one_peer_exponential(m, k // tau - 1) if k % tau == 0 else None
@@ -113,9 +100,9 @@ def test_time_varying_function_schedule_with_auxiliary_and_lr_schedule():
     optax.sgd(lrs), tau=tau, schedule=lambda r: mats[r], num_aux=v, period=P, allow_negative=True
   )
   A, b = ref.make_batches(steps, m, seed=32)
-  X, _ = run(tx, A, b, m, v)
+  X, _ = ref.run(tx, A, b, m, v)
 
-  Xr = np.tile(x_init(), (n, 1))
+  Xr = np.tile(ref.x_init(), (n, 1))
   for k in range(1, steps + 1):
     G = np.zeros_like(Xr)
     for i in range(m):
@@ -138,12 +125,8 @@ def test_time_varying_single_trace_and_state_layout():
   state = tx.init(X)
   assert isinstance(state, coopjax.TimeVaryingState)
   assert state._fields == ("count", "local_state")
-  raw = coopjax.make_step(ref.loss_fn, tx, jit=False)
-  chex.clear_trace_counter()
-  step = jax.jit(chex.assert_max_traces(raw, n=1))
   A, b = ref.make_batches(5, m, seed=1)
-  for k in range(5):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
+  X, _ = ref.run_from(tx, X, A, b, single_trace=True)
   chex.assert_shape(X["w"], (m, ref.D))
   chex.assert_tree_all_finite(X)
 
@@ -289,7 +272,7 @@ def test_matcha_matches_numpy_with_redrawn_flags():
     optax.sgd(LR, momentum=BETA), graph=graph, budget=budget, num_workers=m, key=key
   )
   A, b = ref.make_batches(steps, m, seed=33)
-  X, _ = run(tx, A, b, m)
+  X, _ = ref.run(tx, A, b, m)
 
   Ls = [laplacian(M, m) for M in design.matchings]
   p = np.asarray(design.probabilities, np.float32)
@@ -318,10 +301,10 @@ def test_matcha_with_full_budget_is_dpsgd_with_best_laplacian_weight():
   np.testing.assert_allclose(design.alpha, alpha, rtol=1e-7)
   A, b = ref.make_batches(steps, m, seed=34)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(
+  X, _ = ref.run(
     coopjax.matcha(local, graph=graph, budget=1.0, num_workers=m, key=jax.random.key(0)), A, b, m
   )
-  Xd, _ = run(coopjax.dpsgd(local, W=np.eye(m) - alpha * L), A, b, m)
+  Xd, _ = ref.run(coopjax.dpsgd(local, W=np.eye(m) - alpha * L), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xd), rtol=1e-5, atol=1e-6)
   expect = momentum_reference(lambda k: np.eye(m) - alpha * L, A, b, m, m)
   np.testing.assert_allclose(ref.flat(X), expect, rtol=1e-4, atol=1e-5)

@@ -15,19 +15,6 @@ from coopjax import topology
 LR = 0.05
 
 
-def run(tx, A, b, m, v):
-  X = coopjax.replicate(ref.init_params(), m, v)
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(A.shape[0]):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-  return X, state
-
-
-def x_init():
-  return ref.flat(coopjax.replicate(ref.init_params(), 1))[0]
-
-
 def test_torus_entries_written_out():
   """3×4 torus: node (r, c) = 4r + c has neighbours (r±1, c), (r, c±1) mod the sides, 1/5 each."""
   rows, cols = 3, 4
@@ -66,8 +53,8 @@ def test_elastic_averaging_update_written_out():
   m, tau, alpha, steps = 5, 2, 0.12, 7
   W = topology.ring(m)  # W_ij = 1/3 for j ∈ {i − 1, i, i + 1} mod 5
   A, b = ref.make_batches(steps, m, seed=71)
-  X, _ = run(coopjax.elastic_averaging(optax.sgd(LR), W=W, alpha=alpha, tau=tau), A, b, m, 1)
-  xs, z = [x_init() for _ in range(m)], x_init()
+  X, _ = ref.run(coopjax.elastic_averaging(optax.sgd(LR), W=W, alpha=alpha, tau=tau), A, b, m, 1)
+  xs, z = [ref.x_init() for _ in range(m)], ref.x_init()
   for k in range(1, steps + 1):
     xs = [xs[i] - LR * ref.np_grad(xs[i], A[k - 1, i], b[k - 1, i]) for i in range(m)]
     if k % tau == 0:
@@ -88,10 +75,10 @@ def test_elastic_hierarchical_update_written_out():
   groups, alpha, tau, steps = [[0, 1], [2, 3, 4]], 0.2, 2, 6
   m = 5
   A, b = ref.make_batches(steps, m, seed=72)
-  X, _ = run(
+  X, _ = ref.run(
     coopjax.elastic_hierarchical(optax.sgd(LR), tau=tau, groups=groups, alpha=alpha), A, b, m, 2
   )
-  xs, zs = [x_init() for _ in range(m)], [x_init(), x_init()]
+  xs, zs = [ref.x_init() for _ in range(m)], [ref.x_init(), ref.x_init()]
   group_of = {0: 0, 1: 0, 2: 1, 3: 1, 4: 1}
   for k in range(1, steps + 1):
     xs = [xs[i] - LR * ref.np_grad(xs[i], A[k - 1, i], b[k - 1, i]) for i in range(m)]
@@ -112,8 +99,8 @@ def test_mix_policy_with_auxiliary_rows_scales_worker_momentum():
   tx = coopjax.easgd(
     optax.sgd(LR, momentum=beta), tau=tau, alpha=alpha, num_workers=m, local_state_policy="mix"
   )
-  X, state = run(tx, A, b, m, 1)
-  xs, z = np.tile(x_init(), (m, 1)), x_init()
+  X, state = ref.run(tx, A, b, m, 1)
+  xs, z = np.tile(ref.x_init(), (m, 1)), ref.x_init()
   buf = np.zeros_like(xs)
   for k in range(1, steps + 1):
     G = np.stack([ref.np_grad(xs[i], A[k - 1, i], b[k - 1, i]) for i in range(m)])

@@ -18,14 +18,6 @@ LR, MOMENTUM = 0.05, 0.9
 KEY = jax.random.key(5)
 
 
-def run(tx, X, A, b):
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(A.shape[0]):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-  return X, state
-
-
 def flat_model(tree):
   return np.concatenate([np.asarray(tree["w"], np.float64).ravel(), [float(tree["c"])]])
 
@@ -67,8 +59,8 @@ def test_identity_compressor_is_the_uncompressed_algorithm(name):
   A, b = ref.make_batches(10, 4, seed=21)
   compressed, plain, _ = factories(compress.identity())[name]
   X = coopjax.replicate(ref.init_params(), 4)
-  Xc, sc = run(compressed(), X, A, b)
-  Xp, _ = run(plain(), X, A, b)
+  Xc, sc = ref.run_from(compressed(), X, A, b)
+  Xp, _ = ref.run_from(plain(), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xp), rtol=1e-5, atol=1e-6)
   assert isinstance(sc, coopjax.ErrorFeedbackState)
   assert not np.any(ref.flat(sc.error))  # Q(v) = v leaves no error
@@ -79,8 +71,8 @@ def test_identity_compressor_local_sgd_from_distinct_rows():
   A, b = ref.make_batches(7, 4, seed=22)
   _, X = x0_rows(4)
   compressed, plain, _ = factories(compress.identity())["local_sgd"]
-  Xc, _ = run(compressed(), X, A, b)
-  Xp, _ = run(plain(), X, A, b)
+  Xc, _ = ref.run_from(compressed(), X, A, b)
+  Xp, _ = ref.run_from(plain(), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xp), rtol=1e-5, atol=1e-6)
 
 
@@ -164,7 +156,7 @@ def test_local_sgd_matches_numpy(compressor):
     error_decay=0.8,
     key=KEY,
   )
-  Xc, state = run(tx, X, A, b)
+  Xc, state = ref.run_from(tx, X, A, b)
   xs, x_ref, e = ef_reference(x0, 3, A, b, COMPRESSORS[compressor], 0.8, KEY, lambda c, r: r - c)
   np.testing.assert_allclose(ref.flat(Xc), xs, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(flat_model(state.x_ref), x_ref, rtol=1e-4, atol=1e-5)
@@ -184,7 +176,7 @@ def test_diloco_matches_numpy_with_heavy_ball_outer():
     compressor=compressor,
     key=KEY,
   )
-  Xc, state = run(tx, X, A, b)
+  Xc, state = ref.run_from(tx, X, A, b)
   trace = np.zeros(ref.D + 1)
 
   def heavy_ball(c, x_ref):
@@ -270,8 +262,8 @@ def test_mix_mask_leaves_stay_per_worker_without_error():
   local = optax.sgd(LR)
   mask = {"w": True, "c": False}
   tx = coopjax.local_sgd(local, tau=2, num_workers=4, compressor=compress.identity(), mix_mask=mask)
-  Xc, state = run(tx, X, A, b)
-  Xp, _ = run(coopjax.local_sgd(local, tau=2, num_workers=4, mix_mask=mask), X, A, b)
+  Xc, state = ref.run_from(tx, X, A, b)
+  Xp, _ = ref.run_from(coopjax.local_sgd(local, tau=2, num_workers=4, mix_mask=mask), X, A, b)
   np.testing.assert_allclose(ref.flat(Xc), ref.flat(Xp), rtol=1e-5, atol=1e-6)
   assert np.ptp(np.asarray(Xc["c"])) > 1e-3  # c was not averaged
   assert not np.any(np.asarray(state.error["c"]))

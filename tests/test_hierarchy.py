@@ -4,7 +4,6 @@ import importlib
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -16,15 +15,6 @@ from coopjax import mixing
 hier = importlib.import_module("coopjax.algorithms._hierarchical")
 
 LR, BETA = 0.05, 0.9
-
-
-def run(tx, A, b, m):
-  X = coopjax.replicate(ref.init_params(), m)
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(A.shape[0]):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-  return X, state
 
 
 def group_matrix(groups, m):
@@ -61,7 +51,7 @@ def test_matches_numpy_with_momentum(groups, order):
   tx = coopjax.hierarchical(
     optax.sgd(LR, momentum=BETA), tau1=tau1, tau2=tau2, groups=groups, order=order
   )
-  X, state = run(tx, A, b, m)
+  X, state = ref.run(tx, A, b, m)
   np.testing.assert_allclose(
     ref.flat(X), reference(groups, tau1, tau2, A, b, order=order), rtol=1e-4, atol=1e-5
   )
@@ -75,7 +65,7 @@ def test_mix_policy_averages_momentum_buffers_with_the_same_groups():
   tx = coopjax.hierarchical(
     optax.sgd(LR, momentum=BETA), tau1=tau1, tau2=tau2, groups=groups, local_state_policy="mix"
   )
-  X, _ = run(tx, A, b, m)
+  X, _ = ref.run(tx, A, b, m)
   expect = reference(groups, tau1, tau2, A, b, mix_buffers=True)
   np.testing.assert_allclose(ref.flat(X), expect, rtol=1e-4, atol=1e-5)
   assert not np.allclose(expect, reference(groups, tau1, tau2, A, b), atol=1e-4)
@@ -85,8 +75,10 @@ def test_one_group_is_local_sgd_with_tau1():
   m, tau1, tau2 = 4, 2, 6
   A, b = ref.make_batches(3 * tau2, m, seed=43)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(coopjax.hierarchical(local, tau1=tau1, tau2=tau2, groups=[list(range(m))]), A, b, m)
-  Xl, _ = run(coopjax.local_sgd(local, tau=tau1, num_workers=m), A, b, m)
+  X, _ = ref.run(
+    coopjax.hierarchical(local, tau1=tau1, tau2=tau2, groups=[list(range(m))]), A, b, m
+  )
+  Xl, _ = ref.run(coopjax.local_sgd(local, tau=tau1, num_workers=m), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
 
 
@@ -94,13 +86,13 @@ def test_singleton_groups_are_local_sgd_with_tau2():
   m, tau1, tau2 = 4, 2, 6
   A, b = ref.make_batches(3 * tau2 + 2, m, seed=44)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(
+  X, _ = ref.run(
     coopjax.hierarchical(local, tau1=tau1, tau2=tau2, groups=[[i] for i in range(m)]), A, b, m
   )
-  Xl, _ = run(coopjax.local_sgd(local, tau=tau2, num_workers=m), A, b, m)
+  Xl, _ = ref.run(coopjax.local_sgd(local, tau=tau2, num_workers=m), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
   # and it is not local SGD with tau1
-  Xs, _ = run(coopjax.local_sgd(local, tau=tau1, num_workers=m), A, b, m)
+  Xs, _ = ref.run(coopjax.local_sgd(local, tau=tau1, num_workers=m), A, b, m)
   assert not np.allclose(ref.flat(X), ref.flat(Xs), atol=1e-4)
 
 
@@ -124,12 +116,8 @@ def test_single_trace_and_state_layout():
   state = tx.init(X)
   assert isinstance(state, coopjax.HierarchicalState)
   assert state._fields == ("count", "local_state")
-  raw = coopjax.make_step(ref.loss_fn, tx, jit=False)
-  chex.clear_trace_counter()
-  step = jax.jit(chex.assert_max_traces(raw, n=1))
   A, b = ref.make_batches(4, m)
-  for k in range(4):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
+  X, _ = ref.run_from(tx, X, A, b, single_trace=True)
   chex.assert_tree_all_finite(X)
 
 

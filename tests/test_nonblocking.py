@@ -16,10 +16,6 @@ from coopjax import topology
 LR, BETA = 0.05, 0.9
 
 
-def x_init():
-  return ref.flat(coopjax.replicate(ref.init_params(), 1))[0]
-
-
 def run(tx, A, b, m, v):
   """Runs make_step; returns the X and state after every step."""
   X = coopjax.replicate(ref.init_params(), m, v)
@@ -49,7 +45,7 @@ class Momentum:
 
 def easgd_reference(m, tau, alpha, A, b):
   """Blocking EASGD, step then mix; returns [(workers, anchor)] after every step."""
-  opt, xs, z = Momentum(m), np.tile(x_init(), (m, 1)), x_init()
+  opt, xs, z = Momentum(m), np.tile(ref.x_init(), (m, 1)), ref.x_init()
   hist = []
   for k in range(1, A.shape[0] + 1):
     xs = opt.step(xs, k, A, b)
@@ -78,13 +74,13 @@ def test_nonblocking_easgd_matches_numpy_and_blocking_easgd():
     np.testing.assert_allclose(Xf[:m], xs, rtol=1e-5, atol=1e-5)
     # The anchor row lags one mix: z_p (the last pull's anchor), z_1 = x_0 before mix 2.
     p = (k + 1) // tau
-    z_lag = x_init() if p <= 1 else expect[(p - 1) * tau - 1][1]
+    z_lag = ref.x_init() if p <= 1 else expect[(p - 1) * tau - 1][1]
     np.testing.assert_allclose(Xf[m], z_lag, rtol=1e-5, atol=1e-5)
     settled = ref.flat(coopjax.settle_easgd(X, state, alpha))
     np.testing.assert_allclose(settled, np.vstack([xs, z]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(settled, ref.flat(Xb), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(met["worker_loss"], metb["worker_loss"], rtol=1e-6, atol=1e-7)
-  assert np.abs(expect[-1][1] - x_init()).max() > 1e-3  # the anchor moved
+  assert np.abs(expect[-1][1] - ref.x_init()).max() > 1e-3  # the anchor moved
 
 
 def test_nonblocking_easgd_settled_averaged_model_identity():
@@ -108,7 +104,7 @@ def test_nonblocking_easgd_settled_averaged_model_identity():
 def overlap_reference(m, tau, alpha, beta, A, b, lr):
   """Overlap Local-SGD, blocking form; returns [(workers, z_{p+1} settled, z_p lagged)]."""
   opt = Momentum(m, lr=lr)
-  xs, z, u = np.tile(x_init(), (m, 1)), x_init(), np.zeros(ref.D + 1)
+  xs, z, u = np.tile(ref.x_init(), (m, 1)), ref.x_init(), np.zeros(ref.D + 1)
   z_prev = z.copy()
   hist = []
   for k in range(1, A.shape[0] + 1):
@@ -185,7 +181,7 @@ def test_overlap_alpha0_is_no_communication():
     m,
     1,
   )
-  opt, xs = Momentum(m), np.tile(x_init(), (m, 1))
+  opt, xs = Momentum(m), np.tile(ref.x_init(), (m, 1))
   for k in range(1, steps + 1):
     xs = opt.step(xs, k, A, b)
   np.testing.assert_allclose(ref.flat(out[-1][0])[:m], xs, rtol=1e-5, atol=1e-5)
@@ -193,7 +189,7 @@ def test_overlap_alpha0_is_no_communication():
 
 def delayed_reference(W, tau, A, b):
   m = W.shape[0]
-  opt, xs = Momentum(m), np.tile(x_init(), (m, 1))
+  opt, xs = Momentum(m), np.tile(ref.x_init(), (m, 1))
   snap = xs.copy()
   for k in range(1, A.shape[0] + 1):
     xs = opt.step(xs, k, A, b)

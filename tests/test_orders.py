@@ -12,27 +12,14 @@ from coopjax import topology
 LR = 0.05
 
 
-def run(tx, A, b, m, v=0, X=None):
-  X = coopjax.replicate(ref.init_params(), m, v) if X is None else X
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(A.shape[0]):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-  return X, state
-
-
-def x_init():
-  return ref.flat(coopjax.replicate(ref.init_params(), 1))[0]
-
-
 def test_mix_then_step_easgd_is_zhang_et_al():
   """x_i ← x_i − ηg_i − α(x_i − z), z ← z + αΣ(x_i − z) on communication steps."""
   m, tau, alpha = 4, 3, 0.15
   steps = 3 * tau + 1
   A, b = ref.make_batches(steps, m, seed=21)
   tx = coopjax.easgd(optax.sgd(LR), tau=tau, alpha=alpha, num_workers=m, order="mix_then_step")
-  X, _ = run(tx, A, b, m, v=1)
-  xs, z = [x_init() for _ in range(m)], x_init()
+  X, _ = ref.run(tx, A, b, m, v=1)
+  xs, z = [ref.x_init() for _ in range(m)], ref.x_init()
   for k in range(1, steps + 1):
     g = [ref.np_grad(xs[i], A[k - 1, i], b[k - 1, i]) for i in range(m)]
     if k % tau == 0:
@@ -49,8 +36,8 @@ def test_mix_then_step_dpsgd_is_lian_et_al(W):
   """x_i ← Σ_j W_ij x_j − η g_i(x_i)."""
   m, steps = 5, 6
   A, b = ref.make_batches(steps, m, seed=22)
-  X, _ = run(coopjax.dpsgd(optax.sgd(LR), W=W, order="mix_then_step"), A, b, m)
-  xs = np.tile(x_init(), (m, 1))
+  X, _ = ref.run(coopjax.dpsgd(optax.sgd(LR), W=W, order="mix_then_step"), A, b, m)
+  xs = np.tile(ref.x_init(), (m, 1))
   for k in range(steps):
     g = np.stack([ref.np_grad(xs[i], A[k, i], b[k, i]) for i in range(m)])
     xs = np.stack([sum(W[i, j] * xs[j] for j in range(m)) - LR * g[i] for i in range(m)])
@@ -80,16 +67,7 @@ def test_averaged_model_identity_both_orders(name, order):
   make, v = FAMILY[name]
   m, steps = 6, 5
   A, b = ref.make_batches(steps, m, seed=23)
-  tx = make(m, order)
-  X = coopjax.replicate(ref.init_params(), m, v)
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(steps):
-    Xf = ref.flat(X)
-    g = np.mean([ref.np_grad(Xf[i], A[k, i], b[k, i]) for i in range(m)], axis=0)
-    u_expected = Xf.mean(0) - LR * m / (m + v) * g
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-    np.testing.assert_allclose(ref.flat(X).mean(0), u_expected, rtol=1e-5, atol=1e-6)
+  ref.averaged_model_run(make(m, order), m, v, A, b, LR)
 
 
 def _spread_X(m, v, seed=0):
@@ -105,15 +83,17 @@ def test_orders_agree_without_mixing_or_gradients():
   m, steps = 4, 4
   A, b = ref.make_batches(steps, m, seed=24)
   with pytest.warns(UserWarning):
-    a = run(coopjax.cooperative(optax.sgd(LR), tau=1, W=np.eye(m)), A, b, m, X=_spread_X(m, 0))[0]
+    a = ref.run(coopjax.cooperative(optax.sgd(LR), tau=1, W=np.eye(m)), A, b, m, X=_spread_X(m, 0))[
+      0
+    ]
   with pytest.warns(UserWarning):
     tx = coopjax.cooperative(optax.sgd(LR), tau=1, W=np.eye(m), order="mix_then_step")
-    c = run(tx, A, b, m, X=_spread_X(m, 0))[0]
+    c = ref.run(tx, A, b, m, X=_spread_X(m, 0))[0]
   np.testing.assert_allclose(ref.flat(a), ref.flat(c), rtol=1e-6, atol=1e-6)
   # G = 0 (learning rate 0): both orders are pure mixing X ← X W^k.
   W = topology.ring(m)
   outs = [
-    run(coopjax.cooperative(optax.sgd(0.0), tau=1, W=W, order=o), A, b, m, X=_spread_X(m, 0))[0]
+    ref.run(coopjax.cooperative(optax.sgd(0.0), tau=1, W=W, order=o), A, b, m, X=_spread_X(m, 0))[0]
     for o in ("step_then_mix", "mix_then_step")
   ]
   expect = np.linalg.matrix_power(W.T, steps) @ ref.flat(_spread_X(m, 0))
@@ -129,7 +109,7 @@ def test_orders_differ_by_eta_G_times_W_minus_I():
   outs = {}
   for o in ("step_then_mix", "mix_then_step"):
     tx = coopjax.easgd(optax.sgd(LR), tau=1, alpha=0.15, num_workers=m, order=o)
-    outs[o] = ref.flat(run(tx, A, b, m, v, X=X0)[0])
+    outs[o] = ref.flat(ref.run(tx, A, b, m, v, X=X0)[0])
   Xf = ref.flat(X0)
   G = np.zeros_like(Xf)
   for i in range(m):
@@ -149,7 +129,7 @@ def test_local_state_policies_with_momentum(policy, order):
   tx = coopjax.cooperative(
     optax.sgd(LR, momentum=beta), tau=tau, W=W, order=order, local_state_policy=policy
   )
-  X, _ = run(tx, A, b, m, X=_spread_X(m, 0, seed=4))
+  X, _ = ref.run(tx, A, b, m, X=_spread_X(m, 0, seed=4))
   # NumPy: heavy-ball buf ← β buf + g, update −η buf; the policy acts on buf at mixing steps.
   Xr = ref.flat(_spread_X(m, 0, seed=4))
   buf = np.zeros_like(Xr)
@@ -175,7 +155,7 @@ def test_mix_mask_keeps_leaves_local():
   A, b = ref.make_batches(3, m, seed=27)
   X0 = _spread_X(m, 0, seed=5)
   tx = coopjax.local_sgd(optax.sgd(0.0), tau=tau, num_workers=m, mix_mask={"w": True, "c": False})
-  X, _ = run(tx, A, b, m, X=X0)
+  X, _ = ref.run(tx, A, b, m, X=X0)
   np.testing.assert_allclose(X["c"], X0["c"], rtol=1e-6)  # never mixed, never moved (lr 0)
   np.testing.assert_allclose(X["w"], np.tile(np.mean(X0["w"], 0), (m, 1)), rtol=1e-5, atol=1e-6)
 

@@ -11,19 +11,6 @@ import coopjax
 LR, BETA = 0.05, 0.9
 
 
-def x_init():
-  return ref.flat(coopjax.replicate(ref.init_params(), 1))[0]
-
-
-def run(tx, A, b, m):
-  X = coopjax.replicate(ref.init_params(), m)
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(A.shape[0]):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-  return X, state
-
-
 def flat_model(tree):
   """One unstacked model -> flat float64 vector."""
   return np.concatenate([np.asarray(tree["w"], np.float64), [float(tree["c"])]])
@@ -46,7 +33,7 @@ class Momentum:
 def outer_reference(m, tau, A, b, lr, outer_step, buffers="maintain"):
   """τ inner momentum-SGD steps, then x_start ← outer_step(k, Δ, x_start), x_i ← x_start."""
   opt = Momentum(m, lr)
-  xs, x_start = np.tile(x_init(), (m, 1)), x_init()
+  xs, x_start = np.tile(ref.x_init(), (m, 1)), ref.x_init()
   for k in range(1, A.shape[0] + 1):
     xs = opt.step(xs, k, A, b)
     if k % tau == 0:
@@ -84,7 +71,7 @@ def test_slowmo_matches_numpy_with_schedule(buffers):
   tx = coopjax.slowmo(
     local, tau=tau, num_workers=m, alpha=alpha, beta=beta, lr=SCHEDULE, base_buffers=buffers
   )
-  X, state = run(tx, A, b, m)
+  X, state = ref.run(tx, A, b, m)
   xs, x_start = outer_reference(
     m, tau, A, b, schedule_np, slowmo_outer(alpha, beta, schedule_np), buffers
   )
@@ -99,7 +86,7 @@ def test_slowmo_alpha1_beta0_is_periodic_averaging(buffers, policy):
   m, tau, steps = 4, 2, 7
   A, b = ref.make_batches(steps, m, seed=42)
   local = optax.sgd(LR, momentum=BETA)
-  X, _ = run(
+  X, _ = ref.run(
     coopjax.slowmo(
       local, tau=tau, num_workers=m, alpha=1.0, beta=0.0, lr=0.3, base_buffers=buffers
     ),
@@ -107,7 +94,9 @@ def test_slowmo_alpha1_beta0_is_periodic_averaging(buffers, policy):
     b,
     m,
   )
-  Xl, _ = run(coopjax.local_sgd(local, tau=tau, num_workers=m, local_state_policy=policy), A, b, m)
+  Xl, _ = ref.run(
+    coopjax.local_sgd(local, tau=tau, num_workers=m, local_state_policy=policy), A, b, m
+  )
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
 
 
@@ -116,7 +105,7 @@ def test_diloco_matches_numpy_with_nesterov_outer():
   steps = 3 * tau + 2
   A, b = ref.make_batches(steps, m, seed=43)
   outer = optax.sgd(outer_lr, momentum=mu, nesterov=True)
-  X, state = run(
+  X, state = ref.run(
     coopjax.diloco(optax.sgd(LR, momentum=BETA), outer=outer, tau=tau, num_workers=m), A, b, m
   )
   trace = np.zeros(ref.D + 1)
@@ -130,7 +119,7 @@ def test_diloco_matches_numpy_with_nesterov_outer():
   np.testing.assert_allclose(ref.flat(X), xs, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(flat_model(state.x_start), x_start, rtol=1e-4, atol=1e-5)
   # The displacement's sign: Δ = x_start − x̄, so outer sgd(1) lands on x̄, not past x_start.
-  assert np.abs(x_start - x_init()).max() > 1e-3
+  assert np.abs(x_start - ref.x_init()).max() > 1e-3
 
 
 @pytest.mark.parametrize("inner", ["momentum", "adam"])
@@ -138,8 +127,8 @@ def test_diloco_outer_sgd1_is_periodic_averaging(inner):
   m, tau, steps = 3, 3, 8
   A, b = ref.make_batches(steps, m, seed=44)
   local = optax.sgd(LR, momentum=BETA) if inner == "momentum" else optax.adam(0.02)
-  X, _ = run(coopjax.diloco(local, outer=optax.sgd(1.0), tau=tau, num_workers=m), A, b, m)
-  Xl, _ = run(coopjax.local_sgd(local, tau=tau, num_workers=m), A, b, m)
+  X, _ = ref.run(coopjax.diloco(local, outer=optax.sgd(1.0), tau=tau, num_workers=m), A, b, m)
+  Xl, _ = ref.run(coopjax.local_sgd(local, tau=tau, num_workers=m), A, b, m)
   np.testing.assert_allclose(ref.flat(X), ref.flat(Xl), rtol=1e-5, atol=1e-6)
 
 
@@ -154,10 +143,10 @@ def test_slowmo_is_diloco_with_heavy_ball_outer(gamma):
   steps = 4 * tau
   A, b = ref.make_batches(steps, m, seed=45)
   local = optax.sgd(LR, momentum=BETA)
-  Xs, ss = run(
+  Xs, ss = ref.run(
     coopjax.slowmo(local, tau=tau, num_workers=m, alpha=alpha, beta=beta, lr=gamma), A, b, m
   )
-  Xd, sd = run(
+  Xd, sd = ref.run(
     coopjax.diloco(local, outer=optax.sgd(alpha, momentum=beta), tau=tau, num_workers=m), A, b, m
   )
   np.testing.assert_allclose(ref.flat(Xs), ref.flat(Xd), rtol=1e-5, atol=1e-6)
@@ -177,7 +166,7 @@ def test_slowmo_without_lr_matches_numpy_heavy_ball():
     t = beta * t + delta
     return x_start - alpha * t
 
-  X, state = run(
+  X, state = ref.run(
     coopjax.slowmo(optax.sgd(LR, momentum=BETA), tau=tau, num_workers=m, alpha=alpha, beta=beta),
     A,
     b,
@@ -207,10 +196,10 @@ def test_slowmo_and_heavy_ball_diloco_differ_under_a_decaying_lr():
   m, tau, alpha, beta = 4, 2, 0.9, 0.7
   A, b = ref.make_batches(4 * tau, m, seed=46)
   local = optax.sgd(SCHEDULE, momentum=BETA)
-  Xs, _ = run(
+  Xs, _ = ref.run(
     coopjax.slowmo(local, tau=tau, num_workers=m, alpha=alpha, beta=beta, lr=SCHEDULE), A, b, m
   )
-  Xd, _ = run(
+  Xd, _ = ref.run(
     coopjax.diloco(local, outer=optax.sgd(alpha, momentum=beta), tau=tau, num_workers=m), A, b, m
   )
   assert np.abs(ref.flat(Xs) - ref.flat(Xd)).max() > 1e-4

@@ -23,19 +23,6 @@ OUTER_LR, MU = 0.7, 0.9
 COUNT_FRAGMENTS = [[0, 1, 2], [3]]
 
 
-def x_init():
-  return ref.flat(coopjax.replicate(ref.init_params(), 1))[0]
-
-
-def run(tx, A, b, m, steps=None):
-  X = coopjax.replicate(ref.init_params(), m)
-  state = tx.init(X)
-  step = coopjax.make_step(ref.loss_fn, tx)
-  for k in range(A.shape[0] if steps is None else steps):
-    X, state, _ = step(X, state, (jnp.asarray(A[k]), jnp.asarray(b[k])))
-  return X, state
-
-
 def flat_model(tree):
   return np.concatenate([np.asarray(tree["w"], np.float64), [float(tree["c"])]])
 
@@ -49,7 +36,7 @@ def streaming_reference(m, H, frags, delay, alpha, schedule, A, b, outer="nester
   P = len(frags)
   h = H // P
   c, o = (delay, 0) if schedule == "torchft" else (0, 1)
-  xs, x_start = np.tile(x_init(), (m, 1)), x_init()
+  xs, x_start = np.tile(ref.x_init(), (m, 1)), ref.x_init()
   buf = np.zeros_like(xs)
   traces = [np.zeros(len(f)) for f in frags]
   pending, events = None, []
@@ -94,7 +81,7 @@ def test_matches_numpy_with_momentum_inner_and_nesterov_outer(schedule, delay, a
     schedule=schedule,
     num_workers=m,
   )
-  X, state = run(tx, A, b, m)
+  X, state = ref.run(tx, A, b, m)
   xs, x_start, events = streaming_reference(m, H, COUNT_FRAGMENTS, delay, alpha, schedule, A, b)
   np.testing.assert_allclose(ref.flat(X), xs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(flat_model(state.x_start), x_start, rtol=1e-5, atol=1e-6)
@@ -133,7 +120,7 @@ def test_labelled_fragments_order_and_alpha_discards():
     delay=delay,
     num_workers=m,
   )
-  X, state = run(tx, A, b, m)
+  X, state = ref.run(tx, A, b, m)
   xs, x_start, _ = streaming_reference(m, H, [[3], [0, 1, 2]], delay, 0.0, "torchft", A, b)
   np.testing.assert_allclose(ref.flat(X), xs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(flat_model(state.x_start), x_start, rtol=1e-5, atol=1e-6)
@@ -145,11 +132,11 @@ def test_one_fragment_no_delay_no_alpha_is_diloco_exactly(schedule):
   A, b = ref.make_batches(steps, m, seed=53)
   local = optax.sgd(LR, momentum=BETA)
   outer = optax.sgd(OUTER_LR, momentum=MU, nesterov=True)
-  Xd, sd = run(coopjax.diloco(local, outer=outer, tau=H, num_workers=m), A, b, m)
+  Xd, sd = ref.run(coopjax.diloco(local, outer=outer, tau=H, num_workers=m), A, b, m)
   tx = coopjax.streaming_diloco(
     local, outer=outer, H=H, fragments=1, schedule=schedule, num_workers=m
   )
-  Xs, ss = run(tx, A, b, m)
+  Xs, ss = ref.run(tx, A, b, m)
   for a, c in zip(
     jax.tree.leaves((Xd, sd.x_start)), jax.tree.leaves((Xs, ss.x_start)), strict=True
   ):
@@ -163,10 +150,10 @@ def test_outer_sgd1_is_periodic_averaging_per_fragment_with_the_phase(schedule):
   tx = coopjax.streaming_diloco(
     optax.sgd(LR), outer=optax.sgd(1.0), H=H, fragments=2, schedule=schedule, num_workers=m
   )
-  X, _ = run(tx, A, b, m)
+  X, _ = ref.run(tx, A, b, m)
   # Plain SGD; fragment p averaged at the steps k = n·h whose sync n has (n − 1 + o) mod P = p.
   o, h = (0 if schedule == "torchft" else 1), H // 2
-  xs = np.tile(x_init(), (m, 1))
+  xs = np.tile(ref.x_init(), (m, 1))
   for k in range(1, steps + 1):
     for i in range(m):
       xs[i] -= LR * ref.np_grad(xs[i], A[k - 1, i], b[k - 1, i])
@@ -510,12 +497,12 @@ def test_mix_mask_keeps_leaves_out_of_every_fragment():
       mix_mask=mask,
     )
 
-  X, _ = run(make({"w": True, "c": False}), A, b, m)
+  X, _ = ref.run(make({"w": True, "c": False}), A, b, m)
   xs, _, _ = streaming_reference(m, H, [[0, 1, 2]], delay, alpha, "torchft", A, b)
   np.testing.assert_allclose(ref.flat(X), xs, rtol=1e-5, atol=1e-6)
   # An all-True mask is no mask, bit for bit.
-  X_all, _ = run(make({"w": True, "c": True}), A, b, m)
-  X_none, _ = run(make(None), A, b, m)
+  X_all, _ = ref.run(make({"w": True, "c": True}), A, b, m)
+  X_none, _ = ref.run(make(None), A, b, m)
   for a, c in zip(jax.tree.leaves(X_all), jax.tree.leaves(X_none), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
   with pytest.raises(ValueError, match="selects no leaf"):

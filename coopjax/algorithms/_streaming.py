@@ -56,7 +56,10 @@ the apply step τ steps later: ``state.pending`` holds it, and
 issues the reduction first (outside every branch and loop) and consumes it
 at the program's τ-th step (``tx.consume_at``). One step at a time
 (:func:`coopjax.make_step`) the reduction runs inside the apply step's
-branch.
+branch. Where one program runs its collectives synchronously (XLA:CPU with
+gloo), :func:`coopjax.parallel.overlap.make_overlapped_period` runs the
+reduction as its own program from a second thread beside the τ − 1 steps
+before the apply (``tx.reduce_pending``).
 
   >>> import jax.numpy as jnp, optax, coopjax
   >>> tx = coopjax.streaming_diloco(optax.sgd(0.1), outer=optax.sgd(1.0), H=2, fragments=2,
@@ -392,8 +395,11 @@ def streaming_diloco(
     A :class:`CooperativeTransformation` with state
     :class:`StreamingDiLoCoState`; besides the usual description it carries
     ``consume_at`` (τ: the step of a period program that starts at a
-    snapshot whose mix consumes the issued reduction), ``wire_dtype`` and
-    ``bytes_per_sync(model)`` (one worker's payload of one sync).
+    snapshot whose mix consumes the issued reduction), ``wire_dtype``,
+    ``bytes_per_sync(model)`` (one worker's payload of one sync) and
+    ``reduce_pending`` (the sync's reduction of ``state.pending``, which
+    :func:`coopjax.parallel.overlap.make_overlapped_period` runs as its own
+    program).
 
   Examples:
     >>> import jax.numpy as jnp, optax, coopjax
@@ -609,4 +615,5 @@ def streaming_diloco(
     compressor=compressor,
     wire_dtype="float32" if compressor is None else "uint8",
     bytes_per_sync=bytes_per_sync,
+    reduce_pending=reduce,
   )

@@ -48,6 +48,7 @@ payload bytes travel, one buffer per collective (:func:`exchange_kind`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from typing import NamedTuple
 
@@ -329,6 +330,21 @@ def _pool(local, received: dict, layout: _PermuteLayout):
   return jnp.concatenate(parts, axis=0) if len(parts) > 1 else local
 
 
+def _device_offsets(layout: _PermuteLayout, ctx: ShardContext):
+  """``(δ, send, permute)`` for every device offset δ of the layout.
+
+  ``send`` is the ``[D, k_δ]`` table of the local rows that each device gives to the
+  device δ places behind it, and ``permute(buf)`` the collective-permute that brings
+  this device the matching rows from δ places ahead.
+  """
+  for delta in layout.deltas:
+    yield (
+      delta,
+      layout.send[delta],
+      partial(lax.ppermute, axis_name=ctx.axis_name, perm=layout.pairs[delta]),
+    )
+
+
 def _combine(pool, layout: _PermuteLayout, ctx: ShardContext):
   """The new local rows ``Σ_terms pool[idx] · w`` (one leaf)."""
   total = None
@@ -344,13 +360,15 @@ def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
   if layout is None:
     return None
 
+  def pool(x):  # one leaf: [rows from behind, local block, rows from ahead]
+    received = {
+      delta: permute(_rows(x, send, ctx)) for delta, send, permute in _device_offsets(layout, ctx)
+    }
+    return _pool(x, received, layout)
+
   def apply(workers):
     def leaf(x):
-      received = {
-        delta: lax.ppermute(_rows(x, layout.send[delta], ctx), ctx.axis_name, layout.pairs[delta])
-        for delta in layout.deltas
-      }
-      return _combine(_pool(x, received, layout), layout, ctx)
+      return _combine(pool(x), layout, ctx)
 
     return jax.tree.map(leaf, workers)
 
@@ -362,17 +380,13 @@ def _permute_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan | None:
     cols = np.arange(m)
 
     def leaf(x):
-      received = {
-        delta: lax.ppermute(_rows(x, layout.send[delta], ctx), ctx.axis_name, layout.pairs[delta])
-        for delta in layout.deltas
-      }
-      pool = _pool(x, received, layout)
+      rows = pool(x)
       total = None
       for (idx, _), s in zip(layout.terms, offsets, strict=True):
         planned = jnp.asarray(np.abs(A[(cols + s) % m, cols]) > _ATOL, x.dtype)
         weights = A_t.astype(x.dtype)[(cols + s) % m, cols] * planned  # [m], static gather
         own = lax.dynamic_slice_in_dim(weights, _device(ctx) * b, b)
-        term = _rows(pool, idx, ctx) * own.reshape((b,) + (1,) * (x.ndim - 1))
+        term = _rows(rows, idx, ctx) * own.reshape((b,) + (1,) * (x.ndim - 1))
         total = term if total is None else total + term
       return total
 
@@ -489,16 +503,26 @@ def apply_worker_matrix(workers: PyTree, A, ctx: ShardContext) -> PyTree:
   return _cached_plan(np.asarray(A, np.float64), ctx).apply(workers)
 
 
-_PLANS: dict = {}
+def _memo_by_matrix(build: Callable, limit: int = 256) -> Callable:
+  """``build(A, ctx)`` memoised on A's shape and bytes and on ctx (emptied past ``limit``).
+
+  Plans and layouts are built in NumPy from static matrices at trace time; a step
+  retraced with the same W reuses them.
+  """
+  cache: dict = {}
+
+  def cached(A: np.ndarray, ctx: ShardContext):
+    key = (A.shape, A.tobytes(), ctx)
+    if key not in cache:
+      if len(cache) > limit:
+        cache.clear()
+      cache[key] = build(A, ctx)
+    return cache[key]
+
+  return cached
 
 
-def _cached_plan(A: np.ndarray, ctx: ShardContext) -> WorkerPlan:
-  key = (A.shape, A.tobytes(), ctx)
-  if key not in _PLANS:
-    if len(_PLANS) > 256:
-      _PLANS.clear()
-    _PLANS[key] = worker_plan(A, ctx)
-  return _PLANS[key]
+_cached_plan = _memo_by_matrix(worker_plan)
 
 
 def _split_local(X: PyTree, n: int, ctx: ShardContext):
@@ -894,16 +918,7 @@ def exchange_kind(W, ctx: ShardContext) -> str:
   return "local" if kind in ("identity", "diagonal") else "permute"
 
 
-_LAYOUTS: dict = {}
-
-
-def _cached_layout(A: np.ndarray, ctx: ShardContext) -> _PermuteLayout:
-  key = (A.shape, A.tobytes(), ctx)
-  if key not in _LAYOUTS:
-    if len(_LAYOUTS) > 256:
-      _LAYOUTS.clear()
-    _LAYOUTS[key] = _permute_layout(A, ctx)
-  return _LAYOUTS[key]
+_cached_layout = _memo_by_matrix(_permute_layout)
 
 
 def exchange(W, leaves: list, compressor, key, step, ctx: ShardContext) -> tuple[list, list]:
@@ -1010,11 +1025,8 @@ def exchange(W, leaves: list, compressor, key, step, ctx: ShardContext) -> tuple
   else:
     layout = _cached_layout(A, ctx)
     received = {
-      delta: _transport(
-        _tree_rows(payloads, layout.send[delta], ctx),
-        lambda buf, delta=delta: lax.ppermute(buf, ctx.axis_name, layout.pairs[delta]),
-      )
-      for delta in layout.deltas
+      delta: _transport(_tree_rows(payloads, send, ctx), permute)
+      for delta, send, permute in _device_offsets(layout, ctx)
     }
     decoded = {
       delta: _decode_rows(

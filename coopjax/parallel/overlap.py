@@ -29,6 +29,14 @@ Only one collective program is in flight at a time (H and C hold none: off-steps
 take the skip branch, and C's mixing branch uses ``r``), and every process
 dispatches R, H, C in the same order, as multi-process gloo needs.
 
+Streaming DiLoCo (:func:`coopjax.streaming_diloco`, delay τ ≥ 1) applies a
+sync τ steps after its snapshot: a call runs the h = H/P steps that start
+right after a snapshot as R beside the first τ − 1 steps, C (the apply,
+step τ, ``tx.consume_at``) and the h − τ steps up to the next snapshot
+(which take no collective either), with ``reduce`` defaulting to the
+transformation's own ``tx.reduce_pending`` (the float mean, or the quantized
+mean's all-to-all and all-gather).
+
   >>> import jax.numpy as jnp, optax, coopjax
   >>> from coopjax.parallel import overlap
   >>> loss = lambda p, b: jnp.mean((p["w"] * b - 1.0) ** 2)
@@ -76,6 +84,11 @@ def default_reduce(kind: type, num_workers: int) -> Callable[[PyTree], PyTree]:
   ``[pending, 0]``, so the result is bit for bit the one its closing step
   would compute.
   """
+  if kind is nonblocking.StreamingDiLoCoState:
+    raise ValueError(
+      "Streaming DiLoCo's reduction depends on its fragments and compressor: pass "
+      "reduce=tx.reduce_pending (make_overlapped_period does so for the transformation itself)."
+    )
   if kind is nonblocking.NonBlockingEASGDState:
     mix = mixing.Mix.sum_into_aux(num_workers, overlappable=True)
   elif kind is nonblocking.OverlapState:
@@ -157,20 +170,24 @@ def make_overlapped_period(
     tx: a transformation whose state holds exactly one of
       :data:`coopjax.algorithms._nonblocking.OVERLAP_STATES`
       (:func:`coopjax.nonblocking_easgd`, :func:`coopjax.overlap_local_sgd`,
-      :func:`coopjax.delayed`, also inside ``optax.chain``).
+      :func:`coopjax.delayed`, also inside ``optax.chain``; or
+      :func:`coopjax.streaming_diloco` itself, with delay ≥ 1).
     mesh: a mesh with a ``"workers"`` axis for the sharded path (X from
       :func:`coopjax.shard`, opt_state from :func:`coopjax.sharding.init`), or
       None.
-    tau: the period τ of ``tx``.
+    tau: the period τ of ``tx`` (Streaming DiLoCo: h = H/P, the steps
+      from one snapshot to the next).
     reduce: the algorithm's reduction of ``pending`` (default: Σ for
-      non-blocking EASGD, mean for Overlap Local-SGD; required for delayed
-      mixing: its mixer).
+      non-blocking EASGD, mean for Overlap Local-SGD, ``tx.reduce_pending``
+      for Streaming DiLoCo; required for delayed mixing: its mixer).
     **step_kwargs: forwarded to :func:`coopjax.make_step`.
 
   Returns:
     ``period``: ``batches`` has leaves ``[τ, m, ...]``; ``opt_state``'s step
-    count must be a multiple of τ (whole periods); ``metrics`` are stacked
-    over the τ steps. It blocks until the period is done.
+    count must be a multiple of τ (whole periods; Streaming DiLoCo: a
+    snapshot step, so that the call's one sync applies at its step
+    ``tx.consume_at``); ``metrics`` are stacked over the τ steps. It blocks
+    until the period is done.
   """
   if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
     raise ValueError(f"tau must be a positive integer, got {tau!r}.")
@@ -193,7 +210,11 @@ def make_overlapped_period(
 
   def programs(kind, num_workers):
     if kind not in cache:
-      red = reduce if reduce is not None else default_reduce(kind, num_workers)
+      red = reduce
+      if red is None and kind is nonblocking.StreamingDiLoCoState:
+        red = getattr(tx, "reduce_pending", None)
+      if red is None:
+        red = default_reduce(kind, num_workers)
       closing = make_step(loss_fn, _with_result(tx, red), **step_kwargs)
       cache[kind] = (_reduce_program(red, mesh), closing)
     return cache[kind]
@@ -206,38 +227,70 @@ def make_overlapped_period(
         f"{[jnp.shape(b) for b in leaves]}."
       )
     state = _only(opt_state)
-    if isinstance(state, nonblocking.StreamingDiLoCoState):
-      raise ValueError(
-        "make_overlapped_period runs periods that end with their mix; Streaming DiLoCo consumes "
-        "its reduction tx.consume_at steps into a period that starts at a snapshot: use "
-        "coopjax.make_period_step(loss_fn, tx, mesh) (its reduction is issued before the loop)."
-      )
     start = int(state.count)
-    if start % tau:
-      raise ValueError(
-        f"the period must start at a step count that is a multiple of tau={tau}, got {start}; "
-        "run whole periods from tx.init."
-      )
+    if isinstance(state, nonblocking.StreamingDiLoCoState):
+      at = _streaming_consume_at(tx, opt_state, start, tau)
+    else:
+      at = tau
+      if start % tau:
+        raise ValueError(
+          f"the period must start at a step count that is a multiple of tau={tau}, got "
+          f"{start}; run whole periods from tx.init."
+        )
     num_workers = jax.tree.leaves(state.pending)[0].shape[0]
     reduce_program, closing = programs(type(state), num_workers)
     future = executor.submit(lambda: jax.block_until_ready(reduce_program(state.pending)))
+    parts = []
     try:
-      if tau > 1:
-        X, opt_state, metrics = head(X, opt_state, jax.tree.map(lambda b: b[:-1], batches))
+      if at > 1:
+        X, opt_state, metrics = head(X, opt_state, jax.tree.map(lambda b: b[: at - 1], batches))
         jax.block_until_ready((X, opt_state))
+        parts.append(metrics)
       result = future.result()
     except BaseException:
       future.cancel()
       raise
     early = _ResultState(result, state.count, opt_state)
-    X, early, last = closing(X, early, jax.tree.map(lambda b: b[-1], batches))
-    if tau > 1:
-      metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), metrics, last)
-    else:
-      metrics = jax.tree.map(lambda b: b[None], last)
-    return X, early.inner, metrics
+    X, early, last = closing(X, early, jax.tree.map(lambda b: b[at - 1], batches))
+    opt_state = early.inner
+    parts.append(jax.tree.map(lambda b: b[None], last))
+    if at < tau:  # Streaming DiLoCo: the steps after the apply, up to the next snapshot
+      X, opt_state, metrics = head(X, opt_state, jax.tree.map(lambda b: b[at:], batches))
+      parts.append(metrics)
+    metrics = jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1 else parts[0]
+    return X, opt_state, metrics
 
   return period
+
+
+def _streaming_consume_at(tx, opt_state, start: int, tau: int) -> int:
+  """The program step (from 1) that applies the one sync of a Streaming DiLoCo period.
+
+  The period must start right after a snapshot and hold exactly one apply,
+  at step ``tx.consume_at`` (τ, the delay): then the steps before it and
+  after it communicate nothing, and the reduction runs beside the first τ − 1.
+  """
+  at = getattr(tx, "consume_at", None)
+  if not hasattr(tx, "comm") or at is None:
+    raise ValueError(
+      "make_overlapped_period needs the coopjax.streaming_diloco transformation itself (not "
+      "wrapped in optax.chain): its schedule (tx.comm, tx.consume_at) places the sync."
+    )
+  if at < 1:
+    raise ValueError(
+      "Streaming DiLoCo with delay=0 applies each sync in the step that snapshots it: there "
+      "is nothing to overlap. Use delay >= 1, or coopjax.make_period_step / make_step."
+    )
+  applies = [j for j in range(1, tau + 1) if tx.comm(start + j, opt_state).collective != "none"]
+  if applies != [at]:
+    raise ValueError(
+      f"a Streaming DiLoCo period must start right after a snapshot and apply its one sync "
+      f"at its step tx.consume_at={at}; from step count {start} the {tau} steps apply syncs "
+      f"at program steps {applies}. Run tau = h = H/P steps per call, starting right after a "
+      "snapshot (step count n·h − c: with the default torchft schedule, h − delay; take "
+      "those first steps with coopjax.make_step)."
+    )
+  return at
 
 
 def _reduce_program(reduce, mesh):
