@@ -281,7 +281,7 @@ def test_resize_choco_rederives_s_for_the_new_ring(m, m_new, keep):
     return coopjax.choco(optax.sgd(LR), tau=1, W=topology.ring(n), compressor=q, gamma=0.4)
 
   A, b = ref.make_batches(6, m, seed=3)
-  X, state = run(make_tx(m), A, b, m, 0)
+  X, state = ref.run(make_tx(m), A, b, m, 0)
   X2, state2 = elastic.resize(X, state, make_tx(m), make_tx(m_new), keep=keep)
   hat, s = ref.flat(state2.hat), ref.flat(state2.s)
   np.testing.assert_allclose(s, np.asarray(topology.ring(m_new)).T @ hat, rtol=1e-6, atol=1e-6)
