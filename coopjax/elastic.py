@@ -245,6 +245,11 @@ def resize(
   * **anything else that depends on m** (a matrix over the workers): taken
     from ``new_tx.init``.
 
+  State that is a function of W is then re-derived for ``new_tx`` (its
+  ``resized(opt_state′)`` hook): CHOCO-SGD's ``s = W·x̂`` from the kept
+  and fresh copies ``x̂`` and the new W (kept as it was, it would hold the old
+  neighbours' sums and shift the worker mean at every consensus step).
+
   With m′ = m the leaves cannot be told apart, so the map must then be the
   identity (resize in two calls to replace workers).
 
@@ -302,7 +307,9 @@ def resize(
       f"{old_def} and {fresh_def}."
     )
   leaves = [_state_leaf(o, f, rmap, v) for o, f in zip(old_leaves, fresh_leaves, strict=True)]
-  return X_new, jax.tree.unflatten(old_def, leaves)
+  state = jax.tree.unflatten(old_def, leaves)
+  rederive = getattr(new_tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
+  return X_new, (state if rederive is None else rederive(state))
 
 
 def _layout(tx, name: str) -> Layout:

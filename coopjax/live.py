@@ -220,10 +220,14 @@ def set_live(tx: CooperativeTransformation, opt_state: PyTree, live, *, step=Non
     step = int(from_state[0].count) if from_state else 0
   old = np.asarray(ls.live)
   since = np.where(old & ~live, step, np.where(live, 0, np.asarray(ls.down_since)))
+  inner = ls.inner
+  rederive = getattr(tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
+  if rederive is not None and live.all() and not old.all():
+    inner = jax.tree.map(_placed_like, rederive(inner), inner)
   new = LiveMaskState(
     _placed_like(jnp.asarray(live, bool), ls.live),
     _placed_like(jnp.asarray(since, jnp.int32), ls.down_since),
-    ls.inner,
+    inner,
   )
   return replace_live_state(opt_state, new)
 
@@ -244,8 +248,29 @@ def _where_rows(keep, new: PyTree, old: PyTree) -> PyTree:
   )
 
 
+def _check_workers(workers, m: int) -> jax.Array:
+  """``workers`` as an array of m flags; indices (or any other shape) are refused."""
+  workers = jnp.asarray(workers)
+  hint = f"to re-admit workers by index, pass np.isin(np.arange({m}), indices)"
+  if workers.shape != (m,):
+    raise ValueError(
+      f"workers must be a bool mask of shape ({m},), one flag per worker, got shape "
+      f"{workers.shape}; {hint}."
+    )
+  if workers.dtype != jnp.bool_ and not isinstance(workers, jax.core.Tracer):
+    values = np.asarray(workers)
+    if np.any((values != 0) & (values != 1)):
+      raise ValueError(
+        f"workers must be a bool mask over the {m} workers, got values {values.tolist()}; {hint}."
+      )
+  return workers
+
+
 def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers) -> tuple:
   r"""Re-admits ``workers`` (bool [m]): model, optimizer state and mask (pure, jittable).
+
+  ``workers`` is a mask over the m workers, not a list of indices (a list of
+  another length raises); workers already live are left as they are.
 
   For each re-admitted worker r:
 
@@ -279,7 +304,8 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   if ls is None:
     raise ValueError("opt_state holds no LiveMaskState; build tx with coopjax.with_live_mask.")
   m, v = tx.layout
-  workers = jnp.asarray(workers).astype(bool) & jnp.logical_not(ls.live)
+  workers = _check_workers(workers, m)
+  workers = workers.astype(bool) & jnp.logical_not(ls.live)
   coop = [s for s in jax.tree.leaves(ls.inner, is_leaf=_has_count) if _has_count(s)][0]
   rows, aux = mixing.split_rows(X, m)
   if hasattr(coop, "x_start"):
@@ -298,9 +324,11 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   fresh = reset_local_state(coop.local_state, jax.vmap(tx.local.init)(rows))
   new_coop = coop._replace(local_state=_where_rows(local, fresh, coop.local_state))
   inner = jax.tree.map(lambda s: new_coop if s is coop else s, ls.inner, is_leaf=_has_count)
-  new = LiveMaskState(
-    ls.live | workers, jnp.where(workers, 0, ls.down_since).astype(jnp.int32), inner
-  )
+  live = ls.live | workers
+  rederive = getattr(tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
+  if rederive is not None:  # all live again: the full W's sums
+    inner = jax.lax.cond(jnp.all(live), rederive, lambda s: s, inner)
+  new = LiveMaskState(live, jnp.where(workers, 0, ls.down_since).astype(jnp.int32), inner)
   return mixing.join_rows(rows, aux), replace_live_state(opt_state, new)
 
 

@@ -194,6 +194,26 @@ def _apply_updates(X: PyTree, updates: PyTree) -> PyTree:
   )
 
 
+def _merge_live(X: PyTree, merged: PyTree, opt_state: PyTree, m: int) -> PyTree:
+  """``merged`` on the live workers' rows, ``X`` on the masked ones (a masked worker is frozen).
+
+  Without a live mask in ``opt_state`` this is ``merged``. With one, the rows
+  of the workers it masks (including those quarantined at this step, whose
+  auxiliary output may be non-finite) keep their values; auxiliary rows come
+  from ``merged``.
+  """
+  ls = live_lib.find_live_state(opt_state)
+  if ls is None:
+    return merged
+  keep = mixing.local_live(ls.live)
+  old, _ = mixing.split_rows(X, m)
+  new, aux = mixing.split_rows(merged, m)
+  rows = jax.tree.map(
+    lambda n, o: jnp.where(keep.reshape(keep.shape + (1,) * (n.ndim - 1)), n, o), new, old
+  )
+  return mixing.join_rows(rows, aux)
+
+
 def make_step(
   loss_fn: Callable[..., Any],
   tx: optax.GradientTransformation,
@@ -226,20 +246,24 @@ def make_step(
       ``(scalar, aux)`` with ``has_aux=True``); checked while tracing.
     tx: a coopjax transformation (e.g. :func:`coopjax.local_sgd`), possibly
       inside ``optax.chain``. Its layout (``tx.layout``: m and v) checks X.
-    num_workers: m; the batch's leading axis is checked against it (the
-      transformation checks it too).
+    num_workers: m; the batch's leading axis is checked against it (default:
+      the m of ``tx.layout``, when ``tx`` has one).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is reported per
       worker in ``metrics["aux"]``.
     merge_aux: optional ``merge_aux(X, aux) -> X`` applied before the
       transformation, e.g. :func:`coopjax.models.merge_batch_stats` to write
       fresh BatchNorm statistics into X, so that a mixing step mixes (or, with
-      a ``mix_mask``, keeps local) the current statistics.
+      a ``mix_mask``, keeps local) the current statistics. Under a live mask
+      (:func:`coopjax.with_live_mask`) only the live workers' rows are
+      written: a masked or just quarantined worker's row stays as it was.
     with_consensus: report ``consensus_distance`` ``‖X_{k+1}(I − J)‖²_F``
       over the mixed leaves (:func:`coopjax.consensus_distance`).
     with_grad_norm: report ``avg_grad_norm`` ``‖(1/m)Σ_i g_i‖``, the norm of
       the averaged gradient that moves u_k (eq. 14); when the models agree it
       is the averaged model's stochastic gradient norm.
-    with_loss: report ``loss``, the mean over workers.
+    with_loss: report ``loss``, the mean over workers. Under a live mask
+      (:func:`coopjax.with_live_mask`) the reducing metrics (``loss``,
+      ``consensus_distance``, ``avg_grad_norm``) are over the live workers.
     consensus_mask: the leaves the consensus distance counts: None (default)
       for the leaves ``tx`` mixes (its ``mix_mask``; all leaves when it has
       none), True for all leaves, or a pytree prefix of X with booleans.
@@ -339,6 +363,9 @@ def make_step(
   live_tx = _live_tx(tx) if quarantine else None
   layout = _layout_of_tx(tx)
   source = f"num_workers={num_workers}"
+  if num_workers is None and layout is not None:  # the batch's rows are the workers of tx
+    num_workers = layout.num_workers
+    source = f"tx has {num_workers} workers (tx.layout)"
   mask = tx if consensus_mask is None else consensus_mask
   on = {"loss": with_loss, "consensus_distance": with_consensus, "avg_grad_norm": with_grad_norm}
   tx = optax.with_extra_args_support(tx)
@@ -370,10 +397,10 @@ def make_step(
       X_workers, _ = mixing.split_rows(X, m)
       value, grads = _worker_grads(loss_fn, has_aux, rows)(X_workers, batch)
       losses, aux = value if has_aux else (value, None)
-      if merge_aux is not None:
-        X = merge_aux(X, aux)
       if quarantine:
         opt_state, grads, q = _quarantine(losses, grads, X_workers, opt_state, ctx)
+      if merge_aux is not None:
+        X = _merge_live(X, merge_aux(X, aux), opt_state, m)
       updates, opt_state = tx.update(grads, opt_state, X, value=losses)
       X_new = _apply_updates(X, updates)
       metrics = {"worker_loss": losses, "step": step_count(opt_state)}
@@ -382,9 +409,10 @@ def make_step(
         metrics.update(q)
       if check_finite:
         metrics.update(diagnostics.finite_metrics(losses, grads, X, X_new))
-      scope = (
-        context.live_masked(context.LiveContext(metrics["live"]))
-        if quarantine
+      live_state = live_lib.find_live_state(opt_state)
+      scope = (  # metrics over the live workers: a masked worker's row may be non-finite
+        context.live_masked(context.LiveContext(live_state.live))
+        if live_state is not None
         else contextlib.nullcontext()
       )
       with scope:

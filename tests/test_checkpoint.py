@@ -327,6 +327,19 @@ def test_mismatched_target_or_missing_checkpoint_is_a_clear_error(tmp_path):
     checkpoint.CheckpointManager(tmp_path, max_to_keep=0)
 
 
+def test_fresh_manager_checks_shapes_without_orbax_warnings(tmp_path, caplog):
+  """A resuming process (a new manager) gets the shape check and no "could not be restored"."""
+  with checkpoint.CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, {"w": jnp.ones((8, 3))}, meta={"m": 8})
+  with checkpoint.CheckpointManager(tmp_path) as mgr:
+    assert mgr.meta() == {"m": 8}
+    restored = mgr.restore(target=checkpoint.abstract_target({"w": jnp.zeros((8, 3))}))
+    np.testing.assert_array_equal(restored["w"], np.ones((8, 3)))
+    with pytest.raises(ValueError, match=r"holds 1 arrays with shapes \[\(8, 3\)\]"):
+      mgr.restore(target=checkpoint.abstract_target({"w": jnp.zeros((6, 3))}))
+  assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]
+
+
 def test_partial_save_leaves_previous_checkpoint_readable(tmp_path):
   _, state = init("local_sgd")
   with checkpoint.CheckpointManager(tmp_path) as mgr:

@@ -270,3 +270,26 @@ def test_resize_refuses_what_it_cannot_map():
     elastic.resize(X, tx3.init(X), optax.sgd(0.1), tx3)
   with pytest.raises(ValueError, match="stability range"):
     elastic.scale_alpha(0.25, 8, 6)
+
+
+@pytest.mark.parametrize("m,m_new,keep", [(8, 6, [0, 1, 2, 4, 5, 7]), (6, 8, None)])
+def test_resize_choco_rederives_s_for_the_new_ring(m, m_new, keep):
+  """CHOCO's s = W·x̂ is rebuilt for ring(m′): the next step keeps the worker mean (NumPy)."""
+
+  def make_tx(n):
+    q = coopjax.compress.top_k(k=2)
+    return coopjax.choco(optax.sgd(LR), tau=1, W=topology.ring(n), compressor=q, gamma=0.4)
+
+  A, b = ref.make_batches(6, m, seed=3)
+  X, state = ref.run(make_tx(m), A, b, m, 0)
+  X2, state2 = elastic.resize(X, state, make_tx(m), make_tx(m_new), keep=keep)
+  hat, s = ref.flat(state2.hat), ref.flat(state2.s)
+  np.testing.assert_allclose(s, np.asarray(topology.ring(m_new)).T @ hat, rtol=1e-6, atol=1e-6)
+  # One more step: with doubly stochastic W and s = W·x̂ the consensus step keeps the mean,
+  # so the mean moves by −η·mean_i g_i exactly as the gradient step does.
+  A2, b2 = ref.make_batches(1, m_new, seed=4)
+  x = ref.flat(X2)
+  g = np.stack([ref.np_grad(x[i], A2[0, i], b2[0, i]) for i in range(m_new)])
+  step = coopjax.make_step(ref.loss_fn, make_tx(m_new))
+  X3, _, _ = step(X2, state2, (jnp.asarray(A2[0]), jnp.asarray(b2[0])))
+  np.testing.assert_allclose(ref.flat(X3).mean(0), x.mean(0) - LR * g.mean(0), rtol=1e-5, atol=1e-6)

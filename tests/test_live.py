@@ -265,6 +265,135 @@ def test_quarantine_nan_worker(sharded):
   assert np.all(np.isfinite(rows(X)))
 
 
+def stats_loss(variables, batch):
+  """Regression with a per-worker statistic (the batch mean of x) as aux, like BatchNorm's."""
+  x = batch[..., :-1]
+  return regression_loss(variables["params"], batch), {"mean": jnp.mean(x, axis=0)}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_merge_aux_leaves_masked_rows_frozen(sharded):
+  """merge_aux writes the live workers' statistics only: a quarantined row keeps its own."""
+  tx = coopjax.with_live_mask(
+    coopjax.local_sgd(
+      optax.sgd(0.05), tau=2, num_workers=M, mix_mask={"params": True, "batch_stats": False}
+    )
+  )
+  X = coopjax.replicate({"params": {"w": jnp.zeros(3)}, "batch_stats": {"mean": jnp.zeros(3)}}, tx)
+  opts = dict(
+    has_aux=True,
+    merge_aux=coopjax.models.merge_batch_stats,
+    on_nonfinite="quarantine",
+    readmit_after=4,
+    log_every=1,
+  )
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(X, mesh, tx)
+    state = coopjax.sharding.init(tx, X, mesh)
+    step = coopjax.make_step(stats_loss, tx, mesh=mesh, **opts)
+    stats = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["batch_stats"]["mean"])  # noqa: E731
+  else:
+    state = tx.init(X)
+    step = coopjax.make_step(stats_loss, tx, **opts)
+    stats = lambda X: np.asarray(X["batch_stats"]["mean"])  # noqa: E731
+  for k, batch in enumerate(regression_batches(10, nan_at=3, nan_worker=5), start=1):
+    before = stats(X)
+    X, state, metrics = step(X, state, batch)
+    live = np.asarray(metrics["live"])
+    expected = np.asarray(batch[..., :-1]).mean(axis=1)  # NumPy: each worker's batch mean
+    if 3 <= k < 8:  # masked at step 3, re-admitted at step 8 (k ≥ 3 + 4, k mod τ = 0)
+      assert not live[5]
+      np.testing.assert_array_equal(stats(X)[5], before[5])  # frozen and finite
+      expected[5] = before[5]
+    if k == 8:
+      assert live[5]
+      expected[5] = np.delete(expected, 5, axis=0).mean(0)  # rejoined at the others' mean
+    np.testing.assert_allclose(stats(X), expected, rtol=1e-6, atol=1e-6)
+  assert coopjax.live.find_live_state(state).live.all()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded):
+  """set_live without quarantine: loss, consensus and gradient norm leave the masked row out."""
+  tx = coopjax.with_live_mask(coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=M))
+  start = {"w": jnp.asarray(START, jnp.float32).at[DEAD].set(jnp.nan)}  # the masked worker broke
+  live = np.arange(M) != DEAD
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(start, mesh, tx)
+    state = coopjax.set_live(tx, coopjax.sharding.init(tx, X, mesh), live)
+    step = coopjax.make_step(regression_loss, tx, mesh=mesh, log_every=1)
+    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"], np.float64)  # noqa: E731
+  else:
+    X = start
+    state = coopjax.set_live(tx, tx.init(X), live)
+    step = coopjax.make_step(regression_loss, tx, log_every=1)
+    rows = lambda X: np.asarray(X["w"], np.float64)  # noqa: E731
+  for batch in regression_batches(3, nan_at=0, nan_worker=0):
+    before = rows(X)
+    X, state, metrics = step(X, state, batch)
+    b = np.asarray(batch, np.float64)
+    x, y = b[live, :, :-1], b[live, :, -1]
+    residual = np.einsum("wnd,wd->wn", x, before[live]) - y
+    losses = np.mean(residual**2, axis=1)
+    grads = 2 * np.einsum("wn,wnd->wd", residual, x) / x.shape[1]
+    after = rows(X)[live]
+    np.testing.assert_allclose(float(metrics["loss"]), losses.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+      float(metrics["avg_grad_norm"]), np.linalg.norm(grads.mean(0)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      float(metrics["consensus_distance"]),
+      np.sum((after - after.mean(0)) ** 2),
+      rtol=1e-4,
+      atol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_choco_under_a_mask_keeps_the_live_mean_and_rejoins_with_the_full_sums(sharded):
+  """With η = 0 only consensus moves X: it must keep the mean of the workers that mix.
+
+  CHOCO's running sums s = W·x̂ hold the full W's history; under a mask the live
+  weights W_L apply, and after a rejoin s must again be W·x̂ (NumPy), or the mean
+  drifts at every consensus step.
+  """
+  tx = coopjax.with_live_mask(
+    coopjax.choco(
+      optax.sgd(0.0), tau=1, W=topology.ring(M), compressor=compress.top_k(k=1), gamma=0.4
+    )
+  )
+  X = {"w": jnp.asarray(START, jnp.float32)}
+  live = np.arange(M) != DEAD
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(X, mesh, tx)
+    state = coopjax.sharding.init(tx, X, mesh)
+    step = coopjax.make_step(regression_loss, tx, mesh=mesh)
+    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"], np.float64)  # noqa: E731
+  else:
+    state = tx.init(X)
+    step = coopjax.make_step(regression_loss, tx)
+    rows = lambda X: np.asarray(X["w"], np.float64)  # noqa: E731
+  batches = regression_batches(24, nan_at=0, nan_worker=0)
+  for _ in range(4):
+    X, state, _ = step(X, state, next(batches))
+  state = coopjax.set_live(tx, state, live)
+  live_mean = rows(X)[live].mean(0)
+  for _ in range(10):
+    X, state, _ = step(X, state, next(batches))
+  np.testing.assert_allclose(rows(X)[live].mean(0), live_mean, atol=1e-5)
+  X, state = coopjax.rejoin(X, state, tx, ~live)
+  inner = coopjax.live.find_live_state(state).inner
+  hat, sums = np.asarray(inner.hat["w"], np.float64), np.asarray(inner.s["w"], np.float64)
+  np.testing.assert_allclose(sums, np.asarray(topology.ring(M)).T @ hat, atol=1e-5)
+  mean = rows(X).mean(0)
+  for _ in range(10):
+    X, state, _ = step(X, state, next(batches))
+  np.testing.assert_allclose(rows(X).mean(0), mean, atol=1e-5)
+
+
 def test_quarantine_needs_live_mask():
   tx = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=M)
   with pytest.raises(ValueError, match="with_live_mask"):
@@ -288,6 +417,18 @@ def test_rejoin_easgd_takes_anchor_and_diloco_outer_model():
   X = {"w": jnp.array([5.0, jnp.nan, 6.0])}
   X2, _ = coopjax.rejoin(X, state, tx, jnp.array([False, True, False]))
   assert X2["w"].tolist() == [5.0, 2.0, 6.0]  # the outer model x_start
+
+
+def test_rejoin_takes_a_mask_and_refuses_indices():
+  tx = coopjax.with_live_mask(coopjax.local_sgd(optax.sgd(0.1), tau=1, num_workers=4))
+  X = {"w": jnp.array([1.0, 10.0, 3.0, 20.0])}
+  state = coopjax.set_live(tx, tx.init(X), [True, False, True, False])
+  for indices in ([3], [1, 3], [0, 1, 2, 3]):  # indices, not a mask: refused
+    with pytest.raises(ValueError, match="bool mask"):
+      coopjax.rejoin(X, state, tx, indices)
+  X2, state2 = coopjax.rejoin(X, state, tx, np.array([False, False, False, True]))
+  np.testing.assert_array_equal(X2["w"], [1.0, 10.0, 3.0, np.mean([1.0, 3.0])])  # 1 stays out
+  assert state2.live.tolist() == [True, False, True, True]
 
 
 # ---------------------------------------------------------------------------------------------

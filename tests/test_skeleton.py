@@ -95,6 +95,22 @@ def test_options_that_do_not_apply_are_refused():
     coopjax.local_sgd(sgd, tau=2, num_workers=4, warmup_steps=-1)
 
 
+def test_compression_options_on_uncompressed_factories_name_the_alternatives():
+  sgd, q = optax.sgd(LR), coopjax.compress.top_k(fraction=0.1)
+  for factory in (
+    lambda **kw: coopjax.sync_sgd(sgd, num_workers=4, **kw),
+    lambda **kw: coopjax.easgd(sgd, tau=2, alpha=0.1, num_workers=4, **kw),
+    lambda **kw: coopjax.dpsgd(sgd, W=topology.ring(4), **kw),
+    lambda **kw: coopjax.elastic_averaging(sgd, W=topology.ring(4), alpha=0.1, **kw),
+  ):
+    with pytest.raises(TypeError, match=r"takes no compressor: .*coopjax\.choco.*local_sgd"):
+      factory(compressor=q)
+    with pytest.raises(TypeError, match="takes no error_decay"):
+      factory(error_decay=0.5)
+  with pytest.raises(TypeError, match="^easgd takes no compressor"):
+    coopjax.easgd(sgd, tau=2, alpha=0.1, num_workers=4, compressor=q)
+
+
 @pytest.mark.parametrize("name", ["diloco", "nonblocking_easgd", "delayed", "adacomm"])
 def test_mix_mask_keeps_leaves_local_for_every_family(name):
   """``mix_mask`` is honoured by every family: the masked leaf equals independent SGD."""

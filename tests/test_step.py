@@ -266,8 +266,21 @@ def test_step_checks_x_against_the_transformations_layout():
     step(X, None, (A[0], b[0]))
   A3, b3 = ref.make_batches(1, 3)
   X = coopjax.replicate(ref.init_params(), tx)
-  with pytest.raises(ValueError, match="grads have leading axis 3 but there are 4 workers"):
+  with pytest.raises(
+    ValueError, match=r"batch has leading axis 3 but tx has 4 workers \(tx.layout\)"
+  ):
     step(X, tx.init(X), (A3[0], b3[0]))
+
+
+def test_sharded_step_names_a_batch_with_the_wrong_number_of_workers(mesh):
+  """The batch is at fault, not X: the message names the batch and the m of tx."""
+  m = 2 * D
+  tx = coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m)
+  X = coopjax.shard(coopjax.replicate(ref.init_params(), tx), mesh, tx)
+  step = coopjax.make_step(ref.loss_fn, tx, mesh=mesh)
+  A, b = ref.make_batches(1, 2 * m)
+  with pytest.raises(ValueError, match=rf"batch has leading axis {2 * m} but tx has {m} workers"):
+    step(X, coopjax.sharding.init(tx, X, mesh), (A[0], b[0]))
 
 
 # --------------------------------------------------------------------- errors in the trace
@@ -308,7 +321,7 @@ def test_batch_without_the_worker_axis_is_refused():
   no_axis = (A[0, 0], b[0, 0])  # shapes (4, 3) and (4,)
   with pytest.raises(ValueError, match="worker axis.*check_batch=False"):
     _plain(ref.loss_fn)(no_axis)
-  with pytest.raises(ValueError, match="leading axis 3 but there are 4 workers"):
+  with pytest.raises(ValueError, match="leading axis 3 but tx has 4 workers"):
     tx = described(coopjax.local_sgd(optax.sgd(LR), tau=2, num_workers=m), coopjax.Layout(m))
     X = coopjax.replicate(ref.init_params(), tx)
     A3, b3 = ref.make_batches(1, 3)
@@ -339,7 +352,7 @@ def test_sharded_step_errors_name_the_fix(mesh):
   vector = lambda p, batch: (batch[0] @ p["w"] - batch[1]) ** 2
   with pytest.raises(ValueError, match="loss_fn must return one scalar"):
     coopjax.make_step(vector, tx, mesh=mesh)(Xs, state, (A[0], b[0]))
-  with pytest.raises(ValueError, match="multiple of 8"):
+  with pytest.raises(ValueError, match=r"batch has leading axis 12 but tx has 8 workers"):
     A12, b12 = ref.make_batches(1, 12)
     coopjax.make_step(ref.loss_fn, tx, mesh=mesh)(Xs, state, (A12[0], b12[0]))
 

@@ -179,6 +179,36 @@ def test_fragment_partition_and_errors():
     tx.init(coopjax.replicate(ref.init_params(), 2))
 
 
+@pytest.mark.parametrize(
+  "compressor,block",
+  [
+    (compress.top_k(fraction=0.5), 8),  # k over the whole buffer, not per row
+    (compress.qsgd(4, unbiased=False), 8),  # one norm per buffer
+    (compress.scaled_sign(), 8),  # one scale per buffer
+    (compress.int4(), 7),  # an odd row splits a byte between two rows
+  ],
+  ids=["top_k", "qsgd", "scaled_sign", "int4-odd"],
+)
+def test_compressors_that_are_not_row_wise_are_refused(compressor, block):
+  sgd = optax.sgd(0.1)
+  with pytest.raises(ValueError, match="must quantize row by row"):
+    coopjax.streaming_diloco(
+      sgd, outer=sgd, H=4, fragments=2, num_workers=2, compressor=compressor, block_size=block
+    )
+
+
+def test_row_wise_compressors_are_accepted_and_quantize_each_row():
+  """int8 on a two-row buffer: each row scaled by its own max|x|/127 (NumPy)."""
+  sgd = optax.sgd(0.1)
+  for q in (compress.int8(), compress.int4(), compress.identity()):
+    coopjax.streaming_diloco(sgd, outer=sgd, H=4, fragments=2, num_workers=2, compressor=q)
+  x = np.array([[1.0, -0.5, 0.25, 2.0], [300.0, 1.0, -127.0, 5.0]], np.float32)
+  q, key = compress.int8(), jax.random.key(0)
+  scale = np.abs(x).max(1, keepdims=True) * np.float32(1 / 127)
+  expected = np.round(x * (np.float32(1) / scale)) * scale
+  np.testing.assert_allclose(q.decode(q.encode(jnp.asarray(x), key), x, key), expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_mean_is_torchft_arithmetic_with_the_written_out_quantizer(bits):
   """Q(mean_i Q(x_i)), Q the per-row absmax quantizer written out in NumPy (float32)."""
@@ -349,6 +379,35 @@ def test_quantized_collectives_are_u8_of_a_fragment_at_4_bits(mesh):
   assert cost.collective == "all_reduce" and cost.overlappable
   assert cost.fraction == 0.5 and cost.fraction * cost.wire_fraction * 16384 == expected
   assert cost.bytes_sent(16384) == pytest.approx(2 * 7 / 8 * expected)  # a ring's 2(m − 1)/m
+
+
+@pytest.mark.parametrize("compressor", [None, compress.int4()], ids=["float32", "int4"])
+def test_cost_record_is_priced_by_the_mixed_leaves(compressor):
+  """With a mix_mask, ``bytes_sent`` of the mixed leaves' bytes is the closed-form payload.
+
+  The kept-local leaf (a BatchNorm-like statistic) is in no fragment; as for every
+  other algorithm, a model's bytes are those of the leaves that mix.
+  """
+  m, block = 8, 16
+  model = {"params": {"u": jnp.zeros((6, 8)), "v": jnp.zeros(20)}, "stats": jnp.zeros(100)}
+  tx = coopjax.streaming_diloco(
+    optax.sgd(0.1),
+    outer=optax.sgd(0.7),
+    H=4,
+    fragments=2,
+    num_workers=m,
+    compressor=compressor,
+    block_size=block,
+    mix_mask={"params": True, "stats": False},
+  )
+  state = tx.init(coopjax.replicate(model, m))
+  size = 48  # the largest fragment, "u" (48 values; 3 rows of 16)
+  payload = 4 * size if compressor is None else size // 2 + 4 * (size // block)
+  assert tx.bytes_per_sync(model) == payload
+  mixed_bytes = 4 * (48 + 20)
+  cost = tx.comm(2, state)
+  assert cost.bytes_sent(mixed_bytes) == pytest.approx(2 * (m - 1) / m * payload)
+  assert cost.fraction == pytest.approx(4 * size / mixed_bytes)
 
 
 def test_period_program_issues_the_reduction_before_the_delayed_steps(mesh):

@@ -104,7 +104,9 @@ def test_batch_leading_axis_must_be_m():
   with pytest.raises(ValueError, match="batch has leading axis 3 but num_workers=4"):
     step(X, state, (jnp.asarray(A[0]), jnp.asarray(b[0])))
   step = coopjax.make_step(ref.loss_fn, tx)
-  with pytest.raises(ValueError, match="grads have leading axis 3 but there are 4 workers"):
+  with pytest.raises(
+    ValueError, match=r"batch has leading axis 3 but tx has 4 workers \(tx.layout\)"
+  ):
     step(X, state, (jnp.asarray(A[0]), jnp.asarray(b[0])))
   A, b = ref.make_batches(1, 4)
   with pytest.raises(ValueError, match="same leading worker axis"):

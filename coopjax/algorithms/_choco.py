@@ -56,6 +56,7 @@ from coopjax.algorithms._compressed import default_key
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import check_tau
 from coopjax.cost import pattern
+from coopjax.parallel import context
 from coopjax.workers import Layout
 
 PyTree = Any
@@ -231,13 +232,30 @@ def choco(
     # Leaves outside mix_mask are not sent: their copies stay.
     return mixing._select(mix_mask, new_hat, hat), mixing._select(mix_mask, new_s, s)
 
+  def live_sums(hat, s):
+    """``s``, or ``W_L·x̂`` afresh while a worker is masked (``s`` holds the full W's sums).
+
+    The running sums are exact for one W only: kept across a change of the
+    live weights they would hold the old weights' sums, and the live mean
+    would drift by ``γ·Σ_{i∈L}(s_i − x̂_i)/|L|`` at every consensus step. On
+    masked steps the copies are mixed uncompressed instead (the compressed
+    exchange moves decoded rows there anyway).
+    """
+    lc = context.current_live()
+    if lc is None:
+      return s
+    return jax.lax.cond(jnp.all(lc.live), lambda h, t: t, lambda h, t: mix(h), hat, s)
+
   def on_mix(k, X, extra, _inputs):
     hat, s = extra
     if order == "paper":
       hat, s = exchange(k, X, hat, s)
+      s = live_sums(hat, s)
       return consensus(X, hat, s), (hat, s)
+    s = live_sums(hat, s)
     X = consensus(X, hat, s)
-    return X, exchange(k, X, hat, s)
+    hat, s = exchange(k, X, hat, s)
+    return X, (hat, live_sums(hat, s))
 
   tx = _skeleton.transformation(
     "choco",
@@ -258,4 +276,20 @@ def choco(
     warmup_steps=warmup_steps,
   )
   described["tx"] = tx
-  return tx.describe(gamma=gamma, compressor=compressor, choco_order=order, hat_init=hat_init)
+
+  def resized(opt_state):
+    """``opt_state`` with every CHOCO state's ``s`` re-derived as ``W·x̂`` for this W.
+
+    After a change of workers (:func:`coopjax.elastic.resize`) the kept rows of
+    ``s`` sum the old neighbours' copies, and after masked steps (a live mask)
+    the live weights' sums: left so, ``Σ_i (s_i − x̂_i) ≠ 0`` and every
+    consensus step would move the worker mean by ``γ`` times it.
+    """
+    is_choco = lambda x: isinstance(x, ChocoState)  # noqa: E731
+    return jax.tree.map(
+      lambda x: x._replace(s=mix(x.hat)) if is_choco(x) else x, opt_state, is_leaf=is_choco
+    )
+
+  return tx.describe(
+    gamma=gamma, compressor=compressor, choco_order=order, hat_init=hat_init, resized=resized
+  )

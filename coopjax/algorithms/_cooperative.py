@@ -233,6 +233,22 @@ def cooperative(
   )
 
 
+_COMPRESSION_OPTIONS = ("compressor", "error_decay", "key")
+
+
+def _options(name: str, kwargs: dict) -> dict:
+  """``cooperative``'s options for the factory ``name``; compression options are refused by name."""
+  given = [option for option in _COMPRESSION_OPTIONS if option in kwargs]
+  if given:
+    raise TypeError(
+      f"{name} takes no {', '.join(given)}: its mix is uncompressed. Compressed communication "
+      "is coopjax.choco(local, tau=, W=, compressor=, gamma=) (gossip on a graph W) or "
+      "compressor= on coopjax.local_sgd, coopjax.diloco or coopjax.slowmo (error-feedback "
+      "averaging); see docs/compression.md."
+    )
+  return {"name": name, **kwargs}
+
+
 def sync_sgd(local: optax.GradientTransformation, *, num_workers: int, **kwargs):
   r"""Fully synchronous SGD, A(1, J, 0): average the models after every step.
 
@@ -248,7 +264,7 @@ def sync_sgd(local: optax.GradientTransformation, *, num_workers: int, **kwargs)
     [-0.2, -0.2]
   """
   m = check_int("num_workers", num_workers, 1)
-  return cooperative(local, tau=1, W=topology.complete(m), **{"name": "sync_sgd", **kwargs})
+  return cooperative(local, tau=1, W=topology.complete(m), **_options("sync_sgd", kwargs))
 
 
 def local_sgd(
@@ -371,7 +387,7 @@ def easgd(
   m = check_int("num_workers", num_workers, 1)
   W = topology.easgd(m, alpha)
   return cooperative(
-    local, tau=tau, W=W, num_aux=1, allow_negative=True, **{"name": "easgd", **kwargs}
+    local, tau=tau, W=W, num_aux=1, allow_negative=True, **_options("easgd", kwargs)
   )
 
 
@@ -391,7 +407,7 @@ def dpsgd(local: optax.GradientTransformation, *, W, **kwargs):
     >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← (x_{i-1} + x_i + x_{i+1}) / 3
     [4.0, 3.0, 6.0, 5.0]
   """
-  return cooperative(local, tau=1, W=W, **{"name": "dpsgd", **kwargs})
+  return cooperative(local, tau=1, W=W, **_options("dpsgd", kwargs))
 
 
 def elastic_averaging(
@@ -426,7 +442,7 @@ def elastic_averaging(
     W=topology.elastic(W, alpha),
     num_aux=1,
     allow_negative=True,
-    **{"name": "elastic_averaging", **kwargs},
+    **_options("elastic_averaging", kwargs),
   )
 
 
@@ -472,7 +488,7 @@ def elastic_hierarchical(
     W=W,
     num_aux=num_groups,
     allow_negative=True,
-    **{"name": "elastic_hierarchical", **kwargs},
+    **_options("elastic_hierarchical", kwargs),
   )
 
 

@@ -302,6 +302,37 @@ def _scatter(buffer: jax.Array, layout: _Layout, p: int, like: list) -> list:
   return out
 
 
+def _check_row_wise(compressor: compress.Compressor, block: int) -> None:
+  """Refuses a compressor that does not quantize a ``[rows, block]`` buffer row by row.
+
+  The quantized mean cuts the buffer into rows and sends each chunk of rows to
+  its owner device (:func:`coopjax.mixing.quantized_mean`): the payload of two
+  rows must be the two rows' payloads stacked, and each row's reconstruction
+  must not depend on the other row (a per-leaf norm, scale or top-k fails).
+  """
+  key = jax.random.key(0)
+
+  def payload_sizes(rows: int) -> list[int]:
+    like = jax.ShapeDtypeStruct((rows, block), jnp.float32)
+    return [
+      int(np.prod(p.shape)) for p in jax.tree.leaves(jax.eval_shape(compressor.encode, like, key))
+    ]
+
+  ramp = np.arange(1, block + 1, dtype=np.float32) * np.where(np.arange(block) % 2, -1, 1)
+  two = jnp.asarray(np.stack([ramp, 100 * ramp[::-1]]))
+  same_shape = payload_sizes(2) == [2 * n for n in payload_sizes(1)]
+  alone = compressor.decode(compressor.encode(two[:1], key), two[:1], key)
+  together = compressor.decode(compressor.encode(two, key), two, key)[:1]
+  if not (same_shape and bool(jnp.array_equal(alone, together))):
+    raise ValueError(
+      f"streaming_diloco's compressor must quantize row by row (block_size={block} values per "
+      f"row, each with its own scale), as compress.int8() and compress.int4() with an even "
+      f"block_size do; {compressor.name!r} does not (its payload or reconstruction of a row "
+      "depends on the other rows). Use compress.int8() / compress.int4(), or compressor=None "
+      "for float32 outer gradients."
+    )
+
+
 def streaming_diloco(
   local: optax.GradientTransformation,
   *,
@@ -408,6 +439,8 @@ def streaming_diloco(
       f"None, got {type(compressor).__name__}."
     )
   block = check_int("block_size", block_size, 1) if compressor is not None else None
+  if compressor is not None:
+    _check_row_wise(compressor, block)
   key = jax.random.key(0)
 
   @functools.lru_cache(maxsize=16)
@@ -525,7 +558,12 @@ def streaming_diloco(
     if opt_state is not None:
       (state,) = [s for s in overlap_states(opt_state) if isinstance(s, StreamingDiLoCoState)]
       P = len(state.outer_states)
-      model = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.x_start))
+      synced = mixing.leaf_flags(mix_mask, state.x_start)  # the mixed leaves: a model's bytes
+      model = sum(
+        x.size * x.dtype.itemsize
+        for x, keep in zip(jax.tree.leaves(state.x_start), synced, strict=True)
+        if keep
+      )
       size, dtype = state.pending.shape[1], state.pending.dtype
       dense = size * jnp.dtype(dtype).itemsize
       fraction, wire_fraction = dense / model, _wire_bytes(size, dtype) / dense

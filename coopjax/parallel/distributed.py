@@ -274,7 +274,9 @@ def drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh):
   The optimizer state is matched leaf by leaf with
   ``coopjax.sharding.init(new_tx, X′, new_mesh)`` by the rules of
   :func:`coopjax.elastic.resize`: a leaf whose per-device block (sharded) or
-  value (replicated) has the same shape is kept, any other is taken fresh.
+  value (replicated) has the same shape is kept, any other is taken fresh;
+  state that is a function of W (CHOCO-SGD's ``s = W·x̂``) is then re-derived
+  for ``new_tx``, as :func:`coopjax.elastic.resize` does.
 
   Args:
     X: sharded models over ``mesh``.
@@ -325,7 +327,12 @@ def drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh):
       leaves.append(_from_local(old, new.shape, new.sharding))
     else:
       leaves.append(new)
-  return X_new, jax.tree.unflatten(old_def, leaves)
+  state = jax.tree.unflatten(old_def, leaves)
+  rederive = getattr(new_tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
+  if rederive is not None:
+    derived = rederive(state)
+    state = jax.tree.map(lambda d, s: jax.device_put(d, s.sharding), derived, state)
+  return X_new, state
 
 
 def resilient_loop(

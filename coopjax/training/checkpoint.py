@@ -320,7 +320,13 @@ class CheckpointManager:
       cleanup_tmp_directories=cleanup_tmp,
       enable_async_checkpointing=False,
     )
-    self._mgr = ocp.CheckpointManager(self.directory, options=options)
+    self._mgr = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      # Registered up front, so that a fresh manager reads the items' metadata
+      # (the shape check of restore) without orbax warning that it cannot.
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
 
   # -- queries -------------------------------------------------------------
 
