@@ -23,7 +23,11 @@ and every round's ratio. Times are per step.
 3. ``streaming``: Streaming DiLoCo (P = 4 fragments, τ = 1, float and int4
    outer gradients) against DiLoCo with H = 16 (Nesterov outer SGD on both),
    per window of H = 16 steps (``<name>_over_diloco``; ``float_donated``:
-   ``donate=True`` on both sides).
+   ``donate=True`` on both sides). The MLP's 784 × 256 kernel is 0.99 of the model, so every
+   fragment's buffer is padded to nearly the whole model; ``float_balanced`` times the same pair
+   on an MLP 784-64-784-64-784-10 whose four kernels are equal (largest fragment 0.28 of the
+   model), as the layers of a deep network are; ``*_offstep``: windows of off-steps only (a
+   period never reached), on both models.
 4. ``codecs``: encode + decode of one worker's 1M-float leaf (1000 × 1000),
    jitted, in µs (``roundtrip_us``) and encode alone (``encode_us``).
 5. ``sharded`` (``--sharded``; the whole run then sees 8 fake CPU devices):
@@ -99,6 +103,7 @@ M = 8
 LR = 0.01
 GAMMA = 0.5
 NEVER = 10**9  # a period that is never reached: off-steps only
+BALANCED_SIZES = (784, 64, 784, 64, 784, 10)  # four 50176-value kernels: balanced fragments
 
 
 def compressors():
@@ -252,37 +257,43 @@ def bench_error_feedback(rounds, reps, params, batches):
 
 
 def bench_streaming(rounds, reps, params, batches):
-  H = 16
   sgd = optax.sgd(LR)
   outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
-  diloco = coopjax.diloco(sgd, outer=outer, tau=H, num_workers=M)
-  base = coopjax.make_step(mlp_loss, diloco)
-  streams = {
-    name: coopjax.streaming_diloco(
-      sgd, outer=outer, H=H, fragments=4, delay=1, num_workers=M, compressor=q
+
+  def pair(H, compressor=None, donate=False):
+    """(streaming step, its tx, DiLoCo step, its tx) with period H (P = 4, τ = 1)."""
+    diloco = coopjax.diloco(sgd, outer=outer, tau=H, num_workers=M)
+    stream = coopjax.streaming_diloco(
+      sgd, outer=outer, H=H, fragments=4, delay=1, num_workers=M, compressor=compressor
     )
-    for name, q in (("float", None), ("int4", compress.int4()))
-  }
-  steps = {name: coopjax.make_step(mlp_loss, tx) for name, tx in streams.items()}
-  steps["float_donated"] = coopjax.make_step(mlp_loss, streams["float"], donate=True)
-  base_donated = coopjax.make_step(mlp_loss, diloco, donate=True)
+    make = lambda tx: coopjax.make_step(mlp_loss, tx, donate=donate)
+    return make(stream), stream, make(diloco), diloco
+
+  H = 16
   window = [batches[i % len(batches)] for i in range(H)]
-  pairs = {
-    "float": (steps["float"], streams["float"], base),
-    "int4": (steps["int4"], streams["int4"], base),
-    "float_donated": (steps["float_donated"], streams["float"], base_donated),
+  # An MLP whose four large kernels are equal (784-64-784-64-784-10): near-balanced fragments
+  # (the largest is 0.28 of the model), as the layers of a deep network are.
+  balanced = mlp_init(jax.random.key(1), BALANCED_SIZES)
+  never = NEVER  # a period that is never reached (divisible by P = 4): off-steps only
+  pairs = {  # name -> (pair, model)
+    "float": (pair(H), params),
+    "int4": (pair(H, compress.int4()), params),
+    "float_donated": (pair(H, donate=True), params),
+    "float_balanced": (pair(H), balanced),
+    "float_offstep": (pair(never), params),
+    "float_balanced_offstep": (pair(never), balanced),
   }
   out = {f"{name}_over_diloco": [] for name in pairs}
   out["ms"] = []
   per = 1e3 / H
   for _ in range(rounds):
     row = {}
-    for name, (step, tx, base_step) in pairs.items():
+    for name, ((step, tx, base_step, base_tx), model) in pairs.items():
       a, b = timeit_pair(
         run_steps(step, window),
-        fresh(tx, params),
+        fresh(tx, model),
         run_steps(base_step, window),
-        fresh(diloco, params),
+        fresh(base_tx, model),
         max(2, reps // 2),
       )
       out[f"{name}_over_diloco"].append(a / b)
