@@ -313,11 +313,22 @@ def test_merge_aux_leaves_masked_rows_frozen(sharded):
   assert coopjax.live.find_live_state(state).live.all()
 
 
+@pytest.mark.parametrize("name", ["local_sgd", "easgd"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
-def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded):
-  """set_live without quarantine: loss, consensus and gradient norm leave the masked row out."""
-  tx = coopjax.with_live_mask(coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=M))
-  start = {"w": jnp.asarray(START, jnp.float32).at[DEAD].set(jnp.nan)}  # the masked worker broke
+def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded, name):
+  """set_live without quarantine: loss, consensus and gradient norm leave the masked row out.
+
+  EASGD's anchor row counts in the consensus distance (‖X(I − J)‖² over the
+  live workers and z); unsharded, the mask covers the first m rows only.
+  """
+  if name == "easgd":
+    inner = coopjax.easgd(optax.sgd(0.05), tau=2, alpha=ALPHA, num_workers=M)
+  else:
+    inner = coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=M)
+  tx = coopjax.with_live_mask(inner)
+  v = tx.layout.num_aux
+  start = np.concatenate([START, START.mean(0, keepdims=True)])[: M + v]
+  start = {"w": jnp.asarray(start, jnp.float32).at[DEAD].set(jnp.nan)}  # the masked worker broke
   live = np.arange(M) != DEAD
   if sharded:
     mesh = coopjax.worker_mesh(4)
@@ -335,10 +346,10 @@ def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded):
     X, state, metrics = step(X, state, batch)
     b = np.asarray(batch, np.float64)
     x, y = b[live, :, :-1], b[live, :, -1]
-    residual = np.einsum("wnd,wd->wn", x, before[live]) - y
+    residual = np.einsum("wnd,wd->wn", x, before[:M][live]) - y
     losses = np.mean(residual**2, axis=1)
     grads = 2 * np.einsum("wn,wnd->wd", residual, x) / x.shape[1]
-    after = rows(X)[live]
+    after = rows(X)[np.concatenate([live, np.ones(v, bool)])]  # the live workers, then z
     np.testing.assert_allclose(float(metrics["loss"]), losses.mean(), rtol=1e-5)
     np.testing.assert_allclose(
       float(metrics["avg_grad_norm"]), np.linalg.norm(grads.mean(0)), rtol=1e-5
