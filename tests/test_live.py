@@ -573,3 +573,30 @@ def test_compressed_exchange_under_a_live_mask_sharded_equals_plain():
   got = np.asarray(f(rows, live))
   np.testing.assert_allclose(got, np.asarray(mixed_ref["w"]), rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(np.delete(got, DEAD, axis=0)))
+
+
+@pytest.mark.parametrize("name", ["easgd", "diloco"])
+def test_rejoin_kept_local_leaves_take_the_live_mean(name):
+  """BatchNorm-like statistics s (mix_mask False) never enter z or x_start's mixes.
+
+  A re-admitted worker takes z (EASGD) or x_start (DiLoCo) on the mixed leaf w
+  and the live workers' mean of s (NumPy), not the anchor's initial copy.
+  """
+  mask = {"w": True, "s": False}
+  if name == "easgd":
+    inner = coopjax.easgd(optax.sgd(0.1), tau=1, alpha=0.1, num_workers=4, mix_mask=mask)
+  else:
+    inner = coopjax.diloco(
+      optax.sgd(0.1), outer=optax.sgd(1.0), tau=1, num_workers=4, mix_mask=mask
+    )
+  tx = coopjax.with_live_mask(inner)
+  v = tx.layout.num_aux
+  X = coopjax.replicate({"w": jnp.full((), 2.0), "s": jnp.zeros(2)}, tx)
+  state = coopjax.set_live(tx, tx.init(X), [True, False, True, True])
+  s = np.array([[1.0, 10.0], [np.nan, np.nan], [3.0, 30.0], [8.0, 20.0], [0.0, 0.0]])[: 4 + v]
+  X = {"w": jnp.array([5.0, jnp.nan, 6.0, 7.0, 9.0])[: 4 + v], "s": jnp.asarray(s, jnp.float32)}
+  X2, _ = coopjax.rejoin(X, state, tx, jnp.array([False, True, False, False]))
+  w_target = 9.0 if name == "easgd" else 2.0  # z, or the outer model x_start
+  assert np.asarray(X2["w"]).tolist() == [5.0, w_target, 6.0, 7.0, 9.0][: 4 + v]
+  np.testing.assert_allclose(np.asarray(X2["s"])[1], s[[0, 2, 3]].mean(0), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(X2["s"])[[0, 2, 3]], s[[0, 2, 3]])
