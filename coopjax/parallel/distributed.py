@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from coopjax import elastic
+from coopjax import live as live_lib
 from coopjax.algorithms import step_count
 from coopjax.parallel import sharding
 from coopjax.step import make_step
@@ -394,6 +395,10 @@ def resilient_loop(
   4. recompile the step and run step k again.
 
   The step counter is kept, so the mixing schedule goes on where it was.
+  Under a live mask (:func:`coopjax.with_live_mask`, e.g. quarantine) the
+  data streams of masked workers are held after every step
+  (``batches.set_live``), as ``docs/failures.md`` asks of a training loop;
+  after a failure, on the re-split stream, for the workers still masked.
   In a single process (no :func:`initialize`) the loop runs without failure
   detection.
 
@@ -504,6 +509,7 @@ def resilient_loop(
       X, opt_state = drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh)
       batches.restore(IteratorState(*divmod(position, batches.steps_per_epoch)))
       batches = batches.resplit(make_shards(new_tx.layout.num_workers))
+      _hold_masked(batches, opt_state)  # the mask as drop_devices mapped it
       pending = dict(
         step=k + 1,
         failed_processes=tuple(sorted({d.process_index for d in dead})),
@@ -517,12 +523,24 @@ def resilient_loop(
       continue
     X, opt_state = X_next, state_next
     k += 1
+    _hold_masked(batches, opt_state)
     if pending is not None:
       failures.append(Failure(**pending, resumed_at=time.time()))
       pending = None
     if on_step is not None:
       on_step(k, metrics)
   return LoopResult(X, opt_state, tx, mesh, batches, tuple(failures))
+
+
+def _hold_masked(batches: WorkerBatches, opt_state) -> None:
+  """Holds the data streams of the workers a live mask leaves out (``WorkerBatches.set_live``)."""
+  ls = live_lib.find_live_state(opt_state)
+  if ls is None:
+    return
+  flags = ls.live
+  if isinstance(flags, jax.Array) and not flags.is_fully_addressable:
+    flags = flags.addressable_data(0)  # replicated: every process holds the whole mask
+  batches.set_live(np.asarray(flags))
 
 
 def shutdown(timeout_seconds: float = 60.0) -> None:
