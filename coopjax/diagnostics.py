@@ -375,12 +375,17 @@ def consensus_distance(X: PyTree, mask=None) -> jax.Array:
     return jnp.zeros((), jnp.float32)
   n = num_rows(leaves, "X")  # m + v, also inside a sharded step
   ctx = context.current()
-  split = ctx.block if ctx is not None else n  # rows reduced over the workers; the rest local
+  live = context.current_live()
+  # The rows reduced over the workers (the live ones under a mask); the rest (auxiliary rows)
+  # local. Unsharded under a mask the workers are the first m = len(ℓ) rows, the anchor after.
+  if ctx is not None:
+    split = ctx.block
+  else:
+    split = n if live is None else live.live.shape[0]
   leaves = [x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in leaves]
   heads = [x[:split] for x in leaves]
   tails = [x[split:] for x in leaves]
   sums = mixing.worker_sum(heads)  # over the live workers only under a live mask
-  live = context.current_live()
   count = n if live is None else jnp.sum(live.live.astype(jnp.int32)) + tails[0].shape[0]
   means = [
     (s + sum_rows(z) if z.shape[0] else s) / jnp.asarray(count, s.dtype)

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coopjax import live as live_lib
 from coopjax._validation import check_int
 from coopjax.workers import Layout
 from coopjax.workers import layout_of
@@ -152,18 +153,25 @@ def row_map(num_workers: int, new_num_workers: int, keep: Sequence[int] | None =
   return rmap
 
 
-def _rows(x: jax.Array, rmap: RowMap, num_aux: int, new_rows: jax.Array | None) -> jax.Array:
+def _rows(
+  x: jax.Array,
+  rmap: RowMap,
+  num_aux: int,
+  new_rows: jax.Array | None,
+  seeds: Sequence[int] | None = None,
+) -> jax.Array:
   """``x`` (leading axis m + v) with its worker rows mapped; auxiliary rows kept.
 
   ``new_rows`` holds the rows for ``len(keep) .. m′ − 1``; None puts the mean
-  of the kept rows there.
+  of the old rows ``seeds`` there (default: the kept rows).
   """
   m = rmap.num_workers
   kept = x[np.asarray(rmap.keep)]
   parts = [kept]
   if rmap.num_new:
     if new_rows is None:
-      mean = sum_rows(kept) / jnp.asarray(len(rmap.keep), kept.dtype)
+      seed_rows = kept if seeds is None else x[np.asarray(seeds)]
+      mean = sum_rows(seed_rows) / jnp.asarray(seed_rows.shape[0], kept.dtype)
       new_rows = jnp.broadcast_to(mean[None], (rmap.num_new, *x.shape[1:])).astype(x.dtype)
     parts.append(new_rows)
   if num_aux:
@@ -239,7 +247,10 @@ def resize(
     copy of X's rows): kept workers' rows as they were; a new worker's
     floating-point rows from ``new_tx.init`` (fresh buffers, e.g. zero momentum;
     a copy of X's rows there is the new row's mean model) and its integer rows
-    (step counters) from ``keep[0]``; auxiliary rows kept;
+    (step counters) from ``keep[0]``; auxiliary rows kept. Under a live mask
+    (:func:`coopjax.with_live_mask`) kept workers keep their flags, new workers
+    are live and start at the mean of the kept *live* workers (a masked row,
+    frozen or NaN, never seeds them);
   * **the same shape for m and m′** (the step counter, an outer optimizer's
     state, a replicated model, random keys): kept;
   * **anything else that depends on m** (a matrix over the workers): taken
@@ -296,7 +307,22 @@ def resize(
   rmap = row_map(m, new_layout.num_workers, keep)
   if rmap.is_identity:
     return X, opt_state
-  X_new = remap_rows(X, rmap, v)
+  live_state = live_lib.find_live_state(opt_state)
+  seeds = None
+  if live_state is not None and rmap.num_new:  # new workers start from the live kept ones
+    flags = np.asarray(live_state.live)[np.asarray(rmap.keep)]
+    if not flags.any():
+      raise ValueError(
+        f"every kept worker {list(rmap.keep)} is masked by the live mask, so the new workers "
+        "have no live model to start from; keep a live worker, or rejoin / set_live one first."
+      )
+    seeds = [i for i, f in zip(rmap.keep, flags, strict=True) if f]
+  if num_rows(X) != m + v:
+    raise ValueError(
+      f"X has {num_rows(X)} rows but tx has {m} workers + {v} auxiliary rows; pass the "
+      "layout X was built with (coopjax.unshard a sharded X first)."
+    )
+  X_new = jax.tree.map(lambda x: _rows(jnp.asarray(x), rmap, v, None, seeds), X)
   fresh = new_tx.init(X_new)
   old_leaves, old_def = jax.tree.flatten(opt_state)
   fresh_leaves, fresh_def = jax.tree.flatten(fresh)
@@ -308,6 +334,11 @@ def resize(
     )
   leaves = [_state_leaf(o, f, rmap, v) for o, f in zip(old_leaves, fresh_leaves, strict=True)]
   state = jax.tree.unflatten(old_def, leaves)
+  if live_state is not None and rmap.num_new:  # a new worker is live, never masked
+    ls = live_lib.find_live_state(state)
+    k = len(rmap.keep)
+    ls = ls._replace(live=ls.live.at[k:].set(True), down_since=ls.down_since.at[k:].set(0))
+    state = live_lib.replace_live_state(state, ls)
   rederive = getattr(new_tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
   return X_new, (state if rederive is None else rederive(state))
 

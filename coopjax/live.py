@@ -283,6 +283,10 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
      \end{cases}
      \qquad \text{its local optimizer state reset}, \qquad \ell_r \leftarrow 1 .
 
+  on the leaves ``tx`` mixes; the leaves it keeps per worker (``mix_mask``
+  False: BatchNorm statistics, which the anchor and ``x_start`` do not track)
+  take the live workers' mean :math:`\frac{1}{|L|} \sum_{i \in L} x_i`.
+
   Integer counters of the optimizer state (learning-rate schedules) are kept:
   they count steps, which the worker missed but the others did not. Call it
   right after a mixing step (the live workers then agree). Works in a sharded
@@ -308,13 +312,23 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   workers = workers.astype(bool) & jnp.logical_not(ls.live)
   coop = [s for s in jax.tree.leaves(ls.inner, is_leaf=_has_count) if _has_count(s)][0]
   rows, aux = mixing.split_rows(X, m)
+  mix_mask = getattr(tx, "mix_mask", None)
+
+  def live_mean():
+    with context.live_masked(context.LiveContext(ls.live)):
+      return mixing.worker_mean(rows)
+
   if hasattr(coop, "x_start"):
     target = coop.x_start
   elif v == 1:
     target = jax.tree.map(lambda z: z[0], aux)
   else:
-    with context.live_masked(context.LiveContext(ls.live)):
-      target = mixing.worker_mean(rows)
+    target = live_mean()
+  if mix_mask is not None and (hasattr(coop, "x_start") or v == 1):
+    # Leaves kept per worker (BatchNorm statistics) are never mixed into z or x_start (the
+    # anchor keeps its initial copy, x_start's is moved by the outer optimizer): the live
+    # workers' mean, as coopjax.evaluation_model takes them.
+    target = mixing._select(mix_mask, target, live_mean())
   local = mixing.local_live(workers)
   rows = _where_rows(
     local,

@@ -505,3 +505,28 @@ def main(argv=None):
 if __name__ == "__main__":
   jax.config.update("jax_numpy_rank_promotion", "raise")
   main()
+
+
+def test_sharded_anchor_rows_restore_on_the_same_mesh_with_a_clear_hint(tmp_path):
+  """EASGD sharded over 2 devices saves D·(m/D + v) = 6 rows; the unsharded target has m + v = 5.
+
+  The error names the mesh recipe; following it and unsharding gives the saved
+  workers and the anchor (the NumPy rows put in).
+  """
+  tx = coopjax.easgd(optax.sgd(0.1, momentum=0.9), tau=2, alpha=0.1, num_workers=M)
+  rows = np.arange(5.0)[:, None] * np.ones(DIM)  # x_0..x_3, then z = 4
+  X0 = {"w": jnp.asarray(rows, jnp.float32)}
+  mesh = coopjax.worker_mesh(2)
+  X = coopjax.shard(X0, mesh, tx)
+  state = {"X": X, "opt_state": coopjax.sharding.init(tx, X, mesh)}
+  assert X["w"].shape == (6, DIM)
+  with checkpoint.CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, state)
+    with pytest.raises(ValueError, match="sharded X with auxiliary rows"):
+      mgr.restore(target=checkpoint.abstract_target({"X": X0, "opt_state": tx.init(X0)}))
+    with pytest.raises(ValueError, match="does not match target") as err:  # other trailing shapes
+      mgr.restore(target=checkpoint.abstract_target({"X": {"w": jnp.zeros((6, DIM + 1))}}))
+    assert "leading (row) axis" not in str(err.value)
+    target = {"X": coopjax.shard(X0, mesh, tx), "opt_state": coopjax.sharding.init(tx, X, mesh)}
+    out = mgr.restore(target=checkpoint.abstract_target(target))
+  np.testing.assert_array_equal(np.asarray(coopjax.unshard(out["X"], mesh, tx)["w"]), rows)

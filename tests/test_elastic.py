@@ -253,6 +253,33 @@ def test_resize_new_workers_get_fresh_buffers_and_the_kept_step_counter():
   np.testing.assert_allclose(np.asarray(X4)[2:], np.tile(np.asarray(X)[[0, 2]].mean(0), (2, 1)))
 
 
+def test_resize_under_a_live_mask_seeds_new_workers_from_the_live_ones():
+  """Worker 1 is masked with a NaN row: 3 → 5 starts the new workers at the NumPy mean of 0, 2.
+
+  The kept workers keep their flags; the new ones are live (down_since 0); the
+  grown run's next step stays finite on every live row.
+  """
+  make_tx = lambda m: coopjax.with_live_mask(  # noqa: E731
+    coopjax.local_sgd(optax.sgd(0.1, momentum=0.9), tau=1, num_workers=m)
+  )
+  rows = np.array([[1.0, -2.0], [np.nan, np.nan], [3.0, 5.0]], np.float32)
+  X = {"w": jnp.asarray(rows)}
+  state = coopjax.set_live(make_tx(3), make_tx(3).init(X), [True, False, True])
+  X5, state5 = elastic.resize(X, state, make_tx(3), make_tx(5))
+  w = np.asarray(X5["w"])
+  np.testing.assert_array_equal(w[[0, 2]], rows[[0, 2]])
+  np.testing.assert_allclose(w[3:], np.tile(rows[[0, 2]].mean(0), (2, 1)), rtol=1e-6)
+  assert np.asarray(state5.live).tolist() == [True, False, True, True, True]
+  assert np.asarray(state5.down_since).tolist()[3:] == [0, 0]
+  step = coopjax.make_step(lambda p, b: jnp.sum((p["w"] - b) ** 2), make_tx(5))
+  X6, _, metrics = step(X5, state5, jnp.ones((5, 2)))
+  live = np.asarray(state5.live)
+  assert np.isfinite(np.asarray(X6["w"])[live]).all() and np.isfinite(float(metrics["loss"]))
+  masked_first = coopjax.set_live(make_tx(3), make_tx(3).init(X), [False, True, True])
+  with pytest.raises(ValueError, match="every kept worker \\[0\\] is masked"):
+    elastic.resize(X, masked_first, make_tx(3), make_tx(4), keep=[0])
+
+
 def test_resize_refuses_what_it_cannot_map():
   tx3 = coopjax.local_sgd(optax.sgd(0.1), tau=2, num_workers=3)
   X = coopjax.replicate(jnp.zeros(2), 3)

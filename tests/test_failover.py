@@ -66,9 +66,13 @@ def test_survivors_finish_and_match_numpy_with_the_dead_rows_dropped():
   assert np.max(np.abs(X_wrong - X)) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["easgd", "local_sgd_adam", "choco"])
+@pytest.mark.parametrize("name", ["easgd", "local_sgd_adam", "choco", "live_mask"])
 def test_drop_devices_equals_resize_of_the_unsharded_state(name):
-  """4 devices × 2 workers → devices 0, 2, 3 survive: rows 2 and 3 are dropped."""
+  """4 devices × 2 workers → devices 0, 2, 3 survive: rows 2 and 3 are dropped.
+
+  ``live_mask``: worker 5 is masked (with_live_mask); it stays masked as the
+  survivors' worker 3 (the replicated mask keeps the kept workers' flags).
+  """
   m, steps = 8, 3
   if name == "choco":  # its s = W·x̂ is re-derived for the ring of the survivors
     make_tx = lambda m: coopjax.choco(  # noqa: E731
@@ -77,6 +81,10 @@ def test_drop_devices_equals_resize_of_the_unsharded_state(name):
   elif name == "easgd":
     make_tx = lambda m: coopjax.easgd(  # noqa: E731
       optax.sgd(0.05, momentum=0.9), tau=2, alpha=elastic.scale_alpha(0.1, 8, m), num_workers=m
+    )
+  elif name == "live_mask":
+    make_tx = lambda m: coopjax.with_live_mask(  # noqa: E731
+      coopjax.local_sgd(optax.sgd(0.05, momentum=0.9), tau=2, num_workers=m)
     )
   else:
     make_tx = lambda m: coopjax.local_sgd(optax.adam(0.05), tau=2, num_workers=m)  # noqa: E731
@@ -87,6 +95,8 @@ def test_drop_devices_equals_resize_of_the_unsharded_state(name):
   X0 = coopjax.replicate(jnp.zeros(3), tx)
   X = coopjax.shard(X0, mesh, tx)
   state = sharding.init(tx, X, mesh)
+  if name == "live_mask":
+    state = coopjax.set_live(tx, state, np.arange(m) != 5)
   loss = lambda w, batch: 0.5 * jnp.mean((batch["x"] @ w - batch["y"]) ** 2)  # noqa: E731
   step = coopjax.make_step(loss, tx, mesh=mesh)
   for _ in range(steps):
@@ -109,6 +119,8 @@ def test_drop_devices_equals_resize_of_the_unsharded_state(name):
     hat = np.asarray(state_new.hat, np.float64)
     ring = np.asarray(topology.ring(6))
     np.testing.assert_allclose(np.asarray(state_new.s), ring.T @ hat, rtol=1e-6, atol=1e-7)
+  if name == "live_mask":  # worker 5 is the survivors' worker 3, still masked
+    assert np.asarray(state_new.live).tolist() == [True, True, True, False, True, True]
   # And the run goes on over the three surviving devices.
   step = coopjax.make_step(loss, new_tx, mesh=new_mesh)
   batch = {"x": np.ones((6, 4, 3), np.float32), "y": np.ones((6, 4), np.float32)}
@@ -133,3 +145,38 @@ def test_resilient_loop_refuses_donation():
       make_tx=make_tx, make_shards=lambda m: None, num_steps=1, mesh=mesh,
       step_options={"donate": True},
     )  # fmt: skip
+
+
+def test_resilient_loop_holds_the_data_of_quarantined_workers():
+  """Quarantine inside the loop: the stream positions equal a manual loop's set_live (lags, X)."""
+  from coopjax.training import data
+
+  m, n = 4, 64
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((n, 3)).astype(np.float32)
+  y = rng.standard_normal(n).astype(np.float32)
+  x[data.split_iid(n, m, seed=0)[1][0], 0] = np.nan  # one example of worker 1 is broken
+  make_tx = lambda m: coopjax.with_live_mask(  # noqa: E731
+    coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=m)
+  )
+  make_shards = lambda m: data.split_iid(n, m, seed=0)  # noqa: E731
+  loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)  # noqa: E731
+  options = dict(on_nonfinite="quarantine", readmit_after=100, log_every=1)
+  mesh = sharding.worker_mesh(devices=jax.devices()[:2])
+  tx = make_tx(m)
+  X0 = coopjax.shard(coopjax.replicate(jnp.zeros(3), tx), mesh, tx)
+  out = distributed.resilient_loop(
+    loss, tx, X0, sharding.init(tx, X0, mesh),
+    data.make_worker_batches(x, y, make_shards(m), 2, keys=("x", "y")),
+    make_tx=make_tx, make_shards=make_shards, num_steps=12, mesh=mesh, step_options=options,
+  )  # fmt: skip
+  # The reference: the same steps by hand, the stream held as docs/failures.md says.
+  batches = data.make_worker_batches(x, y, make_shards(m), 2, keys=("x", "y"))
+  X, state = X0, sharding.init(tx, X0, mesh)
+  step = coopjax.make_step(loss, tx, mesh=mesh, **options)
+  for _ in range(12):
+    X, state, metrics = step(X, state, coopjax.shard_batch(next(batches), mesh))
+    batches.set_live(np.asarray(metrics["live"]))
+  assert not np.asarray(state.live)[1] and np.asarray(state.live).sum() == 3
+  assert out.batches.state == batches.state and batches.state.lags[1] > 0
+  np.testing.assert_array_equal(np.asarray(out.X), np.asarray(X))

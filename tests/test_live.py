@@ -313,11 +313,22 @@ def test_merge_aux_leaves_masked_rows_frozen(sharded):
   assert coopjax.live.find_live_state(state).live.all()
 
 
+@pytest.mark.parametrize("name", ["local_sgd", "easgd"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
-def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded):
-  """set_live without quarantine: loss, consensus and gradient norm leave the masked row out."""
-  tx = coopjax.with_live_mask(coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=M))
-  start = {"w": jnp.asarray(START, jnp.float32).at[DEAD].set(jnp.nan)}  # the masked worker broke
+def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded, name):
+  """set_live without quarantine: loss, consensus and gradient norm leave the masked row out.
+
+  EASGD's anchor row counts in the consensus distance (‖X(I − J)‖² over the
+  live workers and z); unsharded, the mask covers the first m rows only.
+  """
+  if name == "easgd":
+    inner = coopjax.easgd(optax.sgd(0.05), tau=2, alpha=ALPHA, num_workers=M)
+  else:
+    inner = coopjax.local_sgd(optax.sgd(0.05), tau=2, num_workers=M)
+  tx = coopjax.with_live_mask(inner)
+  v = tx.layout.num_aux
+  start = np.concatenate([START, START.mean(0, keepdims=True)])[: M + v]
+  start = {"w": jnp.asarray(start, jnp.float32).at[DEAD].set(jnp.nan)}  # the masked worker broke
   live = np.arange(M) != DEAD
   if sharded:
     mesh = coopjax.worker_mesh(4)
@@ -335,10 +346,10 @@ def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded):
     X, state, metrics = step(X, state, batch)
     b = np.asarray(batch, np.float64)
     x, y = b[live, :, :-1], b[live, :, -1]
-    residual = np.einsum("wnd,wd->wn", x, before[live]) - y
+    residual = np.einsum("wnd,wd->wn", x, before[:M][live]) - y
     losses = np.mean(residual**2, axis=1)
     grads = 2 * np.einsum("wn,wnd->wd", residual, x) / x.shape[1]
-    after = rows(X)[live]
+    after = rows(X)[np.concatenate([live, np.ones(v, bool)])]  # the live workers, then z
     np.testing.assert_allclose(float(metrics["loss"]), losses.mean(), rtol=1e-5)
     np.testing.assert_allclose(
       float(metrics["avg_grad_norm"]), np.linalg.norm(grads.mean(0)), rtol=1e-5
@@ -562,3 +573,30 @@ def test_compressed_exchange_under_a_live_mask_sharded_equals_plain():
   got = np.asarray(f(rows, live))
   np.testing.assert_allclose(got, np.asarray(mixed_ref["w"]), rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(np.delete(got, DEAD, axis=0)))
+
+
+@pytest.mark.parametrize("name", ["easgd", "diloco"])
+def test_rejoin_kept_local_leaves_take_the_live_mean(name):
+  """BatchNorm-like statistics s (mix_mask False) never enter z or x_start's mixes.
+
+  A re-admitted worker takes z (EASGD) or x_start (DiLoCo) on the mixed leaf w
+  and the live workers' mean of s (NumPy), not the anchor's initial copy.
+  """
+  mask = {"w": True, "s": False}
+  if name == "easgd":
+    inner = coopjax.easgd(optax.sgd(0.1), tau=1, alpha=0.1, num_workers=4, mix_mask=mask)
+  else:
+    inner = coopjax.diloco(
+      optax.sgd(0.1), outer=optax.sgd(1.0), tau=1, num_workers=4, mix_mask=mask
+    )
+  tx = coopjax.with_live_mask(inner)
+  v = tx.layout.num_aux
+  X = coopjax.replicate({"w": jnp.full((), 2.0), "s": jnp.zeros(2)}, tx)
+  state = coopjax.set_live(tx, tx.init(X), [True, False, True, True])
+  s = np.array([[1.0, 10.0], [np.nan, np.nan], [3.0, 30.0], [8.0, 20.0], [0.0, 0.0]])[: 4 + v]
+  X = {"w": jnp.array([5.0, jnp.nan, 6.0, 7.0, 9.0])[: 4 + v], "s": jnp.asarray(s, jnp.float32)}
+  X2, _ = coopjax.rejoin(X, state, tx, jnp.array([False, True, False, False]))
+  w_target = 9.0 if name == "easgd" else 2.0  # z, or the outer model x_start
+  assert np.asarray(X2["w"]).tolist() == [5.0, w_target, 6.0, 7.0, 9.0][: 4 + v]
+  np.testing.assert_allclose(np.asarray(X2["s"])[1], s[[0, 2, 3]].mean(0), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(X2["s"])[[0, 2, 3]], s[[0, 2, 3]])

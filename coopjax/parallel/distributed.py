@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from coopjax import elastic
+from coopjax import live as live_lib
 from coopjax.algorithms import step_count
 from coopjax.parallel import sharding
 from coopjax.step import make_step
@@ -264,6 +265,23 @@ def _is_sharded(leaf) -> bool:
   return spec is not None and len(spec) > 0 and spec[0] is not None
 
 
+def _worker_rows(old, new, m: int, m_new: int, v: int) -> bool:
+  """Whether a replicated leaf has one row per worker (a live mask): [m (+ v), ...] → [m′ (+ v)]."""
+  return any(
+    old.shape[:1] == (lead,) and tuple(new.shape) == (lead_new, *old.shape[1:])
+    for lead, lead_new in ((m, m_new), (m + v, m_new + v))
+  )
+
+
+def _replicated_rows(leaf, rmap, num_aux: int, target: NamedSharding):
+  """A replicated per-worker leaf with the kept workers' rows, from this process's copy."""
+  rows = np.asarray(leaf.addressable_data(0))
+  rows = np.concatenate([rows[np.asarray(rmap.keep)], rows[rmap.num_workers :][:num_aux]])
+  devices = [d for d in target.mesh.devices.flat if d.process_index == jax.process_index()]
+  pieces = [jax.device_put(rows, d) for d in devices]
+  return jax.make_array_from_single_device_arrays(rows.shape, target, pieces)
+
+
 def drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh):
   """X and the optimizer state on ``new_mesh``: the rows of devices not in it dropped.
 
@@ -274,7 +292,9 @@ def drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh):
   The optimizer state is matched leaf by leaf with
   ``coopjax.sharding.init(new_tx, X′, new_mesh)`` by the rules of
   :func:`coopjax.elastic.resize`: a leaf whose per-device block (sharded) or
-  value (replicated) has the same shape is kept, any other is taken fresh;
+  value (replicated) has the same shape is kept, a replicated leaf with one row
+  per worker (the live mask of :func:`coopjax.with_live_mask`, its
+  ``down_since``) keeps the surviving workers' rows, any other is taken fresh;
   state that is a function of W (CHOCO-SGD's ``s = W·x̂``) is then re-derived
   for ``new_tx``, as :func:`coopjax.elastic.resize` does.
 
@@ -320,11 +340,16 @@ def drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh):
       "opt_state does not have the structure of new_tx's state: make_tx(m) must build the same "
       f"algorithm for every m; got {old_def} and {fresh_def}."
     )
+  kept_devices = set(new_mesh.devices.flat)
+  keep = [i * b + j for i, d in enumerate(mesh.devices.flat) if d in kept_devices for j in range(b)]
+  rmap = elastic.row_map(m, b * D_new, keep)
   leaves = []
   for old, new in zip(old_leaves, fresh_leaves, strict=True):
     same_kind = _is_sharded(old) == _is_sharded(new)
     if same_kind and _block_shape(old) == _block_shape(new):
       leaves.append(_from_local(old, new.shape, new.sharding))
+    elif not _is_sharded(old) and not _is_sharded(new) and _worker_rows(old, new, m, b * D_new, v):
+      leaves.append(_replicated_rows(old, rmap, v if old.shape[0] == m + v else 0, new.sharding))
     else:
       leaves.append(new)
   state = jax.tree.unflatten(old_def, leaves)
@@ -370,6 +395,10 @@ def resilient_loop(
   4. recompile the step and run step k again.
 
   The step counter is kept, so the mixing schedule goes on where it was.
+  Under a live mask (:func:`coopjax.with_live_mask`, e.g. quarantine) the
+  data streams of masked workers are held after every step
+  (``batches.set_live``), as ``docs/failures.md`` asks of a training loop;
+  after a failure, on the re-split stream, for the workers still masked.
   In a single process (no :func:`initialize`) the loop runs without failure
   detection.
 
@@ -480,6 +509,7 @@ def resilient_loop(
       X, opt_state = drop_devices(X, opt_state, tx, new_tx, mesh, new_mesh)
       batches.restore(IteratorState(*divmod(position, batches.steps_per_epoch)))
       batches = batches.resplit(make_shards(new_tx.layout.num_workers))
+      _hold_masked(batches, opt_state)  # the mask as drop_devices mapped it
       pending = dict(
         step=k + 1,
         failed_processes=tuple(sorted({d.process_index for d in dead})),
@@ -493,12 +523,24 @@ def resilient_loop(
       continue
     X, opt_state = X_next, state_next
     k += 1
+    _hold_masked(batches, opt_state)
     if pending is not None:
       failures.append(Failure(**pending, resumed_at=time.time()))
       pending = None
     if on_step is not None:
       on_step(k, metrics)
   return LoopResult(X, opt_state, tx, mesh, batches, tuple(failures))
+
+
+def _hold_masked(batches: WorkerBatches, opt_state) -> None:
+  """Holds the data streams of the workers a live mask leaves out (``WorkerBatches.set_live``)."""
+  ls = live_lib.find_live_state(opt_state)
+  if ls is None:
+    return
+  flags = ls.live
+  if isinstance(flags, jax.Array) and not flags.is_fully_addressable:
+    flags = flags.addressable_data(0)  # replicated: every process holds the whole mask
+  batches.set_live(np.asarray(flags))
 
 
 def shutdown(timeout_seconds: float = 60.0) -> None:

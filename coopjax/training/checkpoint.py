@@ -259,6 +259,21 @@ def _remove_partial_saves(directory: str) -> None:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+def _rows_hint(saved: list[tuple], want: list[tuple]) -> str:
+  """A hint when the saved and wanted shapes differ in their leading (row) axis only."""
+  trailing = lambda shapes: sorted((len(s), s[1:]) for s in shapes)  # noqa: E731
+  if len(saved) != len(want) or trailing(saved) != trailing(want):
+    return ""
+  return (
+    " Only the leading (row) axis differs: either the target has another number of workers "
+    "(build it with the saved m, e.g. from meta()), or the state was saved from a sharded X "
+    "with auxiliary rows (EASGD's anchor), which keeps a copy of them on every device, "
+    "D·(m/D + v) rows instead of m + v: build the target on the same mesh "
+    "(X0 = coopjax.shard(X0, mesh, tx), opt_state0 = coopjax.sharding.init(tx, X0, mesh)) and "
+    "coopjax.unshard(X, mesh, tx) after restoring."
+  )
+
+
 class CheckpointManager:
   r"""Saves the training state every N steps and on demand; restores it exactly.
 
@@ -435,6 +450,7 @@ class CheckpointManager:
         f"checkpoint {step} in {self.directory} does not match target: it holds "
         f"{len(saved)} arrays with shapes {sorted(saved)}, the target has {len(want)} with "
         f"shapes {sorted(want)}; build the target from the same config as the saved run."
+        + _rows_hint(saved, want)
       )
     try:
       restored = self._mgr.restore(
