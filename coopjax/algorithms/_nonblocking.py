@@ -155,13 +155,15 @@ class StreamingDiLoCoState(NamedTuple):
       buffer per worker (``[m, S]``, S the largest fragment's size, padded
       with zeros): the workers' fragment models ``x_i[p]`` (unquantized) or
       their outer gradients ``Δ_i[p] = x_start[p] − x_i[p]`` (quantized).
+      ``()`` when ``delay=0``: the snapshot is then reduced at the step that
+      takes it, and nothing waits between steps.
   """
 
   count: chex.Array
   local_state: optax.OptState
   x_start: PyTree
   outer_states: tuple
-  pending: jax.Array
+  pending: jax.Array | tuple
 
 
 OVERLAP_STATES = (NonBlockingEASGDState, OverlapState, DelayedState, StreamingDiLoCoState)

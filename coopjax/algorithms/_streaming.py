@@ -479,6 +479,8 @@ def streaming_diloco(
     leaves = jax.tree.leaves(x_start)
     outer_states = tuple(outer.init([leaves[i] for i in g]) for g in layout.groups)
     rows = jax.tree.leaves(params)[0].shape[0]
+    if not delay:  # τ = 0 snapshots and applies at one step: nothing to carry between steps
+      return x_start, outer_states, ()
     return x_start, outer_states, jnp.zeros((rows, layout.size), layout.dtype)
 
   def should_mix(k, extra):
@@ -493,24 +495,28 @@ def streaming_diloco(
     x_leaves, treedef = jax.tree.flatten(X)
     s_leaves = jax.tree.leaves(x_start)
 
-    def snapshot(pending):
+    def snapshot(_=None):
       def take(p):
         def branch(_):
           rows = _gather(x_leaves, layout, p)
           if compressor is None:
-            return rows.astype(pending.dtype)
+            return rows.astype(layout.dtype)
           anchor = _gather([jnp.expand_dims(s, 0) for s in s_leaves], layout, p)
-          return (anchor - rows).astype(pending.dtype)  # Δ_i = x_start − x_i
+          return (anchor - rows).astype(layout.dtype)  # Δ_i = x_start − x_i
 
         return branch
 
       return jax.lax.switch(p_snap, [take(p) for p in range(P)], None)
 
-    pending = jax.lax.cond(snap, snapshot, lambda q: q, pending)
+    if delay:
+      pending = jax.lax.cond(snap, snapshot, lambda q: q, pending)
 
     def apply(operands):
       x_leaves, s_leaves, outer_states = operands
-      reduced = _reduction(pending, inputs.prefetched, delay, k, reduce)
+      if delay:
+        reduced = _reduction(pending, inputs.prefetched, delay, k, reduce)
+      else:  # τ = 0: the snapshot is taken and reduced at the apply step itself
+        reduced = reduce(snapshot())
 
       def land(p):
         def branch(_):
@@ -564,7 +570,8 @@ def streaming_diloco(
         for x, keep in zip(jax.tree.leaves(state.x_start), synced, strict=True)
         if keep
       )
-      size, dtype = state.pending.shape[1], state.pending.dtype
+      layout = _buffer_layout(state.x_start, fragments, block, mix_mask)
+      size, dtype = layout.size, layout.dtype
       dense = size * jnp.dtype(dtype).itemsize
       fraction, wire_fraction = dense / model, _wire_bytes(size, dtype) / dense
     elif count_given:
