@@ -27,7 +27,7 @@ and every round's ratio. Times are per step.
    fragment's buffer is padded to nearly the whole model; ``float_balanced`` times the same pair
    on an MLP 784-64-784-64-784-10 whose four kernels are equal (largest fragment 0.28 of the
    model), as the layers of a deep network are; ``*_offstep``: windows of off-steps only (a
-   period never reached), on both models.
+   period never reached), on both models, and with τ = 0 (``float_delay0_offstep``).
 4. ``codecs``: encode + decode of one worker's 1M-float leaf (1000 × 1000),
    jitted, in µs (``roundtrip_us``) and encode alone (``encode_us``).
 5. ``sharded`` (``--sharded``; the whole run then sees 8 fake CPU devices):
@@ -260,11 +260,11 @@ def bench_streaming(rounds, reps, params, batches):
   sgd = optax.sgd(LR)
   outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
 
-  def pair(H, compressor=None, donate=False):
-    """(streaming step, its tx, DiLoCo step, its tx) with period H (P = 4, τ = 1)."""
+  def pair(H, compressor=None, donate=False, delay=1):
+    """(streaming step, its tx, DiLoCo step, its tx) with period H (P = 4)."""
     diloco = coopjax.diloco(sgd, outer=outer, tau=H, num_workers=M)
     stream = coopjax.streaming_diloco(
-      sgd, outer=outer, H=H, fragments=4, delay=1, num_workers=M, compressor=compressor
+      sgd, outer=outer, H=H, fragments=4, delay=delay, num_workers=M, compressor=compressor
     )
     make = lambda tx: coopjax.make_step(mlp_loss, tx, donate=donate)
     return make(stream), stream, make(diloco), diloco
@@ -282,6 +282,7 @@ def bench_streaming(rounds, reps, params, batches):
     "float_balanced": (pair(H), balanced),
     "float_offstep": (pair(never), params),
     "float_balanced_offstep": (pair(never), balanced),
+    "float_delay0_offstep": (pair(never, delay=0), params),
   }
   out = {f"{name}_over_diloco": [] for name in pairs}
   out["ms"] = []
