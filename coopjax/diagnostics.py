@@ -348,6 +348,9 @@ def consensus_distance(X: PyTree, mask=None) -> jax.Array:
      \|X (I - J)\|_F^2 = \sum_{i=1}^{m+v} \|x_i - u\|^2,
 
   summed over the leaves that ``mask`` selects; zero iff those rows are equal.
+  Under a live mask (:func:`coopjax.with_live_mask`, quarantine) the masked
+  workers' rows are left out: u and the sum run over the live workers and the
+  auxiliary rows (EASGD's anchor).
   The sums over rows go through :func:`coopjax.mixing.worker_sum`, so the same
   function serves a plain X and, inside a sharded step, this device's rows
   (two all-reduces).
@@ -375,12 +378,16 @@ def consensus_distance(X: PyTree, mask=None) -> jax.Array:
     return jnp.zeros((), jnp.float32)
   n = num_rows(leaves, "X")  # m + v, also inside a sharded step
   ctx = context.current()
-  split = ctx.block if ctx is not None else n  # rows reduced over the workers; the rest local
+  live = context.current_live()
+  # the worker rows, reduced over the (live) workers; the auxiliary rows after them stay local
+  if ctx is not None:
+    split = ctx.block
+  else:
+    split = n if live is None else live.live.shape[0]
   leaves = [x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in leaves]
   heads = [x[:split] for x in leaves]
   tails = [x[split:] for x in leaves]
   sums = mixing.worker_sum(heads)  # over the live workers only under a live mask
-  live = context.current_live()
   count = n if live is None else jnp.sum(live.live.astype(jnp.int32)) + tails[0].shape[0]
   means = [
     (s + sum_rows(z) if z.shape[0] else s) / jnp.asarray(count, s.dtype)
