@@ -60,7 +60,9 @@ and the workers.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import difflib
 import functools
 import json
 import math
@@ -139,6 +141,9 @@ COLUMNS = (
   "real_time",
 )
 
+# The events a run lists in summary.json (and its checkpoints carry over to a resumed run).
+_EVENTS = ("skipped", "quarantined", "rejoined")
+
 # Fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {
   "num_steps",
@@ -189,10 +194,7 @@ def parse_args(argv: Sequence[str] | None = None):
     print(_parse([])[0])
     raise SystemExit(0)
   config, workdir, resume = _parse(argv)
-  spec = [
-    a for i, a in enumerate(argv) if a.startswith("--config=") or argv[i - 1 : i] == ["--config"]
-  ]
-  base = _parse([a if a.startswith("--config=") else f"--config={a}" for a in spec[-1:]])[0]
+  base = _parse(_config_spec(argv))[0]
   _check_sequences(base, config)
   return config, workdir, resume
 
@@ -217,14 +219,15 @@ def _check_sequences(base, config, prefix: str = "") -> None:
 def _parse(argv: list[str]):
   full = [sys.argv[0] if sys.argv else "train.py", *argv]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "PATH[:ARG] of a config file", flag_values=fv, sys_argv=full
-  )
-  flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "output folder", flag_values=fv)
-  flags.DEFINE_bool("resume", False, "continue from the latest checkpoint", flag_values=fv)
   try:
     with warnings.catch_warnings():  # config_flags loads the file with importlib's load_module
       warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+      # without --config the default file is loaded (and overridden) here already
+      config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "PATH[:ARG] of a config file", flag_values=fv, sys_argv=full
+      )
+      flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "output folder", flag_values=fv)
+      flags.DEFINE_bool("resume", False, "continue from the latest checkpoint", flag_values=fv)
       rest = fv(full)
       config = fv.config
   except flags.IllegalFlagValueError as error:
@@ -232,10 +235,7 @@ def _parse(argv: list[str]):
   except flags.UnrecognizedFlagError as error:
     raise ValueError(f"{error}; fields are set with --config.FIELD=VALUE.") from None
   except (AttributeError, KeyError) as error:  # an override naming no field
-    field = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "--config.?")
-    raise ValueError(
-      f"{field}: unknown field {error}; see the fields of {DEFAULT_CONFIG}."
-    ) from None
+    raise ValueError(_unknown_field(argv) or f"unknown field {error}.") from None
   except flags.Error as error:
     raise ValueError(str(error)) from None
   except OSError as error:
@@ -245,6 +245,43 @@ def _parse(argv: list[str]):
       f"unrecognised argument {rest[1]!r}; fields are set with --config.FIELD=VALUE."
     )
   return ml_collections.ConfigDict(config.to_dict()), fv.workdir, fv.resume
+
+
+def _config_spec(argv: list[str]) -> list[str]:
+  """The ``--config=PATH[:ARG]`` argument of ``argv`` (empty: the default config)."""
+  spec = [
+    a for i, a in enumerate(argv) if a.startswith("--config=") or argv[i - 1 : i] == ["--config"]
+  ]
+  return [a if a.startswith("--config=") else f"--config={a}" for a in spec[-1:]]
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+  """A message naming the first ``--config.FIELD`` override that is no field of the config
+  (with the closest field's name), or None."""
+  spec = _config_spec(argv)
+  base = _parse(spec)[0]
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config.") :].split("=")[0]
+    node, done = base, []
+    for part in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        return (
+          f"--config.{path}: --config.{'.'.join(done)} holds a value ({type(node).__name__}), "
+          "not a group of fields; fields are listed by --help."
+        )
+      if part not in node:
+        near = difflib.get_close_matches(part, list(node.keys()), n=1)
+        prefix = "--config." + "".join(f"{d}." for d in done)
+        hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+        where = spec[0].split("=", 1)[1] if spec else DEFAULT_CONFIG
+        return (
+          f"--config.{path}: unknown field {'.'.join([*done, part])!r}{hint}; the fields of "
+          f"{where} are listed by --help."
+        )
+      node, done = node[part], [*done, part]
+  return None
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -394,6 +431,32 @@ def _fault(spec: str) -> tuple[int, int] | None:
       f"got {spec!r}."
     ) from None
   return worker, step
+
+
+def _check_failure_options(config, policy: str, m: int, num_steps: int) -> None:
+  """Quarantine's options need ``on_nonfinite="quarantine"``; a drill must name a worker and a
+  step of the run (else it would never fire)."""
+  if policy != "quarantine":
+    for key, default in (("readmit_after", 0), ("disconnected", "error")):
+      if config.get(key, default) != default:
+        raise ValueError(
+          f"config.{key}={config[key]!r} applies to on_nonfinite='quarantine' only (here "
+          f"on_nonfinite={policy!r}); set --config.on_nonfinite=quarantine or leave "
+          f"config.{key} at {default!r}."
+        )
+  fault = _fault(config.get("fault_nan", ""))
+  if fault is not None:
+    worker, step = fault
+    if not 0 <= worker < m:
+      raise ValueError(
+        f"fault_nan={config.fault_nan!r}: worker {worker} is not one of the {m} workers "
+        f"(0..{m - 1}); the drill would never fire."
+      )
+    if not 1 <= step <= num_steps:
+      raise ValueError(
+        f"fault_nan={config.fault_nan!r}: step {step} is not a step of the run (1..{num_steps}); "
+        "the drill would never fire."
+      )
 
 
 def _poison(batch, worker: int):
@@ -573,6 +636,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
   else:
     loss_fn = cmodels.make_loss_fn(model, ds.num_classes)
   policy = diagnostics.check_policy(config.get("on_nonfinite", "stop"))
+  _check_failure_options(config, policy, m, num_steps)
   if policy == "quarantine":  # a failing worker is masked out inside the step
     tx = coopjax.with_live_mask(tx, disconnected=config.get("disconnected", "error"))
     readmit = int(config.get("readmit_after", 0)) or None
@@ -667,8 +731,14 @@ def loop(
   clocks: _Clocks,
   writer: _MetricsWriter,
   save,
+  events: dict | None = None,
 ) -> _Outcome:
-  """Steps ``state.step + 1 … num_steps``: logs rows, evaluates, checkpoints; stops on NaN."""
+  """Steps ``state.step + 1 … num_steps``: logs rows, evaluates, checkpoints; stops on NaN.
+
+  ``events`` holds the ``skipped``, ``quarantined`` and ``rejoined`` lists of the
+  steps before ``state.step`` (a resumed run's, from its checkpoint); the
+  outcome's lists continue them, and every checkpoint saves them.
+  """
   config, tx, num_steps = run.config, run.tx, run.num_steps
   start = int(state.step)
   first = run.place(next(run.batches))
@@ -679,7 +749,13 @@ def loop(
 
   from tqdm import tqdm
 
-  stopped, skipped, quarantined, rejoined = None, [], [], []
+  events = events or {}
+  stopped = None
+  skipped, quarantined, rejoined = (list(events.get(key, [])) for key in _EVENTS)
+
+  def logged() -> dict:
+    return dict(zip(_EVENTS, (skipped, quarantined, rejoined), strict=True))
+
   fault = _fault(config.get("fault_nan", ""))
   bar = tqdm(
     total=num_steps, initial=start, desc=config.algorithm, disable=not config.progress, leave=False
@@ -728,12 +804,15 @@ def loop(
       bar.update(1)
       is_eval = k % config.eval_every == 0 or k == num_steps
       if k % config.log_every == 0 or is_eval:
+        # with a mesh the step reduces loss and consensus on the steps log_every divides only
+        # (NaN on the others): an evaluation row between them leaves them empty
+        reduced = not skip and (run.mesh is None or k % config.log_every == 0)
         row = {
           "step": k,
           "epoch": k / run.steps_per_epoch,
           "lr": _lr_at(run.lr, k - 1),
-          "loss": None if skip else float(metrics["loss"]),
-          "consensus_distance": None if skip else float(metrics["consensus_distance"]),
+          "loss": float(metrics["loss"]) if reduced else None,
+          "consensus_distance": float(metrics["consensus_distance"]) if reduced else None,
           "compute_source": source,
           **clocks._asdict(),
         }
@@ -743,9 +822,9 @@ def loop(
         if row["loss"] is not None:
           bar.set_postfix(loss=f"{row['loss']:.4f}")
       if config.checkpoint_every and k % config.checkpoint_every == 0:
-        save(state, clocks, force=False)
+        save(state, clocks, force=False, events=logged())
     if stopped is None:
-      save(state, clocks, force=True)
+      save(state, clocks, force=True, events=logged())
   finally:
     bar.close()
   return _Outcome(state, clocks, stopped, skipped, compile_time, quarantined, rejoined)
@@ -810,7 +889,7 @@ def _jsonable(obj):
 
 
 def _checkpoints(run: Run, state: TrainState, resume: bool):
-  """The checkpoint manager, and the state, clocks, initial loss and kept rows to go on from."""
+  """The checkpoint manager, and the state, clocks, initial loss, kept rows and events to go on from."""
   config, workdir = run.config, run.workdir
   manager = ckpt.CheckpointManager(
     os.path.join(workdir, "checkpoints"),
@@ -833,7 +912,8 @@ def _checkpoints(run: Run, state: TrainState, resume: bool):
       )
     state = manager.restore(target=ckpt.abstract_target(state))
     run.batches.restore(cdata.IteratorState(**meta["data"]))
-    return manager, state, _Clocks(**meta["clocks"]), meta.get("initial_loss"), int(state.step)
+    clocks, events = _Clocks(**meta["clocks"]), meta.get("events", {})
+    return manager, state, clocks, meta.get("initial_loss"), int(state.step), events
   if os.path.isdir(manager.directory) and manager.all_steps():
     # a fresh run replaces an earlier run's checkpoints in this workdir
     manager.close()
@@ -843,7 +923,7 @@ def _checkpoints(run: Run, state: TrainState, resume: bool):
       max_to_keep=int(config.checkpoint_keep),
       save_interval_steps=manager.save_interval_steps,
     )
-  return manager, state, _Clocks(), None, None
+  return manager, state, _Clocks(), None, None, {}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
@@ -864,8 +944,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     workers where a loss became non-finite, with ``on_nonfinite="stop"``) and
     ``skipped`` (the discarded steps, with ``on_nonfinite="skip"``).
   """
-  run, state = setup(config, workdir)
-  manager, state, clocks, initial_loss, keep_until = _checkpoints(run, state, resume)
+  with _config_errors():  # nothing has run yet: a bad field, value or combination
+    run, state = setup(config, workdir)
+    manager, state, clocks, initial_loss, keep_until, events = _checkpoints(run, state, resume)
   writer = _MetricsWriter(workdir, keep_until)
   if int(state.step) == 0:
     ev = evaluate(run, state)
@@ -877,26 +958,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       | ev
     )
 
-  def save(st: TrainState, clk: _Clocks, force: bool) -> None:
+  def save(st: TrainState, clk: _Clocks, force: bool, events: dict) -> None:
     meta = {
       "config": run.config.to_dict(),
       "data": run.batches.state._asdict(),
       "clocks": clk._asdict(),
       "initial_loss": initial_loss,
+      "events": events,  # skipped, quarantined and rejoined so far: summary.json lists them all
     }
     manager.save(int(st.step), st, meta=meta, force=force)
 
   try:
-    outcome = loop(run, state, clocks, writer, save)
+    outcome = loop(run, state, clocks, writer, save, events)
   finally:
     writer.close()
     manager.close()
   return write_summary(run, outcome, writer.rows, initial_loss)
 
 
+@contextlib.contextmanager
+def _config_errors():
+  """Marks the errors raised inside as the config's (the command line prints them alone)."""
+  try:
+    yield
+  except (ValueError, TypeError, FileNotFoundError) as error:
+    error.config_error = True
+    raise
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   """Command-line entry point; returns the run's summary (see :func:`train`)."""
-  config, workdir, resume = parse_args(argv)
+  with _config_errors():
+    config, workdir, resume = parse_args(argv)
   summary = train(config, workdir, resume=resume)
   final = summary["final"]
   if final:
@@ -910,4 +1003,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  sys.exit(1 if main()["stopped"] else 0)
+  try:
+    sys.exit(1 if main()["stopped"] else 0)
+  except (ValueError, TypeError, FileNotFoundError) as error:
+    if not getattr(error, "config_error", False):
+      raise
+    print(f"train.py: error: {error}", file=sys.stderr)
+    sys.exit(2)
