@@ -5,7 +5,8 @@ Usage (from the repository root)::
   python experiments/train.py --config experiments/configs/default.py \
     --config.algorithm=easgd --config.tau=4 --config.alpha=0.1 --workdir /tmp/run
   python experiments/train.py --config experiments/configs/default.py:runlocal --workdir /tmp/t
-  python experiments/train.py --config experiments/configs/default.py --workdir /tmp/run --resume
+  python experiments/train.py --config experiments/configs/default.py \
+    --config.algorithm=easgd --config.tau=4 --config.alpha=0.1 --workdir /tmp/run --resume
 
 The command line is parsed by ``ml_collections.config_flags``: ``--config
 PATH[:ARG]`` loads ``get_config(ARG)`` from a Python file (it must come before
