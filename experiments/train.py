@@ -48,8 +48,10 @@ model's mixed leaves, α = ``network.latency``, 1/β = ``network.bandwidth``.
 The modelled wall-clock adds T_mix to the step that mixes (blocking), or, for
 transformations whose mixes overlap the next steps (``tx.overlaps``), lets it
 run during the following steps and waits only if it is still in flight at the
-next mix (:func:`coopjax.netmodel.modelled_wallclock`). ``real_time`` is the
-measured wall time of the loop on this machine.
+next mix (:func:`coopjax.netmodel.modelled_wallclock`); a Streaming DiLoCo
+sync (``tx.consume_at`` = τ) starts at its snapshot and must have arrived at
+its apply step, τ steps later, as in ``experiments/streaming.py``.
+``real_time`` is the measured wall time of the loop on this machine.
 
 Checkpoints (``WORKDIR/checkpoints``, :class:`coopjax.checkpoint.CheckpointManager`)
 hold :class:`TrainState` ``(step, X, opt_state, rng)`` and, as JSON, the
@@ -384,23 +386,34 @@ class _Clocks(NamedTuple):
   bytes_sent: float = 0.0
   mixes: int = 0
   real_time: float = 0.0
+  recent: tuple = ()  # with lead τ: the modelled times after the last τ steps
 
-  def advance(self, compute: float, measured: float, cost, seconds: float, nbytes: float):
+  def advance(
+    self, compute: float, measured: float, cost, seconds: float, nbytes: float, lead: int = 0
+  ):
     """One step of :func:`coopjax.netmodel.modelled_wallclock`, incrementally.
 
     ``compute`` is the compute time charged, ``measured`` the step's measured
     time, ``cost`` what it communicates (a ``MixCost``) and ``seconds`` its
-    priced time (:func:`coopjax.netmodel.mix_time`).
+    priced time (:func:`coopjax.netmodel.mix_time`). An overlappable mix runs
+    during the following steps and the next mix waits for it; with ``lead``
+    τ > 0 (``tx.consume_at``: Streaming DiLoCo) the mix recorded at step k
+    is the sync issued at its snapshot k − τ and awaited now:
+    ``t_k = max(t_{k−1} + compute, t_{k−τ} + seconds)``.
     """
     modelled, pending, mixes = self.modelled_time + compute, self.pending_until, self.mixes
     if cost.collective != "none":
       mixes += 1
-      if cost.overlappable:
+      if cost.overlappable and lead:
+        issued = self.recent[-lead] if len(self.recent) >= lead else 0.0
+        modelled = max(modelled, issued + seconds)
+      elif cost.overlappable:
         modelled = max(modelled, pending)
         pending = modelled + seconds
       else:
         modelled += seconds
     return self._replace(
+      recent=(*self.recent, modelled)[-lead:] if lead else (),
       compute_time=self.compute_time + compute,
       measured_compute_time=self.measured_compute_time + measured,
       comm_time=self.comm_time + seconds,
@@ -800,7 +813,8 @@ def loop(
         break
       cost = coopjax.cost.NO_COMM if skip else tx.comm(k, opt_state)
       seconds = netmodel.mix_time(cost, run.nbytes, run.net)
-      clocks = clocks.advance(fixed or measured, measured, cost, seconds, run.nbytes)
+      lead = int(getattr(tx, "consume_at", None) or 0)  # a sync awaited τ steps after issue
+      clocks = clocks.advance(fixed or measured, measured, cost, seconds, run.nbytes, lead)
       clocks = clocks._replace(real_time=time.perf_counter() - loop_start)
       bar.update(1)
       is_eval = k % config.eval_every == 0 or k == num_steps
@@ -851,7 +865,7 @@ def write_summary(run: Run, outcome: _Outcome, rows: list[dict], initial_loss) -
     "compute_time_per_step": clocks.compute_time / max(1, steps),
     "compute_source": "fixed" if float(run.config.compute_time) > 0 else "measured",
     "measured_compute_time_per_step": clocks.measured_compute_time / max(1, steps),
-    "clocks": clocks._asdict(),
+    "clocks": {k: v for k, v in clocks._asdict().items() if k != "recent"},
     "network": {"latency": run.net.latency, "bandwidth": run.net.bandwidth},
     "overlap": bool(run.tx.overlaps),
     "stopped": outcome.stopped,
@@ -913,7 +927,9 @@ def _checkpoints(run: Run, state: TrainState, resume: bool):
       )
     state = manager.restore(target=ckpt.abstract_target(state))
     run.batches.restore(cdata.IteratorState(**meta["data"]))
-    clocks, events = _Clocks(**meta["clocks"]), meta.get("events", {})
+    saved = meta["clocks"]
+    clocks = _Clocks(**{**saved, "recent": tuple(saved.get("recent", ()))})
+    events = meta.get("events", {})
     return manager, state, clocks, meta.get("initial_loss"), int(state.step), events
   if os.path.isdir(manager.directory) and manager.all_steps():
     # a fresh run replaces an earlier run's checkpoints in this workdir

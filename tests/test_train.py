@@ -476,3 +476,38 @@ def test_command_line_prints_a_config_error_without_a_traceback(tmp_path):
   assert result.returncode == 2
   assert "train.py: error: unknown algorithm 'nope'" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_streaming_clock_awaits_each_sync_tau_steps_after_its_snapshot(tmp_path):
+  """Streaming DiLoCo (H = 4, P = 2, τ = 1) on a slow network: the modelled clock equals
+  ``experiments/streaming.py``'s (a sync issued at its snapshot, awaited at its apply step),
+  t = K·t_c + Σ_syncs (T − τ·t_c) when T > τ·t_c, also across a resume between a snapshot and
+  its apply (step 5)."""
+  import streaming
+
+  from coopjax import algorithms
+
+  t_c, lat = 1e-3, 1e-3
+  flags = (
+    "algorithm=streaming_diloco",
+    "tau=4",
+    "fragments=2",
+    "delay=1",
+    "outer_bits=4",
+    f"compute_time={t_c}",
+    f"network.latency={lat}",
+  )
+  _, workdir = run(tmp_path, *flags, name="full")
+  t_sync = 2 * (M - 1) * lat + 1.5 * (1024 // 2 + 4 * 4) / 1.25e8  # all-reduce of 528 bytes
+  syncs = algorithms.streaming_syncs(H=4, fragments=2, delay=1, schedule="torchft", steps=STEPS)
+  expected = streaming.streaming_clock(
+    t_c, {s.snapshot: t_sync for s in syncs}, {s.apply: s.snapshot for s in syncs}, STEPS
+  )
+  rows = read_jsonl(workdir)
+  for row in rows[1:]:
+    assert row["modelled_time"] == pytest.approx(expected[row["step"] - 1], rel=1e-12)
+  assert rows[-1]["modelled_time"] == pytest.approx(STEPS * t_c + len(syncs) * (t_sync - t_c))
+  run(tmp_path, *flags, "num_steps=5", name="split")
+  args = ["--config", RUNLOCAL, "--workdir", str(tmp_path / "split"), "--resume"]
+  resumed = train.main(args + [f"--config.{k}" for k in flags])
+  assert resumed["clocks"]["modelled_time"] == rows[-1]["modelled_time"]
