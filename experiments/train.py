@@ -641,6 +641,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
   if config.get("sharded", False):
     # the worker axis sharded over the devices (m a multiple of their number)
     mesh = coopjax.worker_mesh(int(config.get("num_devices", 0)) or None)
+  elif int(config.get("num_devices", 0)):
+    raise ValueError(
+      f"config.num_devices={config.num_devices} applies to sharded runs only; set "
+      "--config.sharded=True or leave config.num_devices at 0."
+    )
   sharded = {"mesh": mesh, "with_loss": True, "with_consensus": True} if mesh else {}
   if mesh:  # the reducing metrics (all-reduces) on the logged steps only
     sharded["log_every"] = int(config.log_every)

@@ -391,9 +391,9 @@ def test_sharded_rows_between_log_steps_leave_loss_empty(tmp_path):
   loss (null, not NaN: metrics.jsonl stays strict JSON); the rows at 5, 10, 15, 20 hold the
   vmapped run's losses.
   """
-  common = ("algorithm=local_sgd", "log_every=5", "num_devices=4")
+  common = ("algorithm=local_sgd", "log_every=5")
   _, plain_dir = run(tmp_path, *common, name="plain")
-  _, shard_dir = run(tmp_path, *common, "sharded=True", name="sharded")
+  _, shard_dir = run(tmp_path, *common, "sharded=True", "num_devices=4", name="sharded")
 
   def refuse(name):
     raise ValueError(f"{name} in metrics.jsonl")
@@ -461,6 +461,7 @@ def test_bad_flags_name_the_field_and_the_fix(tmp_path):
   assert "config.tau" in message and "config.fragments" in message
   assert "config.delay = 2" in refused("algorithm=streaming_diloco", "tau=4", "delay=2")
   assert "on_nonfinite='quarantine' only" in refused("readmit_after=5")
+  assert "sharded runs only" in refused("num_devices=4")
   assert "worker 9 is not one of the 4" in refused("on_nonfinite=quarantine", "fault_nan=9@3")
   assert "step 30 is not a step" in refused("on_nonfinite=quarantine", "fault_nan=1@30")
 
