@@ -348,6 +348,9 @@ def consensus_distance(X: PyTree, mask=None) -> jax.Array:
      \|X (I - J)\|_F^2 = \sum_{i=1}^{m+v} \|x_i - u\|^2,
 
   summed over the leaves that ``mask`` selects; zero iff those rows are equal.
+  Under a live mask (:func:`coopjax.with_live_mask`, quarantine) the masked
+  workers' rows are left out: u and the sum run over the live workers and the
+  auxiliary rows (EASGD's anchor).
   The sums over rows go through :func:`coopjax.mixing.worker_sum`, so the same
   function serves a plain X and, inside a sharded step, this device's rows
   (two all-reduces).
@@ -376,8 +379,7 @@ def consensus_distance(X: PyTree, mask=None) -> jax.Array:
   n = num_rows(leaves, "X")  # m + v, also inside a sharded step
   ctx = context.current()
   live = context.current_live()
-  # The rows reduced over the workers (the live ones under a mask); the rest (auxiliary rows)
-  # local. Unsharded under a mask the workers are the first m = len(ℓ) rows, the anchor after.
+  # the worker rows, reduced over the (live) workers; the auxiliary rows after them stay local
   if ctx is not None:
     split = ctx.block
   else:

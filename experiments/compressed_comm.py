@@ -3,8 +3,8 @@ r"""Compressed communication on digits: loss and accuracy against bytes sent per
   python experiments/compressed_comm.py            # digits, m = 8, MLP, CPU, a few minutes
   python experiments/compressed_comm.py --quick    # a 30-step smoke run into a temp folder
 
-Runs, with the same data, model (MLP 64-64-10), local SGD, learning rate and
-number of steps, through ``experiments/train.py``:
+Runs, with the same data, model (MLP 64-64-64-10: two hidden layers of 64), local
+SGD, learning rate and number of steps, through ``experiments/train.py``:
 
 * decentralized, on a ring (W = ring(8), a mix after every step): D-PSGD
   (uncompressed, A(1, W_ring)) and CHOCO-SGD (:func:`coopjax.choco`) with
@@ -191,7 +191,7 @@ def _fmt_bytes(x) -> str:
 
 def _table_text(out: dict) -> str:
   lines = [
-    f"digits, m = 8, MLP 64-64-10 ({out['model_bytes']} bytes), {out['shared']['num_steps']} "
+    f"digits, m = 8, MLP 64-64-64-10 ({out['model_bytes']} bytes), {out['shared']['num_steps']} "
     "steps; bytes sent per worker from the transformations' cost records.",
     "",
     "| run | final train loss | final test acc. | gap to uncompressed | bytes/worker to "

@@ -120,14 +120,27 @@ def make_compressor(spec: str) -> compress.Compressor | None:
     raise ValueError(f"compressor {name!r} needs an argument, e.g. 'top_k:0.01' or 'qsgd:4'.")
   if name == "identity":
     return compress.identity()
-  if name == "top_k":
-    return compress.top_k(fraction=float(arg))
-  if name == "random_k":
-    return compress.random_k(fraction=float(arg))
-  if name == "qsgd":
-    return compress.qsgd(int(arg))
-  if name == "qsgd_biased":
-    return compress.qsgd(int(arg), unbiased=False)
+  if arg and name not in ("top_k", "random_k", "qsgd", "qsgd_biased"):
+    raise ValueError(f"compressor {name!r} takes no argument; got {spec!r}, use {name!r}.")
+  try:
+    value = float(arg) if name in ("top_k", "random_k") else int(arg) if arg else None
+  except ValueError:
+    fraction = name in ("top_k", "random_k")
+    what = "the fraction kept, a number in (0, 1]" if fraction else "a number of bits (an integer)"
+    raise ValueError(
+      f"compressor {spec!r}: {arg!r} is not {what}; e.g. 'top_k:0.01' or 'qsgd:4'."
+    ) from None
+  try:
+    if name == "top_k":
+      return compress.top_k(fraction=value)
+    if name == "random_k":
+      return compress.random_k(fraction=value)
+    if name == "qsgd":
+      return compress.qsgd(value)
+    if name == "qsgd_biased":
+      return compress.qsgd(value, unbiased=False)
+  except ValueError as error:
+    raise ValueError(f"compressor {spec!r}: {error}") from None
   if name == "sign":
     return compress.scaled_sign()
   return getattr(compress, name)()
@@ -224,6 +237,32 @@ def outer_compressor(bits: int):
   return factory()
 
 
+def _streaming_schedule(config) -> dict:
+  """Streaming DiLoCo's H, P and τ from ``tau``, ``fragments`` and ``delay``, checked by name.
+
+  Fragments sync in turn every h = H/P steps, and a sync must land before the next one starts:
+  P divides H and 0 ≤ τ < h.
+  """
+  H, P, delay = int(config.tau), config.fragments, int(config.delay)
+  if isinstance(P, int) and not isinstance(P, bool):
+    if P < 1:
+      raise ValueError(f"streaming_diloco: config.fragments (P) must be >= 1, got {P}.")
+    if H < 1 or H % P:
+      raise ValueError(
+        f"streaming_diloco: config.tau (H, the steps between two syncs of one fragment) = {H} "
+        f"must be a positive multiple of config.fragments (P) = {P}: fragments sync in turn "
+        f"every H/P steps. Set --config.tau to a multiple of {P} or --config.fragments to a "
+        f"divisor of {H}."
+      )
+    if not 0 <= delay < H // P:
+      raise ValueError(
+        f"streaming_diloco: config.delay = {delay} must be in [0, h) with h = config.tau / "
+        f"config.fragments = {H // P} (one sync in flight at a time); lower --config.delay or "
+        "--config.fragments, or raise --config.tau."
+      )
+  return {"H": H, "fragments": P, "delay": delay}
+
+
 def _time_varying_schedule(m: int) -> list[np.ndarray]:
   period = topology.one_peer_exponential_period(m)
   return [topology.one_peer_exponential(m, r) for r in range(period)]
@@ -270,9 +309,7 @@ _OPTIONS: dict[str, Callable[[Any, Any], dict]] = {
   },
   "streaming_diloco": lambda c, lr: {
     "outer": _diloco_outer(c),
-    "H": c.tau,
-    "fragments": c.fragments,
-    "delay": c.delay,
+    **_streaming_schedule(c),
     "alpha": c.merge_alpha,
     "compressor": outer_compressor(c.outer_bits),
     "schedule": c.streaming_schedule,

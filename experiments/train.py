@@ -5,7 +5,8 @@ Usage (from the repository root)::
   python experiments/train.py --config experiments/configs/default.py \
     --config.algorithm=easgd --config.tau=4 --config.alpha=0.1 --workdir /tmp/run
   python experiments/train.py --config experiments/configs/default.py:runlocal --workdir /tmp/t
-  python experiments/train.py --config experiments/configs/default.py --workdir /tmp/run --resume
+  python experiments/train.py --config experiments/configs/default.py \
+    --config.algorithm=easgd --config.tau=4 --config.alpha=0.1 --workdir /tmp/run --resume
 
 The command line is parsed by ``ml_collections.config_flags``: ``--config
 PATH[:ARG]`` loads ``get_config(ARG)`` from a Python file (it must come before
@@ -47,8 +48,10 @@ model's mixed leaves, α = ``network.latency``, 1/β = ``network.bandwidth``.
 The modelled wall-clock adds T_mix to the step that mixes (blocking), or, for
 transformations whose mixes overlap the next steps (``tx.overlaps``), lets it
 run during the following steps and waits only if it is still in flight at the
-next mix (:func:`coopjax.netmodel.modelled_wallclock`). ``real_time`` is the
-measured wall time of the loop on this machine.
+next mix (:func:`coopjax.netmodel.modelled_wallclock`); a Streaming DiLoCo
+sync (``tx.consume_at`` = τ) starts at its snapshot and must have arrived at
+its apply step, τ steps later, as in ``experiments/streaming.py``.
+``real_time`` is the measured wall time of the loop on this machine.
 
 Checkpoints (``WORKDIR/checkpoints``, :class:`coopjax.checkpoint.CheckpointManager`)
 hold :class:`TrainState` ``(step, X, opt_state, rng)`` and, as JSON, the
@@ -60,7 +63,9 @@ and the workers.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import difflib
 import functools
 import json
 import math
@@ -139,6 +144,9 @@ COLUMNS = (
   "real_time",
 )
 
+# The events a run lists in summary.json (and its checkpoints carry over to a resumed run).
+_EVENTS = ("skipped", "quarantined", "rejoined")
+
 # Fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {
   "num_steps",
@@ -189,10 +197,7 @@ def parse_args(argv: Sequence[str] | None = None):
     print(_parse([])[0])
     raise SystemExit(0)
   config, workdir, resume = _parse(argv)
-  spec = [
-    a for i, a in enumerate(argv) if a.startswith("--config=") or argv[i - 1 : i] == ["--config"]
-  ]
-  base = _parse([a if a.startswith("--config=") else f"--config={a}" for a in spec[-1:]])[0]
+  base = _parse(_config_spec(argv))[0]
   _check_sequences(base, config)
   return config, workdir, resume
 
@@ -217,14 +222,15 @@ def _check_sequences(base, config, prefix: str = "") -> None:
 def _parse(argv: list[str]):
   full = [sys.argv[0] if sys.argv else "train.py", *argv]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "PATH[:ARG] of a config file", flag_values=fv, sys_argv=full
-  )
-  flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "output folder", flag_values=fv)
-  flags.DEFINE_bool("resume", False, "continue from the latest checkpoint", flag_values=fv)
   try:
     with warnings.catch_warnings():  # config_flags loads the file with importlib's load_module
       warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+      # without --config the default file is loaded (and overridden) here already
+      config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "PATH[:ARG] of a config file", flag_values=fv, sys_argv=full
+      )
+      flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "output folder", flag_values=fv)
+      flags.DEFINE_bool("resume", False, "continue from the latest checkpoint", flag_values=fv)
       rest = fv(full)
       config = fv.config
   except flags.IllegalFlagValueError as error:
@@ -232,10 +238,7 @@ def _parse(argv: list[str]):
   except flags.UnrecognizedFlagError as error:
     raise ValueError(f"{error}; fields are set with --config.FIELD=VALUE.") from None
   except (AttributeError, KeyError) as error:  # an override naming no field
-    field = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "--config.?")
-    raise ValueError(
-      f"{field}: unknown field {error}; see the fields of {DEFAULT_CONFIG}."
-    ) from None
+    raise ValueError(_unknown_field(argv) or f"unknown field {error}.") from None
   except flags.Error as error:
     raise ValueError(str(error)) from None
   except OSError as error:
@@ -245,6 +248,43 @@ def _parse(argv: list[str]):
       f"unrecognised argument {rest[1]!r}; fields are set with --config.FIELD=VALUE."
     )
   return ml_collections.ConfigDict(config.to_dict()), fv.workdir, fv.resume
+
+
+def _config_spec(argv: list[str]) -> list[str]:
+  """The ``--config=PATH[:ARG]`` argument of ``argv`` (empty: the default config)."""
+  spec = [
+    a for i, a in enumerate(argv) if a.startswith("--config=") or argv[i - 1 : i] == ["--config"]
+  ]
+  return [a if a.startswith("--config=") else f"--config={a}" for a in spec[-1:]]
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+  """A message naming the first ``--config.FIELD`` override that is no field of the config
+  (with the closest field's name), or None."""
+  spec = _config_spec(argv)
+  base = _parse(spec)[0]
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config.") :].split("=")[0]
+    node, done = base, []
+    for part in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        return (
+          f"--config.{path}: --config.{'.'.join(done)} holds a value ({type(node).__name__}), "
+          "not a group of fields; fields are listed by --help."
+        )
+      if part not in node:
+        near = difflib.get_close_matches(part, list(node.keys()), n=1)
+        prefix = "--config." + "".join(f"{d}." for d in done)
+        hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+        where = spec[0].split("=", 1)[1] if spec else DEFAULT_CONFIG
+        return (
+          f"--config.{path}: unknown field {'.'.join([*done, part])!r}{hint}; the fields of "
+          f"{where} are listed by --help."
+        )
+      node, done = node[part], [*done, part]
+  return None
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -346,23 +386,34 @@ class _Clocks(NamedTuple):
   bytes_sent: float = 0.0
   mixes: int = 0
   real_time: float = 0.0
+  recent: tuple = ()  # with lead τ: the modelled times after the last τ steps
 
-  def advance(self, compute: float, measured: float, cost, seconds: float, nbytes: float):
+  def advance(
+    self, compute: float, measured: float, cost, seconds: float, nbytes: float, lead: int = 0
+  ):
     """One step of :func:`coopjax.netmodel.modelled_wallclock`, incrementally.
 
     ``compute`` is the compute time charged, ``measured`` the step's measured
     time, ``cost`` what it communicates (a ``MixCost``) and ``seconds`` its
-    priced time (:func:`coopjax.netmodel.mix_time`).
+    priced time (:func:`coopjax.netmodel.mix_time`). An overlappable mix runs
+    during the following steps and the next mix waits for it; with ``lead``
+    τ > 0 (``tx.consume_at``: Streaming DiLoCo) the mix recorded at step k
+    is the sync issued at its snapshot k − τ and awaited now:
+    ``t_k = max(t_{k−1} + compute, t_{k−τ} + seconds)``.
     """
     modelled, pending, mixes = self.modelled_time + compute, self.pending_until, self.mixes
     if cost.collective != "none":
       mixes += 1
-      if cost.overlappable:
+      if cost.overlappable and lead:
+        issued = self.recent[-lead] if len(self.recent) >= lead else 0.0
+        modelled = max(modelled, issued + seconds)
+      elif cost.overlappable:
         modelled = max(modelled, pending)
         pending = modelled + seconds
       else:
         modelled += seconds
     return self._replace(
+      recent=(*self.recent, modelled)[-lead:] if lead else (),
       compute_time=self.compute_time + compute,
       measured_compute_time=self.measured_compute_time + measured,
       comm_time=self.comm_time + seconds,
@@ -394,6 +445,32 @@ def _fault(spec: str) -> tuple[int, int] | None:
       f"got {spec!r}."
     ) from None
   return worker, step
+
+
+def _check_failure_options(config, policy: str, m: int, num_steps: int) -> None:
+  """Quarantine's options need ``on_nonfinite="quarantine"``; a drill must name a worker and a
+  step of the run (else it would never fire)."""
+  if policy != "quarantine":
+    for key, default in (("readmit_after", 0), ("disconnected", "error")):
+      if config.get(key, default) != default:
+        raise ValueError(
+          f"config.{key}={config[key]!r} applies to on_nonfinite='quarantine' only (here "
+          f"on_nonfinite={policy!r}); set --config.on_nonfinite=quarantine or leave "
+          f"config.{key} at {default!r}."
+        )
+  fault = _fault(config.get("fault_nan", ""))
+  if fault is not None:
+    worker, step = fault
+    if not 0 <= worker < m:
+      raise ValueError(
+        f"fault_nan={config.fault_nan!r}: worker {worker} is not one of the {m} workers "
+        f"(0..{m - 1}); the drill would never fire."
+      )
+    if not 1 <= step <= num_steps:
+      raise ValueError(
+        f"fault_nan={config.fault_nan!r}: step {step} is not a step of the run (1..{num_steps}); "
+        "the drill would never fire."
+      )
 
 
 def _poison(batch, worker: int):
@@ -564,6 +641,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
   if config.get("sharded", False):
     # the worker axis sharded over the devices (m a multiple of their number)
     mesh = coopjax.worker_mesh(int(config.get("num_devices", 0)) or None)
+  elif int(config.get("num_devices", 0)):
+    raise ValueError(
+      f"config.num_devices={config.num_devices} applies to sharded runs only; set "
+      "--config.sharded=True or leave config.num_devices at 0."
+    )
   sharded = {"mesh": mesh, "with_loss": True, "with_consensus": True} if mesh else {}
   if mesh:  # the reducing metrics (all-reduces) on the logged steps only
     sharded["log_every"] = int(config.log_every)
@@ -573,6 +655,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainSt
   else:
     loss_fn = cmodels.make_loss_fn(model, ds.num_classes)
   policy = diagnostics.check_policy(config.get("on_nonfinite", "stop"))
+  _check_failure_options(config, policy, m, num_steps)
   if policy == "quarantine":  # a failing worker is masked out inside the step
     tx = coopjax.with_live_mask(tx, disconnected=config.get("disconnected", "error"))
     readmit = int(config.get("readmit_after", 0)) or None
@@ -667,8 +750,14 @@ def loop(
   clocks: _Clocks,
   writer: _MetricsWriter,
   save,
+  events: dict | None = None,
 ) -> _Outcome:
-  """Steps ``state.step + 1 … num_steps``: logs rows, evaluates, checkpoints; stops on NaN."""
+  """Steps ``state.step + 1 … num_steps``: logs rows, evaluates, checkpoints; stops on NaN.
+
+  ``events`` holds the ``skipped``, ``quarantined`` and ``rejoined`` lists of the
+  steps before ``state.step`` (a resumed run's, from its checkpoint); the
+  outcome's lists continue them, and every checkpoint saves them.
+  """
   config, tx, num_steps = run.config, run.tx, run.num_steps
   start = int(state.step)
   first = run.place(next(run.batches))
@@ -679,7 +768,13 @@ def loop(
 
   from tqdm import tqdm
 
-  stopped, skipped, quarantined, rejoined = None, [], [], []
+  events = events or {}
+  stopped = None
+  skipped, quarantined, rejoined = (list(events.get(key, [])) for key in _EVENTS)
+
+  def logged() -> dict:
+    return dict(zip(_EVENTS, (skipped, quarantined, rejoined), strict=True))
+
   fault = _fault(config.get("fault_nan", ""))
   bar = tqdm(
     total=num_steps, initial=start, desc=config.algorithm, disable=not config.progress, leave=False
@@ -723,17 +818,21 @@ def loop(
         break
       cost = coopjax.cost.NO_COMM if skip else tx.comm(k, opt_state)
       seconds = netmodel.mix_time(cost, run.nbytes, run.net)
-      clocks = clocks.advance(fixed or measured, measured, cost, seconds, run.nbytes)
+      lead = int(getattr(tx, "consume_at", None) or 0)  # a sync awaited τ steps after issue
+      clocks = clocks.advance(fixed or measured, measured, cost, seconds, run.nbytes, lead)
       clocks = clocks._replace(real_time=time.perf_counter() - loop_start)
       bar.update(1)
       is_eval = k % config.eval_every == 0 or k == num_steps
       if k % config.log_every == 0 or is_eval:
+        # with a mesh the step reduces loss and consensus on the steps log_every divides only
+        # (NaN on the others): an evaluation row between them leaves them empty
+        reduced = not skip and (run.mesh is None or k % config.log_every == 0)
         row = {
           "step": k,
           "epoch": k / run.steps_per_epoch,
           "lr": _lr_at(run.lr, k - 1),
-          "loss": None if skip else float(metrics["loss"]),
-          "consensus_distance": None if skip else float(metrics["consensus_distance"]),
+          "loss": float(metrics["loss"]) if reduced else None,
+          "consensus_distance": float(metrics["consensus_distance"]) if reduced else None,
           "compute_source": source,
           **clocks._asdict(),
         }
@@ -743,9 +842,9 @@ def loop(
         if row["loss"] is not None:
           bar.set_postfix(loss=f"{row['loss']:.4f}")
       if config.checkpoint_every and k % config.checkpoint_every == 0:
-        save(state, clocks, force=False)
+        save(state, clocks, force=False, events=logged())
     if stopped is None:
-      save(state, clocks, force=True)
+      save(state, clocks, force=True, events=logged())
   finally:
     bar.close()
   return _Outcome(state, clocks, stopped, skipped, compile_time, quarantined, rejoined)
@@ -771,7 +870,7 @@ def write_summary(run: Run, outcome: _Outcome, rows: list[dict], initial_loss) -
     "compute_time_per_step": clocks.compute_time / max(1, steps),
     "compute_source": "fixed" if float(run.config.compute_time) > 0 else "measured",
     "measured_compute_time_per_step": clocks.measured_compute_time / max(1, steps),
-    "clocks": clocks._asdict(),
+    "clocks": {k: v for k, v in clocks._asdict().items() if k != "recent"},
     "network": {"latency": run.net.latency, "bandwidth": run.net.bandwidth},
     "overlap": bool(run.tx.overlaps),
     "stopped": outcome.stopped,
@@ -810,7 +909,7 @@ def _jsonable(obj):
 
 
 def _checkpoints(run: Run, state: TrainState, resume: bool):
-  """The checkpoint manager, and the state, clocks, initial loss and kept rows to go on from."""
+  """The checkpoint manager, and the state, clocks, initial loss, kept rows and events to go on from."""
   config, workdir = run.config, run.workdir
   manager = ckpt.CheckpointManager(
     os.path.join(workdir, "checkpoints"),
@@ -833,7 +932,10 @@ def _checkpoints(run: Run, state: TrainState, resume: bool):
       )
     state = manager.restore(target=ckpt.abstract_target(state))
     run.batches.restore(cdata.IteratorState(**meta["data"]))
-    return manager, state, _Clocks(**meta["clocks"]), meta.get("initial_loss"), int(state.step)
+    saved = meta["clocks"]
+    clocks = _Clocks(**{**saved, "recent": tuple(saved.get("recent", ()))})
+    events = meta.get("events", {})
+    return manager, state, clocks, meta.get("initial_loss"), int(state.step), events
   if os.path.isdir(manager.directory) and manager.all_steps():
     # a fresh run replaces an earlier run's checkpoints in this workdir
     manager.close()
@@ -843,7 +945,7 @@ def _checkpoints(run: Run, state: TrainState, resume: bool):
       max_to_keep=int(config.checkpoint_keep),
       save_interval_steps=manager.save_interval_steps,
     )
-  return manager, state, _Clocks(), None, None
+  return manager, state, _Clocks(), None, None, {}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
@@ -864,8 +966,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     workers where a loss became non-finite, with ``on_nonfinite="stop"``) and
     ``skipped`` (the discarded steps, with ``on_nonfinite="skip"``).
   """
-  run, state = setup(config, workdir)
-  manager, state, clocks, initial_loss, keep_until = _checkpoints(run, state, resume)
+  with _config_errors():  # nothing has run yet: a bad field, value or combination
+    run, state = setup(config, workdir)
+    manager, state, clocks, initial_loss, keep_until, events = _checkpoints(run, state, resume)
   writer = _MetricsWriter(workdir, keep_until)
   if int(state.step) == 0:
     ev = evaluate(run, state)
@@ -877,26 +980,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
       | ev
     )
 
-  def save(st: TrainState, clk: _Clocks, force: bool) -> None:
+  def save(st: TrainState, clk: _Clocks, force: bool, events: dict) -> None:
     meta = {
       "config": run.config.to_dict(),
       "data": run.batches.state._asdict(),
       "clocks": clk._asdict(),
       "initial_loss": initial_loss,
+      "events": events,  # skipped, quarantined and rejoined so far: summary.json lists them all
     }
     manager.save(int(st.step), st, meta=meta, force=force)
 
   try:
-    outcome = loop(run, state, clocks, writer, save)
+    outcome = loop(run, state, clocks, writer, save, events)
   finally:
     writer.close()
     manager.close()
   return write_summary(run, outcome, writer.rows, initial_loss)
 
 
+@contextlib.contextmanager
+def _config_errors():
+  """Marks the errors raised inside as the config's (the command line prints them alone)."""
+  try:
+    yield
+  except (ValueError, TypeError, FileNotFoundError) as error:
+    error.config_error = True
+    raise
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   """Command-line entry point; returns the run's summary (see :func:`train`)."""
-  config, workdir, resume = parse_args(argv)
+  with _config_errors():
+    config, workdir, resume = parse_args(argv)
   summary = train(config, workdir, resume=resume)
   final = summary["final"]
   if final:
@@ -910,4 +1025,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  sys.exit(1 if main()["stopped"] else 0)
+  try:
+    sys.exit(1 if main()["stopped"] else 0)
+  except (ValueError, TypeError, FileNotFoundError) as error:
+    if not getattr(error, "config_error", False):
+      raise
+    print(f"train.py: error: {error}", file=sys.stderr)
+    sys.exit(2)

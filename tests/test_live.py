@@ -363,6 +363,35 @@ def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded, na
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+def test_consensus_distance_under_quarantine_counts_the_anchor(sharded):
+  """EASGD quarantining a worker: ‖X(I − J)‖² over the live workers and the anchor row."""
+  tx = coopjax.with_live_mask(coopjax.easgd(optax.sgd(0.05), tau=2, alpha=ALPHA, num_workers=M))
+  start = {"w": jnp.asarray(np.vstack([START, START.mean(0)]), jnp.float32)}  # anchor last
+  opts = dict(on_nonfinite="quarantine", log_every=1)
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(start, mesh, tx)
+    state = coopjax.sharding.init(tx, X, mesh)
+    step = coopjax.make_step(regression_loss, tx, mesh=mesh, **opts)
+    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"], np.float64)  # noqa: E731
+  else:
+    X, state = start, tx.init(start)
+    step = coopjax.make_step(regression_loss, tx, **opts)
+    rows = lambda X: np.asarray(X["w"], np.float64)  # noqa: E731
+  for k, batch in enumerate(regression_batches(4, nan_at=2, nan_worker=DEAD), start=1):
+    X, state, metrics = step(X, state, batch)
+    keep = np.append(np.asarray(metrics["live"]), True)  # the live workers and the anchor
+    assert keep[DEAD] == (k < 2)
+    kept = rows(X)[keep]
+    np.testing.assert_allclose(
+      float(metrics["consensus_distance"]),
+      np.sum((kept - kept.mean(0)) ** 2),
+      rtol=1e-4,
+      atol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
 def test_choco_under_a_mask_keeps_the_live_mean_and_rejoins_with_the_full_sums(sharded):
   """With η = 0 only consensus moves X: it must keep the mean of the workers that mix.
 

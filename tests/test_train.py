@@ -353,3 +353,162 @@ def test_quarantine_drill_masks_one_worker_and_finishes(tmp_path):
   rows = read_jsonl(workdir)
   assert rows[-1]["step"] == STEPS and np.isfinite(rows[-1]["train_loss"])
   assert all(np.isfinite(r["loss"]) for r in rows if r["step"] > 0)
+
+
+def test_resumed_summary_keeps_the_events_before_the_checkpoint(tmp_path):
+  """Quarantine at step 3, stop at 6, resume to 24: summary.json lists the quarantine too.
+
+  runlocal: τ = 2, so with readmit_after = 8 worker 1 rejoins at the first step k ≥ 3 + 8 that
+  ends a period, k = 12; the resumed rows equal the uninterrupted run's.
+  """
+  drill = ("algorithm=local_sgd", "on_nonfinite=quarantine", "fault_nan=1@3", "readmit_after=8")
+  full, full_dir = run(tmp_path, *drill, name="full")
+  run(tmp_path, *drill, "num_steps=6", name="split")
+  args = ["--config", RUNLOCAL, "--workdir", str(tmp_path / "split"), "--resume"]
+  resumed = train.main(args + [f"--config.{k}" for k in drill])
+  events = {"quarantined": [{"worker": 1, "step": 3}], "rejoined": [{"worker": 1, "step": 12}]}
+  for summary in (full, resumed):
+    assert {k: summary[k] for k in events} == events and summary["skipped"] == []
+  with open(tmp_path / "split" / "summary.json") as f:
+    written = json.load(f)
+  assert {k: written[k] for k in events} == events
+  a = {r["step"]: r for r in read_jsonl(full_dir)}
+  b = {r["step"]: r for r in read_jsonl(str(tmp_path / "split"))}
+  assert set(b) == set(a) | {6}  # the stopped run evaluated its last step, 6
+  assert all(b[k]["loss"] == a[k]["loss"] for k in a)
+  # on_nonfinite=skip: the skipped step survives a resume as well
+  skip = ("algorithm=local_sgd", "on_nonfinite=skip", "fault_nan=2@3")
+  run(tmp_path, *skip, "num_steps=6", name="skip")
+  args = ["--config", RUNLOCAL, "--workdir", str(tmp_path / "skip"), "--resume"]
+  resumed = train.main(args + [f"--config.{k}" for k in skip])
+  assert resumed["skipped"] == [{"step": 3, "workers": [2]}]
+
+
+def test_sharded_rows_between_log_steps_leave_loss_empty(tmp_path):
+  """With a mesh the step reduces loss and consensus on the steps log_every divides only.
+
+  log_every = 5, eval_every = 12: the evaluation rows at 12 and 24 lie between them and hold no
+  loss (null, not NaN: metrics.jsonl stays strict JSON); the rows at 5, 10, 15, 20 hold the
+  vmapped run's losses.
+  """
+  common = ("algorithm=local_sgd", "log_every=5")
+  _, plain_dir = run(tmp_path, *common, name="plain")
+  _, shard_dir = run(tmp_path, *common, "sharded=True", "num_devices=4", name="sharded")
+
+  def refuse(name):
+    raise ValueError(f"{name} in metrics.jsonl")
+
+  with open(os.path.join(shard_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line, parse_constant=refuse) for line in f]
+  plain = {r["step"]: r for r in read_jsonl(plain_dir)}
+  assert [r["step"] for r in rows] == [0, 5, 10, 12, 15, 20, 24]
+  for r in rows[1:]:
+    if r["step"] % 5:
+      assert r["loss"] is None and r["consensus_distance"] is None
+      assert r["train_loss"] == pytest.approx(plain[r["step"]]["train_loss"], rel=1e-5)
+    else:
+      assert r["loss"] == pytest.approx(plain[r["step"]]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["easgd", "overlap_local_sgd"])
+def test_quarantine_drill_with_an_anchor(tmp_path, name):
+  """Quarantine with an auxiliary row (EASGD's anchor): the masked worker is left out of the
+  consensus distance, the anchor is not; the run finishes with finite losses."""
+  summary, workdir = run(
+    tmp_path, f"algorithm={name}", "on_nonfinite=quarantine", "fault_nan=1@3", "readmit_after=4"
+  )
+  assert summary["quarantined"] == [{"worker": 1, "step": 3}]
+  assert summary["rejoined"] == [{"worker": 1, "step": 8}]  # first k >= 7 with k mod τ = 0
+  rows = read_jsonl(workdir)
+  assert all(np.isfinite(r["loss"]) and np.isfinite(r["consensus_distance"]) for r in rows[1:])
+
+
+def test_streaming_diloco_bytes_per_sync_count_the_padded_int4_fragment(tmp_path):
+  """Streaming DiLoCo, P = 2, τ = 1, int4 on the runlocal MLP (m = 4, H = 4: 12 syncs).
+
+  Leaves 64×16, 16, 16×10, 10: fragment 0 is the 1024-value kernel, fragment 1 the other 186
+  values, padded to 1024. One payload: 1024 / 2 bytes of codes + 4 rows of 256 × a float32 scale
+  = 528 bytes; the all-reduce's all-to-all and all-gather send 2(m − 1)/m = 1.5 payloads.
+  """
+  _, workdir = run(
+    tmp_path,
+    "algorithm=streaming_diloco",
+    "tau=4",
+    "fragments=2",
+    "delay=1",
+    "outer_bits=4",
+  )
+  last = read_jsonl(workdir)[-1]
+  assert last["mixes"] == 12
+  assert last["bytes_sent"] == pytest.approx(12 * 1.5 * (1024 // 2 + 4 * 4))
+
+
+def test_bad_flags_name_the_field_and_the_fix(tmp_path):
+  def refused(*overrides):
+    with pytest.raises((ValueError, TypeError)) as info:
+      run(tmp_path, *overrides, name="bad")
+    return str(info.value)
+
+  message = refused("num_workers=4", "fragmnts=2")
+  assert "--config.fragmnts" in message and "--config.fragments" in message
+  assert "--config.network.latency" in refused("network.latncy=1")
+  with pytest.raises(ValueError, match="did you mean --config.fragments"):
+    train.parse_args(["--config.fragmnts=2"])  # the default config, loaded without --config
+  assert "'abc' is not the fraction kept" in refused("algorithm=choco", "compressor=top_k:abc")
+  assert "compressor 'top_k:1.5'" in refused("algorithm=choco", "compressor=top_k:1.5")
+  assert "takes no argument" in refused("algorithm=choco", "compressor=int4:3")
+  message = refused("algorithm=streaming_diloco", "tau=4", "fragments=3")
+  assert "config.tau" in message and "config.fragments" in message
+  assert "config.delay = 2" in refused("algorithm=streaming_diloco", "tau=4", "delay=2")
+  assert "on_nonfinite='quarantine' only" in refused("readmit_after=5")
+  assert "sharded runs only" in refused("num_devices=4")
+  assert "worker 9 is not one of the 4" in refused("on_nonfinite=quarantine", "fault_nan=9@3")
+  assert "step 30 is not a step" in refused("on_nonfinite=quarantine", "fault_nan=1@30")
+
+
+def test_command_line_prints_a_config_error_without_a_traceback(tmp_path):
+  import subprocess
+
+  script = os.path.join(ROOT, "experiments", "train.py")
+  args = ["--config", RUNLOCAL, "--workdir", str(tmp_path), "--config.algorithm=nope"]
+  result = subprocess.run(
+    [sys.executable, script, *args], capture_output=True, text=True, timeout=120, check=False
+  )
+  assert result.returncode == 2
+  assert "train.py: error: unknown algorithm 'nope'" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_streaming_clock_awaits_each_sync_tau_steps_after_its_snapshot(tmp_path):
+  """Streaming DiLoCo (H = 4, P = 2, τ = 1) on a slow network: the modelled clock equals
+  ``experiments/streaming.py``'s (a sync issued at its snapshot, awaited at its apply step),
+  t = K·t_c + Σ_syncs (T − τ·t_c) when T > τ·t_c, also across a resume between a snapshot and
+  its apply (step 5)."""
+  import streaming
+
+  from coopjax import algorithms
+
+  t_c, lat = 1e-3, 1e-3
+  flags = (
+    "algorithm=streaming_diloco",
+    "tau=4",
+    "fragments=2",
+    "delay=1",
+    "outer_bits=4",
+    f"compute_time={t_c}",
+    f"network.latency={lat}",
+  )
+  _, workdir = run(tmp_path, *flags, name="full")
+  t_sync = 2 * (M - 1) * lat + 1.5 * (1024 // 2 + 4 * 4) / 1.25e8  # all-reduce of 528 bytes
+  syncs = algorithms.streaming_syncs(H=4, fragments=2, delay=1, schedule="torchft", steps=STEPS)
+  expected = streaming.streaming_clock(
+    t_c, {s.snapshot: t_sync for s in syncs}, {s.apply: s.snapshot for s in syncs}, STEPS
+  )
+  rows = read_jsonl(workdir)
+  for row in rows[1:]:
+    assert row["modelled_time"] == pytest.approx(expected[row["step"] - 1], rel=1e-12)
+  assert rows[-1]["modelled_time"] == pytest.approx(STEPS * t_c + len(syncs) * (t_sync - t_c))
+  run(tmp_path, *flags, "num_steps=5", name="split")
+  args = ["--config", RUNLOCAL, "--workdir", str(tmp_path / "split"), "--resume"]
+  resumed = train.main(args + [f"--config.{k}" for k in flags])
+  assert resumed["clocks"]["modelled_time"] == rows[-1]["modelled_time"]
