@@ -92,6 +92,13 @@ def _is_live_state(x) -> bool:
   return isinstance(x, LiveMaskState)
 
 
+def host_flags(live: jax.Array) -> np.ndarray:
+  """The live mask as a NumPy bool array on the host (a replicated mask: this process's copy)."""
+  if isinstance(live, jax.Array) and not live.is_fully_addressable:
+    live = live.addressable_data(0)  # replicated: every process holds the whole mask
+  return np.asarray(live, bool)
+
+
 def find_live_state(opt_state: PyTree) -> LiveMaskState | None:
   """The first :class:`LiveMaskState` inside ``opt_state`` (e.g. inside ``optax.chain``), or None."""
   for s in jax.tree.leaves(opt_state, is_leaf=_is_live_state):
@@ -169,10 +176,17 @@ def with_live_mask(
   def inner_state(opt_state):
     return opt_state.inner if _is_live_state(opt_state) else opt_state
 
+  def comm(k, opt_state=None):
+    """``tx.comm``; while a worker is masked, ``tx.masked_comm`` where ``tx`` has one."""
+    masked = getattr(tx, "masked_comm", None)
+    if masked is not None and _is_live_state(opt_state) and not host_flags(opt_state.live).all():
+      return masked(k, opt_state.inner)
+    return tx.comm(k, inner_state(opt_state))
+
   wrapped = CooperativeTransformation(init_fn, update_fn)
   attributes = {k: v for k, v in vars(tx).items()}
   attributes.update(
-    comm=lambda k, opt_state=None: tx.comm(k, inner_state(opt_state)),
+    comm=comm,
     settle=lambda X, opt_state: tx.settle(X, inner_state(opt_state)),
     disconnected=disconnected,
     inner=tx,

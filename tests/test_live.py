@@ -629,3 +629,39 @@ def test_rejoin_kept_local_leaves_take_the_live_mean(name):
   assert np.asarray(X2["w"]).tolist() == [5.0, w_target, 6.0, 7.0, 9.0][: 4 + v]
   np.testing.assert_allclose(np.asarray(X2["s"])[1], s[[0, 2, 3]].mean(0), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(X2["s"])[[0, 2, 3]], s[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("order, dense_mixes", [("paper", 2), ("overlap", 3)])
+def test_cost_record_of_a_masked_compressed_mix_is_its_dense_traffic(order, dense_mixes):
+  """While a worker is masked, CHOCO's exchange moves decoded rows and W_L·x̂ is mixed afresh.
+
+  Closed form: a ring neighbour exchange sends 2 dense messages of d float32 per mix; CHOCO's
+  masked mixing step makes ``dense_mixes`` such mixes; error-feedback averaging one all-reduce
+  (2(m − 1)/m messages). All live, the payload's record; off-steps, nothing.
+  """
+  m, d = 8, 1000
+  dense = 4 * d
+  tx = coopjax.with_live_mask(
+    coopjax.choco(
+      optax.sgd(ETA),
+      tau=2,
+      W=topology.ring(m),
+      compressor=compress.top_k(fraction=0.01),
+      gamma=0.5,
+      order=order,
+    )
+  )
+  state = tx.init(coopjax.replicate({"w": jnp.zeros(d)}, tx))
+  masked = coopjax.set_live(tx, state, np.arange(m) != 3)
+  assert tx.comm(2, state).bytes_sent(dense) == 2 * (10 * 4 + 10 * 4)  # 10 values + 10 indices
+  assert tx.comm(2, masked).bytes_sent(dense) == dense_mixes * 2 * dense
+  assert tx.comm(2, masked).wire_fraction == 1.0
+  assert tx.comm(3, masked).collective == "none"
+  ef = coopjax.with_live_mask(
+    coopjax.local_sgd(optax.sgd(ETA), tau=4, num_workers=m, compressor=compress.int4())
+  )
+  state = ef.init(coopjax.replicate({"w": jnp.zeros(d)}, ef))
+  masked = coopjax.set_live(ef, state, np.arange(m) != 3)
+  assert ef.comm(4, masked).collective == "all_reduce"
+  assert ef.comm(4, masked).bytes_sent(dense) == pytest.approx(2 * (m - 1) / m * dense)
+  assert ef.comm(4, state).bytes_sent(dense) < dense  # all live: (m − 1) int4 payloads

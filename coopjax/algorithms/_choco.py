@@ -209,7 +209,11 @@ def choco(
   key = default_key(key)
   mix_mask = mixing.check_mask(mix_mask)
   mix = mixing.Mix(W, m, mask=mix_mask)
-  comm, record = compressed_comm(tau, mix, compressor, ChocoState, lambda state: state.hat)
+  # A masked mixing step moves the decoded rows through the live W (the exchange) and mixes the
+  # copies afresh, W_L·x̂: once after the exchange (paper order), before and after it (overlap).
+  comm, record, masked_comm = compressed_comm(
+    tau, mix, compressor, ChocoState, lambda state: state.hat, 2 if order == "paper" else 3
+  )
   described = {}
 
   def init_extra(params):
@@ -291,5 +295,10 @@ def choco(
     )
 
   return tx.describe(
-    gamma=gamma, compressor=compressor, choco_order=order, hat_init=hat_init, resized=resized
+    gamma=gamma,
+    compressor=compressor,
+    choco_order=order,
+    hat_init=hat_init,
+    resized=resized,
+    masked_comm=masked_comm,
   )

@@ -179,6 +179,7 @@ def compressed_comm(
   compressor: compress.Compressor,
   state_cls: type,
   rows_of: Callable[[Any], PyTree],
+  masked_mixes: int = 1,
 ):
   """``comm(k, opt_state)``: ``mix``'s compressed cost at steps τ, 2τ, …, nothing otherwise.
 
@@ -186,8 +187,12 @@ def compressed_comm(
   message, whose shapes come from one row of ``rows_of(state)`` (the state
   of type ``state_cls`` found inside ``opt_state``, also through
   ``optax.chain``), or from the model last seen by ``init`` when no state is
-  given. Returns ``(comm, record)``: ``record(rows)`` stores the shapes of one
-  row of the stacked ``rows`` (called by ``init``) and returns the cost.
+  given. Returns ``(comm, record, masked_comm)``: ``record(rows)`` stores the
+  shapes of one row of the stacked ``rows`` (called by ``init``) and returns
+  the cost; ``masked_comm(k, opt_state)`` is the cost of a mixing step while a
+  live mask leaves a worker out: the exchange then moves decoded rows through
+  the uncompressed mix (:meth:`coopjax.mixing.Mix.exchange`), ``masked_mixes``
+  uncompressed applications of ``mix`` in all (:attr:`coopjax.mixing.Mix.cost`).
   """
   seen = {}
 
@@ -212,7 +217,11 @@ def compressed_comm(
       "pass the optimizer state, tx.comm(k, opt_state)."
     )
 
-  return comm, cost_of
+  def masked_comm(k: int, opt_state=None) -> pattern.MixCost:
+    del opt_state  # dense messages: the cost does not depend on the model's shapes
+    return pattern.NO_COMM if k % tau else pattern.combine(*[mix.cost] * masked_mixes)
+
+  return comm, cost_of, masked_comm
 
 
 def error_feedback_averaging(
@@ -244,7 +253,9 @@ def error_feedback_averaging(
   key = default_key(key)
   mix_mask = mixing.check_mask(mix_mask)
   average = mixing.Mix.average(m, mask=mix_mask)
-  comm, record = compressed_comm(tau, average, compressor, ErrorFeedbackState, lambda s: s.error)
+  comm, record, masked_comm = compressed_comm(
+    tau, average, compressor, ErrorFeedbackState, lambda s: s.error
+  )
   described = {}
 
   def init_extra(params):
@@ -283,7 +294,7 @@ def error_feedback_averaging(
     warmup_steps=warmup_steps,
   )
   described["tx"] = tx
-  return tx.describe(compressor=compressor, error_decay=beta)
+  return tx.describe(compressor=compressor, error_decay=beta, masked_comm=masked_comm)
 
 
 def check_uncompressed_options(compressor, error_decay, key) -> None:

@@ -537,10 +537,7 @@ def _hold_masked(batches: WorkerBatches, opt_state) -> None:
   ls = live_lib.find_live_state(opt_state)
   if ls is None:
     return
-  flags = ls.live
-  if isinstance(flags, jax.Array) and not flags.is_fully_addressable:
-    flags = flags.addressable_data(0)  # replicated: every process holds the whole mask
-  batches.set_live(np.asarray(flags))
+  batches.set_live(live_lib.host_flags(ls.live))
 
 
 def shutdown(timeout_seconds: float = 60.0) -> None:
