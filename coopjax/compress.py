@@ -55,6 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from coopjax import topology
+
 PyTree = Any
 
 __all__ = [
@@ -76,6 +78,7 @@ __all__ = [
   "payload_bytes",
   "GammaTuning",
   "tune_gamma",
+  "check_compressor",
 ]
 
 
@@ -108,6 +111,29 @@ def identity() -> Compressor:
     encode=lambda x, key: x,
     decode=lambda payload, like, key: jnp.asarray(payload, like.dtype),
   )
+
+
+def check_compressor(compressor, name: str = "compressor") -> Compressor:
+  """``compressor`` must be a :class:`Compressor` (``encode`` and ``decode``); returns it.
+
+  Examples:
+    >>> from coopjax import compress
+    >>> compress.check_compressor(compress.int4).name
+    Traceback (most recent call last):
+    ...
+    TypeError: compressor must be a coopjax.compress.Compressor ..., got function: call the factory, int4().
+  """
+  if not (
+    callable(getattr(compressor, "encode", None)) and callable(getattr(compressor, "decode", None))
+  ):
+    hint = ""
+    if callable(compressor) and hasattr(compressor, "__name__"):
+      hint = f": call the factory, {compressor.__name__}()"
+    raise TypeError(
+      f"{name} must be a coopjax.compress.Compressor (e.g. coopjax.compress.identity(), "
+      f"coopjax.compress.top_k(fraction=0.01)), got {type(compressor).__name__}{hint}."
+    )
+  return compressor
 
 
 # --- wire format -------------------------------------------------------------------------------
@@ -317,7 +343,11 @@ def _check_k_fraction(name: str, k, fraction) -> None:
     )
   if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
     raise ValueError(f"{name}: k must be a positive integer; got k={k!r}.")
-  if fraction is not None and not 0.0 < float(fraction) <= 1.0:
+  if fraction is not None and (
+    isinstance(fraction, bool)
+    or not isinstance(fraction, (int, float, np.integer, np.floating))
+    or not 0.0 < float(fraction) <= 1.0
+  ):
     raise ValueError(f"{name}: fraction is the part kept, in (0, 1]; got fraction={fraction!r}.")
 
 
@@ -833,9 +863,10 @@ def tune_gamma(
   ``k`` sees leaves of size ``dim``; give ``dim`` the size of a typical leaf.
 
   Args:
-    W: the ``m × m`` mixing matrix (doubly stochastic: the worker mean is kept).
+    W: the ``m × m`` mixing matrix, doubly stochastic (the worker mean is kept; checked by
+      :func:`coopjax.topology.validate`, directed graphs allowed).
     compressor: the message compressor.
-    grid: the γ to try (positive); default 13 points from 1e-3 to 1, four per decade.
+    grid: the γ to try, in ``(0, 1]``; default 13 points from 1e-3 to 1, four per decade.
     rounds: gossip rounds simulated.
     dim: the length of each worker's vector.
     seed: seeds the initial x and the message keys.
@@ -858,9 +889,10 @@ def tune_gamma(
     A. Koloskova, S. U. Stich, M. Jaggi, "Decentralized stochastic optimization and gossip
     algorithms with compressed communication", ICML 2019, Algorithm 1 and §6.
   """
-  W = np.asarray(W, dtype=np.float64)
-  if W.ndim != 2 or W.shape[0] != W.shape[1] or W.shape[0] < 1:
-    raise ValueError(f"W must be a square m × m mixing matrix; got shape {W.shape}.")
+  # Doubly stochastic (directed allowed): otherwise the gossip does not keep the worker mean,
+  # the consensus error measures nothing, and choco refuses the same W.
+  W = topology.validate(W, symmetric=False)
+  check_compressor(compressor)
   if order not in ("paper", "overlap"):
     raise ValueError(f'order must be "paper" or "overlap"; got {order!r}.')
   for name, value in (("rounds", rounds), ("dim", dim)):
@@ -869,6 +901,13 @@ def tune_gamma(
   grid = np.logspace(-3, 0, 13) if grid is None else np.sort(np.asarray(grid, np.float64))
   if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
     raise ValueError(f"grid must be a non-empty list of positive step sizes; got {grid!r}.")
+  if np.any(grid > 1):
+    raise ValueError(
+      f"grid must lie in (0, 1], the consensus step sizes coopjax.choco accepts; got {grid!r}."
+    )
+  floor = float(floor)
+  if not (np.isfinite(floor) and floor >= 0):
+    raise ValueError(f"floor must be a finite relative error ≥ 0; got {floor!r}.")
   m = W.shape[0]
   Wt = jnp.asarray(W.T, jnp.float32)
   colsum = jnp.asarray(W.sum(axis=0), jnp.float32)[:, None]

@@ -421,6 +421,8 @@ def test_constructors_reject_bad_arguments():
     compress.top_k(fraction=1.5)
   with pytest.raises(ValueError, match="k must"):
     compress.top_k(k=0)
+  with pytest.raises(ValueError, match="fraction"):  # a string, not a number
+    compress.top_k(fraction="0.1")
   with pytest.raises(ValueError, match="bits"):
     compress.qsgd(0)
   with pytest.raises(TypeError, match="floating"):
@@ -493,3 +495,19 @@ def test_tune_gamma_rejects_bad_arguments():
     compress.tune_gamma(topology.ring(4), compress.identity(), order="late")
   with pytest.raises(ValueError, match="grid"):
     compress.tune_gamma(topology.ring(4), compress.identity(), grid=[0.1, -1.0])
+
+
+def test_tune_gamma_refuses_what_choco_refuses():
+  """A W that does not keep the mean, γ > 1 and a non-compressor fail up front, as in choco."""
+  q = compress.top_k(k=1)
+  # Column sums 4: the "consensus error" of such a W measures nothing (it picked γ = 0.03 here).
+  with pytest.raises(ValueError, match="sums to 4"):
+    compress.tune_gamma(np.ones((4, 4)), q, rounds=5, dim=8)
+  with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    compress.tune_gamma(topology.ring(4), q, grid=[0.5, 2.0], rounds=5, dim=8)
+  with pytest.raises(TypeError, match=r"call the factory, int4\(\)"):
+    compress.tune_gamma(topology.ring(4), compress.int4, rounds=5, dim=8)
+  with pytest.raises(TypeError, match="Compressor"):
+    compress.tune_gamma(topology.ring(4), "top_k", rounds=5, dim=8)
+  with pytest.raises(ValueError, match="floor"):
+    compress.tune_gamma(topology.ring(4), q, floor=-1.0, rounds=5, dim=8)

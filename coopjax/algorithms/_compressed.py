@@ -116,12 +116,7 @@ class ErrorFeedbackState(NamedTuple):
 
 def check_compressor(compressor, name: str = "compressor") -> compress.Compressor:
   """``compressor`` must be a :class:`coopjax.compress.Compressor` (encode, decode)."""
-  if not (hasattr(compressor, "encode") and hasattr(compressor, "decode")):
-    raise TypeError(
-      f"{name} must be a coopjax.compress.Compressor (e.g. coopjax.compress.identity()), got "
-      f"{type(compressor).__name__}."
-    )
-  return compressor
+  return compress.check_compressor(compressor, name)
 
 
 def check_error_decay(error_decay) -> float:
