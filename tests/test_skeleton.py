@@ -1,5 +1,6 @@
 """The common skeleton: warm-up, options accepted or refused, and self-description."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -109,6 +110,38 @@ def test_compression_options_on_uncompressed_factories_name_the_alternatives():
       factory(error_decay=0.5)
   with pytest.raises(TypeError, match="^easgd takes no compressor"):
     coopjax.easgd(sgd, tau=2, alpha=0.1, num_workers=4, compressor=q)
+
+
+def test_every_uncompressed_factory_refuses_compressor_by_name():
+  """Not Python's "unexpected keyword argument": the error names choco and error feedback."""
+  sgd, q, ring = optax.sgd(LR), coopjax.compress.int4(), topology.ring(4)
+  factories = {
+    "cooperative": lambda **kw: coopjax.cooperative(sgd, tau=2, W=ring, **kw),
+    "delayed": lambda **kw: coopjax.delayed(sgd, tau=2, W=ring, **kw),
+    "nonblocking_easgd": lambda **kw: coopjax.nonblocking_easgd(
+      sgd, tau=2, alpha=0.1, num_workers=4, **kw
+    ),
+    "overlap_local_sgd": lambda **kw: coopjax.overlap_local_sgd(
+      sgd, tau=2, alpha=0.5, num_workers=4, **kw
+    ),
+    "hierarchical": lambda **kw: coopjax.hierarchical(
+      sgd, tau1=2, tau2=4, groups=[[0, 1], [2, 3]], **kw
+    ),
+    "time_varying": lambda **kw: coopjax.time_varying(sgd, tau=1, schedule=[ring], **kw),
+    "matcha": lambda **kw: coopjax.matcha(
+      sgd, graph=ring, budget=0.5, num_workers=4, key=jax.random.key(0), **kw
+    ),
+    "adacomm": lambda **kw: coopjax.adacomm(
+      sgd, tau0=2, num_workers=4, loss_fn=lambda p, b: 0.0, eval_batch=None, **kw
+    ),
+  }
+  for name, factory in factories.items():
+    with pytest.raises(TypeError, match=rf"^{name} takes no compressor: .*coopjax\.choco"):
+      factory(compressor=q)
+    with pytest.raises(TypeError, match=rf"^{name} takes no error_decay"):
+      factory(error_decay=0.5)
+  # matcha's own key= is its parameter, not a compression option.
+  assert factories["matcha"]().layout.num_workers == 4
 
 
 @pytest.mark.parametrize("name", ["diloco", "nonblocking_easgd", "delayed", "adacomm"])

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import coopjax.algorithms._compressed as _compressed
 import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax._validation import check_int
@@ -83,6 +84,7 @@ def _check_loss_estimate(loss_estimate, loss_fn, eval_batch) -> bool:
   return True
 
 
+@_compressed.uncompressed
 def adacomm(
   local: optax.GradientTransformation,
   *,

@@ -63,6 +63,8 @@ the error memory then grows, and training diverges.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -91,6 +93,9 @@ __all__ = [
   "compressed_comm",
   "error_feedback_averaging",
   "check_uncompressed_options",
+  "COMPRESSION_OPTIONS",
+  "no_compression_error",
+  "uncompressed",
 ]
 
 
@@ -299,3 +304,32 @@ def check_uncompressed_options(compressor, error_decay, key) -> None:
       "error_decay and key apply to compressed averaging only; pass compressor= (e.g. "
       "coopjax.compress.top_k(fraction=0.01)) or drop them."
     )
+
+
+COMPRESSION_OPTIONS = ("compressor", "error_decay", "key")
+
+
+def no_compression_error(name: str, given) -> TypeError:
+  """The error of a factory without compressed communication given ``compressor=`` and the like."""
+  return TypeError(
+    f"{name} takes no {', '.join(given)}: its mix is uncompressed. Compressed communication "
+    "is coopjax.choco(local, tau=, W=, compressor=, gamma=) (gossip on a graph W) or "
+    "compressor= on coopjax.local_sgd, coopjax.diloco or coopjax.slowmo (error-feedback "
+    "averaging); see docs/compression.md."
+  )
+
+
+def uncompressed(factory: Callable) -> Callable:
+  """Marks an algorithm factory whose mix is uncompressed: ``compressor=`` (and ``error_decay=``,
+  ``key=`` where the factory has no such parameter) is refused by :func:`no_compression_error`,
+  which names the algorithms that compress, instead of Python's "unexpected keyword argument"."""
+  refused = [o for o in COMPRESSION_OPTIONS if o not in inspect.signature(factory).parameters]
+
+  @functools.wraps(factory)
+  def wrapped(*args, **kwargs):
+    given = [option for option in refused if option in kwargs]
+    if given:
+      raise no_compression_error(factory.__name__, given)
+    return factory(*args, **kwargs)
+
+  return wrapped

@@ -121,6 +121,7 @@ def scheduled_mixing(
   )
 
 
+@_compressed.uncompressed
 def cooperative(
   local: optax.GradientTransformation,
   *,
@@ -233,19 +234,11 @@ def cooperative(
   )
 
 
-_COMPRESSION_OPTIONS = ("compressor", "error_decay", "key")
-
-
 def _options(name: str, kwargs: dict) -> dict:
   """``cooperative``'s options for the factory ``name``; compression options are refused by name."""
-  given = [option for option in _COMPRESSION_OPTIONS if option in kwargs]
+  given = [option for option in _compressed.COMPRESSION_OPTIONS if option in kwargs]
   if given:
-    raise TypeError(
-      f"{name} takes no {', '.join(given)}: its mix is uncompressed. Compressed communication "
-      "is coopjax.choco(local, tau=, W=, compressor=, gamma=) (gossip on a graph W) or "
-      "compressor= on coopjax.local_sgd, coopjax.diloco or coopjax.slowmo (error-feedback "
-      "averaging); see docs/compression.md."
-    )
+    raise _compressed.no_compression_error(name, given)
   return {"name": name, **kwargs}
 
 

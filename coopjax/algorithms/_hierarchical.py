@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import optax
 
+import coopjax.algorithms._compressed as _compressed
 from coopjax import mixing
 from coopjax.algorithms._cooperative import CooperativeState
 from coopjax.algorithms._cooperative import scheduled_mixing
@@ -53,6 +54,7 @@ def _check_groups(groups) -> list[list[int]]:
   return groups
 
 
+@_compressed.uncompressed
 def hierarchical(
   local: optax.GradientTransformation,
   *,

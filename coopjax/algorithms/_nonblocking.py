@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import coopjax.algorithms._compressed as _compressed
 import coopjax.algorithms._skeleton as _skeleton
 from coopjax import mixing
 from coopjax import topology
@@ -361,6 +362,7 @@ def _anchored(
   )
 
 
+@_compressed.uncompressed
 def nonblocking_easgd(
   local: optax.GradientTransformation,
   *,
@@ -471,6 +473,7 @@ def settle_easgd(X: PyTree, opt_state: NonBlockingEASGDState, alpha: float) -> P
   return mixing.join_rows(workers, anchor)
 
 
+@_compressed.uncompressed
 def overlap_local_sgd(
   local: optax.GradientTransformation,
   *,
@@ -614,6 +617,7 @@ def settle_overlap(
   return mixing.join_rows(workers, _like_rows(mean, anchor))
 
 
+@_compressed.uncompressed
 def delayed(
   local: optax.GradientTransformation,
   *,

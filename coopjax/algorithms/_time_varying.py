@@ -34,6 +34,7 @@ import optax
 import scipy.linalg
 import scipy.optimize
 
+import coopjax.algorithms._compressed as _compressed
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_int
@@ -91,6 +92,7 @@ def _schedule_matrices(schedule, period) -> list:
   return mats
 
 
+@_compressed.uncompressed
 def time_varying(
   local: optax.GradientTransformation,
   *,
@@ -435,6 +437,7 @@ def matcha_flags(key: jax.Array, k, probabilities) -> jax.Array:
   return jax.random.bernoulli(jax.random.fold_in(key, k), p)
 
 
+@_compressed.uncompressed
 def matcha(
   local: optax.GradientTransformation,
   *,
