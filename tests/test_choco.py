@@ -347,3 +347,43 @@ def test_docs_example_runs_and_reports_payload_bytes(capsys):
   x, y = ns["batch"]
   start = float(np.mean((np.asarray(y)) ** 2))
   assert float(ns["metrics"]["loss"]) < 1e-3 * start
+
+
+def test_bytes_of_a_batchnorm_model_count_the_mixed_leaves_only():
+  """docs/compression.md's figures: MLP 12-16-10 with BatchNorm, statistics kept per worker."""
+  from coopjax.training import models
+
+  model = models.MLP(features=(16,), num_classes=10, norm="batch")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 12)))
+  mask = models.params_mask(variables)
+  leaves = jax.tree.leaves(variables["params"])
+  assert sum(x.size for x in leaves) == 410
+  # By hand: k = max(1, ⌊0.1 d⌋) per leaf, 4 + 4 bytes per kept entry; qsgd(4): 4 + ⌈5d/8⌉.
+  k = [max(1, int(0.1 * x.size)) for x in leaves]
+  topk_bytes = 8 * sum(k)
+  qsgd_bytes = sum(4 + -(-5 * x.size // 8) for x in leaves)
+  assert (topk_bytes, qsgd_bytes) == (312, 281)
+  assert compress.payload_bytes(compress.top_k(fraction=0.1), variables["params"]) == topk_bytes
+  X = coopjax.replicate(variables, 8)
+  tx = coopjax.choco(
+    optax.sgd(0.1),
+    tau=2,
+    W=topology.ring(8),
+    compressor=compress.top_k(fraction=0.1),
+    gamma=0.4,
+    mix_mask=mask,
+  )
+  state = tx.init(X)
+  assert tx.comm(2, state).bytes_sent(410 * 4) == pytest.approx(2 * topk_bytes)
+  assert tx.comm(1, state).bytes_sent(410 * 4) == 0.0
+  ef = coopjax.diloco(
+    optax.sgd(0.1),
+    outer=optax.sgd(0.7),
+    tau=2,
+    num_workers=8,
+    compressor=compress.qsgd(4, unbiased=False),
+    mix_mask=mask,
+  )
+  cost = ef.comm(2, ef.init(X))
+  assert cost.collective == "all_gather"
+  assert cost.bytes_sent(410 * 4) == pytest.approx(7 * qsgd_bytes)
