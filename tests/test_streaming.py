@@ -510,3 +510,43 @@ def test_mix_mask_keeps_leaves_out_of_every_fragment():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
   with pytest.raises(ValueError, match="selects no leaf"):
     coopjax.algorithms.fragment_leaves(ref.init_params(), 1, mix_mask={"w": False, "c": False})
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_growing_with_a_sync_in_flight_averages_the_kept_workers(quantized):
+  # H = 4, P = 2, τ = 1 (torchft): fragment 1 ("b") is snapshotted at step 3, applied at 4.
+  from coopjax import elastic
+
+  make_tx = lambda m: coopjax.streaming_diloco(
+    optax.sgd(0.1),
+    outer=optax.sgd(0.7),
+    H=4,
+    fragments=2,
+    delay=1,
+    num_workers=m,
+    compressor=compress.int4() if quantized else None,
+    block_size=4,
+  )
+  loss = lambda p, t: jnp.sum((p["a"] - t) ** 2) + jnp.sum((p["b"] - 2 * t) ** 2)
+  rng = np.random.default_rng(0)
+  targets = [jnp.asarray(rng.normal(size=(8, 4)).astype(np.float32)) for _ in range(4)]
+  tx6, tx8 = make_tx(6), make_tx(8)
+  X = coopjax.replicate({"a": jnp.ones(4), "b": jnp.ones(4)}, 6)
+  state = tx6.init(X)
+  step6 = coopjax.make_step(loss, tx6, log_every=1000)
+  for k in range(3):
+    X, state, _ = step6(X, state, targets[k][:6])
+  pending6 = np.asarray(state.pending, np.float64)
+  start = np.asarray(state.x_start["b"], np.float64)
+  assert np.abs(pending6).min() > 0.01  # fragment "b" is in flight
+  X8, state8 = elastic.resize(X, state, tx6, tx8)
+  np.testing.assert_array_equal(np.asarray(state8.pending)[:6], pending6.astype(np.float32))
+  np.testing.assert_allclose(
+    np.asarray(state8.pending)[6:], np.tile(pending6.mean(0), (2, 1)), atol=1e-6
+  )
+  X8, state8, _ = coopjax.make_step(loss, tx8, log_every=1000)(X8, state8, targets[3])
+  # outer SGD(0.7) on the mean over the six workers that took the snapshot
+  delta = start - pending6.mean(0) if not quantized else pending6.mean(0)
+  tol = 1e-5 if not quantized else 0.05 * np.abs(delta).max()  # int4: within a quantization step
+  np.testing.assert_allclose(np.asarray(state8.x_start["b"]), start - 0.7 * delta, atol=tol)
+  np.testing.assert_allclose(np.asarray(X8["b"]), np.tile(start - 0.7 * delta, (8, 1)), atol=tol)
