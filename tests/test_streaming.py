@@ -550,3 +550,42 @@ def test_growing_with_a_sync_in_flight_averages_the_kept_workers(quantized):
   tol = 1e-5 if not quantized else 0.05 * np.abs(delta).max()  # int4: within a quantization step
   np.testing.assert_allclose(np.asarray(state8.x_start["b"]), start - 0.7 * delta, atol=tol)
   np.testing.assert_allclose(np.asarray(X8["b"]), np.tile(start - 0.7 * delta, (8, 1)), atol=tol)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_rejoin_with_a_sync_in_flight_averages_the_live_snapshots(quantized):
+  # MaxText schedule, H = 4, P = 2, τ = 1: fragment 0 ("a") is snapshotted at step 4 while
+  # worker 1 is masked with a NaN model, and applied at step 5 after worker 1 rejoins.
+  tx = coopjax.with_live_mask(
+    coopjax.streaming_diloco(
+      optax.sgd(0.1),
+      outer=optax.sgd(0.7),
+      H=4,
+      fragments=2,
+      delay=1,
+      schedule="maxtext",
+      num_workers=4,
+      compressor=compress.int4() if quantized else None,
+      block_size=4,
+    )
+  )
+  loss = lambda p, t: jnp.sum((p["a"] - t) ** 2) + jnp.sum((p["b"] - 2 * t) ** 2)
+  rng = np.random.default_rng(1)
+  targets = [jnp.asarray(rng.normal(size=(4, 4)).astype(np.float32)) for _ in range(5)]
+  step = coopjax.make_step(loss, tx, log_every=1000)
+  X = coopjax.replicate({"a": jnp.ones(4), "b": jnp.ones(4)}, 4)
+  state = coopjax.set_live(tx, tx.init(X), [True, False, True, True])
+  X = jax.tree.map(lambda x: x.at[1].set(jnp.nan), X)
+  for k in range(4):
+    X, state, _ = step(X, state, targets[k])
+  live = [0, 2, 3]
+  pending = np.asarray(state.inner.pending, np.float64)
+  start = np.asarray(state.inner.x_start["a"], np.float64)
+  assert np.isnan(pending[1]).all() and np.isfinite(pending[live]).all()
+  X, state = coopjax.rejoin(X, state, tx, np.array([False, True, False, False]))
+  X, state, _ = step(X, state, targets[4])
+  # outer SGD(0.7) on the mean over the three workers live at the snapshot
+  delta = start - pending[live].mean(0) if not quantized else pending[live].mean(0)
+  tol = 1e-5 if not quantized else 0.05 * np.abs(delta).max()  # int4: within a quantization step
+  np.testing.assert_allclose(np.asarray(state.inner.x_start["a"]), start - 0.7 * delta, atol=tol)
+  assert np.isfinite(np.asarray(X["a"])).all()
