@@ -589,3 +589,14 @@ def test_rejoin_with_a_sync_in_flight_averages_the_live_snapshots(quantized):
   tol = 1e-5 if not quantized else 0.05 * np.abs(delta).max()  # int4: within a quantization step
   np.testing.assert_allclose(np.asarray(state.inner.x_start["a"]), start - 0.7 * delta, atol=tol)
   assert np.isfinite(np.asarray(X["a"])).all()
+
+
+def test_a_count_above_the_synced_leaves_names_mix_mask():
+  model = {"w": jnp.zeros(3), "c": jnp.zeros(()), "stats": jnp.zeros(2)}
+  mask = {"w": True, "c": True, "stats": False}
+  assert coopjax.algorithms.fragment_leaves(model, 2, mask) == [
+    [2],
+    [0],
+  ]  # w | c (leaf order c, stats, w)
+  with pytest.raises(ValueError, match=r"fragments=3 but mix_mask syncs only 2 of the model's 3"):
+    coopjax.algorithms.fragment_leaves(model, 3, mask)
