@@ -53,6 +53,7 @@ import numpy as np
 
 from coopjax import live as live_lib
 from coopjax._validation import check_int
+from coopjax.algorithms._nonblocking import StreamingDiLoCoState
 from coopjax.workers import Layout
 from coopjax.workers import layout_of
 from coopjax.workers import num_rows
@@ -266,7 +267,11 @@ def resize(
 
   Algorithms whose state holds a reduction in flight (the non-blocking ones)
   should be resized after :func:`coopjax.settle_easgd` /
-  :func:`coopjax.settle_overlap`, at a period boundary.
+  :func:`coopjax.settle_overlap`, at a period boundary. Streaming DiLoCo's
+  sync in flight (``pending``, ``[m, S]``) keeps the kept workers' rows and
+  gives a new worker the mean of the kept (live) rows, so the sync averages
+  the kept workers' snapshots (a fresh zero row would enter the mean as a
+  fragment model of zeros).
 
   Args:
     X: stacked models of the m-worker run, leading axis ``m + v``
@@ -339,8 +344,41 @@ def resize(
     k = len(rmap.keep)
     ls = ls._replace(live=ls.live.at[k:].set(True), down_since=ls.down_since.at[k:].set(0))
     state = live_lib.replace_live_state(state, ls)
+  if rmap.num_new:
+    state = _seed_streaming_pending(state, opt_state, rmap, seeds)
   rederive = getattr(new_tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
   return X_new, (state if rederive is None else rederive(state))
+
+
+def _seed_streaming_pending(state, old_state, rmap: RowMap, seeds):
+  r"""A new worker's row of Streaming DiLoCo's pending sync: the mean of the kept (live) rows.
+
+  ``pending`` is the operand of the sync in flight (the workers' fragment
+  models x_i[p], or their Δ_i[p], taken at its snapshot); the apply step
+  averages it over the workers. A new worker took no snapshot: a fresh (zero)
+  row would enter that mean as a fragment model of zeros. With the row
+  ``mean_{i ∈ K} pending_i`` (K the kept live workers) the mean over the m′
+  rows is the mean over K (exactly for float outer gradients, up to
+  quantization otherwise).
+  """
+  is_state = lambda x: isinstance(x, StreamingDiLoCoState)
+  old = [s for s in jax.tree.leaves(old_state, is_leaf=is_state) if is_state(s)]
+  if not old:
+    return state
+  rows = list(rmap.keep if seeds is None else seeds)
+  it = iter(old)
+  k = len(rmap.keep)
+
+  def seed(s):
+    if not is_state(s):
+      return s
+    before = next(it)
+    if not (hasattr(s.pending, "shape") and jnp.ndim(s.pending) == 2):  # delay = 0: no sync kept
+      return s
+    mean = jnp.mean(jnp.asarray(before.pending)[np.asarray(rows)], axis=0)
+    return s._replace(pending=s.pending.at[k:].set(mean.astype(s.pending.dtype)))
+
+  return jax.tree.map(seed, state, is_leaf=is_state)
 
 
 def _layout(tx, name: str) -> Layout:

@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from coopjax import mixing
+from coopjax.algorithms._nonblocking import StreamingDiLoCoState
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import reset_local_state
 from coopjax.parallel import context
@@ -300,6 +301,9 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   on the leaves ``tx`` mixes; the leaves it keeps per worker (``mix_mask``
   False: BatchNorm statistics, which the anchor and ``x_start`` do not track)
   take the live workers' mean :math:`\frac{1}{|L|} \sum_{i \in L} x_i`.
+  Streaming DiLoCo: the worker's row of the sync in flight (``pending``,
+  snapshotted while it was masked) takes the live workers' mean of that
+  buffer, so the apply step averages the snapshots of the workers live at it.
 
   Integer counters of the optimizer state (learning-rate schedules) are kept:
   they count steps, which the worker missed but the others did not. Call it
@@ -351,6 +355,13 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   )
   fresh = reset_local_state(coop.local_state, jax.vmap(tx.local.init)(rows))
   new_coop = coop._replace(local_state=_where_rows(local, fresh, coop.local_state))
+  if isinstance(coop, StreamingDiLoCoState) and jnp.ndim(coop.pending) == 2:
+    # The sync in flight was snapshotted while the worker was masked (its row frozen or NaN):
+    # its row becomes the live rows' mean, so the apply averages the live workers' snapshots.
+    with context.live_masked(context.LiveContext(ls.live)):
+      mean = mixing.worker_mean(coop.pending)
+    pending = _where_rows(local, jnp.broadcast_to(mean, coop.pending.shape), coop.pending)
+    new_coop = new_coop._replace(pending=pending)
   inner = jax.tree.map(lambda s: new_coop if s is coop else s, ls.inner, is_leaf=_has_count)
   live = ls.live | workers
   rederive = getattr(tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)

@@ -219,6 +219,30 @@ def test_overlapped_streaming_diloco_bad_inputs():
   period = overlap.make_overlapped_period(ref.loss_fn, tx, tau=h)
   with pytest.raises(ValueError, match=r"right after a snapshot.*program steps \[4\]"):
     period(X, tx.init(X), (A[:h], b[:h]))  # from count 0 the sync applies at step 4, not 2
+  # The fix is named with the schedule's numbers: torchft snapshots at n·h − τ = 2, 6, …;
+  # MaxText's at n·h = 4, 8, … (h = 4, τ = 2, labelled fragments or a count alike).
+  with pytest.raises(ValueError, match=r"tau = h = 4 .*snapshot is at step count 2, so take 2 "):
+    period(X, tx.init(X), (A[:h], b[:h]))
+  maxtext = coopjax.streaming_diloco(
+    optax.sgd(LR),
+    outer=optax.sgd(0.7),
+    H=8,
+    fragments={"w": "x", "c": "y"},
+    delay=2,
+    schedule="maxtext",
+    num_workers=m,
+  )
+  state = maxtext.init(X)
+  step = coopjax.make_step(ref.loss_fn, maxtext)
+  X5, s5 = X, state
+  for k in range(5):
+    X5, s5, _ = step(X5, s5, (A[k], b[k]))
+  late = overlap.make_overlapped_period(ref.loss_fn, maxtext, tau=h)
+  with pytest.raises(ValueError, match=r"tau = h = 4 .*snapshot is at step count 8, so take 3 "):
+    late(X5, s5, (A[:h], b[:h]))
+  wrong_tau = overlap.make_overlapped_period(ref.loss_fn, maxtext, tau=2 * h)
+  with pytest.raises(ValueError, match=r"tau = h = 4 .*step count 4, so take 4 .*tau=4\)"):
+    wrong_tau(X, state, (A[: 2 * h], b[: 2 * h]))
   tx0 = streaming(m, delay=0)
   with pytest.raises(ValueError, match="delay=0"):
     overlap.make_overlapped_period(ref.loss_fn, tx0, tau=h)(X, tx0.init(X), (A[:h], b[:h]))

@@ -510,3 +510,93 @@ def test_mix_mask_keeps_leaves_out_of_every_fragment():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
   with pytest.raises(ValueError, match="selects no leaf"):
     coopjax.algorithms.fragment_leaves(ref.init_params(), 1, mix_mask={"w": False, "c": False})
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_growing_with_a_sync_in_flight_averages_the_kept_workers(quantized):
+  # H = 4, P = 2, τ = 1 (torchft): fragment 1 ("b") is snapshotted at step 3, applied at 4.
+  from coopjax import elastic
+
+  make_tx = lambda m: coopjax.streaming_diloco(
+    optax.sgd(0.1),
+    outer=optax.sgd(0.7),
+    H=4,
+    fragments=2,
+    delay=1,
+    num_workers=m,
+    compressor=compress.int4() if quantized else None,
+    block_size=4,
+  )
+  loss = lambda p, t: jnp.sum((p["a"] - t) ** 2) + jnp.sum((p["b"] - 2 * t) ** 2)
+  rng = np.random.default_rng(0)
+  targets = [jnp.asarray(rng.normal(size=(8, 4)).astype(np.float32)) for _ in range(4)]
+  tx6, tx8 = make_tx(6), make_tx(8)
+  X = coopjax.replicate({"a": jnp.ones(4), "b": jnp.ones(4)}, 6)
+  state = tx6.init(X)
+  step6 = coopjax.make_step(loss, tx6, log_every=1000)
+  for k in range(3):
+    X, state, _ = step6(X, state, targets[k][:6])
+  pending6 = np.asarray(state.pending, np.float64)
+  start = np.asarray(state.x_start["b"], np.float64)
+  assert np.abs(pending6).min() > 0.01  # fragment "b" is in flight
+  X8, state8 = elastic.resize(X, state, tx6, tx8)
+  np.testing.assert_array_equal(np.asarray(state8.pending)[:6], pending6.astype(np.float32))
+  np.testing.assert_allclose(
+    np.asarray(state8.pending)[6:], np.tile(pending6.mean(0), (2, 1)), atol=1e-6
+  )
+  X8, state8, _ = coopjax.make_step(loss, tx8, log_every=1000)(X8, state8, targets[3])
+  # outer SGD(0.7) on the mean over the six workers that took the snapshot
+  delta = start - pending6.mean(0) if not quantized else pending6.mean(0)
+  tol = 1e-5 if not quantized else 0.05 * np.abs(delta).max()  # int4: within a quantization step
+  np.testing.assert_allclose(np.asarray(state8.x_start["b"]), start - 0.7 * delta, atol=tol)
+  np.testing.assert_allclose(np.asarray(X8["b"]), np.tile(start - 0.7 * delta, (8, 1)), atol=tol)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_rejoin_with_a_sync_in_flight_averages_the_live_snapshots(quantized):
+  # MaxText schedule, H = 4, P = 2, τ = 1: fragment 0 ("a") is snapshotted at step 4 while
+  # worker 1 is masked with a NaN model, and applied at step 5 after worker 1 rejoins.
+  tx = coopjax.with_live_mask(
+    coopjax.streaming_diloco(
+      optax.sgd(0.1),
+      outer=optax.sgd(0.7),
+      H=4,
+      fragments=2,
+      delay=1,
+      schedule="maxtext",
+      num_workers=4,
+      compressor=compress.int4() if quantized else None,
+      block_size=4,
+    )
+  )
+  loss = lambda p, t: jnp.sum((p["a"] - t) ** 2) + jnp.sum((p["b"] - 2 * t) ** 2)
+  rng = np.random.default_rng(1)
+  targets = [jnp.asarray(rng.normal(size=(4, 4)).astype(np.float32)) for _ in range(5)]
+  step = coopjax.make_step(loss, tx, log_every=1000)
+  X = coopjax.replicate({"a": jnp.ones(4), "b": jnp.ones(4)}, 4)
+  state = coopjax.set_live(tx, tx.init(X), [True, False, True, True])
+  X = jax.tree.map(lambda x: x.at[1].set(jnp.nan), X)
+  for k in range(4):
+    X, state, _ = step(X, state, targets[k])
+  live = [0, 2, 3]
+  pending = np.asarray(state.inner.pending, np.float64)
+  start = np.asarray(state.inner.x_start["a"], np.float64)
+  assert np.isnan(pending[1]).all() and np.isfinite(pending[live]).all()
+  X, state = coopjax.rejoin(X, state, tx, np.array([False, True, False, False]))
+  X, state, _ = step(X, state, targets[4])
+  # outer SGD(0.7) on the mean over the three workers live at the snapshot
+  delta = start - pending[live].mean(0) if not quantized else pending[live].mean(0)
+  tol = 1e-5 if not quantized else 0.05 * np.abs(delta).max()  # int4: within a quantization step
+  np.testing.assert_allclose(np.asarray(state.inner.x_start["a"]), start - 0.7 * delta, atol=tol)
+  assert np.isfinite(np.asarray(X["a"])).all()
+
+
+def test_a_count_above_the_synced_leaves_names_mix_mask():
+  model = {"w": jnp.zeros(3), "c": jnp.zeros(()), "stats": jnp.zeros(2)}
+  mask = {"w": True, "c": True, "stats": False}
+  assert coopjax.algorithms.fragment_leaves(model, 2, mask) == [
+    [2],
+    [0],
+  ]  # w | c (leaf order c, stats, w)
+  with pytest.raises(ValueError, match=r"fragments=3 but mix_mask syncs only 2 of the model's 3"):
+    coopjax.algorithms.fragment_leaves(model, 3, mask)

@@ -211,6 +211,12 @@ def fragment_leaves(model: PyTree, fragments, mix_mask: PyTree | None = None) ->
     if not kept:
       raise ValueError("mix_mask selects no leaf: there is nothing to sync.")
     if isinstance(fragments, (int, np.integer)) and not isinstance(fragments, bool):
+      if check_int("fragments", fragments, 1) > len(kept):
+        raise ValueError(
+          f"fragments={fragments} but mix_mask syncs only {len(kept)} of the model's "
+          f"{len(flags)} leaves (leaves are not split); use at most {len(kept)} fragments or "
+          "label the leaves yourself."
+        )
       groups = fragment_leaves([jax.tree.leaves(model)[i] for i in kept], fragments)
       return [[kept[j] for j in g] for g in groups]
     groups = [[i for i in g if flags[i]] for g in fragment_leaves(model, fragments)]

@@ -286,11 +286,28 @@ def _streaming_consume_at(tx, opt_state, start: int, tau: int) -> int:
     raise ValueError(
       f"a Streaming DiLoCo period must start right after a snapshot and apply its one sync "
       f"at its step tx.consume_at={at}; from step count {start} the {tau} steps apply syncs "
-      f"at program steps {applies}. Run tau = h = H/P steps per call, starting right after a "
-      "snapshot (step count n·h − c: with the default torchft schedule, h − delay; take "
-      "those first steps with coopjax.make_step)."
+      f"at program steps {applies}. {_streaming_fix(tx, opt_state, start, at)}"
     )
   return at
+
+
+def _streaming_fix(tx, opt_state, start: int, at: int) -> str:
+  """Where a Streaming DiLoCo period can start: the next snapshot's step count and h."""
+  warm = int(getattr(tx, "warmup_steps", 0) or 0)
+  span = 2 * int(getattr(tx, "period", 1) or 1) + at + 1  # the period is h, or H ≥ h (labels)
+  first = max(start, warm) + 1
+  applies = [
+    k for k in range(first, first + 2 * span) if tx.comm(k, opt_state).collective != "none"
+  ]
+  applies = [k for k in applies if k - at >= start][:2]
+  if len(applies) < 2:
+    return "Run tau = h = H/P steps per call, starting right after a snapshot."
+  h, snapshot = applies[1] - applies[0], applies[0] - at
+  return (
+    f"Run tau = h = {h} steps per call, starting right after a snapshot: the next snapshot "
+    f"is at step count {snapshot}, so take {snapshot - start} step(s) with coopjax.make_step "
+    f"first (make_overlapped_period(..., tau={h}))."
+  )
 
 
 def _reduce_program(reduce, mesh):
