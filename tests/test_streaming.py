@@ -174,6 +174,9 @@ def test_fragment_partition_and_errors():
     coopjax.streaming_diloco(sgd, outer=sgd, H=6, fragments=2, delay=3, num_workers=2)
   with pytest.raises(ValueError, match="schedule must be one of"):
     coopjax.streaming_diloco(sgd, outer=sgd, H=6, fragments=2, schedule="x", num_workers=2)
+  for alpha in (-0.1, 1.5):
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+      coopjax.streaming_diloco(sgd, outer=sgd, H=6, fragments=2, alpha=alpha, num_workers=2)
   with pytest.raises(ValueError, match="only 2 leaves"):
     tx = coopjax.streaming_diloco(sgd, outer=sgd, H=6, fragments=3, num_workers=2)
     tx.init(coopjax.replicate(ref.init_params(), 2))
