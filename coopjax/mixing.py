@@ -382,6 +382,7 @@ class Mix:
     """Dense reference: every row's message encoded and decoded, then mixed as usual."""
     ctx = shard_context()
     lc = context.current_live()
+    self._check_live_graph(lc)
     if ctx is not None and lc is not None:
       return self._exchange_live(leaves, compressor, key, step, ctx, lc)
     if ctx is not None:
@@ -433,6 +434,7 @@ class Mix:
     lc = context.current_live()
     if lc is None:
       return self._apply_static(X)
+    self._check_live_graph(lc)
 
     def all_live(X):
       with context.live_masked(None):  # today's program, bit for bit
@@ -448,6 +450,30 @@ class Mix:
     if getattr(self, "_live_structure", None) is None:
       self._live_structure = live_structure(self.matrix, self.num_workers)
     return self._live_structure
+
+  def _check_live_graph(self, lc) -> None:
+    """A graph mix under a live mask must stay on the graph its connectivity is judged on.
+
+    ``set_live`` and ``disconnected="fallback"`` test the live workers'
+    connectivity on ``tx.graph``; an edge of this mix outside it would let a
+    split live subgraph pass silently (each part then mixing on its own).
+    """
+    if lc is None or lc.graph is None or self.live_structure.kind not in ("graph", "permutation"):
+      return
+    support = np.asarray(lc.graph, bool)
+    own = self.live_structure.graph
+    if support.shape != own.shape:
+      return
+    outside = np.argwhere(np.triu(own & ~support))
+    if outside.size:
+      pairs = [tuple(int(i) for i in p) for p in outside[:4]]
+      raise ValueError(
+        f"this mix exchanges between workers {pairs}{' ...' if len(outside) > 4 else ''}, "
+        "which the transformation's communication graph (tx.graph, on which set_live and "
+        "disconnected='fallback' judge the live workers' connectivity) does not contain; "
+        "pass graph=W (the union of the workers' mixing matrices) to "
+        "coopjax.algorithms._skeleton.transformation."
+      )
 
   def _apply_live(self, X: PyTree, live, fallback) -> PyTree:
     """The live-masked mix: masked rows selected out first, kept unchanged after."""

@@ -278,6 +278,7 @@ def choco(
     local_state_policy=local_state_policy,
     mix_mask=mix_mask,
     warmup_steps=warmup_steps,
+    graph=W,
   )
   described["tx"] = tx
 

@@ -294,7 +294,9 @@ def transformation(
       period (its non-zeros; the union for time-varying mixes; ``(m + v)``
       square to join workers through auxiliary rows), used
       to check that the live workers stay connected; None: every pair
-      communicates (full averaging).
+      communicates (full averaging, auxiliary rows). An algorithm that mixes
+      with a graph W (gossip, group means, matchings) must pass it: under a
+      live mask such a mix outside ``graph`` raises a ValueError while tracing.
 
   Returns:
     A :class:`CooperativeTransformation` with state ``state_cls``.
@@ -327,6 +329,9 @@ def transformation(
   policy = check_state_policy(local_state_policy, policies, name)
   mix_mask = mixing.check_mask(mix_mask)
   warmup = check_int("warmup_steps", warmup_steps, 0)
+  support = _graph(graph, m)
+  # None declares full averaging only: a graph mix under a live mask then asks for graph=.
+  declared = support if graph is not None else np.zeros((m, m), bool)
   # The warm-up's mix of the optimizer state: the workers averaged, auxiliary rows (zeros) kept.
   sync_state = mixing.Mix(
     np.block([[np.full((m, m), 1.0 / m), np.zeros((m, v))], [np.zeros((v, m)), np.eye(v)]]), m
@@ -409,7 +414,7 @@ def transformation(
         f"{name}: live must be a bool array of shape ({m},), one flag per worker, got shape "
         f"{live.shape}."
       )
-    with context.live_masked(context.LiveContext(live, fallback)):
+    with context.live_masked(context.LiveContext(live, fallback, declared)):
       out, new_state = step(updates, state, params, extra_args)
       live_w = mixing.local_live(live)
       workers_out, aux_out = mixing.split_rows(out, m)
@@ -440,7 +445,7 @@ def transformation(
     period=period,
     warmup_steps=warmup,
     local=local,
-    graph=_graph(graph, m),
+    graph=support,
     order=order,
     local_state_policy=policy,
   )

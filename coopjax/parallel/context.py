@@ -151,6 +151,10 @@ class LiveContext(NamedTuple):
     fallback: None, or a traced bool scalar: True makes every graph mix use
       the mean over the live workers (the live subgraph is disconnected and
       the user asked for the fallback).
+    graph: None, or the static bool [m, m] support on which the transformation
+      judges the live workers' connectivity (``tx.graph``); a mix whose
+      workers' graph leaves it is refused while tracing (a connectivity check
+      on a smaller graph would pass a split live subgraph).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -164,6 +168,7 @@ class LiveContext(NamedTuple):
 
   live: Any
   fallback: Any = None
+  graph: Any = None
 
 
 _LIVE: contextvars.ContextVar[LiveContext | None] = contextvars.ContextVar(
