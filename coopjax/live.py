@@ -52,6 +52,9 @@ import numpy as np
 import optax
 
 from coopjax import mixing
+from coopjax.algorithms._nonblocking import DelayedState
+from coopjax.algorithms._nonblocking import NonBlockingEASGDState
+from coopjax.algorithms._nonblocking import OverlapState
 from coopjax.algorithms._nonblocking import StreamingDiLoCoState
 from coopjax.algorithms._skeleton import CooperativeTransformation
 from coopjax.algorithms._skeleton import reset_local_state
@@ -304,6 +307,12 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   Streaming DiLoCo: the worker's row of the sync in flight (``pending``,
   snapshotted while it was masked) takes the live workers' mean of that
   buffer, so the apply step averages the snapshots of the workers live at it.
+  The non-blocking algorithms' reduction in flight (``pending``): its row
+  becomes the anchor z (:func:`coopjax.nonblocking_easgd`: the next anchor
+  step is then the masked rule's), the live rows' mean of ``pending``
+  (:func:`coopjax.overlap_local_sgd`) or its new model (:func:`coopjax.delayed`:
+  the snapshot of the period that starts); kept, its frozen or NaN row entered
+  the next mix of every worker.
 
   Integer counters of the optimizer state (learning-rate schedules) are kept:
   they count steps, which the worker missed but the others did not. Call it
@@ -362,6 +371,21 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
       mean = mixing.worker_mean(coop.pending)
     pending = _where_rows(local, jnp.broadcast_to(mean, coop.pending.shape), coop.pending)
     new_coop = new_coop._replace(pending=pending)
+  elif isinstance(coop, (NonBlockingEASGDState, OverlapState, DelayedState)):
+    # The reduction in flight was snapshotted while the worker was masked (frozen or NaN).
+    if isinstance(coop, NonBlockingEASGDState):  # z: Σ over all = the masked rule's (1 − |L|α)
+      seed = jax.tree.map(
+        lambda p, z: jnp.broadcast_to(z[:1].astype(p.dtype), p.shape), coop.pending, aux
+      )
+    elif isinstance(coop, OverlapState):  # the live rows' mean: the mean over all = over L
+      with context.live_masked(context.LiveContext(ls.live)):
+        mean = mixing.worker_mean(coop.pending)
+      seed = jax.tree.map(
+        lambda p, s: jnp.broadcast_to(s.astype(p.dtype), p.shape), coop.pending, mean
+      )
+    else:  # delayed: the snapshot of the period that starts now, its new model
+      seed = rows
+    new_coop = new_coop._replace(pending=_where_rows(local, seed, coop.pending))
   inner = jax.tree.map(lambda s: new_coop if s is coop else s, ls.inner, is_leaf=_has_count)
   live = ls.live | workers
   rederive = getattr(tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
