@@ -53,6 +53,7 @@ import numpy as np
 
 from coopjax import live as live_lib
 from coopjax._validation import check_int
+from coopjax.algorithms._nonblocking import OverlapState
 from coopjax.algorithms._nonblocking import StreamingDiLoCoState
 from coopjax.workers import Layout
 from coopjax.workers import layout_of
@@ -265,9 +266,15 @@ def resize(
   With m′ = m the leaves cannot be told apart, so the map must then be the
   identity (resize in two calls to replace workers).
 
-  Algorithms whose state holds a reduction in flight (the non-blocking ones)
-  should be resized after :func:`coopjax.settle_easgd` /
-  :func:`coopjax.settle_overlap`, at a period boundary. Streaming DiLoCo's
+  The non-blocking algorithms' reduction in flight (``pending``) is completed
+  by the next mix over the kept workers: resize them as they are, *not* after
+  :func:`coopjax.settle_easgd` / :func:`coopjax.settle_overlap` (which move
+  X's anchor only: the state's ``pending`` would then be reduced a second
+  time, and Overlap's anchor momentum would be lost). Non-blocking EASGD's
+  new workers' rows are the anchor z (from ``new_tx.init``), so its next
+  anchor is ``(1 − |K|α′) z + α′ Σ_{i∈K} s_i`` over the kept (live) workers K,
+  as a mask would give; Overlap's take the mean of the kept live rows; a
+  ``delayed`` new worker's snapshot is its model. Streaming DiLoCo's
   sync in flight (``pending``, ``[m, S]``) keeps the kept workers' rows and
   gives a new worker the mean of the kept (live) rows, so the sync averages
   the kept workers' snapshots (a fresh zero row would enter the mean as a
@@ -359,9 +366,11 @@ def _seed_streaming_pending(state, old_state, rmap: RowMap, seeds):
   row would enter that mean as a fragment model of zeros. With the row
   ``mean_{i ∈ K} pending_i`` (K the kept live workers) the mean over the m′
   rows is the mean over K (exactly for float outer gradients, up to
-  quantization otherwise).
+  quantization otherwise). Overlap Local-SGD's ``pending`` likewise: its next
+  anchor is the mean of the kept live rows (a row from ``new_tx.init`` holds
+  the anchor ``z_q`` and pulled the next anchor back toward it).
   """
-  is_state = lambda x: isinstance(x, StreamingDiLoCoState)
+  is_state = lambda x: isinstance(x, (StreamingDiLoCoState, OverlapState))
   old = [s for s in jax.tree.leaves(old_state, is_leaf=is_state) if is_state(s)]
   if not old:
     return state
@@ -373,10 +382,17 @@ def _seed_streaming_pending(state, old_state, rmap: RowMap, seeds):
     if not is_state(s):
       return s
     before = next(it)
-    if not (hasattr(s.pending, "shape") and jnp.ndim(s.pending) == 2):  # delay = 0: no sync kept
+    if isinstance(s, StreamingDiLoCoState) and not (
+      hasattr(s.pending, "shape") and jnp.ndim(s.pending) == 2
+    ):  # delay = 0: no sync kept
       return s
-    mean = jnp.mean(jnp.asarray(before.pending)[np.asarray(rows)], axis=0)
-    return s._replace(pending=s.pending.at[k:].set(mean.astype(s.pending.dtype)))
+    idx = np.asarray(rows)
+    seeded = jax.tree.map(
+      lambda new, old: new.at[k:].set(jnp.mean(jnp.asarray(old)[idx], axis=0).astype(new.dtype)),
+      s.pending,
+      before.pending,
+    )
+    return s._replace(pending=seeded)
 
   return jax.tree.map(seed, state, is_leaf=is_state)
 

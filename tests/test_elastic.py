@@ -320,3 +320,45 @@ def test_resize_choco_rederives_s_for_the_new_ring(m, m_new, keep):
   step = coopjax.make_step(ref.loss_fn, make_tx(m_new))
   X3, _, _ = step(X2, state2, (jnp.asarray(A2[0]), jnp.asarray(b2[0])))
   np.testing.assert_allclose(ref.flat(X3).mean(0), x.mean(0) - LR * g.mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["easgd", "overlap"])
+def test_resize_nonblocking_completes_the_reduction_in_flight_over_the_kept_workers(name):
+  # 3 workers grown to 4 right after a mix, unsettled: the next mix completes the reduction
+  # issued at the last one over the 3 kept workers. Overlap's new row was the anchor z_1 and
+  # pulled z_2 back toward it (1.76 for 1.3467 here).
+  alpha, beta, eta = 0.2, 0.5, 0.1
+
+  def make(m):
+    if name == "easgd":
+      return coopjax.nonblocking_easgd(optax.sgd(eta), tau=1, alpha=alpha, num_workers=m)
+    return coopjax.overlap_local_sgd(
+      optax.sgd(eta), tau=1, alpha=alpha, num_workers=m, anchor_momentum=beta
+    )
+
+  x0 = np.array([0.0, 1.0, 2.0, 3.0])  # x_1..x_3, then z_1
+  g = np.array([1.0, -2.0, 3.0])
+  tx = make(3)
+  X = {"w": jnp.asarray(x0, jnp.float32)}
+  state = tx.init(X)
+  updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, X)
+  X = optax.apply_updates(X, updates)
+  X4, state4 = elastic.resize(X, state, tx, make(4))
+  updates, state4 = make(4).update({"w": jnp.zeros(4)}, state4, X4)
+  X4 = optax.apply_updates(X4, updates)
+
+  # NumPy: step 1 on 3 workers, then the mix of step 2 over 4 rows, the new one at the mean.
+  z1, x = x0[3], x0[:3] - eta * g
+  if name == "easgd":
+    s = x.copy()  # the pre-pull models: Σ_i s_i completes at the next mix
+    x = (1 - alpha) * x + alpha * ((1 - 3 * alpha) * z1 + 3 * alpha * z1)  # z_1 pulled (Σ z_1)
+    x = np.append(x, x.mean())
+    z2 = (1 - 3 * alpha) * z1 + alpha * s.sum()  # the new row carries z_1: (1 − 4α) + α z_1
+    x = (1 - alpha) * x + alpha * z2
+  else:
+    x = (1 - alpha) * x + alpha * z1
+    s = x.copy()  # lead 0 at the first mix
+    x = np.append(x, x.mean())
+    z2 = s.mean()  # the mean over the kept workers
+    x = (1 - alpha) * x + alpha * z2
+  np.testing.assert_allclose(np.asarray(X4["w"]), np.append(x, z2), rtol=1e-6, atol=1e-6)
