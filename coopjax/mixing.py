@@ -833,7 +833,7 @@ def live_weights(W, num_workers: int, live, *, fallback=None, structure=None) ->
       mh = jnp.where(fallback, J_L, mh)
     A = mh * scale[None, :]
   if n == m:
-    return A
+    return _freeze_masked(A, lv)
   B = jnp.asarray(W[:m, m:], jnp.float32)
   C = jnp.asarray(W[m:, :m], jnp.float32)
   E = jnp.asarray(W[m:, m:], jnp.float32)
@@ -846,7 +846,20 @@ def live_weights(W, num_workers: int, live, *, fallback=None, structure=None) ->
     extra.append(jnp.sum(B[:, col] * (1.0 - lv)) if mode == "elastic" else 0.0)
   B_L = jnp.stack(cols, axis=1)
   E_L = E + jnp.diag(jnp.asarray(extra, jnp.float32))
-  return jnp.block([[A, B_L], [C, E_L]])
+  keep = jnp.concatenate([lv, jnp.ones((n - m,), jnp.float32)])
+  return _freeze_masked(jnp.block([[A, B_L], [C, E_L]]), keep)
+
+
+def _freeze_masked(W_L: jax.Array, keep: jax.Array) -> jax.Array:
+  """``W_L`` with row and column i set to ``e_i`` where ``keep[i] == 0`` (a frozen row).
+
+  The workers' blocks above leave a masked worker's column as the live mean
+  (``A = aI + cJ``), its own weight ``a`` or ``1 − α`` (a diagonal or an
+  elastic A) and the anchor's pull ``C``; the mix selects masked rows out and
+  restores them, so only a caller applying ``W_L`` itself would see them.
+  """
+  both = keep[:, None] * keep[None, :]
+  return W_L * both + jnp.diag(1.0 - keep)
 
 
 def live_components(graph, live) -> list[list[int]]:
