@@ -201,6 +201,23 @@ def _averaging(W: np.ndarray, m: int) -> tuple[float, float] | None:
   return (float(a), float(c)) if np.array_equal(W, a * np.eye(m) + c) else None
 
 
+def _positive_workers(num_workers) -> int:
+  """``num_workers`` as an int, refused unless it is at least 1."""
+  m = int(num_workers)
+  if m < 1:
+    raise ValueError(f"num_workers must be at least 1, got {num_workers}.")
+  return m
+
+
+def _check_live_shape(live, m: int) -> None:
+  """A live mask has one flag per worker."""
+  if np.shape(live) != (m,):
+    raise ValueError(
+      f"live must hold one flag per worker, shape ({m},), got shape {np.shape(live)}; it marks "
+      "the workers of W's first num_workers rows (auxiliary rows are always live)."
+    )
+
+
 class Mix:
   r"""The mix ``X ← X·W`` of the stacked rows: reference, sharded lowering, cost.
 
@@ -240,14 +257,22 @@ class Mix:
   ):
     W = np.asarray(W, dtype=np.float64)
     m = int(num_workers)
-    if W.ndim != 2 or W.shape[0] != W.shape[1] or not 1 <= m <= W.shape[0]:
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
       raise ValueError(
-        f"a mix needs a square (m + v) x (m + v) matrix with m = {m} worker rows, got shape "
-        f"{W.shape}."
+        f"a mix needs a square (m + v) x (m + v) matrix W (m workers, v auxiliary rows), got "
+        f"shape {W.shape}."
       )
+    if not 1 <= m <= W.shape[0]:
+      raise ValueError(
+        f"num_workers={m} must count W's worker rows, between 1 and its {W.shape[0]} rows (the "
+        f"first m rows are workers, the rest auxiliary); pass num_workers={W.shape[0]} when W "
+        "has no auxiliary rows."
+      )
+    if not np.all(np.isfinite(W)):
+      raise ValueError(f"a mix needs a finite matrix W, got non-finite entries in {W.tolist()}.")
     self.matrix = W
     self.num_workers = m
-    self.mask = check_mask(mask)
+    self.mask = check_mask(mask, name="Mix mask")
     self.overlappable = bool(overlappable)
     self._averaging = _averaging(W, m)
 
@@ -280,9 +305,8 @@ class Mix:
       >>> mix.wire_fraction(compress.identity(), {"w": jnp.zeros((10, 10))})
       1.0
     """
-    leaves = [
-      x for x, keep in zip(jax.tree.leaves(like), leaf_flags(self.mask, like), strict=True) if keep
-    ]
+    compressor = compress.check_compressor(compressor)
+    leaves = [x for x, keep in zip(jax.tree.leaves(like), self._flags(like), strict=True) if keep]
     dense = sum(
       int(np.prod(np.shape(x), dtype=np.int64)) * jnp.dtype(x.dtype).itemsize for x in leaves
     )
@@ -318,6 +342,10 @@ class Mix:
       overlappable=self.overlappable,
     )
 
+  def _flags(self, tree: PyTree) -> list[bool]:
+    """One flag per leaf of ``tree``; a mask that is not a prefix of it is refused by name."""
+    return leaf_flags(check_mask(self.mask, tree, name="Mix mask"), tree)
+
   def restrict(self, mask: PyTree | None) -> Mix:
     """The same mix on the leaves ``mask`` selects only (a fragment selector)."""
     if mask is None:
@@ -329,7 +357,7 @@ class Mix:
     if self.mask is None:
       return self._apply(X)
     leaves, treedef = jax.tree.flatten(X)
-    flags = leaf_flags(self.mask, X)
+    flags = self._flags(X)
     mixed = iter(self._apply([x for x, keep in zip(leaves, flags, strict=True) if keep]))
     return jax.tree.unflatten(
       treedef, [next(mixed) if keep else x for x, keep in zip(leaves, flags, strict=True)]
@@ -367,7 +395,8 @@ class Mix:
       [1.3333, 1.0, 2.0, 1.6667]
     """
     leaves, treedef = jax.tree.flatten(messages)
-    flags = leaf_flags(self.mask, messages)
+    compressor = compress.check_compressor(compressor)
+    flags = self._flags(messages)
     sent = [x for x, keep in zip(leaves, flags, strict=True) if keep]
     if sent:
       own_sent, mixed_sent = self._exchange(sent, compressor, key, step)
@@ -523,13 +552,13 @@ class Mix:
   @classmethod
   def average(cls, num_workers: int, **kwargs) -> Mix:
     """Full averaging ``W = J``: every worker row becomes the mean of all workers."""
-    m = int(num_workers)
+    m = _positive_workers(num_workers)
     return cls(np.full((m, m), 1.0 / m), m, **kwargs)
 
   @classmethod
   def mean_into_aux(cls, num_workers: int, **kwargs) -> Mix:
     r"""Workers unchanged; one auxiliary row receives their mean, ``z ← (1/m) Σ_i x_i``."""
-    m = int(num_workers)
+    m = _positive_workers(num_workers)
     W = np.zeros((m + 1, m + 1))
     W[:m, :m] = np.eye(m)
     W[:m, m] = 1.0 / m
@@ -538,7 +567,7 @@ class Mix:
   @classmethod
   def sum_into_aux(cls, num_workers: int, **kwargs) -> Mix:
     r"""Workers unchanged; one auxiliary row receives their sum, ``z ← Σ_i x_i``."""
-    m = int(num_workers)
+    m = _positive_workers(num_workers)
     W = np.zeros((m + 1, m + 1))
     W[:m, :m] = np.eye(m)
     W[:m, m] = 1.0
@@ -809,6 +838,7 @@ def live_weights(W, num_workers: int, live, *, fallback=None, structure=None) ->
   """
   W = np.asarray(W, np.float64)
   m, n = int(num_workers), W.shape[0]
+  _check_live_shape(live, m)
   st = live_structure(W, m) if structure is None else structure
   lv = jnp.asarray(live).astype(jnp.float32)
   count = jnp.maximum(jnp.sum(lv), 1.0)
@@ -833,7 +863,7 @@ def live_weights(W, num_workers: int, live, *, fallback=None, structure=None) ->
       mh = jnp.where(fallback, J_L, mh)
     A = mh * scale[None, :]
   if n == m:
-    return A
+    return _freeze_masked(A, lv)
   B = jnp.asarray(W[:m, m:], jnp.float32)
   C = jnp.asarray(W[m:, :m], jnp.float32)
   E = jnp.asarray(W[m:, m:], jnp.float32)
@@ -846,7 +876,20 @@ def live_weights(W, num_workers: int, live, *, fallback=None, structure=None) ->
     extra.append(jnp.sum(B[:, col] * (1.0 - lv)) if mode == "elastic" else 0.0)
   B_L = jnp.stack(cols, axis=1)
   E_L = E + jnp.diag(jnp.asarray(extra, jnp.float32))
-  return jnp.block([[A, B_L], [C, E_L]])
+  keep = jnp.concatenate([lv, jnp.ones((n - m,), jnp.float32)])
+  return _freeze_masked(jnp.block([[A, B_L], [C, E_L]]), keep)
+
+
+def _freeze_masked(W_L: jax.Array, keep: jax.Array) -> jax.Array:
+  """``W_L`` with row and column i set to ``e_i`` where ``keep[i] == 0`` (a frozen row).
+
+  The workers' blocks above leave a masked worker's column as the live mean
+  (``A = aI + cJ``), its own weight ``a`` or ``1 − α`` (a diagonal or an
+  elastic A) and the anchor's pull ``C``; the mix selects masked rows out and
+  restores them, so only a caller applying ``W_L`` itself would see them.
+  """
+  both = keep[:, None] * keep[None, :]
+  return W_L * both + jnp.diag(1.0 - keep)
 
 
 def live_components(graph, live) -> list[list[int]]:
@@ -859,6 +902,7 @@ def live_components(graph, live) -> list[list[int]]:
   """
   live = np.asarray(live, bool)
   G = np.abs(np.asarray(graph, np.float64)) > 1e-12
+  _check_live_shape(live, G.shape[0])
   G = G | G.T
   seen, comps = set(), []
   for start in np.flatnonzero(live).tolist():
@@ -919,6 +963,7 @@ def check_live(graph, live) -> list[list[int]]:
     ValueError: the live workers split into 2 disconnected components [[0, 5], [2, 3]] ...
   """
   live = np.asarray(live, bool)
+  _check_live_shape(live, np.shape(graph)[0])
   if not live.any():
     raise ValueError("every worker is masked; at least one must stay live.")
   comps = live_components(graph, live)

@@ -196,6 +196,30 @@ def test_live_weights_against_edge_by_edge_mh(W):
     np.testing.assert_allclose(got.sum(0), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+  "W, m",
+  [(topology.complete(6), 6), (topology.easgd(6, 0.2), 6), (0.5 * np.eye(6) + 0.5 / 6, 6)],
+)
+def test_live_weights_freeze_masked_workers(W, m):
+  # Closed form: the live workers' block re-weighted as documented, a masked worker's row and
+  # column e_i, so that X·W_L applied by hand leaves a masked worker's row unchanged.
+  live = np.array([True, False, True, True, False, True])
+  got = np.asarray(mixing.live_weights(W, m, jnp.asarray(live)))
+  n = np.shape(W)[0]
+  want = np.eye(n)
+  L = np.flatnonzero(live)
+  if n == m:
+    a = W[0, 0] - W[0, 1]
+    want[np.ix_(L, L)] = a * np.eye(len(L)) + (1 - a) / len(L)
+  else:
+    want[L, L] = 0.8
+    want[L, m] = want[m, L] = 0.2
+    want[m, m] = 1 - 0.2 * len(L)
+  np.testing.assert_allclose(got, want, atol=1e-7)
+  x = np.random.default_rng(0).normal(size=(n, 3))
+  np.testing.assert_array_equal((got.T @ x)[:m][~live], x[:m][~live])
+
+
 def test_easgd_and_mean_into_aux_rules():
   live = jnp.array([True, False, True, True])
   W = np.asarray(mixing.live_weights(topology.easgd(4, 0.2), 4, live))

@@ -2,6 +2,7 @@
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -9,6 +10,8 @@ import pytest
 import reference as ref
 
 import coopjax
+from coopjax import compress
+from coopjax import mixing
 from coopjax import topology
 
 SGD = optax.sgd(0.1)
@@ -147,3 +150,34 @@ def test_make_step_argument_errors():
     coopjax.make_step(ref.loss_fn, object())
   with pytest.raises(ValueError, match="num_workers"):
     coopjax.make_step(ref.loss_fn, tx, num_workers=0)
+
+
+def _mix_inputs():
+  X = {"a": jnp.ones((8, 3)), "b": jnp.ones((8,))}
+  ring = mixing.Mix(topology.ring(8), 8, mask={"a": True})  # not a prefix of X: "b" missing
+  key = jax.random.key(0)
+  return [
+    (lambda: ring(X), ValueError, "Mix mask must have the structure of one model"),
+    (lambda: ring.restrict({"a": True, "c": False})(X), ValueError, "pytree prefix"),
+    (lambda: ring.exchange(X, compress.int4(), key, 0), ValueError, "pytree prefix"),
+    (lambda: ring.wire_fraction(compress.int4(), {"a": X["a"][0]}), None, None),
+    (lambda: ring.compressed_cost(compress.int4(), X), ValueError, "pytree prefix"),
+    (lambda: mixing.Mix(topology.ring(8), 8).exchange(X, "int4", key, 0), TypeError, "Compressor"),
+    (lambda: mixing.Mix(topology.ring(8), 9), ValueError, "num_workers=9 must count"),
+    (lambda: mixing.Mix(np.full((4, 4), np.nan), 4), ValueError, "finite matrix"),
+    (lambda: mixing.Mix(topology.ring(4), 4, mask={"a": 1}), TypeError, "Mix mask leaves"),
+    (lambda: mixing.Mix.average(0), ValueError, "at least 1"),
+    (lambda: mixing.Mix.mean_into_aux(0), ValueError, "at least 1"),
+    (lambda: mixing.live_weights(topology.ring(8), 8, jnp.ones(6, bool)), ValueError, r"\(8,\)"),
+    (lambda: mixing.check_live(topology.ring(8), [True] * 6), ValueError, "one flag per worker"),
+  ]
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_mix_bad_input_names_the_problem(case):
+  fn, error, match = _mix_inputs()[case]
+  if error is None:  # a mask that is a prefix of the model: the int4 payload of "a" alone
+    assert fn() == pytest.approx((4 + 2) / 12)  # one float32 scale + 3 nibbles in 2 bytes
+    return
+  with pytest.raises(error, match=match):
+    fn()
