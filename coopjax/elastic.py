@@ -352,13 +352,13 @@ def resize(
     ls = ls._replace(live=ls.live.at[k:].set(True), down_since=ls.down_since.at[k:].set(0))
     state = live_lib.replace_live_state(state, ls)
   if rmap.num_new:
-    state = _seed_streaming_pending(state, opt_state, rmap, seeds)
+    state = _seed_pending(state, opt_state, rmap, seeds)
   rederive = getattr(new_tx, "resized", None)  # state derived from W (CHOCO's s = W·x̂)
   return X_new, (state if rederive is None else rederive(state))
 
 
-def _seed_streaming_pending(state, old_state, rmap: RowMap, seeds):
-  r"""A new worker's row of Streaming DiLoCo's pending sync: the mean of the kept (live) rows.
+def _seed_pending(state, old_state, rmap: RowMap, seeds):
+  r"""A new worker's row of a reduction in flight (Streaming DiLoCo, Overlap): the kept rows' mean.
 
   ``pending`` is the operand of the sync in flight (the workers' fragment
   models x_i[p], or their Δ_i[p], taken at its snapshot); the apply step
@@ -382,12 +382,8 @@ def _seed_streaming_pending(state, old_state, rmap: RowMap, seeds):
     if not is_state(s):
       return s
     before = next(it)
-    if isinstance(s, StreamingDiLoCoState) and not (
-      hasattr(s.pending, "shape") and jnp.ndim(s.pending) == 2
-    ):  # delay = 0: no sync kept
-      return s
     idx = np.asarray(rows)
-    seeded = jax.tree.map(
+    seeded = jax.tree.map(  # Streaming DiLoCo with delay=0 has no sync kept: pending = ()
       lambda new, old: new.at[k:].set(jnp.mean(jnp.asarray(old)[idx], axis=0).astype(new.dtype)),
       s.pending,
       before.pending,

@@ -341,21 +341,21 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   rows, aux = mixing.split_rows(X, m)
   mix_mask = getattr(tx, "mix_mask", None)
 
-  def live_mean():
+  def live_mean(tree):
     with context.live_masked(context.LiveContext(ls.live)):
-      return mixing.worker_mean(rows)
+      return mixing.worker_mean(tree)
 
   if hasattr(coop, "x_start"):
     target = coop.x_start
   elif v == 1:
     target = jax.tree.map(lambda z: z[0], aux)
   else:
-    target = live_mean()
+    target = live_mean(rows)
   if mix_mask is not None and (hasattr(coop, "x_start") or v == 1):
     # Leaves kept per worker (BatchNorm statistics) are never mixed into z or x_start (the
     # anchor keeps its initial copy, x_start's is moved by the outer optimizer): the live
     # workers' mean, as coopjax.evaluation_model takes them.
-    target = mixing._select(mix_mask, target, live_mean())
+    target = mixing._select(mix_mask, target, live_mean(rows))
   local = mixing.local_live(workers)
   rows = _where_rows(
     local,
@@ -364,27 +364,23 @@ def rejoin(X: PyTree, opt_state: PyTree, tx: CooperativeTransformation, workers)
   )
   fresh = reset_local_state(coop.local_state, jax.vmap(tx.local.init)(rows))
   new_coop = coop._replace(local_state=_where_rows(local, fresh, coop.local_state))
-  if isinstance(coop, StreamingDiLoCoState) and jnp.ndim(coop.pending) == 2:
-    # The sync in flight was snapshotted while the worker was masked (its row frozen or NaN):
-    # its row becomes the live rows' mean, so the apply averages the live workers' snapshots.
-    with context.live_masked(context.LiveContext(ls.live)):
-      mean = mixing.worker_mean(coop.pending)
-    pending = _where_rows(local, jnp.broadcast_to(mean, coop.pending.shape), coop.pending)
-    new_coop = new_coop._replace(pending=pending)
-  elif isinstance(coop, (NonBlockingEASGDState, OverlapState, DelayedState)):
-    # The reduction in flight was snapshotted while the worker was masked (frozen or NaN).
-    if isinstance(coop, NonBlockingEASGDState):  # z: Σ over all = the masked rule's (1 − |L|α)
-      seed = jax.tree.map(
-        lambda p, z: jnp.broadcast_to(z[:1].astype(p.dtype), p.shape), coop.pending, aux
-      )
-    elif isinstance(coop, OverlapState):  # the live rows' mean: the mean over all = over L
-      with context.live_masked(context.LiveContext(ls.live)):
-        mean = mixing.worker_mean(coop.pending)
-      seed = jax.tree.map(
-        lambda p, s: jnp.broadcast_to(s.astype(p.dtype), p.shape), coop.pending, mean
-      )
-    else:  # delayed: the snapshot of the period that starts now, its new model
-      seed = rows
+  # A reduction in flight was snapshotted while the worker was masked (its row frozen or NaN).
+  seed = None
+  if isinstance(coop, (StreamingDiLoCoState, OverlapState)):
+    # The live rows' mean: the reduction over all rows is then the one over L (Streaming
+    # DiLoCo with delay=0 has nothing in flight, pending = ()).
+    seed = jax.tree.map(
+      lambda p, s: jnp.broadcast_to(s.astype(p.dtype), p.shape),
+      coop.pending,
+      live_mean(coop.pending),
+    )
+  elif isinstance(coop, NonBlockingEASGDState):  # z: Σ over all = the masked rule's (1 − |L|α)
+    seed = jax.tree.map(
+      lambda p, z: jnp.broadcast_to(z[:1].astype(p.dtype), p.shape), coop.pending, aux
+    )
+  elif isinstance(coop, DelayedState):  # the snapshot of the period that starts now: its model
+    seed = rows
+  if seed is not None:
     new_coop = new_coop._replace(pending=_where_rows(local, seed, coop.pending))
   inner = jax.tree.map(lambda s: new_coop if s is coop else s, ls.inner, is_leaf=_has_count)
   live = ls.live | workers
