@@ -234,14 +234,7 @@ def cooperative(
   )
 
 
-def _options(name: str, kwargs: dict) -> dict:
-  """``cooperative``'s options for the factory ``name``; compression options are refused by name."""
-  given = [option for option in _compressed.COMPRESSION_OPTIONS if option in kwargs]
-  if given:
-    raise _compressed.no_compression_error(name, given)
-  return {"name": name, **kwargs}
-
-
+@_compressed.uncompressed
 def sync_sgd(local: optax.GradientTransformation, *, num_workers: int, **kwargs):
   r"""Fully synchronous SGD, A(1, J, 0): average the models after every step.
 
@@ -257,7 +250,7 @@ def sync_sgd(local: optax.GradientTransformation, *, num_workers: int, **kwargs)
     [-0.2, -0.2]
   """
   m = check_int("num_workers", num_workers, 1)
-  return cooperative(local, tau=1, W=topology.complete(m), **_options("sync_sgd", kwargs))
+  return cooperative(local, tau=1, W=topology.complete(m), **{"name": "sync_sgd", **kwargs})
 
 
 def local_sgd(
@@ -352,6 +345,7 @@ def local_sgd(
 _COMPRESSED_OPTIONS = {"local_state_policy", "mix_mask", "warmup_steps", "order", "name"}
 
 
+@_compressed.uncompressed
 def easgd(
   local: optax.GradientTransformation, *, tau: int, alpha: float, num_workers: int, **kwargs
 ):
@@ -380,10 +374,11 @@ def easgd(
   m = check_int("num_workers", num_workers, 1)
   W = topology.easgd(m, alpha)
   return cooperative(
-    local, tau=tau, W=W, num_aux=1, allow_negative=True, **_options("easgd", kwargs)
+    local, tau=tau, W=W, num_aux=1, allow_negative=True, **{"name": "easgd", **kwargs}
   )
 
 
+@_compressed.uncompressed
 def dpsgd(local: optax.GradientTransformation, *, W, **kwargs):
   r"""Decentralized parallel SGD, A(1, W, 0) (Lian et al., NeurIPS 2017).
 
@@ -400,9 +395,10 @@ def dpsgd(local: optax.GradientTransformation, *, W, **kwargs):
     >>> optax.apply_updates(X, updates)["w"].tolist()  # x_i ← (x_{i-1} + x_i + x_{i+1}) / 3
     [4.0, 3.0, 6.0, 5.0]
   """
-  return cooperative(local, tau=1, W=W, **_options("dpsgd", kwargs))
+  return cooperative(local, tau=1, W=W, **{"name": "dpsgd", **kwargs})
 
 
+@_compressed.uncompressed
 def elastic_averaging(
   local: optax.GradientTransformation, *, W, alpha: float, tau: int = 1, **kwargs
 ):
@@ -435,10 +431,11 @@ def elastic_averaging(
     W=topology.elastic(W, alpha),
     num_aux=1,
     allow_negative=True,
-    **_options("elastic_averaging", kwargs),
+    **{"name": "elastic_averaging", **kwargs},
   )
 
 
+@_compressed.uncompressed
 def elastic_hierarchical(
   local: optax.GradientTransformation,
   *,
@@ -481,7 +478,7 @@ def elastic_hierarchical(
     W=W,
     num_aux=num_groups,
     allow_negative=True,
-    **_options("elastic_hierarchical", kwargs),
+    **{"name": "elastic_hierarchical", **kwargs},
   )
 
 
