@@ -385,8 +385,8 @@ def streaming_diloco(
       see :func:`fragment_leaves` for the order.
     num_workers: m; X has m rows.
     delay: τ, the inner steps between a snapshot and its apply (0 ≤ τ < h).
-    alpha: α ∈ [0, 1], the weight of the worker's own fragment in the merge (0 takes
-      ``x_start[p]``).
+    alpha: α ∈ [0, 1], the weight of the worker's own fragment in the merge
+      (0 takes ``x_start[p]``).
     compressor: None (float outer gradients) or a row-wise quantizer (e.g.
       ``coopjax.compress.int4()``) for ``Q``: the buffer is cut into rows of
       ``block_size`` values, each quantized with its own scale.
@@ -434,7 +434,8 @@ def streaming_diloco(
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(
       f"alpha must be in [0, 1] (the worker's own fragment's weight in the merge "
-      f"(1 − α)·x_start + α·x_i), got {alpha}; 0 takes the outer model, 1 keeps the worker's own fragment."
+      f"(1 − α)·x_start + α·x_i), got {alpha}; 0 takes the outer model, 1 keeps the "
+      "worker's own fragment."
     )
   c, o = _schedule_constants(schedule, delay)
   count_given = isinstance(fragments, (int, np.integer)) and not isinstance(fragments, bool)
