@@ -238,6 +238,26 @@ def regression_loss(params, batch):
   return jnp.mean((x @ params["w"] - y) ** 2)
 
 
+def placed(tx, X, loss, sharded: bool, **opts):
+  """``(X, state, step, host)`` on 4 devices when ``sharded``, else plain; ``host(X)`` is [m + v]."""
+  if sharded:
+    mesh = coopjax.worker_mesh(4)
+    X = coopjax.shard(X, mesh, tx)
+    step = coopjax.make_step(loss, tx, mesh=mesh, **opts)
+    return X, coopjax.sharding.init(tx, X, mesh), step, lambda X: coopjax.unshard(X, mesh, tx)
+  return X, tx.init(X), coopjax.make_step(loss, tx, **opts), lambda X: X
+
+
+def assert_consensus_distance(metrics, rows):
+  """``metrics["consensus_distance"]`` is ‖X(I − J)‖² of ``rows`` (NumPy)."""
+  np.testing.assert_allclose(
+    float(metrics["consensus_distance"]),
+    np.sum((rows - rows.mean(0)) ** 2),
+    rtol=1e-4,
+    atol=1e-10,
+  )
+
+
 def regression_batches(steps, nan_at, nan_worker, seed=0):
   rng = np.random.default_rng(seed)
   w_true = np.array([1.0, -2.0, 0.5])
@@ -256,16 +276,8 @@ def test_quarantine_nan_worker(sharded):
   tx = coopjax.with_live_mask(base)
   X = coopjax.replicate({"w": jnp.zeros(3)}, tx)
   opts = dict(on_nonfinite="quarantine", readmit_after=10, with_consensus=False, log_every=1)
-  if sharded:
-    mesh = coopjax.worker_mesh(4)
-    X = coopjax.shard(X, mesh, tx)
-    state = coopjax.sharding.init(tx, X, mesh)
-    step = coopjax.make_step(regression_loss, tx, mesh=mesh, **opts)
-    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"])  # noqa: E731
-  else:
-    state = tx.init(X)
-    step = coopjax.make_step(regression_loss, tx, **opts)
-    rows = lambda X: np.asarray(X["w"])  # noqa: E731
+  X, state, step, host = placed(tx, X, regression_loss, sharded, **opts)
+  rows = lambda X: np.asarray(host(X)["w"])  # noqa: E731
   events, losses = [], []
   for k, batch in enumerate(regression_batches(20, nan_at=4, nan_worker=5), start=1):
     before = rows(X)
@@ -311,16 +323,8 @@ def test_merge_aux_leaves_masked_rows_frozen(sharded):
     readmit_after=4,
     log_every=1,
   )
-  if sharded:
-    mesh = coopjax.worker_mesh(4)
-    X = coopjax.shard(X, mesh, tx)
-    state = coopjax.sharding.init(tx, X, mesh)
-    step = coopjax.make_step(stats_loss, tx, mesh=mesh, **opts)
-    stats = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["batch_stats"]["mean"])  # noqa: E731
-  else:
-    state = tx.init(X)
-    step = coopjax.make_step(stats_loss, tx, **opts)
-    stats = lambda X: np.asarray(X["batch_stats"]["mean"])  # noqa: E731
+  X, state, step, host = placed(tx, X, stats_loss, sharded, **opts)
+  stats = lambda X: np.asarray(host(X)["batch_stats"]["mean"])  # noqa: E731
   for k, batch in enumerate(regression_batches(10, nan_at=3, nan_worker=5), start=1):
     before = stats(X)
     X, state, metrics = step(X, state, batch)
@@ -354,17 +358,9 @@ def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded, na
   start = np.concatenate([START, START.mean(0, keepdims=True)])[: M + v]
   start = {"w": jnp.asarray(start, jnp.float32).at[DEAD].set(jnp.nan)}  # the masked worker broke
   live = np.arange(M) != DEAD
-  if sharded:
-    mesh = coopjax.worker_mesh(4)
-    X = coopjax.shard(start, mesh, tx)
-    state = coopjax.set_live(tx, coopjax.sharding.init(tx, X, mesh), live)
-    step = coopjax.make_step(regression_loss, tx, mesh=mesh, log_every=1)
-    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"], np.float64)  # noqa: E731
-  else:
-    X = start
-    state = coopjax.set_live(tx, tx.init(X), live)
-    step = coopjax.make_step(regression_loss, tx, log_every=1)
-    rows = lambda X: np.asarray(X["w"], np.float64)  # noqa: E731
+  X, state, step, host = placed(tx, start, regression_loss, sharded, log_every=1)
+  state = coopjax.set_live(tx, state, live)
+  rows = lambda X: np.asarray(host(X)["w"], np.float64)  # noqa: E731
   for batch in regression_batches(3, nan_at=0, nan_worker=0):
     before = rows(X)
     X, state, metrics = step(X, state, batch)
@@ -378,12 +374,7 @@ def test_metrics_of_a_manually_masked_step_are_over_the_live_workers(sharded, na
     np.testing.assert_allclose(
       float(metrics["avg_grad_norm"]), np.linalg.norm(grads.mean(0)), rtol=1e-5
     )
-    np.testing.assert_allclose(
-      float(metrics["consensus_distance"]),
-      np.sum((after - after.mean(0)) ** 2),
-      rtol=1e-4,
-      atol=1e-10,
-    )
+    assert_consensus_distance(metrics, after)
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
@@ -392,27 +383,14 @@ def test_consensus_distance_under_quarantine_counts_the_anchor(sharded):
   tx = coopjax.with_live_mask(coopjax.easgd(optax.sgd(0.05), tau=2, alpha=ALPHA, num_workers=M))
   start = {"w": jnp.asarray(np.vstack([START, START.mean(0)]), jnp.float32)}  # anchor last
   opts = dict(on_nonfinite="quarantine", log_every=1)
-  if sharded:
-    mesh = coopjax.worker_mesh(4)
-    X = coopjax.shard(start, mesh, tx)
-    state = coopjax.sharding.init(tx, X, mesh)
-    step = coopjax.make_step(regression_loss, tx, mesh=mesh, **opts)
-    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"], np.float64)  # noqa: E731
-  else:
-    X, state = start, tx.init(start)
-    step = coopjax.make_step(regression_loss, tx, **opts)
-    rows = lambda X: np.asarray(X["w"], np.float64)  # noqa: E731
+  X, state, step, host = placed(tx, start, regression_loss, sharded, **opts)
+  rows = lambda X: np.asarray(host(X)["w"], np.float64)  # noqa: E731
   for k, batch in enumerate(regression_batches(4, nan_at=2, nan_worker=DEAD), start=1):
     X, state, metrics = step(X, state, batch)
     keep = np.append(np.asarray(metrics["live"]), True)  # the live workers and the anchor
     assert keep[DEAD] == (k < 2)
     kept = rows(X)[keep]
-    np.testing.assert_allclose(
-      float(metrics["consensus_distance"]),
-      np.sum((kept - kept.mean(0)) ** 2),
-      rtol=1e-4,
-      atol=1e-10,
-    )
+    assert_consensus_distance(metrics, kept)
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
@@ -430,16 +408,8 @@ def test_choco_under_a_mask_keeps_the_live_mean_and_rejoins_with_the_full_sums(s
   )
   X = {"w": jnp.asarray(START, jnp.float32)}
   live = np.arange(M) != DEAD
-  if sharded:
-    mesh = coopjax.worker_mesh(4)
-    X = coopjax.shard(X, mesh, tx)
-    state = coopjax.sharding.init(tx, X, mesh)
-    step = coopjax.make_step(regression_loss, tx, mesh=mesh)
-    rows = lambda X: np.asarray(coopjax.unshard(X, mesh, tx)["w"], np.float64)  # noqa: E731
-  else:
-    state = tx.init(X)
-    step = coopjax.make_step(regression_loss, tx)
-    rows = lambda X: np.asarray(X["w"], np.float64)  # noqa: E731
+  X, state, step, host = placed(tx, X, regression_loss, sharded)
+  rows = lambda X: np.asarray(host(X)["w"], np.float64)  # noqa: E731
   batches = regression_batches(24, nan_at=0, nan_worker=0)
   for _ in range(4):
     X, state, _ = step(X, state, next(batches))
