@@ -50,7 +50,6 @@ from coopjax import compress
 from coopjax import mixing
 from coopjax import topology
 from coopjax._validation import check_real
-from coopjax.algorithms._compressed import check_compressor
 from coopjax.algorithms._compressed import compressed_comm
 from coopjax.algorithms._compressed import default_key
 from coopjax.algorithms._skeleton import CooperativeTransformation
@@ -192,7 +191,7 @@ def choco(
   _check_fixed_W(W)
   W = topology.validate(W, symmetric=symmetric)
   m = W.shape[0]
-  compressor = check_compressor(compressor)
+  compressor = compress.check_compressor(compressor)
   gamma = check_real("gamma", gamma)
   if not 0.0 <= gamma <= 1.0:
     raise ValueError(f"gamma (the consensus step size) must be in [0, 1], got {gamma}.")

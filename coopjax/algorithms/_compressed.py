@@ -86,7 +86,6 @@ PyTree = Any
 
 __all__ = [
   "ErrorFeedbackState",
-  "check_compressor",
   "check_error_decay",
   "default_key",
   "error_feedback_mean",
@@ -117,11 +116,6 @@ class ErrorFeedbackState(NamedTuple):
   x_ref: PyTree
   outer_state: Any
   error: PyTree
-
-
-def check_compressor(compressor, name: str = "compressor") -> compress.Compressor:
-  """``compressor`` must be a :class:`coopjax.compress.Compressor` (encode, decode)."""
-  return compress.check_compressor(compressor, name)
 
 
 def check_error_decay(error_decay) -> float:
@@ -248,7 +242,7 @@ def error_feedback_averaging(
   follows ``local_state_policy`` (``"mix"`` averages it uncompressed).
   """
   m = int(num_workers)
-  compressor = check_compressor(compressor)
+  compressor = compress.check_compressor(compressor)
   beta = check_error_decay(error_decay)
   key = default_key(key)
   mix_mask = mixing.check_mask(mix_mask)
